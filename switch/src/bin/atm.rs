@@ -1,0 +1,2 @@
+//! `switchyard-atm`: ATM simulator and load generator.
+fn main() {}

@@ -1,0 +1,2 @@
+//! `switchyard-switch` entry point.
+fn main() {}
