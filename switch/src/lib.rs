@@ -1,4 +1,17 @@
 //! Switchyard switch: the ISO 8583 data plane (ATM channel, authorization, keys, routing, SAF).
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod app;
+pub mod atm;
+pub mod crypto;
+pub mod demo;
 pub mod domain;
+pub mod health;
+pub mod iso8583;
+pub mod metrics;
+pub mod net;
+pub mod settings;
+pub mod store;
+pub mod telemetry;
+pub mod txn;

@@ -1,2 +1,98 @@
-//! `switchyard-switch` entry point.
-fn main() {}
+//! `switchyard-switch`: serve | migrate | drain | demo (SPEC §2).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use switchyard_switch::settings::Settings;
+use switchyard_switch::telemetry::{self, LogFormat};
+use switchyard_switch::{app, demo};
+
+#[derive(Debug, Parser)]
+#[command(name = "switchyard-switch", version, about = "Switchyard ISO 8583 switch")]
+struct Cli {
+    /// Configuration file (TOML or YAML); every key can be overridden by SWITCHYARD_<SECTION>__<KEY>.
+    #[arg(long, global = true, env = "SWITCHYARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the ISO 8583, admin and metrics listeners.
+    Serve {
+        /// Apply pending database migrations before serving.
+        #[arg(long)]
+        migrate: bool,
+    },
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Run a store-and-forward drainer only (no ISO 8583 listener).
+    Drain,
+    /// Local quick start: embedded SQLite, seeded terminal and card, a full ATM session.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let format = match (&cli.command, cli.log_format) {
+        (Command::Demo(_), LogFormat::Auto) => LogFormat::Text,
+        (_, f) => f,
+    };
+    telemetry::init(format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("failed to start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Demo(args) => demo::run(args, cli.config.as_deref()).await,
+        Command::Serve { migrate } => {
+            let settings = Settings::load(cli.config.as_deref())?;
+            app::serve(settings, migrate).await?;
+            Ok(())
+        }
+        Command::Migrate => {
+            let settings = Settings::load(cli.config.as_deref())?;
+            let store = app::open_store(&settings).await?;
+            let before = store.migration_status().await?;
+            store.migrate().await?;
+            let after = store.migration_status().await?;
+            tracing::info!(
+                applied_before = ?before.applied,
+                applied_now = ?after.applied,
+                ran = before.pending,
+                "migrations up to date"
+            );
+            println!(
+                "migrations up to date ({} applied now, schema version {})",
+                before.pending,
+                after.applied.unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Drain => anyhow::bail!(
+            "the store-and-forward drainer is not part of this build yet; run without drainer replicas"
+        ),
+    }
+}

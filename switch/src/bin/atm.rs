@@ -1,2 +1,182 @@
-//! `switchyard-atm`: ATM simulator and load generator.
-fn main() {}
+//! `switchyard-atm`: ATM simulator (`session`) and load generator (`load`).
+//!
+//! Both provision their terminals through the admin API exactly as a terminal management system
+//! would: a fresh TMK per terminal, delivered as a TR-31 block under the switch's KEK.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use switchyard_switch::atm::load::{self, LoadOptions, Scenario};
+use switchyard_switch::atm::provision::AdminClient;
+use switchyard_switch::atm::session::{self, SessionOptions};
+use switchyard_switch::atm::CardInput;
+use switchyard_switch::domain::TerminalId;
+use switchyard_switch::iso8583::Packager;
+
+#[derive(Debug, Parser)]
+#[command(name = "switchyard-atm", version, about = "Switchyard ATM simulator and load generator")]
+struct Cli {
+    /// Switch ISO 8583 address.
+    #[arg(long, default_value = "127.0.0.1:8583", global = true)]
+    iso: String,
+    /// Switch admin API base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080", global = true)]
+    admin: String,
+    /// File with the admin token (a line `admin:<token>` or just the token).
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    /// File with the switch's KEK in hex (TMKs are delivered under it).
+    #[arg(long, global = true)]
+    kek_file: Option<PathBuf>,
+    /// Wire profile: ascii or binary-bitmap.
+    #[arg(long, default_value = "ascii", global = true)]
+    packager: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// One full ATM session, printed step by step.
+    Session {
+        /// Terminal id to register.
+        #[arg(long, default_value = "ATM00002")]
+        terminal: String,
+        /// Card PAN to issue and use.
+        #[arg(long, default_value = "6011000000000012")]
+        pan: String,
+        /// Account to open for it.
+        #[arg(long, default_value = "ACC-2")]
+        account: String,
+    },
+    /// Many terminals at once; prints throughput and latency percentiles.
+    Load {
+        /// Connections, one provisioned terminal each.
+        #[arg(long, default_value_t = 200)]
+        connections: usize,
+        /// How long to send, e.g. 10s.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Target total requests per second (default: as fast as answers come).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// What to send.
+        #[arg(long, value_enum, default_value = "balance")]
+        scenario: Scenario,
+        /// On-us BIN for the generated cards.
+        #[arg(long, default_value = "6011")]
+        bin: String,
+    },
+}
+
+fn read_token(path: &PathBuf) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("failed to read token file {}", path.display()))?;
+    let token = text
+        .lines()
+        .map(str::trim)
+        .find_map(|l| {
+            l.strip_prefix("admin:")
+                .or_else(|| (!l.contains(':') && !l.is_empty()).then_some(l))
+        })
+        .context("the token file has no admin token")?;
+    Ok(token.to_string())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let token_file = cli
+        .token_file
+        .as_ref()
+        .context("--token-file is required (the switch's admin token)")?;
+    let kek_file = cli
+        .kek_file
+        .as_ref()
+        .context("--kek-file is required (the switch's KEK in hex)")?;
+    let admin = AdminClient::new(&cli.admin, read_token(token_file)?);
+    let kek = hex::decode(
+        std::fs::read_to_string(kek_file)
+            .with_context(|| format!("failed to read {}", kek_file.display()))?
+            .trim(),
+    )
+    .context("the KEK file must be hex")?;
+    let packager = Packager::by_name(&cli.packager)?;
+    match cli.command {
+        Command::Session {
+            terminal,
+            pan,
+            account,
+        } => {
+            let opts = SessionOptions {
+                iso_addr: cli.iso,
+                admin,
+                kek,
+                terminal: TerminalId::new(terminal)?,
+                card: CardInput {
+                    pan,
+                    expiry: "2812".into(),
+                    pin: "1234".into(),
+                    currency: "360".into(),
+                },
+                account,
+                provision_card: true,
+                packager,
+            };
+            let mut n = 0;
+            session::run(opts, |line| {
+                n += 1;
+                println!("[{n:>2}] {line}");
+            })
+            .await?;
+        }
+        Command::Load {
+            connections,
+            duration,
+            rate,
+            scenario,
+            bin,
+        } => {
+            println!(
+                "provisioning {connections} terminals, then {scenario:?} for {duration:?}{}",
+                rate.map(|r| format!(" at {r}/s")).unwrap_or_default()
+            );
+            let report = load::run(LoadOptions {
+                iso_addr: cli.iso,
+                admin,
+                kek,
+                connections,
+                duration,
+                rate,
+                scenario,
+                packager,
+                bin,
+            })
+            .await?;
+            println!("{report}");
+            if report.errors > 0 {
+                anyhow::bail!("{} requests failed", report.errors);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("failed to start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

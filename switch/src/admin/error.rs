@@ -1,0 +1,156 @@
+//! Admin API errors as RFC 9457 problem details (`application/problem+json`).
+//!
+//! Every error says what went wrong and what to do; none carries key material, PINs, PANs or
+//! database internals (store errors are logged server-side and answered generically).
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::store::StoreError;
+
+/// A problem details document.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the kind of problem (stable, for clients to branch on).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Short summary of the kind.
+    pub title: String,
+    /// HTTP status.
+    pub status: u16,
+    /// What happened in this case and what to do.
+    pub detail: String,
+}
+
+/// An error answered by the admin API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request cannot be understood.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401: no or unknown bearer token.
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    /// 403: authenticated, not allowed.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// 409: conflicts with current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// 413.
+    #[error("request body is larger than {0} bytes")]
+    TooLarge(usize),
+    /// 415.
+    #[error("request body must be application/json")]
+    UnsupportedMediaType,
+    /// 422: well-formed but invalid (e.g. a key block whose KCV does not match).
+    #[error("{0}")]
+    Unprocessable(String),
+    /// 503: the store is unavailable; retry later.
+    #[error("the switch's database is unavailable; retry later")]
+    Unavailable,
+    /// 500.
+    #[error("internal error; see the switch log")]
+    Internal,
+}
+
+impl ApiError {
+    fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request", "Bad request"),
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Authentication required",
+            ),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "Not allowed"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "Not found"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
+            ApiError::TooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                "Request too large",
+            ),
+            ApiError::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "Unsupported media type",
+            ),
+            ApiError::Unprocessable(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unprocessable",
+                "Request refused",
+            ),
+            ApiError::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Service unavailable",
+            ),
+            ApiError::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal error",
+            ),
+        }
+    }
+
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
+    /// The problem document.
+    pub fn problem(&self) -> Problem {
+        let (status, kind, title) = self.parts();
+        Problem {
+            kind: format!("https://switchyard.io/problems/{kind}"),
+            title: title.to_string(),
+            status: status.as_u16(),
+            detail: self.to_string(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::NotFound { what } => ApiError::NotFound(format!("{what} not found")),
+            StoreError::Conflict { what } => ApiError::Conflict(format!("{what} already exists")),
+            StoreError::InvalidTransition { from, to } => ApiError::Conflict(format!(
+                "a key in state {from} cannot become {to}; list the terminal's keys to see their states"
+            )),
+            StoreError::Unavailable(source) => {
+                tracing::warn!(error = %source, "admin request failed: store unavailable");
+                ApiError::Unavailable
+            }
+            other => {
+                tracing::error!(error = %other, "admin request failed");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let problem = self.problem();
+        let status = self.status();
+        let mut response = (status, axum::Json(problem)).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"switchyard\""),
+            );
+        }
+        response
+    }
+}

@@ -1,0 +1,360 @@
+//! Wiring: builds the switch from its settings, binds the three listeners, runs until shutdown.
+//!
+//! `start` takes already-bound listeners so tests and the demo can use port 0; `serve` is the
+//! production entry point that binds the configured addresses and waits for SIGTERM.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::admin::{self, AdminState, auth::Tokens};
+use crate::crypto::{Hsm, Kek, Lmk, SoftHsm};
+use crate::domain::TerminalId;
+use crate::health::{self, Health};
+use crate::iso8583::Packager;
+use crate::metrics::{Metrics, SwitchMetrics};
+use crate::net::{server, session::SessionRegistry};
+use crate::settings::Settings;
+use crate::store::{self, ConnectOptions, NewAudit, Store};
+
+/// Everything a connection or an admin handler needs.
+#[derive(Debug)]
+pub struct SwitchContext {
+    /// Effective configuration.
+    pub settings: Settings,
+    /// Wire profile.
+    pub packager: &'static Packager,
+    /// Ledger, keys, journal, audit.
+    pub store: Store,
+    /// All cryptography.
+    pub hsm: Arc<dyn Hsm>,
+    /// Live sessions of this process.
+    pub sessions: SessionRegistry,
+    /// Metrics registry.
+    pub metrics: Metrics,
+    /// Probe state.
+    pub health: Arc<Health>,
+}
+
+impl SwitchContext {
+    /// Audits a session event of a terminal (sign-on, sign-off, disconnect).
+    pub async fn audit_session(&self, terminal: &TerminalId, action: &str, remote: &SocketAddr) {
+        let entry = NewAudit {
+            actor: format!("terminal:{terminal}"),
+            action: action.to_string(),
+            target: terminal.to_string(),
+            result: "ok".into(),
+            detail: serde_json::json!({ "remoteAddress": remote.to_string() }),
+        };
+        if let Err(err) = self.store.append_audit(&entry).await {
+            warn!(error = %err, %terminal, action, "failed to audit session event");
+        }
+    }
+}
+
+/// Why the switch could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Configuration or a secret file.
+    #[error(transparent)]
+    Settings(#[from] crate::settings::SettingsError),
+    /// The LMK or KEK.
+    #[error(transparent)]
+    Keys(#[from] crate::crypto::CryptoError),
+    /// The tokens file.
+    #[error(transparent)]
+    Tokens(#[from] admin::auth::TokensError),
+    /// The database.
+    #[error("failed to open the store: {0}")]
+    Store(#[from] store::StoreError),
+    /// A listener.
+    #[error("failed to listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The packager name.
+    #[error("invalid iso8583.packager: {0}")]
+    Packager(String),
+}
+
+/// The secrets a switch needs, loaded from the files its settings name.
+#[derive(Debug)]
+pub struct Secrets {
+    /// The HSM built from the LMK (and KEK).
+    pub hsm: Arc<dyn Hsm>,
+    /// Admin tokens.
+    pub tokens: Arc<Tokens>,
+}
+
+impl Secrets {
+    /// Loads the LMK (required), the KEK (optional: without it TMK import is refused) and the
+    /// admin tokens file (required).
+    pub fn load(settings: &Settings) -> Result<Self, StartError> {
+        let lmk_file = settings.keys.lmk_file.as_ref().ok_or_else(|| {
+            crate::settings::SettingsError::Value(
+                "keys.lmk_file is required: a file with the 32-byte local master key in hex (64 characters); `switchyard-switch demo` shows one way to make it".into(),
+            )
+        })?;
+        let lmk = Lmk::from_hex_file(lmk_file)?;
+        let kek = match &settings.keys.kek_file {
+            Some(path) => Some(Kek::from_hex_file(path)?),
+            None => None,
+        };
+        let tokens = Tokens::from_file(&settings.admin.tokens_file)?;
+        Ok(Self {
+            hsm: Arc::new(SoftHsm::new(lmk, kek)),
+            tokens: Arc::new(tokens),
+        })
+    }
+}
+
+/// The three bound listeners.
+#[derive(Debug)]
+pub struct Listeners {
+    /// ISO 8583.
+    pub iso: TcpListener,
+    /// Admin API.
+    pub admin: TcpListener,
+    /// Metrics and probes.
+    pub metrics: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the configured addresses.
+    pub async fn bind(settings: &Settings) -> Result<Self, StartError> {
+        async fn one(addr: SocketAddr) -> Result<TcpListener, StartError> {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })
+        }
+        Ok(Self {
+            iso: one(settings.iso8583.listen).await?,
+            admin: one(settings.admin.listen).await?,
+            metrics: one(settings.metrics.listen).await?,
+        })
+    }
+}
+
+/// A running switch (tests, demo, `serve`).
+#[derive(Debug)]
+pub struct RunningSwitch {
+    /// Where the ISO 8583 listener is.
+    pub iso_addr: SocketAddr,
+    /// Where the admin API is.
+    pub admin_addr: SocketAddr,
+    /// Where metrics and probes are.
+    pub metrics_addr: SocketAddr,
+    /// The shared context.
+    pub ctx: Arc<SwitchContext>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl RunningSwitch {
+    /// Begins a graceful shutdown and waits for it to complete.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+
+    /// A token that, when cancelled, begins a graceful shutdown.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the switch has stopped.
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Opens the store the settings name.
+pub async fn open_store(settings: &Settings) -> Result<Store, StartError> {
+    let url = settings.database.resolve_url()?;
+    let store = store::connect(
+        &url,
+        &ConnectOptions {
+            max_connections: settings.database.max_connections,
+            acquire_timeout: settings.database.acquire_timeout,
+        },
+    )
+    .await?;
+    Ok(store)
+}
+
+/// Starts the switch on bound listeners.
+pub async fn start(
+    settings: Settings,
+    secrets: Secrets,
+    store: Store,
+    listeners: Listeners,
+) -> Result<RunningSwitch, StartError> {
+    let packager = Packager::by_name(&settings.iso8583.packager)
+        .map_err(|e| StartError::Packager(e.to_string()))?;
+    let metrics: Metrics = Arc::new(SwitchMetrics::new());
+    let health = Arc::new(Health::default());
+    let ctx = Arc::new(SwitchContext {
+        settings,
+        packager,
+        store: store.clone(),
+        hsm: secrets.hsm,
+        sessions: SessionRegistry::new(metrics.clone()),
+        metrics: metrics.clone(),
+        health: health.clone(),
+    });
+    let addr = |l: &TcpListener| {
+        l.local_addr().map_err(|source| StartError::Bind {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })
+    };
+    let iso_addr = addr(&listeners.iso)?;
+    let admin_addr = addr(&listeners.admin)?;
+    let metrics_addr = addr(&listeners.metrics)?;
+
+    // A first store check before we call ourselves started, so /readyz is truthful at once.
+    let verdict = health::check_store(&store).await;
+    health.set_store(verdict.is_ok(), verdict.clone().err());
+    if let Err(reason) = &verdict {
+        warn!(%reason, "switch starts not ready");
+    }
+
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(ctx.clone(), secrets.tokens, listeners, shutdown.clone()));
+    health.set_started();
+    info!(%iso_addr, %admin_addr, %metrics_addr, backend = ?store.backend(), packager = %ctx.settings.iso8583.packager, "switch started");
+    Ok(RunningSwitch {
+        iso_addr,
+        admin_addr,
+        metrics_addr,
+        ctx,
+        shutdown,
+        task,
+    })
+}
+
+async fn run(
+    ctx: Arc<SwitchContext>,
+    tokens: Arc<Tokens>,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    let stop_accepting = CancellationToken::new();
+    let stop_http = CancellationToken::new();
+    let stop_background = CancellationToken::new();
+
+    let watcher = tokio::spawn(health::watch_store(
+        ctx.store.clone(),
+        ctx.health.clone(),
+        ctx.metrics.clone(),
+        Duration::from_secs(2),
+        stop_background.clone(),
+    ));
+    let refresh = crate::txn::keys::scrape_refresh(ctx.clone());
+    let probes = health::router(ctx.health.clone(), ctx.metrics.clone(), Some(refresh));
+    let metrics_server = tokio::spawn(serve_http(listeners.metrics, probes, stop_http.clone()));
+    let admin_router = admin::router(AdminState {
+        ctx: ctx.clone(),
+        tokens,
+    })
+    .layer(axum::extract::DefaultBodyLimit::max(
+        ctx.settings.admin.max_body_bytes,
+    ));
+    let admin_server = tokio::spawn(serve_http(
+        listeners.admin,
+        admin_router,
+        stop_http.clone(),
+    ));
+    let iso_server = tokio::spawn(server::serve(
+        listeners.iso,
+        ctx.clone(),
+        stop_accepting.clone(),
+        tracker.clone(),
+    ));
+
+    shutdown.cancelled().await;
+    // SPEC §2: readiness false at once, stop accepting, finish in-flight, close cleanly.
+    info!("shutdown: readiness false, no longer accepting ISO 8583 connections");
+    ctx.health.set_draining();
+    stop_accepting.cancel();
+    let _ = iso_server.await;
+    tracker.close();
+    let grace = ctx.settings.iso8583.shutdown_timeout;
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        warn!(
+            ?grace,
+            "shutdown: connections still busy after the grace period; closing them"
+        );
+    }
+    ctx.sessions.close_all();
+    stop_http.cancel();
+    stop_background.cancel();
+    let _ = admin_server.await;
+    let _ = metrics_server.await;
+    let _ = watcher.await;
+    info!("shutdown complete");
+}
+
+/// The connection tasks watch the same token as accept; cancelling it makes every connection
+/// finish the transaction it is processing, answer, and close.
+async fn serve_http(listener: TcpListener, router: axum::Router, stop: CancellationToken) {
+    let result = axum::serve(listener, router)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+    if let Err(err) = result {
+        warn!(error = %err, "HTTP listener failed");
+    }
+}
+
+/// Production entry point: bind, start, wait for SIGTERM or Ctrl-C, shut down gracefully.
+pub async fn serve(settings: Settings, migrate: bool) -> Result<(), StartError> {
+    let secrets = Secrets::load(&settings)?;
+    let store = open_store(&settings).await?;
+    if migrate {
+        store.migrate().await?;
+        info!("migrations applied");
+    }
+    let listeners = Listeners::bind(&settings).await?;
+    let running = start(settings, secrets, store, listeners).await?;
+    let token = running.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        token.cancel();
+    });
+    running.wait().await;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => info!("SIGTERM received"),
+                    _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,264 @@
+//! `switchyard-atm load`: N provisioned terminals on N connections, each sending one scenario
+//! in a loop (closed loop, or paced to a target total rate), then throughput and latency
+//! percentiles. Every request is a real, MACed, PIN-carrying message; every answer is checked.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rand::RngExt;
+
+use super::provision::AdminClient;
+use super::{AtmClient, AtmError, CardInput};
+use crate::domain::{KeyType, TerminalId};
+use crate::iso8583::Packager;
+
+/// What each connection sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// 0800/301 echo after sign-on.
+    Echo,
+    /// 0200 balance inquiry.
+    Balance,
+    /// 0200 cash withdrawal of a small amount.
+    Withdrawal,
+}
+
+/// Options of a load run.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Switch ISO 8583 address.
+    pub iso_addr: String,
+    /// Admin API, for provisioning.
+    pub admin: AdminClient,
+    /// KEK (clear, hex-decoded) to deliver TMKs under.
+    pub kek: Vec<u8>,
+    /// Connections (one terminal each).
+    pub connections: usize,
+    /// How long to send.
+    pub duration: Duration,
+    /// Target total requests per second (None: as fast as answers come).
+    pub rate: Option<f64>,
+    /// What to send.
+    pub scenario: Scenario,
+    /// Wire profile of the switch.
+    pub packager: &'static Packager,
+    /// On-us BIN for the generated cards.
+    pub bin: String,
+}
+
+/// Results.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// Requests answered.
+    pub answered: u64,
+    /// Requests that failed (timeout, closed connection, codec).
+    pub errors: u64,
+    /// Answers by field 39.
+    pub codes: BTreeMap<String, u64>,
+    /// Wall time of the sending phase.
+    pub elapsed: Duration,
+    /// Latency percentiles in microseconds: p50, p95, p99, max.
+    pub p50_us: u64,
+    /// 95th percentile.
+    pub p95_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// Slowest.
+    pub max_us: u64,
+}
+
+impl LoadReport {
+    /// Answered requests per second.
+    pub fn throughput(&self) -> f64 {
+        self.answered as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+impl std::fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "answered {} in {:.2}s = {:.0}/s, errors {}",
+            self.answered,
+            self.elapsed.as_secs_f64(),
+            self.throughput(),
+            self.errors
+        )?;
+        writeln!(
+            f,
+            "latency p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            self.p50_us as f64 / 1000.0,
+            self.p95_us as f64 / 1000.0,
+            self.p99_us as f64 / 1000.0,
+            self.max_us as f64 / 1000.0
+        )?;
+        write!(f, "response codes {:?}", self.codes)
+    }
+}
+
+/// Why a load run could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Provisioning through the admin API failed.
+    #[error(transparent)]
+    Admin(#[from] super::provision::AdminClientError),
+    /// A terminal could not connect, sign on or exchange keys.
+    #[error("failed to prepare terminal {terminal}: {source}")]
+    Terminal {
+        /// Terminal id.
+        terminal: String,
+        /// Why.
+        #[source]
+        source: AtmError,
+    },
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Provisions, connects and signs on every terminal, then runs the scenario.
+pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
+    let run_tag: String = {
+        let mut rng = rand::rng();
+        (0..3)
+            .map(|_| char::from(b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789"[rng.random_range(0..32)]))
+            .collect()
+    };
+    let mut clients = Vec::with_capacity(opts.connections);
+    let needs_card = opts.scenario != Scenario::Echo;
+    for i in 0..opts.connections {
+        let id = TerminalId::new(format!("L{run_tag}{i:04}")).map_err(|e| LoadError::Terminal {
+            terminal: format!("#{i}"),
+            source: AtmError::Protocol(e.to_string()),
+        })?;
+        let keys = opts
+            .admin
+            .register_terminal(&opts.kek, &id, "load")
+            .await?;
+        let prepare = async {
+            let mut client = AtmClient::connect(&opts.iso_addr, id.clone(), keys, opts.packager).await?;
+            super::expect_code(&client.network("001").await?, "00")?;
+            if needs_card {
+                client.exchange_key(KeyType::Tpk).await?;
+                client.exchange_key(KeyType::Tak).await?;
+            }
+            Ok::<_, AtmError>(client)
+        };
+        let client = prepare.await.map_err(|source| LoadError::Terminal {
+            terminal: id.to_string(),
+            source,
+        })?;
+        let card = if needs_card {
+            let account = format!("LOAD-{run_tag}-{i}");
+            opts.admin
+                .create_account(&account, "360", 1_000_000_000_000, 1_000_000_000_000)
+                .await?;
+            let pan = format!(
+                "{}{:0>width$}",
+                opts.bin,
+                format!("{}{i:05}", rand::rng().random_range(0..1000u32)),
+                width = 16 - opts.bin.len()
+            );
+            let card = CardInput {
+                pan,
+                expiry: "3012".into(),
+                pin: "1234".into(),
+                currency: "360".into(),
+            };
+            opts.admin
+                .create_card(&card.pan, &card.expiry, &account, &card.pin)
+                .await?;
+            Some(card)
+        } else {
+            None
+        };
+        clients.push((client, card));
+    }
+
+    let per_connection_interval = opts
+        .rate
+        .map(|r| Duration::from_secs_f64(opts.connections as f64 / r.max(0.001)));
+    let started = Instant::now();
+    let deadline = started + opts.duration;
+    let mut tasks = Vec::new();
+    for (mut client, card) in clients {
+        let scenario = opts.scenario;
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(4096);
+            let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+            let mut errors = 0u64;
+            let mut ticker = per_connection_interval.map(|i| {
+                let mut t = tokio::time::interval(i);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                t
+            });
+            while Instant::now() < deadline {
+                if let Some(t) = ticker.as_mut() {
+                    t.tick().await;
+                }
+                let sent = Instant::now();
+                let answer = match (scenario, &card) {
+                    (Scenario::Echo, _) => client.network("301").await,
+                    (Scenario::Balance, Some(card)) => client.balance(card).await,
+                    (Scenario::Withdrawal, Some(card)) => {
+                        client.withdraw(card, 100).await.map(|(_, a)| a)
+                    }
+                    _ => Err(AtmError::Protocol("scenario needs a card".into())),
+                };
+                match answer {
+                    Ok(m) => {
+                        latencies.push(sent.elapsed().as_micros() as u64);
+                        *codes
+                            .entry(m.get_str(39).unwrap_or("none").to_string())
+                            .or_default() += 1;
+                    }
+                    Err(_) => {
+                        errors += 1;
+                        break;
+                    }
+                }
+            }
+            let _ = client.network("002").await;
+            (latencies, codes, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut report = LoadReport::default();
+    for task in tasks {
+        if let Ok((lat, codes, errors)) = task.await {
+            all.extend(lat);
+            for (k, v) in codes {
+                *report.codes.entry(k).or_default() += v;
+            }
+            report.errors += errors;
+        } else {
+            report.errors += 1;
+        }
+    }
+    report.elapsed = started.elapsed();
+    all.sort_unstable();
+    report.answered = all.len() as u64;
+    report.p50_us = percentile(&all, 50.0);
+    report.p95_us = percentile(&all, 95.0);
+    report.p99_us = percentile(&all, 99.0);
+    report.max_us = all.last().copied().unwrap_or(0);
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentiles_of_a_known_distribution() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50.0), 51);
+        assert_eq!(percentile(&v, 99.0), 99);
+        assert_eq!(percentile(&[], 99.0), 0);
+    }
+}

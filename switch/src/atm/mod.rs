@@ -1,0 +1,359 @@
+//! The ATM side of the Switchyard profile: a terminal that signs on, exchanges keys, MACs its
+//! messages, enciphers PIN blocks and answers server-initiated key changes. Used by the
+//! `switchyard-atm` simulator and load generator, the demo, and the integration tests.
+
+pub mod load;
+pub mod provision;
+pub mod session;
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use chrono::Utc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::crypto::terminal::TerminalKeys;
+use crate::domain::{KeyType, TerminalId};
+use crate::iso8583::frame::{decode_frame, encode_frame};
+use crate::iso8583::{Message, Mti, Packager};
+
+/// Failures of the terminal side.
+#[derive(Debug, thiserror::Error)]
+pub enum AtmError {
+    /// Socket.
+    #[error("failed to talk to the switch: {0}")]
+    Io(#[from] std::io::Error),
+    /// The switch closed the connection.
+    #[error("the switch closed the connection")]
+    Closed,
+    /// No answer in time.
+    #[error("no answer from the switch within {0:?}")]
+    Timeout(Duration),
+    /// Bytes that are not a valid message.
+    #[error("failed to parse the switch's answer: {0}")]
+    Codec(String),
+    /// An answer we did not expect.
+    #[error("unexpected answer: {0}")]
+    Protocol(String),
+    /// A key or MAC problem on the terminal side.
+    #[error("terminal cryptography failed: {0}")]
+    Crypto(String),
+}
+
+/// A simulated terminal connected to a switch.
+#[derive(Debug)]
+pub struct AtmClient {
+    /// Terminal id.
+    pub id: TerminalId,
+    /// The terminal's clear keys.
+    pub keys: TerminalKeys,
+    packager: &'static Packager,
+    stream: TcpStream,
+    buffer: BytesMut,
+    stan: u32,
+    timeout: Duration,
+    /// Server-initiated key changes answered while waiting for other answers.
+    pub key_changes: Vec<KeyType>,
+}
+
+impl AtmClient {
+    /// Connects to the switch's ISO 8583 port.
+    pub async fn connect(
+        addr: &str,
+        id: TerminalId,
+        keys: TerminalKeys,
+        packager: &'static Packager,
+    ) -> Result<Self, AtmError> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            id,
+            keys,
+            packager,
+            stream,
+            buffer: BytesMut::with_capacity(1024),
+            stan: rand::random::<u32>() % 900_000,
+            timeout: Duration::from_secs(10),
+            key_changes: Vec::new(),
+        })
+    }
+
+    /// The next STAN (field 11).
+    pub fn next_stan(&mut self) -> String {
+        self.stan = (self.stan + 1) % 1_000_000;
+        format!("{:06}", self.stan)
+    }
+
+    /// A request skeleton: MTI, 7, 11, 12, 13, 41.
+    pub fn new_request(&mut self, mti: &str) -> Result<Message, AtmError> {
+        let mti = Mti::parse(mti).map_err(|e| AtmError::Codec(e.to_string()))?;
+        let now = Utc::now();
+        let mut m = Message::new(mti);
+        m.set_str(7, &now.format("%m%d%H%M%S").to_string());
+        let stan = self.next_stan();
+        m.set_str(11, &stan);
+        m.set_str(41, &self.id.to_field41());
+        Ok(m)
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), AtmError> {
+        let mut out = BytesMut::with_capacity(bytes.len() + 2);
+        encode_frame(bytes, &mut out).map_err(|e| AtmError::Codec(e.to_string()))?;
+        self.stream.write_all(&out).await?;
+        Ok(())
+    }
+
+    async fn read_frame(&mut self) -> Result<Vec<u8>, AtmError> {
+        loop {
+            if let Some(frame) =
+                decode_frame(&mut self.buffer, 65_535).map_err(|e| AtmError::Codec(e.to_string()))?
+            {
+                return Ok(frame.to_vec());
+            }
+            if self.stream.read_buf(&mut self.buffer).await? == 0 {
+                return Err(AtmError::Closed);
+            }
+        }
+    }
+
+    /// Packs `message`, MACing it under the TAK when `mac` is set.
+    pub fn pack(&self, message: &mut Message, mac: bool) -> Result<Vec<u8>, AtmError> {
+        if mac {
+            let field = self.packager.mac_field_for(message);
+            message.set(field, vec![0u8; 8]);
+            let input = self
+                .packager
+                .pack_mac_input(message)
+                .map_err(|e| AtmError::Codec(e.to_string()))?;
+            let code = self
+                .keys
+                .mac(&input)
+                .map_err(|e| AtmError::Crypto(e.to_string()))?;
+            message.set(field, code.to_vec());
+        }
+        self.packager
+            .pack(message)
+            .map_err(|e| AtmError::Codec(e.to_string()))
+    }
+
+    /// Sends raw bytes as one frame and waits for the answer to STAN `stan`.
+    pub async fn exchange_raw(&mut self, bytes: &[u8], stan: &str) -> Result<(Message, Vec<u8>), AtmError> {
+        self.send(bytes).await?;
+        let deadline = self.timeout;
+        tokio::time::timeout(deadline, self.await_answer(stan))
+            .await
+            .map_err(|_| AtmError::Timeout(deadline))?
+    }
+
+    /// Sends `message` (MACed if `mac`) and returns the answer with its raw bytes.
+    pub async fn request(&mut self, mut message: Message, mac: bool) -> Result<(Message, Vec<u8>), AtmError> {
+        let stan = message.get_str(11).unwrap_or_default().to_string();
+        let bytes = self.pack(&mut message, mac)?;
+        self.exchange_raw(&bytes, &stan).await
+    }
+
+    async fn await_answer(&mut self, stan: &str) -> Result<(Message, Vec<u8>), AtmError> {
+        loop {
+            let raw = self.read_frame().await?;
+            let m = self
+                .packager
+                .unpack(&raw)
+                .map_err(|e| AtmError::Codec(e.to_string()))?;
+            if m.mti().as_str() == "0800" && m.get_str(70) == Some("161") {
+                self.answer_key_push(&m).await?;
+                continue;
+            }
+            if m.get_str(11) == Some(stan) {
+                return Ok((m, raw));
+            }
+            return Err(AtmError::Protocol(format!(
+                "answer {} with STAN {:?} while waiting for {stan}",
+                m.mti().as_str(),
+                m.get_str(11)
+            )));
+        }
+    }
+
+    /// Takes a server-initiated key change: unwrap under the TMK, check the KCV, answer 0810.
+    async fn answer_key_push(&mut self, push: &Message) -> Result<(), AtmError> {
+        let kt = push
+            .get_str(48)
+            .and_then(|s| s.parse::<KeyType>().ok())
+            .ok_or_else(|| AtmError::Protocol("key push without a key type in 48".into()))?;
+        let block = push.get_str(120).unwrap_or_default().to_string();
+        let kcv = push.get_str(122).unwrap_or_default().to_string();
+        let mut answer = Message::new(
+            push.mti()
+                .response()
+                .ok_or_else(|| AtmError::Protocol("0800 has no response MTI".into()))?,
+        );
+        for f in [7u8, 11, 41, 48, 70] {
+            if let Some(v) = push.get(f) {
+                answer.set(f, v.to_vec());
+            }
+        }
+        match self.keys.accept_key_block(kt, &block, &kcv) {
+            Ok(computed) => {
+                answer.set_str(39, "00");
+                answer.set_str(122, &computed);
+                self.key_changes.push(kt);
+            }
+            Err(_) => answer.set_str(39, "63"),
+        }
+        let bytes = self.pack(&mut answer, false)?;
+        self.send(&bytes).await
+    }
+
+    /// Waits up to `timeout` for a server-initiated key change and answers it.
+    pub async fn wait_for_key_push(&mut self, timeout: Duration) -> Result<KeyType, AtmError> {
+        let before = self.key_changes.len();
+        let result = tokio::time::timeout(timeout, async {
+            loop {
+                let raw = self.read_frame().await?;
+                let m = self
+                    .packager
+                    .unpack(&raw)
+                    .map_err(|e| AtmError::Codec(e.to_string()))?;
+                if m.mti().as_str() == "0800" && m.get_str(70) == Some("161") {
+                    self.answer_key_push(&m).await?;
+                    return Ok::<(), AtmError>(());
+                }
+            }
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => self
+                .key_changes
+                .get(before)
+                .copied()
+                .ok_or_else(|| AtmError::Protocol("key push not recorded".into())),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(AtmError::Timeout(timeout)),
+        }
+    }
+
+    /// 0800 with network management code `code` (001 sign-on, 002 sign-off, 301 echo).
+    pub async fn network(&mut self, code: &str) -> Result<Message, AtmError> {
+        let mut m = self.new_request("0800")?;
+        m.set_str(70, code);
+        Ok(self.request(m, false).await?.0)
+    }
+
+    /// Terminal-initiated key exchange: 161, unwrap, 162 with the KCV. Returns the KCV.
+    pub async fn exchange_key(&mut self, kt: KeyType) -> Result<String, AtmError> {
+        let mut m = self.new_request("0800")?;
+        m.set_str(70, "161");
+        m.set_str(48, kt.as_str());
+        let (answer, _) = self.request(m, false).await?;
+        expect_code(&answer, "00")?;
+        let block = answer.get_str(120).unwrap_or_default().to_string();
+        let kcv = answer.get_str(122).unwrap_or_default().to_string();
+        let computed = self
+            .keys
+            .accept_key_block(kt, &block, &kcv)
+            .map_err(|e| AtmError::Crypto(e.to_string()))?;
+        let mut confirm = self.new_request("0800")?;
+        confirm.set_str(70, "162");
+        confirm.set_str(48, kt.as_str());
+        confirm.set_str(122, &computed);
+        let (answer, _) = self.request(confirm, false).await?;
+        expect_code(&answer, "00")?;
+        Ok(computed)
+    }
+
+    /// A financial 0200 for `processing_code` with card data, PIN block and MAC.
+    pub fn financial(
+        &mut self,
+        processing_code: &str,
+        card: &CardInput,
+        amount: i64,
+    ) -> Result<Message, AtmError> {
+        let mut m = self.new_request("0200")?;
+        let now = Utc::now();
+        m.set_str(2, &card.pan);
+        m.set_str(3, processing_code);
+        m.set_str(4, &format!("{amount:012}"));
+        m.set_str(12, &now.format("%H%M%S").to_string());
+        m.set_str(13, &now.format("%m%d").to_string());
+        m.set_str(14, &card.expiry);
+        m.set_str(22, "051");
+        m.set_str(42, "SWITCHYARD-ATM ");
+        m.set_str(49, &card.currency);
+        let block = self
+            .keys
+            .encipher_pin(&card.pan, &card.pin)
+            .map_err(|e| AtmError::Crypto(e.to_string()))?;
+        m.set_str(123, &hex::encode_upper(block));
+        Ok(m)
+    }
+
+    /// Balance inquiry.
+    pub async fn balance(&mut self, card: &CardInput) -> Result<Message, AtmError> {
+        let m = self.financial("310000", card, 0)?;
+        Ok(self.request(m, true).await?.0)
+    }
+
+    /// Cash withdrawal; returns the request too (a reversal names it).
+    pub async fn withdraw(&mut self, card: &CardInput, amount: i64) -> Result<(Message, Message), AtmError> {
+        let m = self.financial("010000", card, amount)?;
+        let (answer, _) = self.request(m.clone(), true).await?;
+        Ok((m, answer))
+    }
+
+    /// Reversal (0400) of `original`.
+    pub async fn reverse(&mut self, original: &Message) -> Result<Message, AtmError> {
+        let mut m = self.new_request("0400")?;
+        for f in [2u8, 3, 4, 12, 13, 14, 22, 42, 49] {
+            if let Some(v) = original.get(f) {
+                m.set(f, v.to_vec());
+            }
+        }
+        m.set_str(90, &original_data_elements(original));
+        Ok(self.request(m, true).await?.0)
+    }
+}
+
+/// Field 90 naming `original`: MTI, STAN, transmission date-time, zero institution ids.
+pub fn original_data_elements(original: &Message) -> String {
+    format!(
+        "{}{}{}{}",
+        original.mti().as_str(),
+        original.get_str(11).unwrap_or("000000"),
+        original.get_str(7).unwrap_or("0000000000"),
+        "0".repeat(22)
+    )
+}
+
+/// A card as the simulator uses it (clear PAN and PIN: this is the terminal side).
+#[derive(Clone)]
+pub struct CardInput {
+    /// PAN.
+    pub pan: String,
+    /// `YYMM`.
+    pub expiry: String,
+    /// PIN.
+    pub pin: String,
+    /// ISO 4217 numeric.
+    pub currency: String,
+}
+
+impl std::fmt::Debug for CardInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CardInput")
+            .field("pan", &"<redacted>")
+            .field("expiry", &self.expiry)
+            .finish()
+    }
+}
+
+/// Fails unless field 39 is `code`.
+pub fn expect_code(m: &Message, code: &str) -> Result<(), AtmError> {
+    match m.get_str(39) {
+        Some(c) if c == code => Ok(()),
+        other => Err(AtmError::Protocol(format!(
+            "{} answered {other:?}, expected {code}",
+            m.mti().as_str()
+        ))),
+    }
+}

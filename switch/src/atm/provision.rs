@@ -1,0 +1,133 @@
+//! Provisioning through the admin API, as a bank's terminal management system would do it:
+//! a fresh TMK per terminal, delivered to the switch as a TR-31 block under the KEK.
+
+use serde_json::{Value, json};
+
+use crate::crypto::terminal::{TerminalKeys, wrap_tmk_under_kek};
+use crate::domain::TerminalId;
+
+/// Failures talking to the admin API.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminClientError {
+    /// Transport.
+    #[error("failed to reach the admin API: {0}")]
+    Http(#[from] reqwest::Error),
+    /// A problem+json answer.
+    #[error("admin API answered {status}: {detail}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The problem's detail.
+        detail: String,
+    },
+    /// Terminal-side cryptography.
+    #[error("failed to prepare the TMK: {0}")]
+    Crypto(String),
+}
+
+/// A small admin API client.
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl AdminClient {
+    /// `base` like `http://127.0.0.1:8080`.
+    pub fn new(base: impl Into<String>, token: impl Into<String>) -> Self {
+        Self {
+            base: base.into().trim_end_matches('/').to_string(),
+            token: token.into(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn answer(resp: reqwest::Response) -> Result<Value, AdminClientError> {
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(AdminClientError::Refused {
+                status: status.as_u16(),
+                detail: body
+                    .get("detail")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no detail")
+                    .to_string(),
+            })
+        }
+    }
+
+    /// POST JSON.
+    pub async fn post(&self, path: &str, body: &Value) -> Result<Value, AdminClientError> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await?;
+        Self::answer(resp).await
+    }
+
+    /// GET JSON.
+    pub async fn get(&self, path: &str) -> Result<Value, AdminClientError> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        Self::answer(resp).await
+    }
+
+    /// Registers a terminal with a fresh random TMK and returns the terminal's keys.
+    pub async fn register_terminal(
+        &self,
+        kek: &[u8],
+        id: &TerminalId,
+        group: &str,
+    ) -> Result<TerminalKeys, AdminClientError> {
+        let keys = TerminalKeys::generate();
+        let (block, kcv) = wrap_tmk_under_kek(kek, &keys)
+            .map_err(|e| AdminClientError::Crypto(e.to_string()))?;
+        self.post(
+            "/v1/terminals",
+            &json!({"id": id.as_str(), "group": group, "tmk": {"keyBlock": block, "kcv": kcv}}),
+        )
+        .await?;
+        Ok(keys)
+    }
+
+    /// Opens an account.
+    pub async fn create_account(
+        &self,
+        id: &str,
+        currency: &str,
+        balance: i64,
+        daily_limit: i64,
+    ) -> Result<Value, AdminClientError> {
+        self.post(
+            "/v1/accounts",
+            &json!({"id": id, "currency": currency, "balance": balance, "dailyWithdrawalLimit": daily_limit}),
+        )
+        .await
+    }
+
+    /// Issues a card.
+    pub async fn create_card(
+        &self,
+        pan: &str,
+        expiry: &str,
+        account: &str,
+        pin: &str,
+    ) -> Result<Value, AdminClientError> {
+        self.post(
+            "/v1/cards",
+            &json!({"pan": pan, "expiry": expiry, "accountId": account, "pin": pin}),
+        )
+        .await
+    }
+}

@@ -1,0 +1,263 @@
+//! Prometheus metrics of the switch. Names are the contract with the dashboards and alerts
+//! (SPEC §8); change them only together with `charts/` and the runbooks.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// `mti` and `response_code` of an ISO 8583 message the switch sent.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MessageLabels {
+    /// Message type of the request we answered (e.g. `0200`).
+    pub mti: String,
+    /// Field 39 of our answer, or `none` when the answer has none.
+    pub response_code: String,
+}
+
+/// One label called `type`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabel {
+    /// Transaction or key type.
+    pub r#type: String,
+}
+
+/// One label called `state`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// Connection or pool state.
+    pub state: String,
+}
+
+/// One label called `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why a frame was refused.
+    pub reason: String,
+}
+
+/// Labels of `switchyard_keys`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLabels {
+    /// TMK, TPK or TAK.
+    pub r#type: String,
+    /// PENDING, ACTIVE, EXPIRED or REVOKED.
+    pub state: String,
+}
+
+/// All switch metrics, registered once per process (tests make their own).
+#[derive(Debug)]
+pub struct SwitchMetrics {
+    registry: Registry,
+    /// `switchyard_iso_messages_total{mti,response_code}`.
+    pub iso_messages: Family<MessageLabels, Counter>,
+    /// `switchyard_transaction_duration_seconds{type}`.
+    pub transaction_duration: Family<TypeLabel, Histogram>,
+    /// `switchyard_connections{state}`: `connected` (not signed on) and `signed_on`.
+    pub connections: Family<StateLabel, Gauge>,
+    /// `switchyard_terminals_signed_on`.
+    pub terminals_signed_on: Gauge,
+    /// `switchyard_frame_errors_total{reason}`.
+    pub frame_errors: Family<ReasonLabel, Counter>,
+    /// `switchyard_connections_rejected_total`: refused at accept because of the cap.
+    pub connections_rejected: Counter,
+    /// `switchyard_mac_failures_total`.
+    pub mac_failures: Counter,
+    /// `switchyard_pin_failures_total`.
+    pub pin_failures: Counter,
+    /// `switchyard_keys{type,state}`, refreshed at scrape time.
+    pub keys: Family<KeyLabels, Gauge>,
+    /// `switchyard_key_age_seconds{type}`: age of the oldest ACTIVE key, refreshed at scrape.
+    pub key_age_seconds: Family<TypeLabel, Gauge>,
+    /// `switchyard_db_pool_connections{state}`: `open` and `idle`, refreshed at scrape time.
+    pub db_pool_connections: Family<StateLabel, Gauge>,
+}
+
+/// Seconds buckets for transaction latency: 0.5 ms to 10 s.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0,
+];
+
+impl Default for SwitchMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SwitchMetrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let iso_messages = Family::<MessageLabels, Counter>::default();
+        registry.register(
+            "switchyard_iso_messages",
+            "ISO 8583 messages answered, by request MTI and response code",
+            iso_messages.clone(),
+        );
+        let transaction_duration =
+            Family::<TypeLabel, Histogram>::new_with_constructor(new_latency_histogram as fn() -> Histogram);
+        registry.register(
+            "switchyard_transaction_duration_seconds",
+            "Time from a request frame read to its response written, by transaction type",
+            transaction_duration.clone(),
+        );
+        let connections = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "switchyard_connections",
+            "Open ISO 8583 connections, by state (connected, signed_on)",
+            connections.clone(),
+        );
+        let terminals_signed_on = Gauge::default();
+        registry.register(
+            "switchyard_terminals_signed_on",
+            "Terminals and stations with a live signed-on session",
+            terminals_signed_on.clone(),
+        );
+        let frame_errors = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "switchyard_frame_errors",
+            "Frames refused or unreadable, by reason (too_large, truncated, malformed)",
+            frame_errors.clone(),
+        );
+        let connections_rejected = Counter::default();
+        registry.register(
+            "switchyard_connections_rejected",
+            "Connections refused at accept because max_connections was reached",
+            connections_rejected.clone(),
+        );
+        let mac_failures = Counter::default();
+        registry.register(
+            "switchyard_mac_failures",
+            "Messages refused with 63 because their MAC did not verify",
+            mac_failures.clone(),
+        );
+        let pin_failures = Counter::default();
+        registry.register(
+            "switchyard_pin_failures",
+            "PIN verifications that failed (wrong PIN or undecipherable block)",
+            pin_failures.clone(),
+        );
+        let keys = Family::<KeyLabels, Gauge>::default();
+        registry.register(
+            "switchyard_keys",
+            "Terminal keys by type and lifecycle state",
+            keys.clone(),
+        );
+        let key_age_seconds = Family::<TypeLabel, Gauge>::default();
+        registry.register(
+            "switchyard_key_age_seconds",
+            "Age of the oldest ACTIVE key of each type, in seconds",
+            key_age_seconds.clone(),
+        );
+        let db_pool_connections = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "switchyard_db_pool_connections",
+            "Database pool connections by state (open, idle)",
+            db_pool_connections.clone(),
+        );
+        for state in ["connected", "signed_on"] {
+            connections
+                .get_or_create(&StateLabel {
+                    state: state.into(),
+                })
+                .set(0);
+        }
+        Self {
+            registry,
+            iso_messages,
+            transaction_duration,
+            connections,
+            terminals_signed_on,
+            frame_errors,
+            connections_rejected,
+            mac_failures,
+            pin_failures,
+            keys,
+            key_age_seconds,
+            db_pool_connections,
+        }
+    }
+
+    /// Counts one answered message.
+    pub fn message(&self, mti: &str, response_code: Option<&str>) {
+        self.iso_messages
+            .get_or_create(&MessageLabels {
+                mti: mti.to_string(),
+                response_code: response_code.unwrap_or("none").to_string(),
+            })
+            .inc();
+    }
+
+    /// Records a transaction's latency.
+    pub fn observe_duration(&self, kind: &str, seconds: f64) {
+        self.transaction_duration
+            .get_or_create(&TypeLabel {
+                r#type: kind.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    /// Counts a refused frame.
+    pub fn frame_error(&self, reason: &str) {
+        self.frame_errors
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Gauge of connections in `state`.
+    pub fn connections_in(&self, state: &str) -> Gauge {
+        self.connections
+            .get_or_create(&StateLabel {
+                state: state.to_string(),
+            })
+            .clone()
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail except on a fmt error from our own labels.
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+fn new_latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+/// Shared handle.
+pub type Metrics = Arc<SwitchMetrics>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exports_the_spec_names() {
+        let m = SwitchMetrics::new();
+        m.message("0800", Some("00"));
+        m.observe_duration("balance", 0.002);
+        m.frame_error("too_large");
+        let text = m.encode();
+        for name in [
+            "switchyard_iso_messages_total{mti=\"0800\",response_code=\"00\"} 1",
+            "switchyard_transaction_duration_seconds_bucket{le=\"0.0025\",type=\"balance\"} 1",
+            "switchyard_connections{state=\"signed_on\"} 0",
+            "switchyard_terminals_signed_on 0",
+            "switchyard_frame_errors_total{reason=\"too_large\"} 1",
+            "switchyard_mac_failures_total 0",
+            "switchyard_pin_failures_total 0",
+        ] {
+            assert!(text.contains(name), "missing {name} in:\n{text}");
+        }
+    }
+}

@@ -1,0 +1,612 @@
+//! Configuration: one TOML or YAML file, every key overridable by `SWITCHYARD_<SECTION>__<KEY>`.
+//!
+//! Precedence, lowest first: built-in defaults, the `--config` file, `DATABASE_URL` (as sqlx tools
+//! expect), then `SWITCHYARD_*` variables. Secrets are never values in this file: they are read
+//! from files (`*_file` keys) so Kubernetes Secrets can be mounted, and they never appear in
+//! `Debug` output or error messages.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml, Yaml};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+/// Failures while loading configuration or the secrets it points at.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// The file or an environment variable did not parse into the expected shape.
+    #[error("failed to load configuration: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+    /// A `*_file` secret could not be read.
+    #[error("failed to read {what} from {path}: {source}")]
+    SecretFile {
+        /// Which secret, e.g. "database URL".
+        what: &'static str,
+        /// The file that was named in the configuration.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A value is present but unusable.
+    #[error("invalid configuration: {0}")]
+    Value(String),
+}
+
+/// The whole switch configuration (SPEC §2 and §6).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// The ATM and station channel.
+    pub iso8583: IsoSettings,
+    /// The authenticated admin REST API.
+    pub admin: AdminSettings,
+    /// Metrics and probes (unauthenticated).
+    pub metrics: MetricsSettings,
+    /// Where the ledger, keys and queues live.
+    pub database: DatabaseSettings,
+    /// Master keys and the key grace window.
+    pub keys: KeySettings,
+    /// BIN routing table.
+    pub routing: RoutingSettings,
+    /// Issuer hosts reached over ISO 8583 links.
+    pub upstreams: Vec<UpstreamSettings>,
+    /// Store-and-forward delivery.
+    pub saf: SafSettings,
+}
+
+/// `[iso8583]`: the TCP channel terminals and stations connect to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IsoSettings {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Wire profile: `ascii` or `binary-bitmap`.
+    pub packager: String,
+    /// Sessions with no traffic for this long are closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Connections beyond this are refused at accept.
+    pub max_connections: usize,
+    /// Frames whose length header claims more than this are refused and the connection closed.
+    pub max_frame_bytes: usize,
+    /// How long a shutdown waits for in-flight transactions before closing connections anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for IsoSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8583)),
+            packager: "ascii".into(),
+            idle_timeout: Duration::from_secs(90),
+            max_connections: 10_000,
+            max_frame_bytes: 8192,
+            shutdown_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// `[admin]`: the REST API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// File of `role:token` lines (roles `admin`, `viewer`).
+    pub tokens_file: PathBuf,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            tokens_file: PathBuf::from("/etc/switchyard/tokens"),
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// `[metrics]`: `/metrics` and the probes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+        }
+    }
+}
+
+/// `[database]`: `url` or `url_file` (a Kubernetes Secret mount); `sqlite://` or `postgres://`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// Connection URL. Prefer `url_file` when it carries a password.
+    pub url: Option<String>,
+    /// File holding the connection URL.
+    pub url_file: Option<PathBuf>,
+    /// Pool size.
+    pub max_connections: u32,
+    /// How long a request waits for a pooled connection before failing with `96`.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            url_file: None,
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("url_file", &self.url_file)
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .finish()
+    }
+}
+
+/// The default store: an embedded SQLite file in the working directory.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://switchyard.db";
+
+impl DatabaseSettings {
+    /// The URL to connect to: `url_file` wins over `url`, and the default is embedded SQLite.
+    pub fn resolve_url(&self) -> Result<Zeroizing<String>, SettingsError> {
+        if let Some(path) = &self.url_file {
+            let text = read_secret_file("database URL", path)?;
+            return Ok(Zeroizing::new(text.trim().to_string()));
+        }
+        Ok(Zeroizing::new(
+            self.url
+                .clone()
+                .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_string()),
+        ))
+    }
+}
+
+/// `[keys]`: the LMK (wraps every key at rest), the KEK (TMK import) and the grace window.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeySettings {
+    /// Hex file with the 32-byte local master key.
+    pub lmk_file: Option<PathBuf>,
+    /// Hex file with the 16- or 32-byte key-encryption key for TMK import.
+    pub kek_file: Option<PathBuf>,
+    /// How long a replaced key still verifies PIN blocks and MACs.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+impl Default for KeySettings {
+    fn default() -> Self {
+        Self {
+            lmk_file: None,
+            kek_file: None,
+            grace: Duration::from_secs(300),
+        }
+    }
+}
+
+/// `[routing]`: which card prefixes are ours and where the others go.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingSettings {
+    /// BIN prefixes authorized against the local ledger.
+    pub on_us: Vec<String>,
+    /// Prefixes routed to named upstreams; the longest matching prefix wins.
+    pub routes: Vec<RouteSettings>,
+}
+
+/// One `[[routing.routes]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSettings {
+    /// PAN prefix.
+    pub prefix: String,
+    /// Name of an `[[upstreams]]` entry.
+    pub upstream: String,
+}
+
+/// One `[[upstreams]]` entry: an issuer host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSettings {
+    /// Name used by routes and metrics.
+    pub name: String,
+    /// `host:port` endpoints, primary first.
+    pub endpoints: Vec<String>,
+    /// Our station id at the issuer (field 41).
+    pub station_id: String,
+    /// File with the TMK shared with the issuer (hex).
+    pub tmk_file: Option<PathBuf>,
+    /// Echo interval on an idle link.
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Per-request timeout.
+    #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Circuit breaker thresholds.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerSettings,
+    /// Stand-in processing while the issuer is unavailable.
+    #[serde(default)]
+    pub stand_in: StandInSettings,
+}
+
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_upstream_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// `[upstreams.circuit_breaker]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CircuitBreakerSettings {
+    /// Failure ratio over the window that opens the circuit.
+    pub failure_rate: f64,
+    /// Requests in the window before the ratio is considered.
+    pub min_volume: u32,
+    /// Rolling window.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// How long the circuit stays open before probing.
+    #[serde(with = "humantime_serde")]
+    pub reset_timeout: Duration,
+}
+
+impl Default for CircuitBreakerSettings {
+    fn default() -> Self {
+        Self {
+            failure_rate: 0.5,
+            min_volume: 5,
+            window: Duration::from_secs(10),
+            reset_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[upstreams.stand_in]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StandInSettings {
+    /// Whether the switch approves on the issuer's behalf while it is down.
+    pub enabled: bool,
+    /// Largest amount (minor units) approved in stand-in.
+    pub max_amount: i64,
+}
+
+/// `[saf]`: store-and-forward delivery.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SafSettings {
+    /// Attempts before an advice becomes a dead letter.
+    pub max_attempts: u32,
+    /// First retry delay.
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    /// Retry delay cap.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// How long a drainer owns a message before another may take it.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+impl Default for SafSettings {
+    fn default() -> Self {
+        Self {
+            max_attempts: 10,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            lease: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Settings {
+    /// Loads defaults, then `file` (TOML or YAML by extension), then `DATABASE_URL`, then
+    /// `SWITCHYARD_<SECTION>__<KEY>` variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// [`Settings::load`] with an explicit environment, so tests need not mutate the process's.
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingsError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(SettingsError::Value(format!(
+                    "configuration file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = match path.extension().and_then(|e| e.to_str()) {
+                Some("yaml" | "yml") => figment.merge(Yaml::file(path)),
+                _ => figment.merge(Toml::file(path)),
+            };
+        }
+        let env: BTreeMap<String, String> = env.into_iter().collect();
+        if let Some(url) = env.get("DATABASE_URL") {
+            figment = figment.merge(Serialized::default("database.url", url));
+        }
+        // figment's `Env` provider reads the process environment; translating the variables
+        // ourselves keeps tests hermetic and lets `DATABASE_URL` sit between file and overrides.
+        for (key, value) in &env {
+            let Some(rest) = key.strip_prefix("SWITCHYARD_") else {
+                continue;
+            };
+            if rest.starts_with("TEST_") {
+                continue;
+            }
+            let path = rest.to_ascii_lowercase().replace("__", ".");
+            figment = figment.merge(Serialized::default(&path, parse_env_value(value)));
+        }
+        let settings: Settings = figment.extract().map_err(Box::new)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        if !matches!(self.iso8583.packager.as_str(), "ascii" | "binary-bitmap") {
+            return Err(SettingsError::Value(format!(
+                "iso8583.packager must be \"ascii\" or \"binary-bitmap\", got {:?}",
+                self.iso8583.packager
+            )));
+        }
+        if self.iso8583.max_frame_bytes < 64 || self.iso8583.max_frame_bytes > 65_535 {
+            return Err(SettingsError::Value(
+                "iso8583.max_frame_bytes must be between 64 and 65535 (2-byte length header)"
+                    .into(),
+            ));
+        }
+        if self.iso8583.max_connections == 0 {
+            return Err(SettingsError::Value(
+                "iso8583.max_connections must be at least 1".into(),
+            ));
+        }
+        for route in &self.routing.routes {
+            if !self.upstreams.iter().any(|u| u.name == route.upstream) {
+                return Err(SettingsError::Value(format!(
+                    "routing.routes: prefix {} names upstream {:?}, which is not configured in [[upstreams]]",
+                    route.prefix, route.upstream
+                )));
+            }
+        }
+        for prefix in self
+            .routing
+            .on_us
+            .iter()
+            .chain(self.routing.routes.iter().map(|r| &r.prefix))
+        {
+            if prefix.is_empty() || prefix.len() > 11 || !prefix.bytes().all(|b| b.is_ascii_digit())
+            {
+                return Err(SettingsError::Value(format!(
+                    "routing prefix {prefix:?} must be 1 to 11 digits"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Environment values are text; numbers and booleans are given their type so that
+/// `SWITCHYARD_ISO8583__MAX_CONNECTIONS=500` fills an integer field. Lists use TOML syntax
+/// (`SWITCHYARD_ROUTING__ON_US='["6011"]'`).
+fn parse_env_value(raw: &str) -> figment::value::Value {
+    use figment::value::Value;
+    let trimmed = raw.trim();
+    if trimmed.starts_with('[') || trimmed.starts_with('{') {
+        if let Ok(v) = toml_value(trimmed) {
+            return v;
+        }
+    }
+    if let Ok(b) = trimmed.parse::<bool>() {
+        return Value::from(b);
+    }
+    if let Ok(i) = trimmed.parse::<i64>() {
+        return Value::from(i);
+    }
+    if let Ok(f) = trimmed.parse::<f64>() {
+        if trimmed.contains('.') {
+            return Value::from(f);
+        }
+    }
+    Value::from(raw.to_string())
+}
+
+fn toml_value(text: &str) -> Result<figment::value::Value, Box<figment::Error>> {
+    let wrapped = format!("v = {text}");
+    let dict = Figment::from(Toml::string(&wrapped))
+        .extract::<BTreeMap<String, figment::value::Value>>()
+        .map_err(Box::new)?;
+    dict.get("v")
+        .cloned()
+        .ok_or_else(|| Box::new(figment::Error::from("empty value".to_string())))
+}
+
+/// Reads a secret file; the error names the file, never its contents.
+pub fn read_secret_file(what: &'static str, path: &Path) -> Result<String, SettingsError> {
+    std::fs::read_to_string(path).map_err(|source| SettingsError::SecretFile {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Replaces the password in a connection URL with `***` for logs and `Debug`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}://{}:***@{}", &url[..scheme_end], user, &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s.iso8583.listen.port(), 8583);
+        assert_eq!(s.admin.listen.port(), 8080);
+        assert_eq!(s.metrics.listen.port(), 9090);
+        assert_eq!(s.iso8583.idle_timeout, Duration::from_secs(90));
+        assert_eq!(s.iso8583.max_frame_bytes, 8192);
+        assert_eq!(
+            s.database.resolve_url().unwrap().as_str(),
+            DEFAULT_DATABASE_URL
+        );
+        assert_eq!(s.keys.grace, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn env_overrides_file_and_database_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("switch.toml");
+        std::fs::write(
+            &file,
+            "[iso8583]\nlisten = \"127.0.0.1:1000\"\nidle_timeout = \"30s\"\n[database]\nurl = \"sqlite://a.db\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(
+            Some(&file),
+            env(&[
+                ("SWITCHYARD_ISO8583__LISTEN", "127.0.0.1:18583"),
+                ("SWITCHYARD_ISO8583__MAX_CONNECTIONS", "500"),
+                ("DATABASE_URL", "postgres://u:p@h/db"),
+                ("SWITCHYARD_ROUTING__ON_US", "[\"6011\", \"4000\"]"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.iso8583.listen.port(), 18583);
+        assert_eq!(s.iso8583.max_connections, 500);
+        assert_eq!(s.iso8583.idle_timeout, Duration::from_secs(30));
+        assert_eq!(s.database.url.as_deref(), Some("postgres://u:p@h/db"));
+        assert_eq!(s.routing.on_us, vec!["6011", "4000"]);
+
+        let s = Settings::load_from(
+            Some(&file),
+            env(&[
+                ("DATABASE_URL", "postgres://u:p@h/db"),
+                ("SWITCHYARD_DATABASE__URL", "sqlite://b.db"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.database.url.as_deref(), Some("sqlite://b.db"));
+    }
+
+    #[test]
+    fn yaml_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("switch.yaml");
+        std::fs::write(&file, "iso8583:\n  packager: binary-bitmap\n").unwrap();
+        let s = Settings::load_from(Some(&file), env(&[])).unwrap();
+        assert_eq!(s.iso8583.packager, "binary-bitmap");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("switch.toml");
+        std::fs::write(&file, "[iso8583]\nlisten_port = 1\n").unwrap();
+        let err = Settings::load_from(Some(&file), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("listen_port"), "{err}");
+
+        let err = Settings::load_from(None, env(&[("SWITCHYARD_ISO8583__PACKAGER", "ebcdic")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("packager"), "{err}");
+
+        let err = Settings::load_from(
+            None,
+            env(&[("SWITCHYARD_ISO8583__IDLE_TIMEOUT", "ninety seconds")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("idle_timeout"), "{err}");
+    }
+
+    #[test]
+    fn url_file_wins_and_secrets_stay_out_of_debug() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("url");
+        std::fs::write(&secret, "postgres://app:s3cret@db:5432/switch\n").unwrap();
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("SWITCHYARD_DATABASE__URL", "postgres://x:hunter2@db/x"),
+                ("SWITCHYARD_DATABASE__URL_FILE", secret.to_str().unwrap()),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.database.resolve_url().unwrap().as_str(),
+            "postgres://app:s3cret@db:5432/switch"
+        );
+        let debug = format!("{s:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("x:***@db/x"), "{debug}");
+    }
+
+    #[test]
+    fn a_missing_secret_file_is_named_in_the_error() {
+        let s = Settings::load_from(
+            None,
+            env(&[("SWITCHYARD_DATABASE__URL_FILE", "/nonexistent/url")]),
+        )
+        .unwrap();
+        let err = s.database.resolve_url().unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/url"), "{err}");
+    }
+
+    #[test]
+    fn a_route_to_an_unknown_upstream_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("switch.toml");
+        std::fs::write(
+            &file,
+            "[[routing.routes]]\nprefix = \"4111\"\nupstream = \"issuer-b\"\n",
+        )
+        .unwrap();
+        let err = Settings::load_from(Some(&file), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("issuer-b"), "{err}");
+    }
+}

@@ -1,0 +1,283 @@
+//! Key exchange on the wire (SPEC §3, network management codes 161 and 162).
+//!
+//! Terminal-initiated: 0800/161 with 48 = `TPK`|`TAK` → the switch makes (or re-delivers) a
+//! PENDING key and answers 120 = TR-31 block under the terminal's TMK, 122 = KCV; the terminal
+//! confirms with 0800/162 carrying its KCV, which activates the key. Server-initiated: the switch
+//! sends 0800/161 on the live session; the terminal's 0810 with 39 = `00` and a matching 122
+//! activates it. A KCV mismatch leaves the key PENDING and is audited. Activation is always a
+//! single store transaction (previous ACTIVE → EXPIRED with a grace window).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use chrono::Utc;
+use tracing::{debug, info, warn};
+
+use super::{Reply, response_to};
+use crate::app::SwitchContext;
+use crate::domain::{KeyState, KeyType, ResponseCode, TerminalId};
+use crate::iso8583::{Message, Mti};
+use crate::net::ConnState;
+use crate::store::{KeyRecord, KeyTransition, NewAudit, NewKey, StoreError};
+
+/// Key types a terminal may exchange on the wire (the TMK only arrives through the admin API).
+const EXCHANGEABLE: [KeyType; 2] = [KeyType::Tpk, KeyType::Tak];
+
+fn parse_key_type(request: &Message) -> Option<KeyType> {
+    let kt = request.get_str(48)?.trim().parse::<KeyType>().ok()?;
+    EXCHANGEABLE.contains(&kt).then_some(kt)
+}
+
+/// Handles 0800/161 and 0800/162 from a signed-on terminal.
+pub async fn handle_request(ctx: &SwitchContext, terminal: &TerminalId, request: &Message) -> Option<Reply> {
+    let answer = |code| response_to(request, code).map(|m| Reply::plain(m, "key_exchange"));
+    let Some(kt) = parse_key_type(request) else {
+        return answer(ResponseCode::FormatError);
+    };
+    let result = match request.get_str(70) {
+        Some("161") => deliver(ctx, terminal, kt, request).await,
+        Some("162") => confirm(ctx, terminal, kt, request).await,
+        _ => return answer(ResponseCode::InvalidTransaction),
+    };
+    match result {
+        Ok(reply) => Some(reply),
+        Err(code) => answer(code),
+    }
+}
+
+async fn deliver(
+    ctx: &SwitchContext,
+    terminal: &TerminalId,
+    kt: KeyType,
+    request: &Message,
+) -> Result<Reply, ResponseCode> {
+    let key = pending_or_new(ctx, terminal, kt, "terminal")
+        .await
+        .map_err(|_| ResponseCode::SystemMalfunction)?;
+    let block = key_block_for(ctx, terminal, &key).await?;
+    let mut message =
+        response_to(request, ResponseCode::Approved).ok_or(ResponseCode::FormatError)?;
+    message.set_str(48, kt.as_str());
+    message.set_str(120, &block);
+    message.set_str(122, &key.kcv);
+    Ok(Reply::plain(message, "key_exchange"))
+}
+
+async fn confirm(
+    ctx: &SwitchContext,
+    terminal: &TerminalId,
+    kt: KeyType,
+    request: &Message,
+) -> Result<Reply, ResponseCode> {
+    let Some(kcv) = request.get_str(122) else {
+        return Err(ResponseCode::FormatError);
+    };
+    let outcome = activate_matching(ctx, terminal, Some(kt), kcv).await;
+    let code = match outcome {
+        Activation::Activated | Activation::AlreadyActive => ResponseCode::Approved,
+        Activation::NoPendingKey => ResponseCode::InvalidTransaction,
+        Activation::Mismatch => ResponseCode::SecurityViolation,
+        Activation::Failed => ResponseCode::SystemMalfunction,
+    };
+    let mut message = response_to(request, code).ok_or(ResponseCode::FormatError)?;
+    message.set_str(48, kt.as_str());
+    Ok(Reply::plain(message, "key_exchange"))
+}
+
+/// The terminal's PENDING key of type `kt`, or a new one. Re-delivering the same PENDING key
+/// (instead of making another) keeps repeated 161s and retried pushes from piling up keys.
+pub async fn pending_or_new(
+    ctx: &SwitchContext,
+    terminal: &TerminalId,
+    kt: KeyType,
+    actor: &str,
+) -> Result<KeyRecord, StoreError> {
+    let usable = ctx.store.keys_for_use(terminal, kt, Utc::now()).await?;
+    if let Some(pending) = usable.pending {
+        return Ok(pending);
+    }
+    let (wrapped, kcv) = ctx.hsm.generate_key(kt).map_err(|e| StoreError::Corrupt {
+        what: format!("failed to generate a {kt} key: {e}"),
+    })?;
+    ctx.store
+        .insert_key(
+            &NewKey {
+                terminal_id: terminal.clone(),
+                key_type: kt,
+                state: KeyState::Pending,
+                wrapped,
+                kcv: kcv.to_string(),
+                rotation_id: None,
+                grace_seconds: ctx.settings.keys.grace.as_secs() as i64,
+            },
+            actor,
+        )
+        .await
+}
+
+/// TR-31 block of `key` under the terminal's ACTIVE TMK.
+async fn key_block_for(
+    ctx: &SwitchContext,
+    terminal: &TerminalId,
+    key: &KeyRecord,
+) -> Result<String, ResponseCode> {
+    let tmk = ctx
+        .store
+        .keys_for_use(terminal, KeyType::Tmk, Utc::now())
+        .await
+        .map_err(|_| ResponseCode::SystemMalfunction)?
+        .active
+        .ok_or_else(|| {
+            warn!(%terminal, "key exchange refused: terminal has no ACTIVE TMK");
+            ResponseCode::InvalidTransaction
+        })?;
+    ctx.hsm
+        .export_under_tmk(&tmk.wrapped, &key.wrapped, key.key_type)
+        .map_err(|e| {
+            warn!(%terminal, error = %e, "failed to wrap a key under the TMK");
+            ResponseCode::SystemMalfunction
+        })
+}
+
+/// Result of matching a KCV from a terminal against its PENDING keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// A PENDING key matched and is now ACTIVE.
+    Activated,
+    /// The KCV is the ACTIVE key's (a repeated confirmation).
+    AlreadyActive,
+    /// Nothing PENDING of that type.
+    NoPendingKey,
+    /// A PENDING key exists but the KCV is not its own; it stays PENDING.
+    Mismatch,
+    /// The store failed.
+    Failed,
+}
+
+/// Activates the PENDING key (of `kt`, or of any exchangeable type) whose KCV is `kcv`.
+pub async fn activate_matching(
+    ctx: &SwitchContext,
+    terminal: &TerminalId,
+    kt: Option<KeyType>,
+    kcv: &str,
+) -> Activation {
+    let types: Vec<KeyType> = kt.map(|k| vec![k]).unwrap_or_else(|| EXCHANGEABLE.to_vec());
+    let now = Utc::now();
+    let mut saw_pending = false;
+    for kt in types {
+        let usable = match ctx.store.keys_for_use(terminal, kt, now).await {
+            Ok(u) => u,
+            Err(_) => return Activation::Failed,
+        };
+        if let Some(pending) = usable.pending {
+            saw_pending = true;
+            if pending.kcv.eq_ignore_ascii_case(kcv.trim()) {
+                return match ctx
+                    .store
+                    .transition_key(
+                        &pending.id,
+                        KeyTransition::Activate,
+                        ctx.settings.keys.grace,
+                        &format!("terminal:{terminal}"),
+                        now,
+                    )
+                    .await
+                {
+                    Ok(_) => {
+                        info!(%terminal, key_type = %kt, "key activated on terminal confirmation");
+                        Activation::Activated
+                    }
+                    // Lost a race with another confirmation: the key is active either way.
+                    Err(StoreError::InvalidTransition { .. }) => Activation::AlreadyActive,
+                    Err(_) => Activation::Failed,
+                };
+            }
+        }
+        if usable
+            .active
+            .as_ref()
+            .is_some_and(|a| a.kcv.eq_ignore_ascii_case(kcv.trim()))
+        {
+            return Activation::AlreadyActive;
+        }
+    }
+    if saw_pending {
+        let entry = NewAudit {
+            actor: format!("terminal:{terminal}"),
+            action: "key.confirm".into(),
+            target: terminal.to_string(),
+            result: "refused: KCV mismatch, key stays PENDING".into(),
+            detail: serde_json::json!({ "kcv": kcv }),
+        };
+        let _ = ctx.store.append_audit(&entry).await;
+        warn!(%terminal, "key confirmation refused: KCV does not match the PENDING key");
+        Activation::Mismatch
+    } else {
+        Activation::NoPendingKey
+    }
+}
+
+static PUSH_STAN: AtomicU32 = AtomicU32::new(1);
+
+/// Sends 0800/161 for `key` on the terminal's live session, if it has one. Returns whether it
+/// was queued; a terminal that is offline gets the key when it next signs on.
+pub async fn push_key(ctx: &SwitchContext, terminal: &TerminalId, key: &KeyRecord) -> bool {
+    let Some(session) = ctx.sessions.handle(terminal) else {
+        return false;
+    };
+    let Ok(block) = key_block_for(ctx, terminal, key).await else {
+        return false;
+    };
+    let Ok(mti) = Mti::parse("0800") else {
+        return false;
+    };
+    let mut message = Message::new(mti);
+    message.set_str(7, &Utc::now().format("%m%d%H%M%S").to_string());
+    let stan = PUSH_STAN.fetch_add(1, Ordering::Relaxed) % 1_000_000;
+    message.set_str(11, &format!("{stan:06}"));
+    message.set_str(41, &terminal.to_field41());
+    message.set_str(48, key.key_type.as_str());
+    message.set_str(70, "161");
+    message.set_str(120, &block);
+    message.set_str(122, &key.kcv);
+    match ctx.packager.pack(&message) {
+        Ok(bytes) => {
+            let queued = session.outbound.try_send(bytes).is_ok();
+            debug!(%terminal, key_type = %key.key_type, queued, "server-initiated key change");
+            queued
+        }
+        Err(err) => {
+            warn!(%terminal, error = %err, "failed to pack a key push");
+            false
+        }
+    }
+}
+
+/// Pushes every PENDING exchangeable key of a terminal (called right after it signs on).
+pub async fn push_pending(ctx: &SwitchContext, terminal: &TerminalId) {
+    for kt in EXCHANGEABLE {
+        if let Ok(usable) = ctx.store.keys_for_use(terminal, kt, Utc::now()).await {
+            if let Some(pending) = usable.pending {
+                push_key(ctx, terminal, &pending).await;
+            }
+        }
+    }
+}
+
+/// The terminal's 0810 to a server-initiated 0800/161: 39 = `00` and 122 = the KCV it computed.
+pub async fn on_terminal_answer(ctx: &SwitchContext, conn: &ConnState, answer: &Message, _raw: &[u8]) {
+    let Some(terminal) = &conn.terminal else {
+        return;
+    };
+    if answer.get_str(70) != Some("161") {
+        return;
+    }
+    if answer.get_str(39) != Some("00") {
+        info!(%terminal, code = ?answer.get_str(39), "terminal declined a key change; key stays PENDING");
+        return;
+    }
+    let Some(kcv) = answer.get_str(122) else {
+        return;
+    };
+    let kt = parse_key_type(answer);
+    activate_matching(ctx, terminal, kt, kcv).await;
+}

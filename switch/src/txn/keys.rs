@@ -1,0 +1,188 @@
+//! Key lifecycle operations shared by the admin API and the wire: single-terminal rotation,
+//! fleet rotations, time-based activation, and the key gauges read at scrape time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::key_exchange::{pending_or_new, push_key};
+use crate::app::SwitchContext;
+use crate::domain::{KeyState, KeyType, TerminalId};
+use crate::health::ScrapeRefresh;
+use crate::metrics::{KeyLabels, TypeLabel};
+use crate::store::{
+    Activation, KeyRecord, KeyTransition, NewKey, NewRotation, RotationId, StoreError,
+    TerminalSelector,
+};
+
+/// Makes (or re-uses) a PENDING key of `kt` for one terminal and pushes it if the terminal is
+/// signed on. Returns the key and whether it was pushed.
+pub async fn rotate_terminal(
+    ctx: &SwitchContext,
+    terminal: &TerminalId,
+    kt: KeyType,
+    actor: &str,
+) -> Result<(KeyRecord, bool), StoreError> {
+    let key = pending_or_new(ctx, terminal, kt, actor).await?;
+    let pushed = push_key(ctx, terminal, &key).await;
+    Ok((key, pushed))
+}
+
+/// Why a fleet rotation could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RotationError {
+    /// The selector matched nothing.
+    #[error("no registered terminal matches the selection")]
+    NoTerminals,
+    /// Key generation failed.
+    #[error("failed to generate keys: {0}")]
+    Hsm(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Starts a fleet rotation: one PENDING key per selected terminal, stored in one transaction,
+/// then pushed in the background to every terminal that is signed on here.
+pub async fn start_fleet_rotation(
+    ctx: Arc<SwitchContext>,
+    kt: KeyType,
+    selector: &TerminalSelector,
+    activation: Activation,
+    grace: Duration,
+    actor: &str,
+) -> Result<(RotationId, usize), RotationError> {
+    let terminals = ctx.store.terminals_in(selector).await?;
+    if terminals.is_empty() {
+        return Err(RotationError::NoTerminals);
+    }
+    let rotation = NewRotation {
+        id: RotationId::generate(),
+        key_type: kt,
+        activation,
+        grace_seconds: grace.as_secs() as i64,
+    };
+    let mut keys = Vec::with_capacity(terminals.len());
+    for terminal in &terminals {
+        let (wrapped, kcv) = ctx
+            .hsm
+            .generate_key(kt)
+            .map_err(|e| RotationError::Hsm(e.to_string()))?;
+        keys.push(NewKey {
+            terminal_id: terminal.clone(),
+            key_type: kt,
+            state: KeyState::Pending,
+            wrapped,
+            kcv: kcv.to_string(),
+            rotation_id: Some(rotation.id.clone()),
+            grace_seconds: grace.as_secs() as i64,
+        });
+    }
+    ctx.store.insert_keys_bulk(&keys, &rotation, actor).await?;
+    let count = terminals.len();
+    let id = rotation.id.clone();
+    info!(rotation = %id, key_type = %kt, terminals = count, "fleet rotation started");
+    let pushed_ctx = ctx.clone();
+    tokio::spawn(async move {
+        let mut pushed = 0usize;
+        for terminal in terminals {
+            if pushed_ctx.sessions.handle(&terminal).is_none() {
+                continue;
+            }
+            if let Ok(usable) = pushed_ctx.store.keys_for_use(&terminal, kt, Utc::now()).await {
+                if let Some(pending) = usable.pending {
+                    if push_key(&pushed_ctx, &terminal, &pending).await {
+                        pushed += 1;
+                    }
+                }
+            }
+        }
+        info!(rotation = %rotation.id, pushed, "fleet rotation keys pushed to live sessions");
+    });
+    Ok((id, count))
+}
+
+/// Activates, at their time, the PENDING keys of rotations with `atTime` activation.
+pub async fn activate_due_keys(ctx: &SwitchContext, now: DateTime<Utc>) -> Result<u64, StoreError> {
+    let due = ctx.store.due_pending_keys(now, 500).await?;
+    let mut activated = 0;
+    for key in due {
+        match ctx
+            .store
+            .transition_key(
+                &key.id,
+                KeyTransition::Activate,
+                ctx.settings.keys.grace,
+                "switch:scheduled-activation",
+                now,
+            )
+            .await
+        {
+            Ok(_) => activated += 1,
+            Err(StoreError::InvalidTransition { .. }) => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(activated)
+}
+
+/// Runs [`activate_due_keys`] every `interval` until `stop`.
+pub async fn activation_loop(ctx: Arc<SwitchContext>, interval: Duration, stop: CancellationToken) {
+    loop {
+        match activate_due_keys(&ctx, Utc::now()).await {
+            Ok(0) => {}
+            Ok(n) => info!(activated = n, "scheduled key activations applied"),
+            Err(err) => warn!(error = %err, "scheduled key activation failed; will retry"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// Refreshes `switchyard_keys{type,state}` and `switchyard_key_age_seconds{type}` from the
+/// store when Prometheus scrapes (a count per scrape is cheap; keeping gauges in sync with every
+/// transition across replicas would not be).
+pub fn scrape_refresh(ctx: Arc<SwitchContext>) -> ScrapeRefresh {
+    Arc::new(move || {
+        let ctx = ctx.clone();
+        Box::pin(async move {
+            let Ok(stats) = ctx.store.key_stats().await else {
+                return;
+            };
+            for kt in [KeyType::Tmk, KeyType::Tpk, KeyType::Tak] {
+                for state in KeyState::ALL {
+                    let count = stats
+                        .counts
+                        .iter()
+                        .find(|(t, s, _)| *t == kt && *s == state)
+                        .map(|(_, _, n)| *n)
+                        .unwrap_or(0);
+                    ctx.metrics
+                        .keys
+                        .get_or_create(&KeyLabels {
+                            r#type: kt.as_str().into(),
+                            state: state.as_str().into(),
+                        })
+                        .set(count as i64);
+                }
+                let age = stats
+                    .oldest_active
+                    .iter()
+                    .find(|(t, _)| *t == kt)
+                    .map(|(_, at)| (Utc::now() - *at).num_seconds().max(0))
+                    .unwrap_or(0);
+                ctx.metrics
+                    .key_age_seconds
+                    .get_or_create(&TypeLabel {
+                        r#type: kt.as_str().into(),
+                    })
+                    .set(age);
+            }
+        })
+    })
+}

@@ -1,0 +1,235 @@
+//! The transaction layer: one ISO 8583 request in, at most one answer out.
+//!
+//! Dispatch by MTI; network management (0800), key exchange (0800/161, 162 and the terminal's
+//! 0810 to a server-initiated 161), financial requests (0200), reversals (0400, 0420/0421).
+//! Every path ends in an answer with a documented response code or a closed connection; nothing
+//! here panics on network input.
+
+pub mod authorize;
+pub mod key_exchange;
+pub mod keys;
+pub mod network;
+pub mod reversal;
+
+use std::time::Instant;
+
+use tracing::{debug, warn};
+
+use crate::app::SwitchContext;
+use crate::domain::{ResponseCode, TerminalId, WrappedKey};
+use crate::iso8583::{Message, Mti, UnpackError};
+use crate::net::ConnState;
+
+/// An answer, and the TAK to MAC it under when it must carry a MAC.
+#[derive(Debug)]
+pub struct Reply {
+    /// The response message (field 39 set).
+    pub message: Message,
+    /// MAC the answer under this key (financial answers to authenticated requests).
+    pub mac_key: Option<WrappedKey>,
+    /// Latency label for `switchyard_transaction_duration_seconds{type}`.
+    pub kind: &'static str,
+}
+
+impl Reply {
+    /// An answer without a MAC.
+    pub fn plain(message: Message, kind: &'static str) -> Self {
+        Self {
+            message,
+            mac_key: None,
+            kind,
+        }
+    }
+}
+
+/// Fields echoed from a request into its answer (SPEC §3).
+const ECHOED_FIELDS: &[u8] = &[2, 3, 4, 7, 11, 12, 13, 14, 22, 32, 37, 41, 42, 49, 70, 90];
+
+/// The answer skeleton for `request`: response MTI, echoed fields, field 39.
+pub fn response_to(request: &Message, code: ResponseCode) -> Option<Message> {
+    let mti = request.mti().response()?;
+    let mut out = Message::new(mti);
+    for &field in ECHOED_FIELDS {
+        if let Some(value) = request.get(field) {
+            // Track 2 carries the PAN and expiry; answer with field 2 instead of echoing it.
+            out.set(field, value.to_vec());
+        }
+    }
+    out.set_str(39, code.as_str());
+    Some(out)
+}
+
+/// Handles one frame. Returns the bytes to send back, if any.
+pub async fn handle_frame(ctx: &SwitchContext, conn: &mut ConnState, frame: &[u8]) -> Option<Vec<u8>> {
+    let started = Instant::now();
+    let request = match ctx.packager.unpack(frame) {
+        Ok(m) => m,
+        Err(err) => return format_error(ctx, conn, err),
+    };
+    let mti = request.mti();
+    let reply = match mti.as_str() {
+        "0800" => network::handle(ctx, conn, &request).await,
+        "0810" => {
+            key_exchange::on_terminal_answer(ctx, conn, &request, frame).await;
+            return None;
+        }
+        "0200" => match signed_on_terminal(conn, &request) {
+            Ok(tid) => authorize::handle(ctx, &tid, &request, frame).await,
+            Err(code) => refuse(&request, code, "financial"),
+        },
+        "0400" | "0420" | "0421" => match signed_on_terminal(conn, &request) {
+            Ok(tid) => reversal::handle(ctx, &tid, &request, frame).await,
+            Err(code) => refuse(&request, code, "reversal"),
+        },
+        _ => refuse(&request, ResponseCode::InvalidTransaction, "other"),
+    };
+    let Some(reply) = reply else {
+        // A request we cannot even answer (e.g. a response MTI we did not expect).
+        ctx.metrics.message(mti.as_str(), None);
+        return None;
+    };
+    let code = reply.message.get_str(39).map(str::to_string);
+    let bytes = match pack_reply(ctx, reply.message, reply.mac_key.as_ref()) {
+        Ok(bytes) => bytes,
+        Err(err) => {
+            warn!(mti = %mti.as_str(), error = %err, "failed to pack an answer; closing the connection");
+            conn.close_after_reply = true;
+            return None;
+        }
+    };
+    ctx.metrics.message(mti.as_str(), code.as_deref());
+    ctx.metrics
+        .observe_duration(reply.kind, started.elapsed().as_secs_f64());
+    Some(bytes)
+}
+
+fn refuse(request: &Message, code: ResponseCode, kind: &'static str) -> Option<Reply> {
+    response_to(request, code).map(|m| Reply::plain(m, kind))
+}
+
+/// The terminal a financial request may act for: signed on over this connection, and naming
+/// itself in field 41. Anything else is `58`.
+fn signed_on_terminal(conn: &ConnState, request: &Message) -> Result<TerminalId, ResponseCode> {
+    let Some(tid) = &conn.terminal else {
+        return Err(ResponseCode::NotPermittedToTerminal);
+    };
+    match request.get_str(41).map(TerminalId::from_field41) {
+        Some(Ok(named)) if &named == tid => Ok(tid.clone()),
+        _ => Err(ResponseCode::NotPermittedToTerminal),
+    }
+}
+
+/// Packs an answer, computing its MAC under `mac_key` when given (SPEC §3: over the packed
+/// message up to the MAC field, with the MAC bit set).
+pub fn pack_reply(
+    ctx: &SwitchContext,
+    mut message: Message,
+    mac_key: Option<&WrappedKey>,
+) -> Result<Vec<u8>, String> {
+    if let Some(tak) = mac_key {
+        let field = ctx.packager.mac_field_for(&message);
+        message.set(field, vec![0u8; 8]);
+        let input = ctx
+            .packager
+            .pack_mac_input(&message)
+            .map_err(|e| e.to_string())?;
+        let mac = ctx
+            .hsm
+            .generate_mac(tak, &input)
+            .map_err(|e| e.to_string())?;
+        message.set(field, mac.to_vec());
+    }
+    ctx.packager.pack(&message).map_err(|e| e.to_string())
+}
+
+/// A message that did not parse: answer `30` if we got far enough to know what it was and whom
+/// to answer, else close the connection.
+fn format_error(ctx: &SwitchContext, conn: &mut ConnState, err: UnpackError) -> Option<Vec<u8>> {
+    ctx.metrics.frame_error("malformed");
+    debug!(conn_id = conn.conn_id, error = %err, "unparseable message");
+    let answer = err
+        .partial
+        .as_deref()
+        .filter(|m| is_request(m.mti()))
+        .and_then(|m| response_to(m, ResponseCode::FormatError));
+    match answer.map(|m| ctx.packager.pack(&m)) {
+        Some(Ok(bytes)) => {
+            ctx.metrics.message(
+                err.partial.as_deref().map(|m| m.mti().as_str()).unwrap_or("unknown"),
+                Some(ResponseCode::FormatError.as_str()),
+            );
+            Some(bytes)
+        }
+        _ => {
+            conn.close_after_reply = true;
+            None
+        }
+    }
+}
+
+fn is_request(mti: Mti) -> bool {
+    matches!(mti.as_str(), "0800" | "0200" | "0400" | "0420" | "0421")
+}
+
+/// Outcome of checking a request's MAC.
+#[derive(Debug)]
+pub enum MacCheck {
+    /// Verified; answer under this (ACTIVE) TAK.
+    Valid(Option<WrappedKey>),
+    /// Missing, malformed, or no key verifies it: `63`.
+    Invalid,
+    /// The store failed: `96`.
+    Unavailable,
+}
+
+/// Verifies the MAC of a received financial message under the terminal's ACTIVE TAK, or a
+/// replaced TAK still inside its grace window (SPEC §4). The MAC input is the received bytes up
+/// to the MAC field, which is always the last field.
+pub async fn verify_request_mac(
+    ctx: &SwitchContext,
+    terminal: &TerminalId,
+    request: &Message,
+    raw: &[u8],
+) -> MacCheck {
+    let field = if request.has(128) { 128 } else { 64 };
+    let Some(mac) = request.get(field) else {
+        return MacCheck::Invalid;
+    };
+    let wire_len = ctx.packager.mac_wire_len();
+    let Some(input) = raw.len().checked_sub(wire_len).and_then(|end| raw.get(..end)) else {
+        return MacCheck::Invalid;
+    };
+    let keys = match ctx
+        .store
+        .keys_for_use(terminal, crate::domain::KeyType::Tak, chrono::Utc::now())
+        .await
+    {
+        Ok(k) => k,
+        Err(_) => return MacCheck::Unavailable,
+    };
+    let candidates = keys.active.iter().chain(keys.in_grace.iter());
+    for key in candidates {
+        if let Ok(true) = ctx.hsm.verify_mac(&key.wrapped, input, mac) {
+            return MacCheck::Valid(keys.active.as_ref().map(|k| k.wrapped.clone()));
+        }
+    }
+    MacCheck::Invalid
+}
+
+/// Identity of a request's content for duplicate detection: SHA-256 over the message without
+/// its MAC, with a repeat MTI (0421) counted as its original (0420), so a retransmission is
+/// recognised even when it was MACed under a newer key.
+pub fn request_digest(ctx: &SwitchContext, raw: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let end = raw.len().saturating_sub(ctx.packager.mac_wire_len());
+    let body = raw.get(..end).unwrap_or(raw);
+    let mut hasher = Sha256::new();
+    match body.get(..4) {
+        Some(b"0421") => hasher.update(b"0420"),
+        Some(b"0221") => hasher.update(b"0220"),
+        Some(mti) => hasher.update(mti),
+        None => {}
+    }
+    hasher.update(body.get(4..).unwrap_or_default());
+    hex::encode(hasher.finalize())
+}
