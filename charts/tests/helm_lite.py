@@ -19,8 +19,8 @@ import json
 import math
 import os
 import re
-from decimal import Decimal
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable
 
@@ -86,7 +86,9 @@ def _scan(src: str, name: str) -> list[str | Action]:
                 break
             j += 1
         else:
-            raise TemplateError(f"{name}: unclosed action at line {src.count(chr(10), 0, start) + 1}")
+            raise TemplateError(
+                f"{name}: unclosed action at line {src.count(chr(10), 0, start) + 1}"
+            )
         body = src[i:j]
         rtrim = False
         if re.search(r"\s-$", body):
@@ -159,7 +161,7 @@ def _parse(items: list[str | Action], name: str) -> tuple[list[Node], dict[str, 
             continue
         body = it.body
         word = body.split(None, 1)[0] if body else ""
-        rest = body[len(word):].strip()
+        rest = body[len(word) :].strip()
         if word in ("if", "with", "range"):
             node = Node(word, expr=rest, line=it.line)
             cur.append(node)
@@ -298,8 +300,10 @@ def _go_int(v: Any) -> int:
 def _compare(op: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
     def f(a: Any, b: Any) -> bool:
         if type(a) is not type(b) and not (
-            isinstance(a, (int, float)) and isinstance(b, (int, float))
-            and not isinstance(a, bool) and not isinstance(b, bool)
+            isinstance(a, (int, float))
+            and isinstance(b, (int, float))
+            and not isinstance(a, bool)
+            and not isinstance(b, bool)
         ):
             raise TemplateError(f"incompatible types for comparison: {a!r} and {b!r}")
         return op(a, b)
@@ -356,7 +360,7 @@ FUNCS: dict[str, Callable[..., Any]] = {
     "indent": _indent,
     "quote": lambda *a: " ".join(json.dumps(go_format(x)) for x in a if x is not None),
     "default": _default,
-    "trunc": lambda n, s: go_format(s)[: int(n)] if int(n) >= 0 else go_format(s)[int(n):],
+    "trunc": lambda n, s: go_format(s)[: int(n)] if int(n) >= 0 else go_format(s)[int(n) :],
     "trimSuffix": lambda suf, s: s[: -len(suf)] if suf and s.endswith(suf) else s,
     "replace": lambda old, new, s: s.replace(old, new),
     "contains": lambda sub, s: sub in s,
@@ -390,8 +394,13 @@ class Files:
 
     def Glob(self, pattern: str) -> dict[str, str]:  # noqa: N802 - Helm's method name
         # Helm compiles globs with '/' as separator: `*` never crosses a directory.
-        rx = re.compile("^" + "".join(
-            "[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in pattern) + "$")
+        rx = re.compile(
+            "^"
+            + "".join(
+                "[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in pattern
+            )
+            + "$"
+        )
         return {k: v for k, v in sorted(self._files.items()) if rx.match(k)}
 
     def Get(self, path: str) -> str:  # noqa: N802 - Helm's method name
@@ -433,7 +442,9 @@ class _Renderer:
                 elif n.elses:
                     out.append(self.render(n.elses[0][1], dot, vars_))
             elif n.kind == "range":
-                m = re.match(r"^(\$[A-Za-z0-9_]*)(?:\s*,\s*(\$[A-Za-z0-9_]*))?\s*:=\s*(.*)$", n.expr, re.S)
+                m = re.match(
+                    r"^(\$[A-Za-z0-9_]*)(?:\s*,\s*(\$[A-Za-z0-9_]*))?\s*:=\s*(.*)$", n.expr, re.S
+                )
                 kvar = vvar = None
                 expr = n.expr
                 if m:
@@ -506,7 +517,9 @@ class _Renderer:
                 return self.include(args[0], args[1])
             fn = FUNCS.get(head)
             if fn is None:
-                raise TemplateError(f"{self.name}:{line}: function {head!r} is outside the supported subset")
+                raise TemplateError(
+                    f"{self.name}:{line}: function {head!r} is outside the supported subset"
+                )
             try:
                 return fn(*args)
             except TemplateError:
@@ -514,9 +527,16 @@ class _Renderer:
             except Exception as e:  # a wrong argument, as Helm would also reject
                 raise TemplateError(f"{self.name}:{line}: {head}: {e}") from e
         # A value, possibly a method call such as `.Files.Get $path`.
-        target = self.operand([cmd[0]], dot, vars_, line, call_args=None if not args_toks else
-                              [self.operand(t, dot, vars_, line) for t in args_toks]
-                              + ([] if piped is _NOTHING else [piped]))
+        target = self.operand(
+            [cmd[0]],
+            dot,
+            vars_,
+            line,
+            call_args=None
+            if not args_toks
+            else [self.operand(t, dot, vars_, line) for t in args_toks]
+            + ([] if piped is _NOTHING else [piped]),
+        )
         if not args_toks and piped is not _NOTHING:
             raise TemplateError(f"{self.name}:{line}: cannot pipe into a value")
         return target
@@ -538,7 +558,7 @@ class _Renderer:
                     j += 1
                 if j >= len(toks):
                     raise TemplateError(f"{self.name}:{line}: unbalanced parentheses")
-                args.append(toks[i: j + 1])
+                args.append(toks[i : j + 1])
                 i = j + 1
             elif toks[i][0] == "rp":
                 raise TemplateError(f"{self.name}:{line}: unbalanced parentheses")
@@ -549,11 +569,8 @@ class _Renderer:
 
     def operand(self, toks, dot, vars_, line, call_args=None) -> Any:
         if toks[0][0] == "lp":
-            inner = toks[1:-1]
-            expr_pieces = []
-            for k, v in inner:
-                expr_pieces.append(v)
-            return self.pipeline(" ".join(expr_pieces), dot, vars_, line)
+            # Re-join the tokens inside the parentheses; string tokens keep their quotes.
+            return self.pipeline(" ".join(v for _, v in toks[1:-1]), dot, vars_, line)
         kind, v = toks[0]
         if kind == "str":
             return json.loads(v)
@@ -582,7 +599,7 @@ class _Renderer:
 
     def walk(self, base, path, text, line, call_args):
         cur = base
-        for i, p in enumerate(path):
+        for p in path:
             if cur is None:
                 raise TemplateError(f"{self.name}:{line}: nil pointer evaluating {text}")
             if isinstance(cur, dict):
@@ -643,10 +660,18 @@ def render_chart(
         jsonschema.validate(merged, json.loads(schema_path.read_text()))
     ctx = {
         "Values": merged,
-        "Release": {"Name": release_name, "Namespace": namespace, "Service": "Helm",
-                    "IsInstall": True, "IsUpgrade": False},
-        "Chart": {"Name": chart["name"], "Version": chart["version"],
-                  "AppVersion": chart.get("appVersion", "")},
+        "Release": {
+            "Name": release_name,
+            "Namespace": namespace,
+            "Service": "Helm",
+            "IsInstall": True,
+            "IsUpgrade": False,
+        },
+        "Chart": {
+            "Name": chart["name"],
+            "Version": chart["version"],
+            "AppVersion": chart.get("appVersion", ""),
+        },
         "Files": Files(chart_dir, extra_files),
     }
     templates = sorted((chart_dir / "templates").rglob("*"))

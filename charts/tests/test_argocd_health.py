@@ -46,16 +46,22 @@ def run_health(script: Path, obj: dict, interpreter: str) -> tuple[str, str]:
         "local hs = chunk()\n"
         'io.write(tostring(hs.status), "\\n", tostring(hs.message), "\\n")\n'
     )
-    out = subprocess.run([interpreter, "-"], input=harness, capture_output=True, text=True,
-                         timeout=10)
+    out = subprocess.run(
+        [interpreter, "-"], input=harness, capture_output=True, text=True, timeout=10
+    )
     assert out.returncode == 0, out.stderr
     status, message = out.stdout.split("\n", 1)
     return status, message.rstrip("\n")
 
 
 def cond(ctype: str, status: str, message: str = "", reason: str = "Reconciled") -> dict:
-    return {"type": ctype, "status": status, "reason": reason, "message": message,
-            "lastTransitionTime": "2026-11-22T01:00:00Z"}
+    return {
+        "type": ctype,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": "2026-11-22T01:00:00Z",
+    }
 
 
 def bankswitch(generation=2, observed=2, conditions=None, paused=None, status=True) -> dict:
@@ -79,40 +85,100 @@ NOT_PROGRESSING = cond("Progressing", "False")
 NOT_DEGRADED = cond("Degraded", "False")
 
 BANKSWITCH_CASES = [
-    ("ready and observed", bankswitch(conditions=[READY, NOT_PROGRESSING, NOT_DEGRADED]),
-     "Healthy", "1/1 replicas ready"),
-    ("no status yet", bankswitch(status=False), "Progressing",
-     "Waiting for the operator to reconcile this BankSwitch"),
-    ("status without observedGeneration", bankswitch(observed=None, conditions=[READY]),
-     "Progressing", "Waiting for the operator to act on generation 2"),
-    ("stale ready status after a spec change", bankswitch(generation=3, observed=2,
-                                                          conditions=[READY]),
-     "Progressing", "Waiting for the operator to act on generation 3"),
-    ("degraded wins over ready", bankswitch(conditions=[
-        READY, cond("Degraded", "True", "failed to run migration Job demo-migrate-1a2b: "
-                    "BackoffLimitExceeded", reason="MigrationFailed")]),
-     "Degraded", "failed to run migration Job demo-migrate-1a2b: BackoffLimitExceeded"),
-    ("degraded without a message", bankswitch(conditions=[cond("Degraded", "True")]),
-     "Degraded", "Degraded"),
-    ("rolling out", bankswitch(conditions=[
-        cond("Ready", "True"), cond("Progressing", "True", "rolling out 2/3 updated")]),
-     "Progressing", "rolling out 2/3 updated"),
-    ("not ready, nothing else said", bankswitch(conditions=[
-        cond("Ready", "False", "0/1 replicas ready: readiness probe failing"),
-        NOT_PROGRESSING, NOT_DEGRADED]),
-     "Progressing", "0/1 replicas ready: readiness probe failing"),
-    ("no conditions yet", bankswitch(conditions=[]), "Progressing",
-     "Waiting for the switch to become ready"),
-    ("paused", bankswitch(paused=True, conditions=[READY]), "Suspended",
-     "Paused: the operator makes no changes to this switch (spec.paused)"),
-    ("paused false is normal", bankswitch(paused=False, conditions=[READY]), "Healthy",
-     "1/1 replicas ready"),
+    (
+        "ready and observed",
+        bankswitch(conditions=[READY, NOT_PROGRESSING, NOT_DEGRADED]),
+        "Healthy",
+        "1/1 replicas ready",
+    ),
+    (
+        "no status yet",
+        bankswitch(status=False),
+        "Progressing",
+        "Waiting for the operator to reconcile this BankSwitch",
+    ),
+    (
+        "status without observedGeneration",
+        bankswitch(observed=None, conditions=[READY]),
+        "Progressing",
+        "Waiting for the operator to act on generation 2",
+    ),
+    (
+        "stale ready status after a spec change",
+        bankswitch(generation=3, observed=2, conditions=[READY]),
+        "Progressing",
+        "Waiting for the operator to act on generation 3",
+    ),
+    (
+        "degraded wins over ready",
+        bankswitch(
+            conditions=[
+                READY,
+                cond(
+                    "Degraded",
+                    "True",
+                    "failed to run migration Job demo-migrate-1a2b: BackoffLimitExceeded",
+                    reason="MigrationFailed",
+                ),
+            ]
+        ),
+        "Degraded",
+        "failed to run migration Job demo-migrate-1a2b: BackoffLimitExceeded",
+    ),
+    (
+        "degraded without a message",
+        bankswitch(conditions=[cond("Degraded", "True")]),
+        "Degraded",
+        "Degraded",
+    ),
+    (
+        "rolling out",
+        bankswitch(
+            conditions=[
+                cond("Ready", "True"),
+                cond("Progressing", "True", "rolling out 2/3 updated"),
+            ]
+        ),
+        "Progressing",
+        "rolling out 2/3 updated",
+    ),
+    (
+        "not ready, nothing else said",
+        bankswitch(
+            conditions=[
+                cond("Ready", "False", "0/1 replicas ready: readiness probe failing"),
+                NOT_PROGRESSING,
+                NOT_DEGRADED,
+            ]
+        ),
+        "Progressing",
+        "0/1 replicas ready: readiness probe failing",
+    ),
+    (
+        "no conditions yet",
+        bankswitch(conditions=[]),
+        "Progressing",
+        "Waiting for the switch to become ready",
+    ),
+    (
+        "paused",
+        bankswitch(paused=True, conditions=[READY]),
+        "Suspended",
+        "Paused: the operator makes no changes to this switch (spec.paused)",
+    ),
+    (
+        "paused false is normal",
+        bankswitch(paused=False, conditions=[READY]),
+        "Healthy",
+        "1/1 replicas ready",
+    ),
 ]
 
 
 @pytest.mark.parametrize("interpreter", INTERPRETERS)
-@pytest.mark.parametrize("name,obj,status,message", BANKSWITCH_CASES,
-                         ids=[c[0] for c in BANKSWITCH_CASES])
+@pytest.mark.parametrize(
+    "name,obj,status,message", BANKSWITCH_CASES, ids=[c[0] for c in BANKSWITCH_CASES]
+)
 def test_bankswitch_health(interpreter, name, obj, status, message):
     assert run_health(BANKSWITCH_LUA, obj, interpreter) == (status, message)
 
@@ -122,8 +188,11 @@ def keyrotation(phase=None, conditions=None, **status) -> dict:
         "apiVersion": "switchyard.io/v1alpha1",
         "kind": "KeyRotation",
         "metadata": {"name": "tpk-monthly", "namespace": "payments", "generation": 1},
-        "spec": {"bankSwitchRef": {"name": "demo"}, "keyTypes": ["TPK"],
-                 "schedule": {"every": "720h"}},
+        "spec": {
+            "bankSwitchRef": {"name": "demo"},
+            "keyTypes": ["TPK"],
+            "schedule": {"every": "720h"},
+        },
     }
     if phase is not None or conditions or status:
         obj["status"] = {"observedGeneration": 1, "conditions": conditions or [], **status}
@@ -133,29 +202,58 @@ def keyrotation(phase=None, conditions=None, **status) -> dict:
 
 
 KEYROTATION_CASES = [
-    ("no status yet", keyrotation(), "Progressing",
-     "Waiting for the operator to schedule this KeyRotation"),
-    ("failed", keyrotation("Failed", [cond("Degraded", "True",
-                                           "failed to start rotation: switch admin API "
-                                           "answered 503", reason="SwitchUnavailable")]),
-     "Degraded", "failed to start rotation: switch admin API answered 503"),
+    (
+        "no status yet",
+        keyrotation(),
+        "Progressing",
+        "Waiting for the operator to schedule this KeyRotation",
+    ),
+    (
+        "failed",
+        keyrotation(
+            "Failed",
+            [
+                cond(
+                    "Degraded",
+                    "True",
+                    "failed to start rotation: switch admin API answered 503",
+                    reason="SwitchUnavailable",
+                )
+            ],
+        ),
+        "Degraded",
+        "failed to start rotation: switch admin API answered 503",
+    ),
     ("failed without a condition", keyrotation("Failed"), "Degraded", "Key rotation failed"),
-    ("rotating", keyrotation("Rotating", currentRotation={"id": "r-1", "keyType": "TAK"}),
-     "Progressing", "Rotating TAK keys"),
+    (
+        "rotating",
+        keyrotation("Rotating", currentRotation={"id": "r-1", "keyType": "TAK"}),
+        "Progressing",
+        "Rotating TAK keys",
+    ),
     ("rotating, no details", keyrotation("Rotating"), "Progressing", "Rotating keys"),
     ("idle", keyrotation("Idle"), "Healthy", "Idle"),
-    ("scheduled", keyrotation("Scheduled", nextRotationAt="2026-12-22T01:00:00Z"), "Healthy",
-     "Scheduled; next rotation at 2026-12-22T01:00:00Z"),
+    (
+        "scheduled",
+        keyrotation("Scheduled", nextRotationAt="2026-12-22T01:00:00Z"),
+        "Healthy",
+        "Scheduled; next rotation at 2026-12-22T01:00:00Z",
+    ),
     ("succeeded", keyrotation("Succeeded"), "Healthy", "Succeeded"),
-    ("suspended", keyrotation("Suspended"), "Suspended",
-     "Suspended: no rotation starts (spec.suspend)"),
+    (
+        "suspended",
+        keyrotation("Suspended"),
+        "Suspended",
+        "Suspended: no rotation starts (spec.suspend)",
+    ),
     ("a phase from a newer operator", keyrotation("Paused"), "Unknown", "Unknown phase Paused"),
 ]
 
 
 @pytest.mark.parametrize("interpreter", INTERPRETERS)
-@pytest.mark.parametrize("name,obj,status,message", KEYROTATION_CASES,
-                         ids=[c[0] for c in KEYROTATION_CASES])
+@pytest.mark.parametrize(
+    "name,obj,status,message", KEYROTATION_CASES, ids=[c[0] for c in KEYROTATION_CASES]
+)
 def test_keyrotation_health(interpreter, name, obj, status, message):
     assert run_health(KEYROTATION_LUA, obj, interpreter) == (status, message)
 
@@ -168,7 +266,11 @@ def test_docs_page_carries_the_same_scripts_as_the_lua_files():
     cms = [c for c in cms if isinstance(c, dict) and c.get("kind") == "ConfigMap"]
     assert len(cms) == 1, "expected one argocd-cm snippet in argocd-health.md"
     data = cms[0]["data"]
-    assert data["resource.customizations.health.switchyard.io_BankSwitch"] == \
-        BANKSWITCH_LUA.read_text()
-    assert data["resource.customizations.health.switchyard.io_KeyRotation"] == \
-        KEYROTATION_LUA.read_text()
+    assert (
+        data["resource.customizations.health.switchyard.io_BankSwitch"]
+        == BANKSWITCH_LUA.read_text()
+    )
+    assert (
+        data["resource.customizations.health.switchyard.io_KeyRotation"]
+        == KEYROTATION_LUA.read_text()
+    )

@@ -13,14 +13,17 @@ from __future__ import annotations
 import copy
 
 import pytest
-from conftest import NAMESPACE
+from chartlib import NAMESPACE
 
 # Labels only Helm sets; everything else must be identical.
 HELM_ONLY_LABELS = {"app.kubernetes.io/managed-by", "helm.sh/chart"}
 # Annotations that differ on purpose: Helm keeps CRDs with its resource policy, GitOps tools
 # with their own annotations in the kustomize base.
-CRD_ANNOTATIONS = {"helm.sh/resource-policy", "argocd.argoproj.io/sync-options",
-                   "kustomize.toolkit.fluxcd.io/prune"}
+CRD_ANNOTATIONS = {
+    "helm.sh/resource-policy",
+    "argocd.argoproj.io/sync-options",
+    "kustomize.toolkit.fluxcd.io/prune",
+}
 
 
 def key(o: dict) -> tuple[str, str, str]:
@@ -69,14 +72,23 @@ def test_same_kinds_and_names(chart_default, kustomize_base):
     kust.discard(("Namespace", "", NAMESPACE))
     assert chart == kust
     assert {k[0] for k in chart} == {
-        "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-        "Role", "RoleBinding", "Deployment", "Service", "PodDisruptionBudget"}
+        "CustomResourceDefinition",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+    }
 
 
 def test_same_rbac_rules_and_bindings(chart_default, kustomize_base):
     chart, kust = by_key(chart_default.objects), by_key(kustomize_base)
-    rbac = [k for k in chart if k[0] in ("ClusterRole", "Role", "ClusterRoleBinding",
-                                         "RoleBinding")]
+    rbac = [
+        k for k in chart if k[0] in ("ClusterRole", "Role", "ClusterRoleBinding", "RoleBinding")
+    ]
     assert len(rbac) == 4
     for k in rbac:
         for field in ("rules", "roleRef", "subjects"):
@@ -87,9 +99,20 @@ def test_same_images(chart_default, kustomize_base):
     assert images(chart_default.objects) == images(kustomize_base) == {"switchyard-operator:0.1.0"}
 
 
-@pytest.mark.parametrize("kind", ["Deployment", "Service", "ServiceAccount",
-                                  "PodDisruptionBudget", "CustomResourceDefinition",
-                                  "ClusterRole", "Role", "ClusterRoleBinding", "RoleBinding"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+        "PodDisruptionBudget",
+        "CustomResourceDefinition",
+        "ClusterRole",
+        "Role",
+        "ClusterRoleBinding",
+        "RoleBinding",
+    ],
+)
 def test_objects_identical_apart_from_helm_bookkeeping(chart_default, kustomize_base, kind):
     chart, kust = by_key(chart_default.objects), by_key(kustomize_base)
     keys = [k for k in chart if k[0] == kind]

@@ -4,7 +4,6 @@ chart checks compare what Helm would install."""
 from __future__ import annotations
 
 import pytest
-
 from helm_lite import TemplateError, _parse, _Renderer, _scan
 
 
@@ -14,16 +13,19 @@ def tpl(src: str, values: dict | None = None, **ctx) -> str:
     return _Renderer(defines, "t").render(root, data, {"$": data})
 
 
-@pytest.mark.parametrize("src,out", [
-    ("a\n  {{- .Values.x }}\nb", "a1\nb"),           # {{- eats the newline and indent before
-    ("a\n{{ .Values.x -}}\n  b", "a\n1b"),            # -}} eats what follows
-    ("{{- if .Values.no }}x{{- end }}\ny", "\ny"),
-    ("{{ .Values.missing }}|", "|"),                  # Helm prints a missing value as ""
-    ("{{ .Values.big }}", "1e+06"),                   # float64 %v, the classic Helm surprise
-    ("{{ .Values.x | quote }}", '"1"'),
-    ("{{ \"{{ $labels.x }}\" }}", "{{ $labels.x }}"),  # a string holding }} stays one action
-    ("{{/* a comment */}}z", "z"),
-])
+@pytest.mark.parametrize(
+    "src,out",
+    [
+        ("a\n  {{- .Values.x }}\nb", "a1\nb"),  # {{- eats the newline and indent before
+        ("a\n{{ .Values.x -}}\n  b", "a\n1b"),  # -}} eats what follows
+        ("{{- if .Values.no }}x{{- end }}\ny", "\ny"),
+        ("{{ .Values.missing }}|", "|"),  # Helm prints a missing value as ""
+        ("{{ .Values.big }}", "1e+06"),  # float64 %v, the classic Helm surprise
+        ("{{ .Values.x | quote }}", '"1"'),
+        ('{{ "{{ $labels.x }}" }}', "{{ $labels.x }}"),  # a string holding }} stays one action
+        ("{{/* a comment */}}z", "z"),
+    ],
+)
 def test_text_and_trimming(src, out):
     assert tpl(src, {"x": 1, "no": False, "big": 1000000}) == out
 
@@ -34,20 +36,26 @@ def test_control_structures():
     assert tpl("{{ range .Values.l }}[{{ . }}]{{ end }}", values) == "[x][y]"
     assert tpl("{{ with .Values.e }}full{{ else }}empty{{ end }}", values) == "empty"
     assert tpl("{{ with .Values.s }}{{ . }}{{ $.Release.Name }}{{ end }}", values) == "vrel"
-    assert tpl("{{ if eq .Values.s \"w\" }}1{{ else if eq .Values.s \"v\" }}2{{ else }}3{{ end }}",
-               values) == "2"
-    assert tpl("{{ $x := dict }}{{ $_ := set $x \"k\" 1 }}{{ $x.k }}", values) == "1"
+    assert (
+        tpl('{{ if eq .Values.s "w" }}1{{ else if eq .Values.s "v" }}2{{ else }}3{{ end }}', values)
+        == "2"
+    )
+    assert tpl('{{ $x := dict }}{{ $_ := set $x "k" 1 }}{{ $x.k }}', values) == "1"
 
 
 def test_helpers_and_functions():
-    src = ('{{- define "n" -}}{{ .Release.Name }}-op{{- end -}}'
-           '{{ include "n" . | upper_missing_is_an_error }}')
+    src = (
+        '{{- define "n" -}}{{ .Release.Name }}-op{{- end -}}'
+        '{{ include "n" . | upper_missing_is_an_error }}'
+    )
     with pytest.raises(TemplateError, match="upper_missing_is_an_error"):
         tpl(src)
     src = '{{- define "n" -}}{{ .Release.Name }}-op{{- end -}}{{ include "n" . | trunc 4 }}'
     assert tpl(src) == "rel-"
-    assert tpl("{{ toYaml .Values.m | nindent 2 }}", {"m": {"b": [1], "a": "x"}}) == \
-        "\n  a: x\n  b:\n  - 1"
+    assert (
+        tpl("{{ toYaml .Values.m | nindent 2 }}", {"m": {"b": [1], "a": "x"}})
+        == "\n  a: x\n  b:\n  - 1"
+    )
     assert tpl('{{ default "d" .Values.none }} {{ default "d" .Values.s }}', {"s": "v"}) == "d v"
     assert tpl("{{ gt (int .Values.n) 1 }}", {"n": 2}) == "true"
     assert tpl('{{ printf "%s-%s" "a" "b" | replace "-" "_" }}') == "a_b"

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import copy
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import CHART, KUSTOMIZE_BASE, render
-
-import jsonschema
+from chartlib import CHART, KUSTOMIZE_BASE, render
 
 K8S_VERSION = "1.33.0"
 # Prometheus Operator kinds: kubernetes-validate ships only the core API schemas.
@@ -29,8 +28,10 @@ def validate_all(objects: list[dict]) -> list[str]:
         except kubernetes_validate.SchemaNotFoundError:
             unvalidated.append(o["kind"])
         except kubernetes_validate.ValidationError as e:
-            pytest.fail(f"{o['kind']}/{o['metadata'].get('name')} is invalid for "
-                        f"Kubernetes {K8S_VERSION}: {e.message} at {list(e.path)}")
+            pytest.fail(
+                f"{o['kind']}/{o['metadata'].get('name')} is invalid for "
+                f"Kubernetes {K8S_VERSION}: {e.message} at {list(e.path)}"
+            )
     return unvalidated
 
 
@@ -56,11 +57,21 @@ def test_chart_with_every_option_is_valid():
         "imagePullSecrets": [{"name": "regcred"}],
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
-        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
-            "weight": 100, "podAffinityTerm": {
-                "topologyKey": "kubernetes.io/hostname",
-                "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "switchyard-operator"}},
-            }}]}},
+        "affinity": {
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 100,
+                        "podAffinityTerm": {
+                            "topologyKey": "kubernetes.io/hostname",
+                            "labelSelector": {
+                                "matchLabels": {"app.kubernetes.io/name": "switchyard-operator"}
+                            },
+                        },
+                    }
+                ]
+            }
+        },
         "priorityClassName": "system-cluster-critical",
         "podAnnotations": {"example.com/a": "b"},
         "podLabels": {"team": "payments"},
@@ -132,19 +143,30 @@ def crd_spec_schema(kind: str) -> dict:
     pytest.fail(f"no CRD for {kind} in charts/switchyard/files/crds")
 
 
-@pytest.mark.parametrize("filename,obj", [(f, o) for f, o in load_examples()
-                                          if o["kind"] == "BankSwitch"],
-                         ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize(
+    "filename,obj",
+    [(f, o) for f, o in load_examples() if o["kind"] == "BankSwitch"],
+    ids=lambda x: x if isinstance(x, str) else "",
+)
 def test_example_bankswitches_match_the_crd(filename, obj):
     assert obj["apiVersion"] == "switchyard.io/v1alpha1"
     jsonschema.validate(obj["spec"], crd_spec_schema("BankSwitch"))
 
 
 def test_strict_crd_schema_refuses_an_unknown_field():
-    schema = strict_schema({"type": "object", "properties": {
-        "replicas": {"type": "integer"},
-        "podTemplate": {"type": "object", "properties": {}, "x-kubernetes-preserve-unknown-fields": True},
-    }})
+    schema = strict_schema(
+        {
+            "type": "object",
+            "properties": {
+                "replicas": {"type": "integer"},
+                "podTemplate": {
+                    "type": "object",
+                    "properties": {},
+                    "x-kubernetes-preserve-unknown-fields": True,
+                },
+            },
+        }
+    )
     jsonschema.validate({"replicas": 1, "podTemplate": {"anything": 1}}, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"replica": 1}, schema)
@@ -157,7 +179,9 @@ def test_examples_reference_only_secrets_they_ship():
         secrets = {}
         for f, o in examples:
             if f == f"secrets-{flavour}.yaml":
-                secrets[o["metadata"]["name"]] = set(o.get("stringData", {})) | set(o.get("data", {}))
+                secrets[o["metadata"]["name"]] = set(o.get("stringData", {})) | set(
+                    o.get("data", {})
+                )
         bsw = [o for f, o in examples if f == f"bankswitch-{flavour}.yaml"]
         assert len(bsw) == 1
         refs = list(_secret_refs(bsw[0]["spec"]))
@@ -188,14 +212,20 @@ def test_examples_shape_matches_the_brief():
     assert pg["routing"]["routes"][0]["upstream"] == pg["routing"]["upstreams"][0]["name"]
     d = pg["storeAndForward"]["drainers"]
     assert (d["minReplicas"], d["maxReplicas"]) == (1, 5)
-    assert pg["monitoring"]["serviceMonitor"]["enabled"] and pg["monitoring"]["prometheusRule"]["enabled"]
+    assert (
+        pg["monitoring"]["serviceMonitor"]["enabled"]
+        and pg["monitoring"]["prometheusRule"]["enabled"]
+    )
     assert pg["availability"]["podDisruptionBudget"]["enabled"]
     assert pg["availability"]["topologySpread"]["enabled"]
 
 
 def test_kustomize_base_lists_every_synced_crd():
-    listed = yaml.safe_load((KUSTOMIZE_BASE / "crds" / "kustomization.yaml").read_text())["resources"]
-    on_disk = sorted(p.name for p in (KUSTOMIZE_BASE / "crds").glob("*.yaml")
-                     if p.name != "kustomization.yaml")
+    listed = yaml.safe_load((KUSTOMIZE_BASE / "crds" / "kustomization.yaml").read_text())[
+        "resources"
+    ]
+    on_disk = sorted(
+        p.name for p in (KUSTOMIZE_BASE / "crds").glob("*.yaml") if p.name != "kustomization.yaml"
+    )
     assert sorted(listed) == on_disk
     assert on_disk == sorted(p.name for p in (CHART / "files" / "crds").glob("*.yaml"))

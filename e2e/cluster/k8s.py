@@ -20,6 +20,8 @@ OPERATOR_NAMESPACE = "switchyard-system"
 OPERATOR_DEPLOYMENT = "switchyard-operator"
 # The image name the kustomize base uses; overlays replace it with `images:`.
 BASE_OPERATOR_IMAGE = "switchyard-operator"
+# Upper bound of every wait of the cluster suite, in seconds.
+TIMEOUT = float(os.environ.get("E2E_TIMEOUT", "300"))
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,16 @@ class Kubectl:
     def __init__(self, timeout: float = 120):
         self.timeout = timeout
 
-    def run(self, *args: str, stdin: str | None = None, check: bool = True,
-            timeout: float | None = None) -> subprocess.CompletedProcess:
-        out = subprocess.run(["kubectl", *args], input=stdin, capture_output=True, text=True,
-                             timeout=timeout or self.timeout)
+    def run(
+        self, *args: str, stdin: str | None = None, check: bool = True, timeout: float | None = None
+    ) -> subprocess.CompletedProcess:
+        out = subprocess.run(
+            ["kubectl", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout or self.timeout,
+        )
         if check and out.returncode != 0:
             raise KubectlError(f"kubectl {' '.join(args)} failed ({out.returncode}):\n{out.stderr}")
         return out
@@ -126,7 +134,9 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float, interval: floa
         if last and not isinstance(last, Exception):
             return last
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last}")
+            raise AssertionError(
+                f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last}"
+            )
         time.sleep(interval)
 
 
@@ -138,5 +148,8 @@ def condition(obj: dict | None, ctype: str) -> dict | None:
 
 
 def owned_by(items: list[dict], uid: str) -> list[dict]:
-    return [o for o in items
-            if any(r.get("uid") == uid for r in o["metadata"].get("ownerReferences") or [])]
+    return [
+        o
+        for o in items
+        if any(r.get("uid") == uid for r in o["metadata"].get("ownerReferences") or [])
+    ]
