@@ -11,6 +11,7 @@ from k8s import (
     OPERATOR_DEPLOYMENT,
     OPERATOR_NAMESPACE,
     TIMEOUT,
+    ImageRef,
     condition,
     example_objects,
     owned_by,
@@ -57,8 +58,10 @@ def switch_deployment(kubectl, ns, uid):
 
 def test_operator_is_running_with_the_given_image(kubectl, operator):
     dep = kubectl.json("-n", OPERATOR_NAMESPACE, "get", "deployment", OPERATOR_DEPLOYMENT)
-    image = dep["spec"]["template"]["spec"]["containers"][0]["image"]
-    assert image == os.environ["OPERATOR_IMAGE"] or image.startswith(os.environ["OPERATOR_IMAGE"])
+    image = ImageRef.parse(dep["spec"]["template"]["spec"]["containers"][0]["image"])
+    wanted = ImageRef.parse(os.environ["OPERATOR_IMAGE"])
+    assert image.name == wanted.name
+    assert (image.digest or image.tag) == (wanted.digest or wanted.tag or "latest")
     assert dep["status"].get("availableReplicas", 0) >= 1
 
 
