@@ -705,3 +705,42 @@ def render_chart(
                 raise TemplateError(f"{name} rendered a non-object document: {doc!r}")
             objects.append(obj)
     return Rendered(objects, notes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python charts/tests/helm_lite.py [-f values.yaml] [--release NAME] [-n NAMESPACE]`:
+    print what the chart renders, like `helm template`, for review where helm is missing."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument(
+        "chart", nargs="?", default=str(Path(__file__).resolve().parents[1] / "switchyard")
+    )
+    p.add_argument("-f", "--values", action="append", default=[], help="values file (repeatable)")
+    p.add_argument("--release", default="switchyard")
+    p.add_argument("-n", "--namespace", default="switchyard-system")
+    p.add_argument("--notes", action="store_true", help="also print NOTES.txt")
+    a = p.parse_args(argv)
+    values: dict = {}
+    for f in a.values:
+        values = deep_merge(values, yaml.safe_load(Path(f).read_text()) or {})
+    try:
+        r = render_chart(Path(a.chart), values, release_name=a.release, namespace=a.namespace)
+    except jsonschema.ValidationError as e:
+        where = ".".join(str(x) for x in e.absolute_path) or "(top level)"
+        print(f"helm_lite: failed to validate values at {where}: {e.message}", file=sys.stderr)
+        return 1
+    except TemplateError as e:
+        print(f"helm_lite: failed to render {a.chart}: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(yaml.safe_dump_all(r.objects, sort_keys=False, explicit_start=True))
+    if a.notes:
+        sys.stdout.write(
+            "\n# NOTES.txt\n" + "".join("# " + line + "\n" for line in r.notes.splitlines())
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
