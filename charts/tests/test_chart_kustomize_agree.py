@@ -17,13 +17,8 @@ from chartlib import NAMESPACE
 
 # Labels only Helm sets; everything else must be identical.
 HELM_ONLY_LABELS = {"app.kubernetes.io/managed-by", "helm.sh/chart"}
-# Annotations that differ on purpose: Helm keeps CRDs with its resource policy, GitOps tools
-# with their own annotations in the kustomize base.
-CRD_ANNOTATIONS = {
-    "helm.sh/resource-policy",
-    "argocd.argoproj.io/sync-options",
-    "kustomize.toolkit.fluxcd.io/prune",
-}
+# Only Helm reads its resource policy; the GitOps "never delete" annotations are in both.
+CRD_ANNOTATIONS = {"helm.sh/resource-policy"}
 
 
 def key(o: dict) -> tuple[str, str, str]:
@@ -123,12 +118,13 @@ def test_objects_identical_apart_from_helm_bookkeeping(chart_default, kustomize_
 
 def test_both_keep_the_crds(chart_default, kustomize_base):
     """Deleting a CRD deletes every BankSwitch and so every switch: neither install path may."""
-    for o in chart_default.objects:
-        if o["kind"] == "CustomResourceDefinition":
-            assert o["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    chart_crds = [o for o in chart_default.objects if o["kind"] == "CustomResourceDefinition"]
+    for o in chart_crds:
+        assert o["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     crds = [o for o in kustomize_base if o["kind"] == "CustomResourceDefinition"]
     assert {o["metadata"]["name"] for o in crds} >= {"bankswitches.switchyard.io"}
-    for o in crds:
+    # Argo CD and Flux render the chart themselves and ignore Helm's policy.
+    for o in crds + chart_crds:
         ann = o["metadata"]["annotations"]
         assert "Delete=false" in ann["argocd.argoproj.io/sync-options"]
         assert ann["kustomize.toolkit.fluxcd.io/prune"] == "disabled"
