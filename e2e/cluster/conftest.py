@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -69,7 +70,14 @@ def operator(kubectl, tmp_path_factory):
         "-k",
         str(overlay),
     )
-    for crd in ("bankswitches.switchyard.io", "keyrotations.switchyard.io"):
+    # Whatever CRDs the base ships (KeyRotation may land after BankSwitch) must be served
+    # before any custom resource is applied.
+    rendered = yaml.safe_load_all(kubectl.run("kustomize", str(overlay)).stdout)
+    crds = [
+        d["metadata"]["name"] for d in rendered if d and d["kind"] == "CustomResourceDefinition"
+    ]
+    assert "bankswitches.switchyard.io" in crds
+    for crd in crds:
         kubectl.run(
             "wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s", timeout=90
         )
@@ -86,8 +94,6 @@ def operator(kubectl, tmp_path_factory):
     if os.environ.get("E2E_UNINSTALL") == "1":
         # The CRDs stay (deleting them deletes every BankSwitch in the cluster) unless asked.
         rendered = kubectl.run("kustomize", str(overlay)).stdout
-        import yaml
-
         docs = [d for d in yaml.safe_load_all(rendered) if d]
         if os.environ.get("E2E_DELETE_CRDS") != "1":
             docs = [d for d in docs if d["kind"] != "CustomResourceDefinition"]
