@@ -5,7 +5,7 @@
 #
 #   PYTHON=/path/to/python charts/tests/run.sh [pytest args]
 #
-# PYTHON must have the packages of e2e/requirements-k8s.txt; kubectl (for `kubectl kustomize`)
+# PYTHON must have the packages of e2e/requirements.txt; kubectl (for `kubectl kustomize`)
 # and lua5.4 (Debian package lua5.4) must be on PATH.
 set -euo pipefail
 
@@ -17,7 +17,7 @@ missing=()
 command -v kubectl >/dev/null || missing+=("kubectl")
 command -v lua5.4 >/dev/null || missing+=("lua5.4 (apt-get install -y lua5.4)")
 "$PYTHON" -c 'import kubernetes_validate, jsonschema, yaml, pytest' 2>/dev/null \
-  || missing+=("python packages: $PYTHON -m pip install -r e2e/requirements-k8s.txt")
+  || missing+=("python packages: $PYTHON -m pip install -r e2e/requirements.txt")
 if [[ ${#missing[@]} -gt 0 ]]; then
   printf 'charts/tests: missing %s\n' "${missing[@]}" >&2
   exit 2

@@ -19,7 +19,7 @@
 # each wait; E2E_KEEP_NAMESPACE=1 keeps the namespace for a look after a failure.
 #
 # Without KUBECONFIG the cluster tests are skipped with that reason (the offline ones run).
-# PYTHON must have the packages of e2e/requirements-k8s.txt (default: python3).
+# PYTHON must have the packages of e2e/requirements.txt (default: python3).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
