@@ -88,11 +88,18 @@ CREATE TABLE journal (
     card_id            TEXT,
     business_day       TEXT,
     original_id        TEXT REFERENCES journal (id),
+    -- for a reversal: the identity it reverses (field 90), found or not yet
+    orig_terminal_id   TEXT,
+    orig_stan          TEXT,
+    orig_transmission  TEXT,
     reversed           BOOLEAN NOT NULL DEFAULT FALSE,
     created_at         TIMESTAMPTZ NOT NULL,
     UNIQUE (terminal_id, stan, transmission)
 );
 CREATE INDEX journal_account ON journal (account_id, created_at);
+-- a late original must find the reversal that arrived before it (no debit after a reversal)
+CREATE INDEX journal_reversal_of ON journal (orig_terminal_id, orig_stan, orig_transmission)
+    WHERE kind = 'reversal';
 
 CREATE TABLE audit (
     id      BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

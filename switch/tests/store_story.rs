@@ -123,6 +123,7 @@ stories!(
     concurrent_withdrawals_never_overdraw,
     reversal_restores_funds_exactly_once,
     racing_reversals_credit_once,
+    reversal_racing_its_original_nets_to_zero,
     audit_and_idempotency_round_trip,
     migration_status_is_current_after_migrate,
 );
@@ -1371,6 +1372,72 @@ async fn racing_reversals_credit_once(store: Store) {
         assert_eq!(t.await.unwrap().response_code, "00");
     }
     assert_eq!(balance(&store, &acc).await, 10_000, "exactly one credit");
+}
+
+/// An ATM that times out sends the reversal while (or before) the original is processed: in
+/// every interleaving the pair must net to zero and the answers must agree.
+async fn reversal_racing_its_original_nets_to_zero(store: Store) {
+    let acc = account(&store, "ACC-1", 1_000_000, 1_000_000).await;
+    let mut pairs = Vec::new();
+    for stan in 1..=40u32 {
+        let (s1, s2) = (Arc::clone(&store), Arc::clone(&store));
+        let req = withdrawal(&acc, "ATM1", stan, 100);
+        let auth = tokio::spawn(async move { done(s1.authorize(&req).await.unwrap()) });
+        let rev = tokio::spawn(async move {
+            done(
+                s2.reverse(&reversal("ATM1", 1000 + stan, stan))
+                    .await
+                    .unwrap(),
+            )
+        });
+        pairs.push((auth, rev));
+    }
+    let (mut restored, mut never_applied) = (0, 0);
+    for (auth, rev) in pairs {
+        let (auth, rev) = (auth.await.unwrap(), rev.await.unwrap());
+        match (auth.response_code.as_str(), rev.response_code.as_str()) {
+            ("00", "00") => restored += 1,
+            ("21", "21") => {
+                never_applied += 1;
+                assert!(auth.reversed && auth.auth_code.is_none());
+            }
+            other => panic!("original and reversal disagree: {other:?}"),
+        }
+        assert!(
+            store
+                .find_request(&auth.identity)
+                .await
+                .unwrap()
+                .unwrap()
+                .reversed
+        );
+    }
+    assert_eq!(restored + never_applied, 40);
+    eprintln!(
+        "{:?}: {restored} restored, {never_applied} reversed before arrival",
+        store.backend()
+    );
+    assert_eq!(
+        balance(&store, &acc).await,
+        1_000_000,
+        "every pair nets to zero"
+    );
+
+    // a late original after its reversal is never debited, and repeating it changes nothing
+    let late = withdrawal(&acc, "ATM2", 1, 500);
+    assert_eq!(
+        done(store.reverse(&reversal("ATM2", 2, 1)).await.unwrap()).response_code,
+        "21"
+    );
+    assert_eq!(
+        done(store.authorize(&late).await.unwrap()).response_code,
+        "21"
+    );
+    assert!(matches!(
+        store.authorize(&late).await.unwrap(),
+        AuthOutcome::Duplicate(_)
+    ));
+    assert_eq!(balance(&store, &acc).await, 1_000_000);
 }
 
 async fn audit_and_idempotency_round_trip(store: Store) {

@@ -47,6 +47,8 @@ macro_rules! journal_cols {
     };
 }
 
+const MARK_REVERSED: &str = "UPDATE journal SET reversed = TRUE WHERE id = $1";
+
 /// The PostgreSQL store. `Debug` shows the URL with its password replaced by `***`.
 pub struct PostgresStore {
     pool: PgPool,
@@ -281,13 +283,15 @@ async fn claim_identity(
     rrn: &str,
     account: Option<&AccountId>,
     card: Option<&CardId>,
+    reversal_of: Option<&RequestIdentity>,
     now: DateTime<Utc>,
 ) -> Result<Option<String>, StoreError> {
     let id = uuid::Uuid::new_v4().to_string();
     let done = sqlx::query(
         "INSERT INTO journal (id, terminal_id, stan, transmission, digest, mti, kind, amount, \
-         currency, response_code, rrn, account_id, card_id, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, '96', $10, $11, $12, $13) \
+         currency, response_code, rrn, account_id, card_id, created_at, orig_terminal_id, \
+         orig_stan, orig_transmission) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, '96', $10, $11, $12, $13, $14, $15, $16) \
          ON CONFLICT (terminal_id, stan, transmission) DO NOTHING",
     )
     .bind(&id)
@@ -303,9 +307,27 @@ async fn claim_identity(
     .bind(account.map(AccountId::as_str))
     .bind(card.map(CardId::as_str))
     .bind(enc(now))
+    .bind(reversal_of.map(|o| o.terminal_id.as_str()))
+    .bind(reversal_of.map(|o| o.stan.as_str()))
+    .bind(reversal_of.map(|o| o.transmission.as_str()))
     .execute(&mut *conn)
     .await?;
     Ok((done.rows_affected() == 1).then_some(id))
+}
+
+/// Serializes everything that concerns one request identity: its authorization and any reversal
+/// that names it. Without it a reversal could miss an original whose transaction is still in
+/// flight (invisible at READ COMMITTED), answer `21`, and let the debit stand. Released at commit.
+async fn lock_identity(conn: &mut PgConnection, id: &RequestIdentity) -> Result<(), StoreError> {
+    let key = format!(
+        "journal\u{1f}{}\u{1f}{}\u{1f}{}",
+        id.terminal_id, id.stan, id.transmission
+    );
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(key)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// The answer to a request whose identity is already journaled.
@@ -1170,6 +1192,7 @@ impl Database for PostgresStore {
             AuthKind::Withdrawal { amount } => (JournalKind::Withdrawal, Some(amount)),
         };
         let mut tx = self.begin().await?;
+        lock_identity(&mut tx, &req.identity).await?;
         let Some(journal_id) = claim_identity(
             &mut tx,
             &req.identity,
@@ -1181,6 +1204,7 @@ impl Database for PostgresStore {
             &req.rrn,
             req.account_id.as_ref(),
             req.card_id.as_ref(),
+            None,
             now,
         )
         .await?
@@ -1193,6 +1217,38 @@ impl Database for PostgresStore {
                 &mut tx,
                 &journal_id,
                 code,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+            )
+            .await?;
+            tx.commit().await?;
+            return Ok(AuthOutcome::Done(entry));
+        }
+
+        // the terminal gave up on this request and reversed it before it reached us (or while
+        // it was in flight): apply nothing, so the reversal and the request net to zero
+        let reversed_before: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM journal WHERE kind = 'reversal' AND orig_terminal_id = $1 \
+             AND orig_stan = $2 AND orig_transmission = $3 LIMIT 1",
+        )
+        .bind(req.identity.terminal_id.as_str())
+        .bind(&req.identity.stan)
+        .bind(&req.identity.transmission)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if reversed_before.is_some() {
+            sqlx::query(MARK_REVERSED)
+                .bind(&journal_id)
+                .execute(&mut *tx)
+                .await?;
+            let entry = finish_journal(
+                &mut tx,
+                &journal_id,
+                ResponseCode::NoActionTaken,
                 None,
                 None,
                 None,
@@ -1302,12 +1358,14 @@ impl Database for PostgresStore {
             &req.rrn,
             None,
             None,
+            Some(&req.original),
             now,
         )
         .await?
         else {
             return answer_existing(&mut tx, &req.identity, &req.digest).await;
         };
+        lock_identity(&mut tx, &req.original).await?;
         let original = sqlx::query(
             "SELECT id, kind, amount, currency, response_code, reversed, account_id, business_day \
              FROM journal WHERE terminal_id = $1 AND stan = $2 AND transmission = $3 AND id <> $4 \
@@ -1368,7 +1426,7 @@ impl Database for PostgresStore {
                 .bind(amount)
                 .execute(&mut *tx)
                 .await?;
-                sqlx::query("UPDATE journal SET reversed = TRUE WHERE id = $1")
+                sqlx::query(MARK_REVERSED)
                     .bind(&original_id)
                     .execute(&mut *tx)
                     .await?;

@@ -50,6 +50,8 @@ macro_rules! journal_cols {
     };
 }
 
+const MARK_REVERSED: &str = "UPDATE journal SET reversed = 1 WHERE id = $1";
+
 /// The SQLite store. `Debug` shows the database path only.
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -294,13 +296,15 @@ async fn claim_identity(
     rrn: &str,
     account: Option<&AccountId>,
     card: Option<&CardId>,
+    reversal_of: Option<&RequestIdentity>,
     now: DateTime<Utc>,
 ) -> Result<Option<String>, StoreError> {
     let id = uuid::Uuid::new_v4().to_string();
     let done = sqlx::query(
         "INSERT INTO journal (id, terminal_id, stan, transmission, digest, mti, kind, amount, \
-         currency, response_code, rrn, account_id, card_id, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, '96', $10, $11, $12, $13) \
+         currency, response_code, rrn, account_id, card_id, created_at, orig_terminal_id, \
+         orig_stan, orig_transmission) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, '96', $10, $11, $12, $13, $14, $15, $16) \
          ON CONFLICT (terminal_id, stan, transmission) DO NOTHING",
     )
     .bind(&id)
@@ -316,6 +320,9 @@ async fn claim_identity(
     .bind(account.map(AccountId::as_str))
     .bind(card.map(CardId::as_str))
     .bind(enc(now))
+    .bind(reversal_of.map(|o| o.terminal_id.as_str()))
+    .bind(reversal_of.map(|o| o.stan.as_str()))
+    .bind(reversal_of.map(|o| o.transmission.as_str()))
     .execute(&mut *conn)
     .await?;
     Ok((done.rows_affected() == 1).then_some(id))
@@ -1155,6 +1162,7 @@ impl Database for SqliteStore {
             &req.rrn,
             req.account_id.as_ref(),
             req.card_id.as_ref(),
+            None,
             now,
         )
         .await?
@@ -1167,6 +1175,38 @@ impl Database for SqliteStore {
                 &mut tx,
                 &journal_id,
                 code,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+            )
+            .await?;
+            tx.commit().await?;
+            return Ok(AuthOutcome::Done(entry));
+        }
+
+        // the terminal gave up on this request and reversed it before it reached us (or while
+        // it was in flight): apply nothing, so the reversal and the request net to zero
+        let reversed_before: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM journal WHERE kind = 'reversal' AND orig_terminal_id = $1 \
+             AND orig_stan = $2 AND orig_transmission = $3 LIMIT 1",
+        )
+        .bind(req.identity.terminal_id.as_str())
+        .bind(&req.identity.stan)
+        .bind(&req.identity.transmission)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if reversed_before.is_some() {
+            sqlx::query(MARK_REVERSED)
+                .bind(&journal_id)
+                .execute(&mut *tx)
+                .await?;
+            let entry = finish_journal(
+                &mut tx,
+                &journal_id,
+                ResponseCode::NoActionTaken,
                 None,
                 None,
                 None,
@@ -1274,6 +1314,7 @@ impl Database for SqliteStore {
             &req.rrn,
             None,
             None,
+            Some(&req.original),
             now,
         )
         .await?
@@ -1339,7 +1380,7 @@ impl Database for SqliteStore {
                 .bind(amount)
                 .execute(&mut *tx)
                 .await?;
-                sqlx::query("UPDATE journal SET reversed = 1 WHERE id = $1")
+                sqlx::query(MARK_REVERSED)
                     .bind(&original_id)
                     .execute(&mut *tx)
                     .await?;
