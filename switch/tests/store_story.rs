@@ -1325,6 +1325,11 @@ async fn reversal_restores_funds_exactly_once(store: Store) {
     );
     assert_eq!(balance(&store, &acc).await, 5_000);
 
+    // a reversal of a reversal is not a thing
+    let of_reversal = done(store.reverse(&reversal("ATM1", 7, 3)).await.unwrap());
+    assert_eq!(of_reversal.response_code, "12");
+    assert_eq!(balance(&store, &acc).await, 5_000);
+
     // a declined original or a balance inquiry: approved, nothing to restore
     let poor = account(&store, "ACC-2", 100, 5_000).await;
     assert_eq!(
@@ -1544,6 +1549,23 @@ async fn sqlite_unmigrated_status_and_scheme_errors() {
         Err(e @ StoreError::Config { .. }) => assert!(!e.to_string().contains("secret")),
         other => panic!("expected a configuration error, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn sqlite_in_memory_store_works() {
+    let store = connect("sqlite::memory:", &ConnectOptions::default())
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let acc = account(&store, "ACC-1", 1_000, 1_000).await;
+    let e = done(
+        store
+            .authorize(&withdrawal(&acc, "ATM1", 1, 400))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(e.response_code, "00");
+    assert_eq!(balance(&store, &acc).await, 600);
 }
 
 #[tokio::test]

@@ -109,8 +109,10 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
     }
 }
 
-/// Database error codes that mean "the server is going away or overloaded", not "your statement
-/// is wrong": PostgreSQL class 08 (connection exception), 57P01..57P03 (admin shutdown, crash
+/// Database error codes that mean "the server is going away, overloaded or refusing us", not
+/// "your statement is wrong": PostgreSQL class 08 (connection exception), class 28 (bad
+/// credentials) and 3D000 (no such database) — both fixed by configuration, not by the caller —
+/// 57P01..57P03 (admin shutdown, crash
 /// shutdown, cannot connect now), 53300 (too many connections), 40001/40P01 (serialization
 /// failure, deadlock: retryable); SQLite 5/6 (busy/locked after the
 /// busy timeout).
@@ -118,6 +120,8 @@ fn is_unavailable_code(code: Option<&str>) -> bool {
     match code {
         Some(c) => {
             c.starts_with("08")
+                || c.starts_with("28")
+                || c == "3D000"
                 || matches!(
                     c,
                     "57P01"
