@@ -166,7 +166,8 @@ pub trait Database: Send + Sync + std::fmt::Debug {
 
     /// Appends an audit record.
     async fn append_audit(&self, e: &NewAudit) -> Result<(), StoreError>;
-    /// Audit records at or after `since`, oldest first.
+    /// Audit records at or after `since`, oldest first; at most `limit` (0 means 100, capped at
+    /// 1000).
     async fn list_audit(
         &self,
         since: DateTime<Utc>,

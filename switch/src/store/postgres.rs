@@ -1,9 +1,11 @@
 //! PostgreSQL backend: the shared store of many switch replicas and SAF drainers.
 //!
-//! Transactions run at READ COMMITTED and lock exactly the rows a decision depends on: the
+//! Transactions run at READ COMMITTED and lock exactly what a decision depends on: the request
+//! identity (a transaction-scoped advisory lock shared by a request and its reversals), the
 //! account (`FOR NO KEY UPDATE`) before a balance is read, the original journal row before a
 //! reversal, the terminal row before any of its keys changes state. Lock order is always
-//! journal → account and terminal → keys, so these transactions cannot deadlock each other.
+//! identity → journal row → account and terminal → keys, so these transactions cannot deadlock
+//! each other.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
