@@ -317,6 +317,24 @@ fn reversal_plan(
     }
 }
 
+/// What a finished request records besides its response code (see `finish_journal` in each
+/// backend); `None` leaves the column as claimed.
+#[derive(Debug, Default)]
+struct Answer<'a> {
+    /// Field 38, approved requests only.
+    auth_code: Option<&'a str>,
+    /// Ledger (and available) balance after the request.
+    ledger: Option<i64>,
+    /// UTC day whose withdrawal total the request added to.
+    business_day: Option<&'a str>,
+    /// Amount, for a reversal: the original's.
+    amount: Option<i64>,
+    /// Currency, for a reversal: the original's.
+    currency: Option<&'a str>,
+    /// The journal row a reversal reversed.
+    original_id: Option<&'a str>,
+}
+
 /// Business day of the withdrawal limit: the UTC date of `now`.
 fn utc_day(now: DateTime<Utc>) -> String {
     now.format("%Y-%m-%d").to_string()

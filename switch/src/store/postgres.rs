@@ -349,17 +349,11 @@ async fn answer_existing(
 }
 
 /// Writes the final answer onto a claimed journal row and returns the entry.
-#[allow(clippy::too_many_arguments)]
 async fn finish_journal(
     conn: &mut PgConnection,
     journal_id: &str,
     code: ResponseCode,
-    auth_code: Option<&str>,
-    ledger: Option<i64>,
-    business_day: Option<&str>,
-    amount: Option<i64>,
-    currency: Option<&str>,
-    original_id: Option<&str>,
+    answer: &Answer<'_>,
 ) -> Result<JournalEntry, StoreError> {
     sqlx::query(
         "UPDATE journal SET response_code = $2, auth_code = $3, ledger_balance = $4, \
@@ -368,12 +362,12 @@ async fn finish_journal(
     )
     .bind(journal_id)
     .bind(code.as_str())
-    .bind(auth_code)
-    .bind(ledger)
-    .bind(business_day)
-    .bind(amount)
-    .bind(currency)
-    .bind(original_id)
+    .bind(answer.auth_code)
+    .bind(answer.ledger)
+    .bind(answer.business_day)
+    .bind(answer.amount)
+    .bind(answer.currency)
+    .bind(answer.original_id)
     .execute(&mut *conn)
     .await?;
     let row = sqlx::query(concat!(
@@ -1215,18 +1209,7 @@ impl Database for PostgresStore {
         };
 
         if let Some(code) = req.decline {
-            let entry = finish_journal(
-                &mut tx,
-                &journal_id,
-                code,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-            )
-            .await?;
+            let entry = finish_journal(&mut tx, &journal_id, code, &Answer::default()).await?;
             tx.commit().await?;
             return Ok(AuthOutcome::Done(entry));
         }
@@ -1251,12 +1234,7 @@ impl Database for PostgresStore {
                 &mut tx,
                 &journal_id,
                 ResponseCode::NoActionTaken,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
+                &Answer::default(),
             )
             .await?;
             tx.commit().await?;
@@ -1334,12 +1312,12 @@ impl Database for PostgresStore {
             &mut tx,
             &journal_id,
             code,
-            auth_code,
-            ledger,
-            day.as_deref(),
-            None,
-            None,
-            None,
+            &Answer {
+                auth_code,
+                ledger,
+                business_day: day.as_deref(),
+                ..Answer::default()
+            },
         )
         .await?;
         tx.commit().await?;
@@ -1384,12 +1362,7 @@ impl Database for PostgresStore {
                 &mut tx,
                 &journal_id,
                 ResponseCode::NoActionTaken,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
+                &Answer::default(),
             )
             .await?;
             tx.commit().await?;
@@ -1439,12 +1412,13 @@ impl Database for PostgresStore {
             &mut tx,
             &journal_id,
             code,
-            None,
-            ledger,
-            None,
-            amount,
-            Some(&currency),
-            Some(&original_id),
+            &Answer {
+                ledger,
+                amount,
+                currency: Some(&currency),
+                original_id: Some(&original_id),
+                ..Answer::default()
+            },
         )
         .await?;
         tx.commit().await?;

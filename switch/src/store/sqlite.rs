@@ -345,17 +345,11 @@ async fn answer_existing(
 }
 
 /// Writes the final answer onto a claimed journal row and returns the entry.
-#[allow(clippy::too_many_arguments)]
 async fn finish_journal(
     conn: &mut SqliteConnection,
     journal_id: &str,
     code: ResponseCode,
-    auth_code: Option<&str>,
-    ledger: Option<i64>,
-    business_day: Option<&str>,
-    amount: Option<i64>,
-    currency: Option<&str>,
-    original_id: Option<&str>,
+    answer: &Answer<'_>,
 ) -> Result<JournalEntry, StoreError> {
     sqlx::query(
         "UPDATE journal SET response_code = $2, auth_code = $3, ledger_balance = $4, \
@@ -364,12 +358,12 @@ async fn finish_journal(
     )
     .bind(journal_id)
     .bind(code.as_str())
-    .bind(auth_code)
-    .bind(ledger)
-    .bind(business_day)
-    .bind(amount)
-    .bind(currency)
-    .bind(original_id)
+    .bind(answer.auth_code)
+    .bind(answer.ledger)
+    .bind(answer.business_day)
+    .bind(answer.amount)
+    .bind(answer.currency)
+    .bind(answer.original_id)
     .execute(&mut *conn)
     .await?;
     let row = sqlx::query(concat!(
@@ -1171,18 +1165,7 @@ impl Database for SqliteStore {
         };
 
         if let Some(code) = req.decline {
-            let entry = finish_journal(
-                &mut tx,
-                &journal_id,
-                code,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-            )
-            .await?;
+            let entry = finish_journal(&mut tx, &journal_id, code, &Answer::default()).await?;
             tx.commit().await?;
             return Ok(AuthOutcome::Done(entry));
         }
@@ -1207,12 +1190,7 @@ impl Database for SqliteStore {
                 &mut tx,
                 &journal_id,
                 ResponseCode::NoActionTaken,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
+                &Answer::default(),
             )
             .await?;
             tx.commit().await?;
@@ -1288,12 +1266,12 @@ impl Database for SqliteStore {
             &mut tx,
             &journal_id,
             code,
-            auth_code,
-            ledger,
-            day.as_deref(),
-            None,
-            None,
-            None,
+            &Answer {
+                auth_code,
+                ledger,
+                business_day: day.as_deref(),
+                ..Answer::default()
+            },
         )
         .await?;
         tx.commit().await?;
@@ -1336,12 +1314,7 @@ impl Database for SqliteStore {
                 &mut tx,
                 &journal_id,
                 ResponseCode::NoActionTaken,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
+                &Answer::default(),
             )
             .await?;
             tx.commit().await?;
@@ -1391,12 +1364,13 @@ impl Database for SqliteStore {
             &mut tx,
             &journal_id,
             code,
-            None,
-            ledger,
-            None,
-            amount,
-            Some(&currency),
-            Some(&original_id),
+            &Answer {
+                ledger,
+                amount,
+                currency: Some(&currency),
+                original_id: Some(&original_id),
+                ..Answer::default()
+            },
         )
         .await?;
         tx.commit().await?;
