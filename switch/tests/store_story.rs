@@ -1530,6 +1530,13 @@ async fn migration_status_is_current_after_migrate(store: Store) {
     store.ping().await.unwrap();
     let stats = store.pool_stats();
     assert!(stats.size >= 1 && stats.idle <= stats.size);
+
+    store.close().await;
+    let err = store.ping().await.unwrap_err();
+    assert!(
+        err.is_unavailable(),
+        "a closed store is unavailable: {err:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -79,6 +79,9 @@ pub trait Database: Send + Sync + std::fmt::Debug {
     async fn ping(&self) -> Result<(), StoreError>;
     /// Pool occupancy.
     fn pool_stats(&self) -> PoolStats;
+    /// Waits for checked-out connections to come back, then closes the pool (graceful shutdown,
+    /// after in-flight transactions finished). Later calls fail as `Unavailable`.
+    async fn close(&self);
 
     /// Registers a terminal (or acquirer station); `Conflict` if the id exists. Audited.
     async fn create_terminal(&self, t: &NewTerminal, actor: &str) -> Result<Terminal, StoreError>;

@@ -787,6 +787,37 @@ mod tests {
     }
 
     #[test]
+    fn api_shapes_are_camel_case() {
+        let account = Account {
+            id: AccountId::new("ACC-1").unwrap(),
+            currency: "360".into(),
+            balance: 500_000,
+            daily_withdrawal_limit: 300_000,
+            created_at: DateTime::from_timestamp(0, 0).unwrap(),
+        };
+        assert_eq!(
+            serde_json::to_value(&account).unwrap(),
+            serde_json::json!({"id": "ACC-1", "currency": "360", "balance": 500000,
+                "dailyWithdrawalLimit": 300000, "createdAt": "1970-01-01T00:00:00Z"})
+        );
+        let mut totals = BTreeMap::new();
+        totals.insert(KeyState::Pending, 2u64);
+        let status = RotationStatus {
+            id: RotationId::new("rot-1").unwrap(),
+            key_type: KeyType::Tpk,
+            activation: Activation::OnConfirm,
+            grace_seconds: 300,
+            created_at: DateTime::from_timestamp(0, 0).unwrap(),
+            totals,
+            terminals: 2,
+        };
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["keyType"], "TPK");
+        assert_eq!(json["activation"], "onConfirm");
+        assert_eq!(json["totals"]["PENDING"], 2);
+    }
+
+    #[test]
     fn page_limit_is_clamped() {
         assert_eq!(Page::default().effective_limit(), 100);
         assert_eq!(

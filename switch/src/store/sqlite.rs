@@ -416,6 +416,10 @@ impl Database for SqliteStore {
         }
     }
 
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
     async fn create_terminal(&self, t: &NewTerminal, actor: &str) -> Result<Terminal, StoreError> {
         validate_group(&t.group)?;
         let now = micros(Utc::now());
