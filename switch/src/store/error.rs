@@ -1,0 +1,177 @@
+//! Errors of the store, phrased for the caller that has to decide between `96`/503 and a 4xx.
+
+use crate::domain::KeyState;
+
+/// Why a store operation failed.
+///
+/// Messages never carry secrets, key material or database URLs; the `#[source]` of
+/// [`StoreError::Unavailable`] and [`StoreError::Database`] is the driver error, which names the
+/// failing statement's problem but not the connection string.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The thing the operation needs does not exist.
+    #[error("failed to find {what}")]
+    NotFound {
+        /// What was looked for, e.g. "terminal ATM00001".
+        what: String,
+    },
+    /// The thing to create already exists (or a uniqueness rule would be broken).
+    #[error("failed to create {what}: it already exists")]
+    Conflict {
+        /// What collided, e.g. "terminal ATM00001".
+        what: String,
+    },
+    /// A key lifecycle transition that SPEC §4 does not allow from the key's current state.
+    #[error("failed to move key from {from} to {to}: transition not allowed")]
+    InvalidTransition {
+        /// The state the key is in now.
+        from: KeyState,
+        /// The state that was asked for.
+        to: &'static str,
+    },
+    /// The input was refused before it reached the database.
+    #[error("failed to accept {what}")]
+    Invalid {
+        /// What is wrong, naming the field.
+        what: String,
+    },
+    /// The database URL or options could not be used (the URL itself is never repeated here).
+    #[error("failed to configure the database connection: {what}")]
+    Config {
+        /// What is wrong with the configuration.
+        what: String,
+    },
+    /// The database cannot be reached (connection, pool timeout, I/O): answer `96`/503 and let
+    /// readiness go false.
+    #[error("failed to reach the database")]
+    Unavailable(#[source] sqlx::Error),
+    /// Applying or reading migrations failed.
+    #[error("failed to apply database migrations")]
+    Migration(#[source] sqlx::migrate::MigrateError),
+    /// A statement failed for a reason other than availability (a bug or a schema drift).
+    #[error("failed to run a database statement")]
+    Database(#[source] sqlx::Error),
+    /// A row holds a value the code cannot represent: the data was changed behind our back.
+    #[error("failed to read {what}: stored value is corrupt")]
+    Corrupt {
+        /// Which column or value is bad.
+        what: String,
+    },
+}
+
+impl StoreError {
+    /// True when the database could not be reached: the caller answers `96` / HTTP 503 and the
+    /// readiness probe should report the store as down.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+
+    pub(crate) fn not_found(what: impl Into<String>) -> Self {
+        StoreError::NotFound { what: what.into() }
+    }
+
+    pub(crate) fn conflict(what: impl Into<String>) -> Self {
+        StoreError::Conflict { what: what.into() }
+    }
+
+    pub(crate) fn invalid(what: impl Into<String>) -> Self {
+        StoreError::Invalid { what: what.into() }
+    }
+
+    pub(crate) fn corrupt(what: impl Into<String>) -> Self {
+        StoreError::Corrupt { what: what.into() }
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        use sqlx::Error as E;
+        match err {
+            E::Io(_)
+            | E::Tls(_)
+            | E::PoolTimedOut
+            | E::PoolClosed
+            | E::WorkerCrashed
+            | E::Protocol(_)
+            | E::BeginFailed => StoreError::Unavailable(err),
+            E::Database(ref db) if is_unavailable_code(db.code().as_deref()) => {
+                StoreError::Unavailable(err)
+            }
+            E::Migrate(inner) => StoreError::Migration(*inner),
+            other => StoreError::Database(other),
+        }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(err: sqlx::migrate::MigrateError) -> Self {
+        StoreError::Migration(err)
+    }
+}
+
+/// Database error codes that mean "the server is going away, overloaded or refusing us", not
+/// "your statement is wrong": PostgreSQL class 08 (connection exception), class 28 (bad
+/// credentials) and 3D000 (no such database) — both fixed by configuration, not by the caller —
+/// 57P01..57P03 (admin shutdown, crash
+/// shutdown, cannot connect now), 53300 (too many connections), 40001/40P01 (serialization
+/// failure, deadlock: retryable); SQLite 5/6 (busy/locked after the
+/// busy timeout).
+fn is_unavailable_code(code: Option<&str>) -> bool {
+    match code {
+        Some(c) => {
+            c.starts_with("08")
+                || c.starts_with("28")
+                || c == "3D000"
+                || matches!(
+                    c,
+                    "57P01"
+                        | "57P02"
+                        | "57P03"
+                        | "53300"
+                        | "40001"
+                        | "40P01"
+                        | "5"
+                        | "6"
+                        | "261"
+                        | "517"
+                )
+        }
+        None => false,
+    }
+}
+
+/// True when `err` is a foreign-key violation (the referenced row does not exist).
+pub(crate) fn is_foreign_key_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.is_foreign_key_violation())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_timeout_is_unavailable_and_says_what_failed() {
+        let err = StoreError::from(sqlx::Error::PoolTimedOut);
+        assert!(err.is_unavailable());
+        assert_eq!(err.to_string(), "failed to reach the database");
+    }
+
+    #[test]
+    fn row_not_found_is_not_unavailable() {
+        let err = StoreError::from(sqlx::Error::RowNotFound);
+        assert!(!err.is_unavailable());
+        assert!(matches!(err, StoreError::Database(_)));
+    }
+
+    #[test]
+    fn invalid_transition_names_both_states() {
+        let err = StoreError::InvalidTransition {
+            from: KeyState::Revoked,
+            to: "ACTIVE",
+        };
+        assert_eq!(
+            err.to_string(),
+            "failed to move key from REVOKED to ACTIVE: transition not allowed"
+        );
+    }
+}

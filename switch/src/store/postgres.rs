@@ -1,0 +1,1500 @@
+//! PostgreSQL backend: the shared store of many switch replicas and SAF drainers.
+//!
+//! Transactions run at READ COMMITTED and lock exactly what a decision depends on: the request
+//! identity (a transaction-scoped advisory lock shared by a request and its reversals), the
+//! account (`FOR NO KEY UPDATE`) before a balance is read, the original journal row before a
+//! reversal, the terminal row before any of its keys changes state. Lock order is always
+//! identity → journal row → account and terminal → keys, so these transactions cannot deadlock
+//! each other.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
+
+use super::error::is_foreign_key_violation;
+use super::*;
+use crate::domain::{KeyState, KeyType, ResponseCode, TerminalId, WrappedKey};
+
+macro_rules! terminal_cols {
+    () => {
+        "id, grp, kind, created_at"
+    };
+}
+macro_rules! key_cols {
+    () => {
+        "id, terminal_id, key_type, version, state, kcv, wrapped, rotation_id, grace_seconds, \
+         created_at, activated_at, expired_at, grace_until"
+    };
+}
+macro_rules! account_cols {
+    () => {
+        "id, currency, balance, daily_withdrawal_limit, created_at"
+    };
+}
+macro_rules! card_cols {
+    () => {
+        "id, pan_token, last4, expiry, account_id, pvv, pin_tries, upstream, created_at"
+    };
+}
+macro_rules! journal_cols {
+    () => {
+        "id, terminal_id, stan, transmission, digest, mti, kind, amount, currency, response_code, \
+         rrn, auth_code, ledger_balance, available_balance, reversed, created_at"
+    };
+}
+
+const MARK_REVERSED: &str = "UPDATE journal SET reversed = TRUE WHERE id = $1";
+
+/// The PostgreSQL store. `Debug` shows the URL with its password replaced by `***`.
+pub struct PostgresStore {
+    pool: PgPool,
+    url: String,
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://…` or `postgresql://…`; `options=-c search_path=…` picks a
+    /// schema).
+    pub async fn connect(url: &str, opts: &ConnectOptions) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url).map_err(|_| StoreError::Config {
+            what: "invalid postgres URL; expected postgres://USER@HOST:PORT/DATABASE".into(),
+        })?;
+        let pool = PgPoolOptions::new()
+            .max_connections(opts.max_connections.max(1))
+            .acquire_timeout(opts.acquire_timeout)
+            // lazy: a switch whose database is down starts anyway and reports not-ready
+            // (SPEC §2) instead of crash-looping; the first statement connects
+            .connect_lazy_with(options);
+        Ok(Self {
+            pool,
+            url: redact_url(url),
+        })
+    }
+
+    /// A READ COMMITTED transaction; the statements lock what they depend on.
+    async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        Ok(self.pool.begin().await?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// value mapping
+
+/// TIMESTAMPTZ binds as `DateTime<Utc>` directly; kept as a function so both backends read alike.
+fn enc(t: DateTime<Utc>) -> DateTime<Utc> {
+    t
+}
+
+fn ts(row: &PgRow, col: &str) -> Result<DateTime<Utc>, StoreError> {
+    Ok(row.try_get(col)?)
+}
+
+fn opt_ts(row: &PgRow, col: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    Ok(row.try_get(col)?)
+}
+
+fn terminal_from_row(row: &PgRow) -> Result<Terminal, StoreError> {
+    let kind: String = row.try_get("kind")?;
+    Ok(Terminal {
+        id: parse_terminal_id(row.try_get("id")?, "terminals.id")?,
+        group: row.try_get("grp")?,
+        kind: TerminalKind::parse(&kind)
+            .ok_or_else(|| StoreError::corrupt(format!("terminals.kind {kind:?}")))?,
+        created_at: ts(row, "created_at")?,
+    })
+}
+
+fn key_from_row(row: &PgRow) -> Result<KeyRecord, StoreError> {
+    let rotation: Option<String> = row.try_get("rotation_id")?;
+    Ok(KeyRecord {
+        id: KeyId::new(row.try_get::<String, _>("id")?)
+            .map_err(|_| StoreError::corrupt("keys.id"))?,
+        terminal_id: parse_terminal_id(row.try_get("terminal_id")?, "keys.terminal_id")?,
+        key_type: parse_key_type(row.try_get("key_type")?)?,
+        version: row.try_get("version")?,
+        state: parse_key_state(row.try_get("state")?)?,
+        kcv: row.try_get("kcv")?,
+        wrapped: WrappedKey(row.try_get("wrapped")?),
+        rotation_id: rotation
+            .map(RotationId::new)
+            .transpose()
+            .map_err(|_| StoreError::corrupt("keys.rotation_id"))?,
+        grace_seconds: row.try_get("grace_seconds")?,
+        created_at: ts(row, "created_at")?,
+        activated_at: opt_ts(row, "activated_at")?,
+        expired_at: opt_ts(row, "expired_at")?,
+        grace_until: opt_ts(row, "grace_until")?,
+    })
+}
+
+fn account_from_row(row: &PgRow) -> Result<Account, StoreError> {
+    Ok(Account {
+        id: AccountId::new(row.try_get::<String, _>("id")?)
+            .map_err(|_| StoreError::corrupt("accounts.id"))?,
+        currency: row.try_get("currency")?,
+        balance: row.try_get("balance")?,
+        daily_withdrawal_limit: row.try_get("daily_withdrawal_limit")?,
+        created_at: ts(row, "created_at")?,
+    })
+}
+
+fn card_from_row(row: &PgRow) -> Result<Card, StoreError> {
+    let tries: i32 = row.try_get("pin_tries")?;
+    let pin_tries = u32::try_from(tries).map_err(|_| StoreError::corrupt("cards.pin_tries"))?;
+    Ok(Card {
+        id: CardId::new(row.try_get::<String, _>("id")?)
+            .map_err(|_| StoreError::corrupt("cards.id"))?,
+        pan_token: row.try_get("pan_token")?,
+        last4: row.try_get("last4")?,
+        expiry: row.try_get("expiry")?,
+        account_id: AccountId::new(row.try_get::<String, _>("account_id")?)
+            .map_err(|_| StoreError::corrupt("cards.account_id"))?,
+        pvv: row.try_get("pvv")?,
+        pin_tries,
+        pin_blocked: pin_tries >= PIN_TRIES_LIMIT,
+        upstream: row.try_get("upstream")?,
+        created_at: ts(row, "created_at")?,
+    })
+}
+
+/// A journal row and the digest of the request that made it.
+fn journal_from_row(row: &PgRow) -> Result<(String, JournalEntry), StoreError> {
+    let kind: String = row.try_get("kind")?;
+    let entry = JournalEntry {
+        id: row.try_get("id")?,
+        identity: RequestIdentity {
+            terminal_id: parse_terminal_id(row.try_get("terminal_id")?, "journal.terminal_id")?,
+            stan: row.try_get("stan")?,
+            transmission: row.try_get("transmission")?,
+        },
+        mti: row.try_get("mti")?,
+        kind: JournalKind::parse(&kind)
+            .ok_or_else(|| StoreError::corrupt(format!("journal.kind {kind:?}")))?,
+        amount: row.try_get("amount")?,
+        currency: row.try_get("currency")?,
+        response_code: row.try_get("response_code")?,
+        rrn: row.try_get("rrn")?,
+        auth_code: row.try_get("auth_code")?,
+        ledger_balance: row.try_get("ledger_balance")?,
+        available_balance: row.try_get("available_balance")?,
+        reversed: row.try_get("reversed")?,
+        created_at: ts(row, "created_at")?,
+    };
+    Ok((row.try_get("digest")?, entry))
+}
+
+fn audit_from_row(row: &PgRow) -> Result<AuditRecord, StoreError> {
+    let detail: String = row.try_get("detail")?;
+    Ok(AuditRecord {
+        id: row.try_get("id")?,
+        at: ts(row, "at")?,
+        actor: row.try_get("actor")?,
+        action: row.try_get("action")?,
+        target: row.try_get("target")?,
+        result: row.try_get("result")?,
+        detail: serde_json::from_str(&detail).map_err(|_| StoreError::corrupt("audit.detail"))?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// statements used inside transactions
+
+async fn write_audit(
+    conn: &mut PgConnection,
+    at: DateTime<Utc>,
+    e: &NewAudit,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO audit (at, actor, action, target, result, detail) \
+         VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
+    )
+    .bind(enc(at))
+    .bind(&e.actor)
+    .bind(&e.action)
+    .bind(&e.target)
+    .bind(&e.result)
+    .bind(e.detail.to_string())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+fn audit(actor: &str, action: &str, target: &str, detail: serde_json::Value) -> NewAudit {
+    NewAudit {
+        actor: actor.to_string(),
+        action: action.to_string(),
+        target: target.to_string(),
+        result: "ok".to_string(),
+        detail,
+    }
+}
+
+async fn load_key(conn: &mut PgConnection, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+    sqlx::query(concat!("SELECT ", key_cols!(), " FROM keys WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .as_ref()
+        .map(key_from_row)
+        .transpose()
+}
+
+async fn load_journal(
+    conn: &mut PgConnection,
+    id: &RequestIdentity,
+) -> Result<Option<(String, JournalEntry)>, StoreError> {
+    sqlx::query(concat!(
+        "SELECT ",
+        journal_cols!(),
+        " FROM journal WHERE terminal_id = $1 AND stan = $2 AND transmission = $3"
+    ))
+    .bind(id.terminal_id.as_str())
+    .bind(&id.stan)
+    .bind(&id.transmission)
+    .fetch_optional(&mut *conn)
+    .await?
+    .as_ref()
+    .map(journal_from_row)
+    .transpose()
+}
+
+/// Claims a request identity by inserting its journal row (response `96` until the end of the
+/// transaction). `None` when the identity exists: then the existing row decides the answer.
+#[allow(clippy::too_many_arguments)]
+async fn claim_identity(
+    conn: &mut PgConnection,
+    identity: &RequestIdentity,
+    digest: &str,
+    mti: &str,
+    kind: JournalKind,
+    amount: Option<i64>,
+    currency: &str,
+    rrn: &str,
+    account: Option<&AccountId>,
+    card: Option<&CardId>,
+    reversal_of: Option<&RequestIdentity>,
+    now: DateTime<Utc>,
+) -> Result<Option<String>, StoreError> {
+    let id = uuid::Uuid::new_v4().to_string();
+    let done = sqlx::query(
+        "INSERT INTO journal (id, terminal_id, stan, transmission, digest, mti, kind, amount, \
+         currency, response_code, rrn, account_id, card_id, created_at, orig_terminal_id, \
+         orig_stan, orig_transmission) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, '96', $10, $11, $12, $13, $14, $15, $16) \
+         ON CONFLICT (terminal_id, stan, transmission) DO NOTHING",
+    )
+    .bind(&id)
+    .bind(identity.terminal_id.as_str())
+    .bind(&identity.stan)
+    .bind(&identity.transmission)
+    .bind(digest)
+    .bind(mti)
+    .bind(kind.as_str())
+    .bind(amount)
+    .bind(currency)
+    .bind(rrn)
+    .bind(account.map(AccountId::as_str))
+    .bind(card.map(CardId::as_str))
+    .bind(enc(now))
+    .bind(reversal_of.map(|o| o.terminal_id.as_str()))
+    .bind(reversal_of.map(|o| o.stan.as_str()))
+    .bind(reversal_of.map(|o| o.transmission.as_str()))
+    .execute(&mut *conn)
+    .await?;
+    Ok((done.rows_affected() == 1).then_some(id))
+}
+
+/// Serializes everything that concerns one request identity: its authorization and any reversal
+/// that names it. Without it a reversal could miss an original whose transaction is still in
+/// flight (invisible at READ COMMITTED), answer `21`, and let the debit stand. Released at commit.
+async fn lock_identity(conn: &mut PgConnection, id: &RequestIdentity) -> Result<(), StoreError> {
+    let key = format!(
+        "journal\u{1f}{}\u{1f}{}\u{1f}{}",
+        id.terminal_id, id.stan, id.transmission
+    );
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(key)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// The answer to a request whose identity is already journaled.
+async fn answer_existing(
+    conn: &mut PgConnection,
+    identity: &RequestIdentity,
+    digest: &str,
+) -> Result<AuthOutcome, StoreError> {
+    let (stored_digest, entry) = load_journal(conn, identity)
+        .await?
+        .ok_or_else(|| StoreError::corrupt("journal: claimed identity vanished"))?;
+    Ok(if stored_digest == digest {
+        AuthOutcome::Duplicate(entry)
+    } else {
+        AuthOutcome::ContentMismatch
+    })
+}
+
+/// Writes the final answer onto a claimed journal row and returns the entry.
+async fn finish_journal(
+    conn: &mut PgConnection,
+    journal_id: &str,
+    code: ResponseCode,
+    answer: &Answer<'_>,
+) -> Result<JournalEntry, StoreError> {
+    sqlx::query(
+        "UPDATE journal SET response_code = $2, auth_code = $3, ledger_balance = $4, \
+         available_balance = $4, business_day = $5, amount = COALESCE($6, amount), \
+         currency = COALESCE($7, currency), original_id = $8 WHERE id = $1",
+    )
+    .bind(journal_id)
+    .bind(code.as_str())
+    .bind(answer.auth_code)
+    .bind(answer.ledger)
+    .bind(answer.business_day)
+    .bind(answer.amount)
+    .bind(answer.currency)
+    .bind(answer.original_id)
+    .execute(&mut *conn)
+    .await?;
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        journal_cols!(),
+        " FROM journal WHERE id = $1"
+    ))
+    .bind(journal_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(journal_from_row(&row)?.1)
+}
+
+#[async_trait]
+impl Database for PostgresStore {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        build_migrator(POSTGRES_MIGRATIONS).run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn migration_status(&self) -> Result<MigrationStatus, StoreError> {
+        // to_regclass follows search_path, so a per-schema deployment sees its own table
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(&self.pool)
+            .await?;
+        let applied: Vec<i64> = if exists {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await?
+        } else {
+            Vec::new()
+        };
+        Ok(migration_status_from(&applied, POSTGRES_MIGRATIONS))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    fn pool_stats(&self) -> PoolStats {
+        PoolStats {
+            size: self.pool.size(),
+            idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+        }
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn create_terminal(&self, t: &NewTerminal, actor: &str) -> Result<Terminal, StoreError> {
+        validate_group(&t.group)?;
+        let now = micros(Utc::now());
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "INSERT INTO terminals (id, grp, kind, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(t.id.as_str())
+        .bind(&t.group)
+        .bind(t.kind.as_str())
+        .bind(enc(now))
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::conflict(format!("terminal {}", t.id)));
+        }
+        let detail = serde_json::json!({"group": t.group, "kind": t.kind.as_str()});
+        write_audit(
+            &mut tx,
+            now,
+            &audit(actor, "terminal.create", t.id.as_str(), detail),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Terminal {
+            id: t.id.clone(),
+            group: t.group.clone(),
+            kind: t.kind,
+            created_at: now,
+        })
+    }
+
+    async fn create_terminals_bulk(
+        &self,
+        terminals: &[NewTerminal],
+        actor: &str,
+    ) -> Result<u64, StoreError> {
+        let mut seen = std::collections::HashSet::with_capacity(terminals.len());
+        for t in terminals {
+            validate_group(&t.group)?;
+            if !seen.insert(t.id.as_str()) {
+                return Err(StoreError::invalid(format!(
+                    "terminal {}: listed twice",
+                    t.id
+                )));
+            }
+        }
+        let now = micros(Utc::now());
+        let mut tx = self.begin().await?;
+        let mut inserted = 0;
+        for chunk in terminals.chunks(BULK_CHUNK) {
+            let sql = format!(
+                "INSERT INTO terminals (id, grp, kind, created_at) VALUES {} \
+                 ON CONFLICT (id) DO NOTHING",
+                values_placeholders(chunk.len(), 4)
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for t in chunk {
+                q = q
+                    .bind(t.id.as_str().to_string())
+                    .bind(t.group.clone())
+                    .bind(t.kind.as_str())
+                    .bind(enc(now));
+            }
+            let done = q.execute(&mut *tx).await?;
+            if done.rows_affected() != chunk.len() as u64 {
+                return Err(StoreError::conflict(
+                    "terminals: at least one id is already registered",
+                ));
+            }
+            inserted += done.rows_affected();
+        }
+        let detail = serde_json::json!({"terminals": inserted});
+        write_audit(
+            &mut tx,
+            now,
+            &audit(actor, "terminal.create-bulk", "terminals", detail),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    async fn get_terminal(&self, id: &TerminalId) -> Result<Option<Terminal>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            terminal_cols!(),
+            " FROM terminals WHERE id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(terminal_from_row)
+        .transpose()
+    }
+
+    async fn list_terminals(&self, page: Page) -> Result<Vec<Terminal>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            terminal_cols!(),
+            " FROM terminals WHERE ($1 IS NULL OR id > $1) ORDER BY id LIMIT $2"
+        ))
+        .bind(page.after.as_deref())
+        .bind(page.effective_limit())
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(terminal_from_row)
+        .collect()
+    }
+
+    async fn terminals_in(&self, sel: &TerminalSelector) -> Result<Vec<TerminalId>, StoreError> {
+        let (sql, wanted): (&'static str, Vec<String>) = match sel {
+            TerminalSelector::All => {
+                let rows: Vec<String> = sqlx::query_scalar("SELECT id FROM terminals ORDER BY id")
+                    .fetch_all(&self.pool)
+                    .await?;
+                return rows
+                    .into_iter()
+                    .map(|id| parse_terminal_id(id, "terminals.id"))
+                    .collect();
+            }
+            TerminalSelector::Ids(ids) => (
+                "SELECT id FROM terminals WHERE id = ANY($1)",
+                ids.iter().map(|i| i.as_str().to_string()).collect(),
+            ),
+            TerminalSelector::Groups(groups) => (
+                "SELECT id FROM terminals WHERE grp = ANY($1)",
+                groups.clone(),
+            ),
+        };
+        let mut ids: Vec<String> = sqlx::query_scalar(sql)
+            .bind(wanted)
+            .fetch_all(&self.pool)
+            .await?;
+        ids.sort();
+        ids.dedup();
+        ids.into_iter()
+            .map(|id| parse_terminal_id(id, "terminals.id"))
+            .collect()
+    }
+
+    async fn insert_key(&self, k: &NewKey, actor: &str) -> Result<KeyRecord, StoreError> {
+        validate_new_key(k)?;
+        let now = micros(Utc::now());
+        let grace_until = now + grace_seconds_delta(k.grace_seconds)?;
+        let mut tx = self.begin().await?;
+        let exists: Option<String> =
+            sqlx::query_scalar("SELECT id FROM terminals WHERE id = $1 FOR NO KEY UPDATE")
+                .bind(k.terminal_id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+        if exists.is_none() {
+            return Err(StoreError::not_found(format!("terminal {}", k.terminal_id)));
+        }
+        let version: i32 = sqlx::query_scalar(
+            "SELECT COALESCE(MAX(version), 0) + 1 FROM keys WHERE terminal_id = $1 AND key_type = $2",
+        )
+        .bind(k.terminal_id.as_str())
+        .bind(k.key_type.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+        let mut previous: Option<String> = None;
+        if k.state == KeyState::Active {
+            previous = sqlx::query_scalar(
+                "UPDATE keys SET state = 'EXPIRED', expired_at = $3, grace_until = $4 \
+                 WHERE terminal_id = $1 AND key_type = $2 AND state = 'ACTIVE' RETURNING id",
+            )
+            .bind(k.terminal_id.as_str())
+            .bind(k.key_type.as_str())
+            .bind(enc(now))
+            .bind(enc(grace_until))
+            .fetch_optional(&mut *tx)
+            .await?;
+        }
+        let id = KeyId::generate();
+        let activated_at = (k.state == KeyState::Active).then_some(now);
+        sqlx::query(
+            "INSERT INTO keys (id, terminal_id, key_type, version, state, kcv, wrapped, \
+             rotation_id, grace_seconds, created_at, activated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(id.as_str())
+        .bind(k.terminal_id.as_str())
+        .bind(k.key_type.as_str())
+        .bind(version)
+        .bind(k.state.as_str())
+        .bind(&k.kcv)
+        .bind(&k.wrapped.0)
+        .bind(k.rotation_id.as_ref().map(RotationId::as_str))
+        .bind(k.grace_seconds)
+        .bind(enc(now))
+        .bind(activated_at.map(enc))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_foreign_key_violation(&e) {
+                StoreError::not_found("the key's rotation")
+            } else {
+                e.into()
+            }
+        })?;
+        let detail = serde_json::json!({
+            "terminalId": k.terminal_id.as_str(), "type": k.key_type.as_str(),
+            "version": version, "state": k.state.as_str(), "kcv": k.kcv,
+            "expiredPrevious": previous,
+        });
+        write_audit(
+            &mut tx,
+            now,
+            &audit(actor, "key.create", id.as_str(), detail),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(KeyRecord {
+            id,
+            terminal_id: k.terminal_id.clone(),
+            key_type: k.key_type,
+            version,
+            state: k.state,
+            kcv: k.kcv.clone(),
+            wrapped: k.wrapped.clone(),
+            rotation_id: k.rotation_id.clone(),
+            grace_seconds: k.grace_seconds,
+            created_at: now,
+            activated_at,
+            expired_at: None,
+            grace_until: None,
+        })
+    }
+
+    async fn insert_keys_bulk(
+        &self,
+        keys: &[NewKey],
+        rotation: &NewRotation,
+        actor: &str,
+    ) -> Result<(), StoreError> {
+        validate_bulk(keys, rotation)?;
+        let now = micros(Utc::now());
+        let mut tx = self.begin().await?;
+        let (activation, activate_at) = match rotation.activation {
+            Activation::OnConfirm => ("onConfirm", None),
+            Activation::AtTime(t) => ("atTime", Some(enc(micros(t)))),
+        };
+        let done = sqlx::query(
+            "INSERT INTO key_rotations (id, key_type, activation, activate_at, grace_seconds, \
+             created_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(rotation.id.as_str())
+        .bind(rotation.key_type.as_str())
+        .bind(activation)
+        .bind(activate_at)
+        .bind(rotation.grace_seconds)
+        .bind(enc(now))
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::conflict(format!("rotation {}", rotation.id)));
+        }
+        // lock the terminals (in id order, like every other key transaction) so no concurrent
+        // key insert can take the versions computed below
+        let mut ids: Vec<String> = keys
+            .iter()
+            .map(|k| k.terminal_id.as_str().to_string())
+            .collect();
+        ids.sort();
+        let locked: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM terminals WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        if locked.len() != ids.len() {
+            let locked: std::collections::HashSet<&str> =
+                locked.iter().map(String::as_str).collect();
+            let missing = ids
+                .iter()
+                .find(|id| !locked.contains(id.as_str()))
+                .map(String::as_str)
+                .unwrap_or("?");
+            return Err(StoreError::not_found(format!(
+                "terminal {missing} of rotation {}",
+                rotation.id
+            )));
+        }
+        let rows = sqlx::query(
+            "SELECT terminal_id, MAX(version) AS v FROM keys \
+             WHERE key_type = $1 AND terminal_id = ANY($2) GROUP BY terminal_id",
+        )
+        .bind(rotation.key_type.as_str())
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut versions: HashMap<String, i32> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            versions.insert(row.try_get("terminal_id")?, row.try_get("v")?);
+        }
+        const COLS: usize = 10;
+        for chunk in keys.chunks(BULK_CHUNK) {
+            let sql = format!(
+                "INSERT INTO keys (id, terminal_id, key_type, version, state, kcv, wrapped, \
+                 rotation_id, grace_seconds, created_at) VALUES {}",
+                values_placeholders(chunk.len(), COLS)
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for k in chunk {
+                let version = versions.get(k.terminal_id.as_str()).copied().unwrap_or(0) + 1;
+                q = q
+                    .bind(KeyId::generate().to_string())
+                    .bind(k.terminal_id.as_str().to_string())
+                    .bind(rotation.key_type.as_str())
+                    .bind(version)
+                    .bind(KeyState::Pending.as_str())
+                    .bind(k.kcv.clone())
+                    .bind(k.wrapped.0.clone())
+                    .bind(rotation.id.as_str().to_string())
+                    .bind(rotation.grace_seconds)
+                    .bind(enc(now));
+            }
+            q.execute(&mut *tx).await.map_err(|e| {
+                if is_foreign_key_violation(&e) {
+                    StoreError::not_found(format!("a terminal of rotation {}", rotation.id))
+                } else {
+                    e.into()
+                }
+            })?;
+        }
+        let detail = serde_json::json!({
+            "keyType": rotation.key_type.as_str(), "keys": keys.len(),
+            "activation": activation, "graceSeconds": rotation.grace_seconds,
+        });
+        write_audit(
+            &mut tx,
+            now,
+            &audit(actor, "rotation.create", rotation.id.as_str(), detail),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_key(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        load_key(&mut conn, id.as_str()).await
+    }
+
+    async fn list_keys(&self, terminal: &TerminalId) -> Result<Vec<KeyRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            key_cols!(),
+            " FROM keys WHERE terminal_id = $1 ORDER BY key_type, version"
+        ))
+        .bind(terminal.as_str())
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(key_from_row)
+        .collect()
+    }
+
+    async fn keys_for_use(
+        &self,
+        terminal: &TerminalId,
+        kt: KeyType,
+        now: DateTime<Utc>,
+    ) -> Result<UsableKeys, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            key_cols!(),
+            " FROM keys WHERE terminal_id = $1 AND key_type = $2 \
+              AND (state IN ('ACTIVE', 'PENDING') OR (state = 'EXPIRED' AND grace_until > $3)) \
+              ORDER BY version DESC"
+        ))
+        .bind(terminal.as_str())
+        .bind(kt.as_str())
+        .bind(enc(micros(now)))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut usable = UsableKeys::default();
+        for row in &rows {
+            let key = key_from_row(row)?;
+            match key.state {
+                KeyState::Active if usable.active.is_none() => usable.active = Some(key),
+                KeyState::Pending if usable.pending.is_none() => usable.pending = Some(key),
+                KeyState::Expired => usable.in_grace.push(key),
+                _ => {}
+            }
+        }
+        Ok(usable)
+    }
+
+    async fn transition_key(
+        &self,
+        id: &KeyId,
+        to: KeyTransition,
+        grace: Duration,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<KeyRecord, StoreError> {
+        let now = micros(now);
+        let grace_until = now + grace_delta(grace)?;
+        let mut tx = self.begin().await?;
+        let terminal: Option<String> =
+            sqlx::query_scalar("SELECT terminal_id FROM keys WHERE id = $1")
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(terminal) = terminal else {
+            return Err(StoreError::not_found(format!("key {id}")));
+        };
+        // every key change of a terminal holds its row lock: two racing activations queue here
+        // and the second one sees the first one's result
+        sqlx::query("SELECT id FROM terminals WHERE id = $1 FOR NO KEY UPDATE")
+            .bind(&terminal)
+            .execute(&mut *tx)
+            .await?;
+        let key = load_key(&mut tx, id.as_str())
+            .await?
+            .ok_or_else(|| StoreError::not_found(format!("key {id}")))?;
+        check_transition(key.state, to)?;
+        let mut previous: Option<String> = None;
+        match to {
+            KeyTransition::Activate => {
+                previous = sqlx::query_scalar(
+                    "UPDATE keys SET state = 'EXPIRED', expired_at = $3, grace_until = $4 \
+                     WHERE terminal_id = $1 AND key_type = $2 AND state = 'ACTIVE' RETURNING id",
+                )
+                .bind(key.terminal_id.as_str())
+                .bind(key.key_type.as_str())
+                .bind(enc(now))
+                .bind(enc(grace_until))
+                .fetch_optional(&mut *tx)
+                .await?;
+                sqlx::query("UPDATE keys SET state = 'ACTIVE', activated_at = $2 WHERE id = $1")
+                    .bind(id.as_str())
+                    .bind(enc(now))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            KeyTransition::Expire => {
+                let until = (key.state == KeyState::Active).then_some(enc(grace_until));
+                sqlx::query(
+                    "UPDATE keys SET state = 'EXPIRED', expired_at = $2, grace_until = $3 \
+                     WHERE id = $1",
+                )
+                .bind(id.as_str())
+                .bind(enc(now))
+                .bind(until)
+                .execute(&mut *tx)
+                .await?;
+            }
+            KeyTransition::Revoke => {
+                sqlx::query(
+                    "UPDATE keys SET state = 'REVOKED', grace_until = NULL, \
+                     expired_at = COALESCE(expired_at, $2) WHERE id = $1",
+                )
+                .bind(id.as_str())
+                .bind(enc(now))
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let detail = serde_json::json!({
+            "terminalId": key.terminal_id.as_str(), "type": key.key_type.as_str(),
+            "version": key.version, "from": key.state.as_str(), "to": to.target(),
+            "expiredPrevious": previous,
+        });
+        write_audit(
+            &mut tx,
+            now,
+            &audit(actor, to.action(), id.as_str(), detail),
+        )
+        .await?;
+        let updated = load_key(&mut tx, id.as_str())
+            .await?
+            .ok_or_else(|| StoreError::corrupt("keys: updated key vanished"))?;
+        tx.commit().await?;
+        Ok(updated)
+    }
+
+    async fn rotation_totals(
+        &self,
+        rotation: &RotationId,
+    ) -> Result<Option<RotationStatus>, StoreError> {
+        let Some(row) = sqlx::query(
+            "SELECT id, key_type, activation, activate_at, grace_seconds, created_at, \
+             (SELECT COUNT(DISTINCT terminal_id) FROM keys WHERE rotation_id = $1) AS terminals \
+             FROM key_rotations WHERE id = $1",
+        )
+        .bind(rotation.as_str())
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let activation: String = row.try_get("activation")?;
+        let activation = match (activation.as_str(), opt_ts(&row, "activate_at")?) {
+            ("onConfirm", None) => Activation::OnConfirm,
+            ("atTime", Some(t)) => Activation::AtTime(t),
+            _ => return Err(StoreError::corrupt("key_rotations.activation")),
+        };
+        let mut totals: BTreeMap<KeyState, u64> = totals_template();
+        let counts = sqlx::query(
+            "SELECT state, COUNT(*) AS n FROM keys WHERE rotation_id = $1 GROUP BY state",
+        )
+        .bind(rotation.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        for c in &counts {
+            let state = parse_key_state(c.try_get("state")?)?;
+            let n: i64 = c.try_get("n")?;
+            totals.insert(state, u64::try_from(n).unwrap_or(0));
+        }
+        let terminals: i64 = row.try_get("terminals")?;
+        Ok(Some(RotationStatus {
+            id: rotation.clone(),
+            key_type: parse_key_type(row.try_get("key_type")?)?,
+            activation,
+            grace_seconds: row.try_get("grace_seconds")?,
+            created_at: ts(&row, "created_at")?,
+            totals,
+            terminals: u64::try_from(terminals).unwrap_or(0),
+        }))
+    }
+
+    async fn expire_previous(
+        &self,
+        rotation: &RotationId,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let now = micros(now);
+        let mut tx = self.begin().await?;
+        let key_type: Option<String> =
+            sqlx::query_scalar("SELECT key_type FROM key_rotations WHERE id = $1")
+                .bind(rotation.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(key_type) = key_type else {
+            return Err(StoreError::not_found(format!("rotation {rotation}")));
+        };
+        let done = sqlx::query(
+            "UPDATE keys SET grace_until = $3 \
+             WHERE key_type = $2 AND state = 'EXPIRED' AND grace_until > $3 \
+               AND (rotation_id IS NULL OR rotation_id <> $1) \
+               AND terminal_id IN (SELECT terminal_id FROM keys \
+                                   WHERE rotation_id = $1 AND state = 'ACTIVE')",
+        )
+        .bind(rotation.as_str())
+        .bind(&key_type)
+        .bind(enc(now))
+        .execute(&mut *tx)
+        .await?;
+        let n = done.rows_affected();
+        let detail = serde_json::json!({"keyType": key_type, "keys": n});
+        write_audit(
+            &mut tx,
+            now,
+            &audit(actor, "rotation.expire-previous", rotation.as_str(), detail),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn create_account(&self, a: &NewAccount, actor: &str) -> Result<Account, StoreError> {
+        validate_new_account(a)?;
+        let now = micros(Utc::now());
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "INSERT INTO accounts (id, currency, balance, daily_withdrawal_limit, created_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(a.id.as_str())
+        .bind(&a.currency)
+        .bind(a.balance)
+        .bind(a.daily_withdrawal_limit)
+        .bind(enc(now))
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::conflict(format!("account {}", a.id)));
+        }
+        let detail = serde_json::json!({
+            "currency": a.currency, "balance": a.balance,
+            "dailyWithdrawalLimit": a.daily_withdrawal_limit,
+        });
+        write_audit(
+            &mut tx,
+            now,
+            &audit(actor, "account.create", a.id.as_str(), detail),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Account {
+            id: a.id.clone(),
+            currency: a.currency.clone(),
+            balance: a.balance,
+            daily_withdrawal_limit: a.daily_withdrawal_limit,
+            created_at: now,
+        })
+    }
+
+    async fn get_account(&self, id: &AccountId) -> Result<Option<Account>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            account_cols!(),
+            " FROM accounts WHERE id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(account_from_row)
+        .transpose()
+    }
+
+    async fn create_card(&self, c: &NewCard, actor: &str) -> Result<Card, StoreError> {
+        validate_new_card(c)?;
+        let now = micros(Utc::now());
+        let mut tx = self.begin().await?;
+        let account: Option<String> = sqlx::query_scalar("SELECT id FROM accounts WHERE id = $1")
+            .bind(c.account_id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if account.is_none() {
+            return Err(StoreError::not_found(format!("account {}", c.account_id)));
+        }
+        let id = CardId::generate();
+        let done = sqlx::query(
+            "INSERT INTO cards (id, pan_token, last4, expiry, account_id, pvv, pin_tries, upstream, \
+             created_at) VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8) \
+             ON CONFLICT (pan_token) DO NOTHING",
+        )
+        .bind(id.as_str())
+        .bind(&c.pan_token)
+        .bind(&c.last4)
+        .bind(&c.expiry)
+        .bind(c.account_id.as_str())
+        .bind(&c.pvv)
+        .bind(c.upstream.as_deref())
+        .bind(enc(now))
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::conflict(format!(
+                "card ending {}: this PAN is already registered",
+                c.last4
+            )));
+        }
+        let detail = serde_json::json!({
+            "last4": c.last4, "expiry": c.expiry, "accountId": c.account_id.as_str(),
+            "upstream": c.upstream,
+        });
+        write_audit(
+            &mut tx,
+            now,
+            &audit(actor, "card.create", id.as_str(), detail),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Card {
+            id,
+            pan_token: c.pan_token.clone(),
+            last4: c.last4.clone(),
+            expiry: c.expiry.clone(),
+            account_id: c.account_id.clone(),
+            pvv: c.pvv.clone(),
+            pin_tries: 0,
+            pin_blocked: false,
+            upstream: c.upstream.clone(),
+            created_at: now,
+        })
+    }
+
+    async fn get_card(&self, id: &CardId) -> Result<Option<Card>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            card_cols!(),
+            " FROM cards WHERE id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(card_from_row)
+        .transpose()
+    }
+
+    async fn find_card(&self, pan_token: &str) -> Result<Option<Card>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            card_cols!(),
+            " FROM cards WHERE pan_token = $1"
+        ))
+        .bind(pan_token)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(card_from_row)
+        .transpose()
+    }
+
+    async fn record_pin_failure(&self, card: &CardId) -> Result<u32, StoreError> {
+        // one statement: the increment is atomic without an explicit transaction
+        let tries: Option<i32> = sqlx::query_scalar(
+            "UPDATE cards SET pin_tries = pin_tries + 1 WHERE id = $1 RETURNING pin_tries",
+        )
+        .bind(card.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        let tries = tries.ok_or_else(|| StoreError::not_found(format!("card {card}")))?;
+        u32::try_from(tries).map_err(|_| StoreError::corrupt("cards.pin_tries"))
+    }
+
+    async fn clear_pin_failures(&self, card: &CardId) -> Result<(), StoreError> {
+        let done = sqlx::query("UPDATE cards SET pin_tries = 0 WHERE id = $1")
+            .bind(card.as_str())
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::not_found(format!("card {card}")));
+        }
+        Ok(())
+    }
+
+    async fn reset_pin(&self, card: &CardId, pvv: &str, actor: &str) -> Result<(), StoreError> {
+        if pvv.is_empty() {
+            return Err(StoreError::invalid("pvv: empty"));
+        }
+        let now = micros(Utc::now());
+        let mut tx = self.begin().await?;
+        let done = sqlx::query("UPDATE cards SET pvv = $2, pin_tries = 0 WHERE id = $1")
+            .bind(card.as_str())
+            .bind(pvv)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::not_found(format!("card {card}")));
+        }
+        write_audit(
+            &mut tx,
+            now,
+            &audit(
+                actor,
+                "card.pin-reset",
+                card.as_str(),
+                serde_json::json!({}),
+            ),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn find_request(&self, id: &RequestIdentity) -> Result<Option<JournalEntry>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(load_journal(&mut conn, id).await?.map(|(_, e)| e))
+    }
+
+    async fn authorize(&self, req: &AuthRequest) -> Result<AuthOutcome, StoreError> {
+        let now = micros(req.now);
+        let (kind, amount) = match req.kind {
+            AuthKind::Balance => (JournalKind::Balance, None),
+            AuthKind::Withdrawal { amount } => (JournalKind::Withdrawal, Some(amount)),
+        };
+        let mut tx = self.begin().await?;
+        lock_identity(&mut tx, &req.identity).await?;
+        let Some(journal_id) = claim_identity(
+            &mut tx,
+            &req.identity,
+            &req.digest,
+            &req.mti,
+            kind,
+            amount,
+            &req.currency,
+            &req.rrn,
+            req.account_id.as_ref(),
+            req.card_id.as_ref(),
+            None,
+            now,
+        )
+        .await?
+        else {
+            return answer_existing(&mut tx, &req.identity, &req.digest).await;
+        };
+
+        if let Some(code) = req.decline {
+            let entry = finish_journal(&mut tx, &journal_id, code, &Answer::default()).await?;
+            tx.commit().await?;
+            return Ok(AuthOutcome::Done(entry));
+        }
+
+        // the terminal gave up on this request and reversed it before it reached us (or while
+        // it was in flight): apply nothing, so the reversal and the request net to zero
+        let reversed_before: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM journal WHERE kind = 'reversal' AND orig_terminal_id = $1 \
+             AND orig_stan = $2 AND orig_transmission = $3 LIMIT 1",
+        )
+        .bind(req.identity.terminal_id.as_str())
+        .bind(&req.identity.stan)
+        .bind(&req.identity.transmission)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if reversed_before.is_some() {
+            sqlx::query(MARK_REVERSED)
+                .bind(&journal_id)
+                .execute(&mut *tx)
+                .await?;
+            let entry = finish_journal(
+                &mut tx,
+                &journal_id,
+                ResponseCode::NoActionTaken,
+                &Answer::default(),
+            )
+            .await?;
+            tx.commit().await?;
+            return Ok(AuthOutcome::Done(entry));
+        }
+
+        let account_id = req
+            .account_id
+            .as_ref()
+            .ok_or_else(|| StoreError::invalid("accountId: required to authorize"))?;
+        // the account row lock serializes every balance decision on this account
+        let account = sqlx::query(
+            "SELECT currency, balance, daily_withdrawal_limit FROM accounts WHERE id = $1 \
+             FOR NO KEY UPDATE",
+        )
+        .bind(account_id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| StoreError::not_found(format!("account {account_id}")))?;
+        let currency: String = account.try_get("currency")?;
+        let balance: i64 = account.try_get("balance")?;
+        let limit: i64 = account.try_get("daily_withdrawal_limit")?;
+
+        let (code, ledger, day) = if currency != req.currency {
+            // no currency conversion in the switch: refuse rather than debit the wrong amount
+            (ResponseCode::InvalidTransaction, None, None)
+        } else {
+            match req.kind {
+                AuthKind::Balance => (ResponseCode::Approved, Some(balance), None),
+                AuthKind::Withdrawal { amount } => {
+                    let day = utc_day(now);
+                    let withdrawn: i64 = sqlx::query_scalar(
+                        "SELECT COALESCE((SELECT total FROM daily_withdrawals \
+                         WHERE account_id = $1 AND day = $2), 0)",
+                    )
+                    .bind(account_id.as_str())
+                    .bind(&day)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    match withdrawal_decision(amount, balance, withdrawn, limit) {
+                        ResponseCode::Approved => {
+                            let new_balance: Option<i64> = sqlx::query_scalar(
+                                "UPDATE accounts SET balance = balance - $2 \
+                                 WHERE id = $1 AND balance >= $2 RETURNING balance",
+                            )
+                            .bind(account_id.as_str())
+                            .bind(amount)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                            match new_balance {
+                                Some(b) => {
+                                    sqlx::query(
+                                        "INSERT INTO daily_withdrawals (account_id, day, total) \
+                                         VALUES ($1, $2, $3) ON CONFLICT (account_id, day) \
+                                         DO UPDATE SET total = daily_withdrawals.total + excluded.total",
+                                    )
+                                    .bind(account_id.as_str())
+                                    .bind(&day)
+                                    .bind(amount)
+                                    .execute(&mut *tx)
+                                    .await?;
+                                    (ResponseCode::Approved, Some(b), Some(day))
+                                }
+                                // the write lock makes this unreachable; refuse rather than overdraw
+                                None => (ResponseCode::InsufficientFunds, None, None),
+                            }
+                        }
+                        other => (other, None, None),
+                    }
+                }
+            }
+        };
+        let auth_code = (code == ResponseCode::Approved).then_some(req.auth_code.as_str());
+        let entry = finish_journal(
+            &mut tx,
+            &journal_id,
+            code,
+            &Answer {
+                auth_code,
+                ledger,
+                business_day: day.as_deref(),
+                ..Answer::default()
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(AuthOutcome::Done(entry))
+    }
+
+    async fn reverse(&self, req: &ReversalRequest) -> Result<AuthOutcome, StoreError> {
+        let now = micros(req.now);
+        let mut tx = self.begin().await?;
+        let Some(journal_id) = claim_identity(
+            &mut tx,
+            &req.identity,
+            &req.digest,
+            &req.mti,
+            JournalKind::Reversal,
+            None,
+            "",
+            &req.rrn,
+            None,
+            None,
+            Some(&req.original),
+            now,
+        )
+        .await?
+        else {
+            return answer_existing(&mut tx, &req.identity, &req.digest).await;
+        };
+        lock_identity(&mut tx, &req.original).await?;
+        let original = sqlx::query(
+            "SELECT id, kind, amount, currency, response_code, reversed, account_id, business_day \
+             FROM journal WHERE terminal_id = $1 AND stan = $2 AND transmission = $3 AND id <> $4 \
+             FOR NO KEY UPDATE",
+        )
+        .bind(req.original.terminal_id.as_str())
+        .bind(&req.original.stan)
+        .bind(&req.original.transmission)
+        .bind(&journal_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(original) = original else {
+            let entry = finish_journal(
+                &mut tx,
+                &journal_id,
+                ResponseCode::NoActionTaken,
+                &Answer::default(),
+            )
+            .await?;
+            tx.commit().await?;
+            return Ok(AuthOutcome::Done(entry));
+        };
+        let original_id: String = original.try_get("id")?;
+        let kind: String = original.try_get("kind")?;
+        let kind = JournalKind::parse(&kind)
+            .ok_or_else(|| StoreError::corrupt(format!("journal.kind {kind:?}")))?;
+        let amount: Option<i64> = original.try_get("amount")?;
+        let currency: String = original.try_get("currency")?;
+        let response_code: String = original.try_get("response_code")?;
+        let reversed: bool = original.try_get("reversed")?;
+        let account_id: Option<String> = original.try_get("account_id")?;
+        let business_day: Option<String> = original.try_get("business_day")?;
+
+        let (code, ledger) = match reversal_plan(kind, &response_code, reversed, amount) {
+            ReversalPlan::Refuse => (ResponseCode::InvalidTransaction, None),
+            ReversalPlan::NothingToRestore => (ResponseCode::Approved, None),
+            ReversalPlan::Restore(amount) => {
+                let account_id = account_id
+                    .ok_or_else(|| StoreError::corrupt("journal.account_id of a withdrawal"))?;
+                let new_balance: i64 = sqlx::query_scalar(
+                    "UPDATE accounts SET balance = balance + $2 WHERE id = $1 RETURNING balance",
+                )
+                .bind(&account_id)
+                .bind(amount)
+                .fetch_one(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE daily_withdrawals SET total = CASE WHEN total > $3 THEN total - $3 \
+                     ELSE 0 END WHERE account_id = $1 AND day = $2",
+                )
+                .bind(&account_id)
+                .bind(business_day.as_deref())
+                .bind(amount)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(MARK_REVERSED)
+                    .bind(&original_id)
+                    .execute(&mut *tx)
+                    .await?;
+                (ResponseCode::Approved, Some(new_balance))
+            }
+        };
+        let entry = finish_journal(
+            &mut tx,
+            &journal_id,
+            code,
+            &Answer {
+                ledger,
+                amount,
+                currency: Some(&currency),
+                original_id: Some(&original_id),
+                ..Answer::default()
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(AuthOutcome::Done(entry))
+    }
+
+    async fn append_audit(&self, e: &NewAudit) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        write_audit(&mut conn, micros(Utc::now()), e).await
+    }
+
+    async fn list_audit(
+        &self,
+        since: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let limit = Page { after: None, limit }.effective_limit();
+        sqlx::query(
+            "SELECT id, at, actor, action, target, result, detail::text AS detail FROM audit \
+             WHERE at >= $1 ORDER BY at, id LIMIT $2",
+        )
+        .bind(enc(micros(since)))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(audit_from_row)
+        .collect()
+    }
+
+    async fn idempotency_get(
+        &self,
+        key: &str,
+        actor: &str,
+    ) -> Result<Option<StoredResponse>, StoreError> {
+        let row = sqlx::query(
+            "SELECT request_hash, status, body FROM idempotency WHERE key = $1 AND actor = $2",
+        )
+        .bind(key)
+        .bind(actor)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            let status: i32 = r.try_get("status")?;
+            Ok(StoredResponse {
+                request_hash: r.try_get("request_hash")?,
+                status: u16::try_from(status)
+                    .map_err(|_| StoreError::corrupt("idempotency.status"))?,
+                body: r.try_get("body")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn idempotency_put(
+        &self,
+        key: &str,
+        actor: &str,
+        r: &StoredResponse,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO idempotency (key, actor, request_hash, status, body, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (key, actor) DO NOTHING",
+        )
+        .bind(key)
+        .bind(actor)
+        .bind(&r.request_hash)
+        .bind(i32::from(r.status))
+        .bind(&r.body)
+        .bind(enc(micros(Utc::now())))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}

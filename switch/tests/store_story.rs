@@ -1,0 +1,1618 @@
+//! Store stories: one set of scenarios run against SQLite (always) and PostgreSQL (when
+//! `SWITCHYARD_TEST_DATABASE_URL` is set; required when `CI=true`).
+//!
+//! Each PostgreSQL test runs in its own freshly created schema, so the tests run in parallel.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeZone, Utc};
+use switchyard_switch::domain::{KeyState, KeyType, ResponseCode, TerminalId, WrappedKey};
+use switchyard_switch::store::*;
+
+const PG_ENV: &str = "SWITCHYARD_TEST_DATABASE_URL";
+
+/// What has to be cleaned up after a story.
+enum Guard {
+    Sqlite(#[allow(dead_code)] tempfile::TempDir),
+    Postgres { admin: sqlx::PgPool, schema: String },
+}
+
+impl Guard {
+    async fn cleanup(self) {
+        if let Guard::Postgres { admin, schema } = self {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE"
+            )))
+            .execute(&admin)
+            .await;
+            admin.close().await;
+        }
+    }
+}
+
+fn opts() -> ConnectOptions {
+    ConnectOptions {
+        max_connections: 8,
+        acquire_timeout: Duration::from_secs(30),
+    }
+}
+
+async fn open_sqlite(migrate: bool) -> (Store, Guard) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    let store = connect(&url, &opts()).await.expect("open sqlite store");
+    if migrate {
+        store.migrate().await.expect("migrate sqlite");
+    }
+    (store, Guard::Sqlite(dir))
+}
+
+/// The PostgreSQL URL under test, or `None` (with a notice) when it is not configured.
+fn postgres_url() -> Option<String> {
+    match std::env::var(PG_ENV) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{PG_ENV} must be set when CI=true");
+            }
+            eprintln!("skipping PostgreSQL story: {PG_ENV} is not set");
+            None
+        }
+    }
+}
+
+async fn open_postgres(migrate: bool) -> Option<(Store, Guard)> {
+    let url = postgres_url()?;
+    let admin = sqlx::PgPool::connect(&url)
+        .await
+        .expect("connect to the test PostgreSQL");
+    let schema = format!("story_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await
+        .expect("create test schema");
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let scoped = format!("{url}{sep}options=-c%20search_path%3D{schema}");
+    let store = connect(&scoped, &opts())
+        .await
+        .expect("open postgres store");
+    if migrate {
+        store.migrate().await.expect("migrate postgres");
+    }
+    Some((store, Guard::Postgres { admin, schema }))
+}
+
+/// Runs every story against both backends: `sqlite::<story>` and `postgres::<story>`.
+macro_rules! stories {
+    ($($story:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $story() {
+                    let (store, guard) = super::open_sqlite(true).await;
+                    assert_eq!(store.backend(), super::Backend::Sqlite);
+                    super::$story(store).await;
+                    guard.cleanup().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $story() {
+                    let Some((store, guard)) = super::open_postgres(true).await else { return };
+                    assert_eq!(store.backend(), super::Backend::Postgres);
+                    super::$story(store).await;
+                    guard.cleanup().await;
+                }
+            )*
+        }
+    };
+}
+
+stories!(
+    terminals_register_conflict_and_page,
+    key_lifecycle_allows_spec_transitions_only,
+    racing_activations_leave_one_active_key,
+    grace_window_accepts_previous_key_until_it_ends,
+    fleet_rotation_of_ten_thousand_terminals,
+    accounts_and_cards,
+    three_wrong_pins_block_until_reset,
+    authorize_applies_ledger_rules,
+    concurrent_withdrawals_never_overdraw,
+    reversal_restores_funds_exactly_once,
+    racing_reversals_credit_once,
+    reversal_racing_its_original_nets_to_zero,
+    audit_and_idempotency_round_trip,
+    migration_status_is_current_after_migrate,
+);
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+fn tid(s: &str) -> TerminalId {
+    TerminalId::new(s).unwrap()
+}
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 22, 10, 0, 0).unwrap()
+}
+
+async fn terminal(store: &Store, id: &str) -> TerminalId {
+    let t = NewTerminal {
+        id: tid(id),
+        group: "jakarta".into(),
+        kind: TerminalKind::Atm,
+    };
+    store.create_terminal(&t, "admin").await.unwrap();
+    t.id
+}
+
+fn new_key(terminal: &TerminalId, kt: KeyType, state: KeyState) -> NewKey {
+    NewKey {
+        terminal_id: terminal.clone(),
+        key_type: kt,
+        state,
+        wrapped: WrappedKey(format!("WRAPPED-{}", uuid::Uuid::new_v4().simple())),
+        kcv: "1A2B3C".into(),
+        rotation_id: None,
+        grace_seconds: 300,
+    }
+}
+
+async fn account(store: &Store, id: &str, balance: i64, limit: i64) -> AccountId {
+    let a = NewAccount {
+        id: AccountId::new(id).unwrap(),
+        currency: "360".into(),
+        balance,
+        daily_withdrawal_limit: limit,
+    };
+    store.create_account(&a, "admin").await.unwrap();
+    a.id
+}
+
+fn identity(terminal: &str, stan: u32) -> RequestIdentity {
+    RequestIdentity::new(tid(terminal), format!("{stan:06}"), "1122100000").unwrap()
+}
+
+fn withdrawal(acc: &AccountId, terminal: &str, stan: u32, amount: i64) -> AuthRequest {
+    AuthRequest {
+        identity: identity(terminal, stan),
+        digest: format!("digest-{terminal}-{stan}-{amount}"),
+        mti: "0200".into(),
+        kind: AuthKind::Withdrawal { amount },
+        card_id: None,
+        account_id: Some(acc.clone()),
+        currency: "360".into(),
+        rrn: format!("{stan:012}"),
+        auth_code: format!("A{stan:05}"),
+        decline: None,
+        now: t0(),
+    }
+}
+
+fn reversal(terminal: &str, stan: u32, original: u32) -> ReversalRequest {
+    ReversalRequest {
+        identity: identity(terminal, stan),
+        digest: format!("rev-{terminal}-{stan}-{original}"),
+        mti: "0400".into(),
+        original: identity(terminal, original),
+        rrn: format!("{stan:012}"),
+        now: t0(),
+    }
+}
+
+fn done(outcome: AuthOutcome) -> JournalEntry {
+    match outcome {
+        AuthOutcome::Done(e) => e,
+        other => panic!("expected a processed request, got {other:?}"),
+    }
+}
+
+async fn balance(store: &Store, acc: &AccountId) -> i64 {
+    store.get_account(acc).await.unwrap().unwrap().balance
+}
+
+// ---------------------------------------------------------------------------------------------
+// stories
+
+async fn terminals_register_conflict_and_page(store: Store) {
+    for (id, group) in [
+        ("ATM00003", "bandung"),
+        ("ATM00001", "jakarta"),
+        ("ATM00005", "jakarta"),
+        ("ATM00002", "bandung"),
+        ("ATM00004", "surabaya"),
+    ] {
+        let t = NewTerminal {
+            id: tid(id),
+            group: group.into(),
+            kind: TerminalKind::Atm,
+        };
+        let created = store.create_terminal(&t, "admin").await.unwrap();
+        assert_eq!(created.id, t.id);
+    }
+    let station = NewTerminal {
+        id: tid("ACQ001"),
+        group: "stations".into(),
+        kind: TerminalKind::Station,
+    };
+    store.create_terminal(&station, "admin").await.unwrap();
+
+    let again = NewTerminal {
+        id: tid("ATM00001"),
+        group: "elsewhere".into(),
+        kind: TerminalKind::Atm,
+    };
+    assert!(matches!(
+        store.create_terminal(&again, "admin").await,
+        Err(StoreError::Conflict { .. })
+    ));
+    let got = store.get_terminal(&tid("ATM00001")).await.unwrap().unwrap();
+    assert_eq!(
+        got.group, "jakarta",
+        "a conflicting create must not overwrite"
+    );
+    assert_eq!(
+        store
+            .get_terminal(&tid("ACQ001"))
+            .await
+            .unwrap()
+            .unwrap()
+            .kind,
+        TerminalKind::Station
+    );
+    assert!(store.get_terminal(&tid("NOPE")).await.unwrap().is_none());
+
+    // keyset paging in id order
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list_terminals(Page {
+                after: after.clone(),
+                limit: 2,
+            })
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 2);
+        after = Some(page.last().unwrap().id.to_string());
+        seen.extend(page.into_iter().map(|t| t.id.to_string()));
+    }
+    assert_eq!(
+        seen,
+        [
+            "ACQ001", "ATM00001", "ATM00002", "ATM00003", "ATM00004", "ATM00005"
+        ]
+    );
+
+    let all = store.terminals_in(&TerminalSelector::All).await.unwrap();
+    assert_eq!(all.len(), 6);
+    let ids = store
+        .terminals_in(&TerminalSelector::Ids(vec![
+            tid("ATM00004"),
+            tid("GHOST"),
+            tid("ATM00001"),
+            tid("ATM00004"),
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(ids, vec![tid("ATM00001"), tid("ATM00004")]);
+    let groups = store
+        .terminals_in(&TerminalSelector::Groups(vec![
+            "bandung".into(),
+            "surabaya".into(),
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(
+        groups,
+        vec![tid("ATM00002"), tid("ATM00003"), tid("ATM00004")]
+    );
+
+    // bulk onboarding is all or nothing
+    let bulk: Vec<NewTerminal> = ["ATM00006", "ATM00001"]
+        .iter()
+        .map(|id| NewTerminal {
+            id: tid(id),
+            group: "medan".into(),
+            kind: TerminalKind::Atm,
+        })
+        .collect();
+    assert!(matches!(
+        store.create_terminals_bulk(&bulk, "admin").await,
+        Err(StoreError::Conflict { .. })
+    ));
+    assert!(
+        store
+            .get_terminal(&tid("ATM00006"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let audit = store
+        .list_audit(t0() - chrono::Duration::days(3650), 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|a| a.action == "terminal.create")
+            .count(),
+        6,
+        "every registration is audited, the refused one is not"
+    );
+}
+
+async fn key_lifecycle_allows_spec_transitions_only(store: Store) {
+    let t = terminal(&store, "ATM1").await;
+    let now = t0();
+    let grace = Duration::from_secs(300);
+
+    // TMK import: ACTIVE at once; a second import expires the first with the new key's grace
+    let tmk1 = store
+        .insert_key(&new_key(&t, KeyType::Tmk, KeyState::Active), "admin")
+        .await
+        .unwrap();
+    assert_eq!((tmk1.version, tmk1.state), (1, KeyState::Active));
+    assert!(tmk1.activated_at.is_some());
+    let tmk2 = store
+        .insert_key(&new_key(&t, KeyType::Tmk, KeyState::Active), "admin")
+        .await
+        .unwrap();
+    assert_eq!(tmk2.version, 2);
+    let tmk1 = store.get_key(&tmk1.id).await.unwrap().unwrap();
+    assert_eq!(tmk1.state, KeyState::Expired);
+    let g = tmk1.grace_until.unwrap() - tmk1.expired_at.unwrap();
+    assert_eq!(g, chrono::Duration::seconds(300));
+
+    // PENDING -> ACTIVE, then a new PENDING -> ACTIVE expires the previous with grace
+    let k1 = store
+        .insert_key(&new_key(&t, KeyType::Tpk, KeyState::Pending), "system")
+        .await
+        .unwrap();
+    assert_eq!((k1.version, k1.state), (1, KeyState::Pending));
+    let k1 = store
+        .transition_key(&k1.id, KeyTransition::Activate, grace, "system", now)
+        .await
+        .unwrap();
+    assert_eq!(k1.state, KeyState::Active);
+    assert_eq!(k1.activated_at, Some(now));
+    let k2 = store
+        .insert_key(&new_key(&t, KeyType::Tpk, KeyState::Pending), "system")
+        .await
+        .unwrap();
+    assert_eq!(k2.version, 2);
+    let k2 = store
+        .transition_key(&k2.id, KeyTransition::Activate, grace, "system", now)
+        .await
+        .unwrap();
+    assert_eq!(k2.state, KeyState::Active);
+    let k1 = store.get_key(&k1.id).await.unwrap().unwrap();
+    assert_eq!(k1.state, KeyState::Expired);
+    assert_eq!(k1.expired_at, Some(now));
+    assert_eq!(k1.grace_until, Some(now + chrono::Duration::seconds(300)));
+
+    // refused: ACTIVE -> ACTIVE, EXPIRED -> ACTIVE, EXPIRED -> EXPIRED
+    for (id, to, from) in [
+        (&k2.id, KeyTransition::Activate, KeyState::Active),
+        (&k1.id, KeyTransition::Activate, KeyState::Expired),
+        (&k1.id, KeyTransition::Expire, KeyState::Expired),
+    ] {
+        match store.transition_key(id, to, grace, "admin", now).await {
+            Err(StoreError::InvalidTransition { from: f, to: t }) => {
+                assert_eq!((f, t), (from, to.target()));
+            }
+            other => panic!("{to:?} from {from} must be refused, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        store.get_key(&k1.id).await.unwrap().unwrap().state,
+        KeyState::Expired
+    );
+
+    // ACTIVE -> EXPIRED keeps grace; PENDING -> EXPIRED gets none
+    let k2 = store
+        .transition_key(&k2.id, KeyTransition::Expire, grace, "admin", now)
+        .await
+        .unwrap();
+    assert_eq!(k2.state, KeyState::Expired);
+    assert_eq!(k2.grace_until, Some(now + chrono::Duration::seconds(300)));
+    let k3 = store
+        .insert_key(&new_key(&t, KeyType::Tpk, KeyState::Pending), "system")
+        .await
+        .unwrap();
+    assert_eq!(k3.version, 3);
+    let k3 = store
+        .transition_key(&k3.id, KeyTransition::Expire, grace, "admin", now)
+        .await
+        .unwrap();
+    assert_eq!((k3.state, k3.grace_until), (KeyState::Expired, None));
+
+    // revoke from PENDING, ACTIVE and EXPIRED; never twice; a revoked key never comes back
+    let p = store
+        .insert_key(&new_key(&t, KeyType::Tak, KeyState::Pending), "system")
+        .await
+        .unwrap();
+    let p = store
+        .transition_key(&p.id, KeyTransition::Revoke, grace, "admin", now)
+        .await
+        .unwrap();
+    assert_eq!(p.state, KeyState::Revoked);
+    let a = store
+        .insert_key(&new_key(&t, KeyType::Tak, KeyState::Pending), "system")
+        .await
+        .unwrap();
+    store
+        .transition_key(&a.id, KeyTransition::Activate, grace, "system", now)
+        .await
+        .unwrap();
+    let a = store
+        .transition_key(&a.id, KeyTransition::Revoke, grace, "admin", now)
+        .await
+        .unwrap();
+    assert_eq!((a.state, a.grace_until), (KeyState::Revoked, None));
+    let k1 = store
+        .transition_key(&k1.id, KeyTransition::Revoke, grace, "admin", now)
+        .await
+        .unwrap();
+    assert_eq!((k1.state, k1.grace_until), (KeyState::Revoked, None));
+    for to in [
+        KeyTransition::Activate,
+        KeyTransition::Expire,
+        KeyTransition::Revoke,
+    ] {
+        assert!(matches!(
+            store.transition_key(&k1.id, to, grace, "admin", now).await,
+            Err(StoreError::InvalidTransition {
+                from: KeyState::Revoked,
+                ..
+            })
+        ));
+    }
+
+    // refused input
+    assert!(matches!(
+        store
+            .insert_key(
+                &new_key(&tid("GHOST"), KeyType::Tpk, KeyState::Pending),
+                "a"
+            )
+            .await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        store
+            .insert_key(&new_key(&t, KeyType::Tpk, KeyState::Expired), "a")
+            .await,
+        Err(StoreError::Invalid { .. })
+    ));
+    assert!(matches!(
+        store
+            .transition_key(&KeyId::generate(), KeyTransition::Activate, grace, "a", now)
+            .await,
+        Err(StoreError::NotFound { .. })
+    ));
+
+    let keys = store.list_keys(&t).await.unwrap();
+    assert_eq!(keys.len(), 2 + 3 + 2);
+    assert!(
+        !format!("{keys:?}").contains("WRAPPED-"),
+        "Debug must not show wrapped keys"
+    );
+    let audit = store
+        .list_audit(now - chrono::Duration::days(3650), 1000)
+        .await
+        .unwrap();
+    let transitions = audit
+        .iter()
+        .filter(|a| a.action.starts_with("key.") && a.action != "key.create")
+        .count();
+    assert_eq!(
+        transitions, 8,
+        "one audit record per transition that happened"
+    );
+}
+
+async fn racing_activations_leave_one_active_key(store: Store) {
+    let t = terminal(&store, "ATM1").await;
+    let grace = Duration::from_secs(60);
+    let k = store
+        .insert_key(&new_key(&t, KeyType::Tpk, KeyState::Pending), "s")
+        .await
+        .unwrap();
+
+    // the same key activated by many callers at once: exactly one wins
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (store, id) = (Arc::clone(&store), k.id.clone());
+        tasks.push(tokio::spawn(async move {
+            store
+                .transition_key(&id, KeyTransition::Activate, grace, "s", t0())
+                .await
+        }));
+    }
+    let mut won = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(key) => {
+                won += 1;
+                assert_eq!(key.state, KeyState::Active);
+            }
+            Err(StoreError::InvalidTransition {
+                from: KeyState::Active,
+                to: "ACTIVE",
+            }) => {}
+            Err(other) => panic!("unexpected error: {other}"),
+        }
+    }
+    assert_eq!(won, 1);
+
+    // different pending keys of the same terminal and type activated at once
+    let mut pending = Vec::new();
+    for _ in 0..6 {
+        pending.push(
+            store
+                .insert_key(&new_key(&t, KeyType::Tpk, KeyState::Pending), "s")
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let mut tasks = Vec::new();
+    for id in pending {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            store
+                .transition_key(&id, KeyTransition::Activate, grace, "s", t0())
+                .await
+        }));
+    }
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) | Err(StoreError::InvalidTransition { .. }) => {}
+            Err(other) => panic!("unexpected error: {other}"),
+        }
+    }
+    let keys = store.list_keys(&t).await.unwrap();
+    assert_eq!(
+        keys.iter().filter(|k| k.state == KeyState::Active).count(),
+        1
+    );
+    assert_eq!(
+        keys.iter().filter(|k| k.state == KeyState::Expired).count(),
+        6
+    );
+    assert!(
+        keys.iter()
+            .filter(|k| k.state == KeyState::Expired)
+            .all(|k| k.grace_until.is_some())
+    );
+}
+
+async fn grace_window_accepts_previous_key_until_it_ends(store: Store) {
+    let t = terminal(&store, "ATM1").await;
+    let now = t0();
+    let v1 = store
+        .insert_key(&new_key(&t, KeyType::Tak, KeyState::Pending), "s")
+        .await
+        .unwrap();
+    store
+        .transition_key(&v1.id, KeyTransition::Activate, Duration::ZERO, "s", now)
+        .await
+        .unwrap();
+    let v2 = store
+        .insert_key(&new_key(&t, KeyType::Tak, KeyState::Pending), "s")
+        .await
+        .unwrap();
+
+    let usable = store.keys_for_use(&t, KeyType::Tak, now).await.unwrap();
+    assert_eq!(usable.active.as_ref().map(|k| &k.id), Some(&v1.id));
+    assert_eq!(usable.pending.as_ref().map(|k| &k.id), Some(&v2.id));
+    assert!(usable.in_grace.is_empty());
+
+    store
+        .transition_key(
+            &v2.id,
+            KeyTransition::Activate,
+            Duration::from_secs(300),
+            "s",
+            now,
+        )
+        .await
+        .unwrap();
+    let inside = store
+        .keys_for_use(&t, KeyType::Tak, now + chrono::Duration::seconds(299))
+        .await
+        .unwrap();
+    assert_eq!(inside.active.as_ref().map(|k| &k.id), Some(&v2.id));
+    assert!(inside.pending.is_none());
+    assert_eq!(
+        inside.in_grace.iter().map(|k| &k.id).collect::<Vec<_>>(),
+        vec![&v1.id]
+    );
+    let at_end = store
+        .keys_for_use(&t, KeyType::Tak, now + chrono::Duration::seconds(300))
+        .await
+        .unwrap();
+    assert!(
+        at_end.in_grace.is_empty(),
+        "grace ends at graceUntil, never after"
+    );
+
+    // two replacements in a row: both previous keys in grace, newest first
+    let v3 = store
+        .insert_key(&new_key(&t, KeyType::Tak, KeyState::Pending), "s")
+        .await
+        .unwrap();
+    store
+        .transition_key(
+            &v3.id,
+            KeyTransition::Activate,
+            Duration::from_secs(300),
+            "s",
+            now + chrono::Duration::seconds(10),
+        )
+        .await
+        .unwrap();
+    let both = store
+        .keys_for_use(&t, KeyType::Tak, now + chrono::Duration::seconds(20))
+        .await
+        .unwrap();
+    assert_eq!(
+        both.in_grace.iter().map(|k| &k.id).collect::<Vec<_>>(),
+        vec![&v2.id, &v1.id]
+    );
+
+    // a revoked key loses its grace at once; other key types are separate
+    store
+        .transition_key(&v2.id, KeyTransition::Revoke, Duration::ZERO, "admin", now)
+        .await
+        .unwrap();
+    let after = store
+        .keys_for_use(&t, KeyType::Tak, now + chrono::Duration::seconds(20))
+        .await
+        .unwrap();
+    assert_eq!(
+        after.in_grace.iter().map(|k| &k.id).collect::<Vec<_>>(),
+        vec![&v1.id]
+    );
+    let tpk = store.keys_for_use(&t, KeyType::Tpk, now).await.unwrap();
+    assert!(tpk.active.is_none() && tpk.pending.is_none() && tpk.in_grace.is_empty());
+}
+
+async fn fleet_rotation_of_ten_thousand_terminals(store: Store) {
+    const FLEET: usize = 10_000;
+    let terminals: Vec<NewTerminal> = (0..FLEET)
+        .map(|i| NewTerminal {
+            id: tid(&format!("T{i:06}")),
+            group: if i % 2 == 0 { "even" } else { "odd" }.into(),
+            kind: TerminalKind::Atm,
+        })
+        .collect();
+    let started = Instant::now();
+    assert_eq!(
+        store
+            .create_terminals_bulk(&terminals, "admin")
+            .await
+            .unwrap(),
+        FLEET as u64
+    );
+    eprintln!(
+        "{:?}: registered {FLEET} terminals in {:?}",
+        store.backend(),
+        started.elapsed()
+    );
+
+    // three terminals already have an ACTIVE TPK that the rotation will replace
+    let now = t0();
+    let mut old = Vec::new();
+    for t in &terminals[..3] {
+        old.push(
+            store
+                .insert_key(&new_key(&t.id, KeyType::Tpk, KeyState::Active), "s")
+                .await
+                .unwrap(),
+        );
+    }
+
+    let ids = store.terminals_in(&TerminalSelector::All).await.unwrap();
+    assert_eq!(ids.len(), FLEET);
+    let rotation = NewRotation {
+        id: RotationId::new("rot-1").unwrap(),
+        key_type: KeyType::Tpk,
+        activation: Activation::OnConfirm,
+        grace_seconds: 300,
+    };
+    let keys: Vec<NewKey> = ids
+        .iter()
+        .map(|t| NewKey {
+            rotation_id: Some(rotation.id.clone()),
+            ..new_key(t, KeyType::Tpk, KeyState::Pending)
+        })
+        .collect();
+    let started = Instant::now();
+    store
+        .insert_keys_bulk(&keys, &rotation, "operator")
+        .await
+        .unwrap();
+    eprintln!(
+        "{:?}: fleet rotation of {FLEET} PENDING keys committed in {:?}",
+        store.backend(),
+        started.elapsed()
+    );
+
+    let status = store.rotation_totals(&rotation.id).await.unwrap().unwrap();
+    assert_eq!(status.terminals, FLEET as u64);
+    assert_eq!(status.totals[&KeyState::Pending], FLEET as u64);
+    assert_eq!(status.totals[&KeyState::Active], 0);
+    assert_eq!(status.key_type, KeyType::Tpk);
+    assert_eq!(status.activation, Activation::OnConfirm);
+    let versions = store.list_keys(&terminals[0].id).await.unwrap();
+    assert_eq!(
+        versions.iter().map(|k| k.version).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+
+    // the same rotation id again is refused and changes nothing
+    assert!(matches!(
+        store
+            .insert_keys_bulk(&keys[..1], &rotation, "operator")
+            .await,
+        Err(StoreError::Conflict { .. })
+    ));
+
+    // confirm on the three terminals that had keys, plus one that had none
+    for t in terminals[..4].iter() {
+        let k = store
+            .keys_for_use(&t.id, KeyType::Tpk, now)
+            .await
+            .unwrap()
+            .pending
+            .unwrap();
+        assert_eq!(k.rotation_id.as_ref(), Some(&rotation.id));
+        store
+            .transition_key(
+                &k.id,
+                KeyTransition::Activate,
+                Duration::from_secs(300),
+                "s",
+                now,
+            )
+            .await
+            .unwrap();
+    }
+    let status = store.rotation_totals(&rotation.id).await.unwrap().unwrap();
+    assert_eq!(status.totals[&KeyState::Active], 4);
+    assert_eq!(status.totals[&KeyState::Pending], FLEET as u64 - 4);
+
+    let in_grace = store
+        .keys_for_use(&terminals[0].id, KeyType::Tpk, now)
+        .await
+        .unwrap();
+    assert_eq!(in_grace.in_grace.len(), 1);
+    let later = now + chrono::Duration::seconds(60);
+    assert_eq!(
+        store
+            .expire_previous(&rotation.id, "operator", later)
+            .await
+            .unwrap(),
+        3
+    );
+    for t in &terminals[..3] {
+        let usable = store
+            .keys_for_use(&t.id, KeyType::Tpk, later)
+            .await
+            .unwrap();
+        assert!(
+            usable.in_grace.is_empty(),
+            "previous key of {} still in grace",
+            t.id
+        );
+        assert!(usable.active.is_some());
+    }
+    assert_eq!(
+        store
+            .expire_previous(&rotation.id, "operator", later)
+            .await
+            .unwrap(),
+        0
+    );
+
+    // unknown rotations and terminals
+    let ghost = RotationId::new("rot-ghost").unwrap();
+    assert!(store.rotation_totals(&ghost).await.unwrap().is_none());
+    assert!(matches!(
+        store.expire_previous(&ghost, "operator", later).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    let bad = NewRotation {
+        id: RotationId::new("rot-2").unwrap(),
+        ..rotation.clone()
+    };
+    let bad_keys = vec![
+        new_key(&terminals[0].id, KeyType::Tpk, KeyState::Pending),
+        new_key(&tid("GHOST"), KeyType::Tpk, KeyState::Pending),
+    ];
+    assert!(matches!(
+        store.insert_keys_bulk(&bad_keys, &bad, "operator").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(
+        store.rotation_totals(&bad.id).await.unwrap().is_none(),
+        "all or nothing"
+    );
+
+    let audit = store
+        .list_audit(now - chrono::Duration::days(3650), 1000)
+        .await
+        .unwrap();
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|a| a.action == "rotation.create")
+            .count(),
+        1
+    );
+}
+
+async fn accounts_and_cards(store: Store) {
+    let acc = account(&store, "ACC-1", 500_000, 300_000).await;
+    let got = store.get_account(&acc).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            got.currency.as_str(),
+            got.balance,
+            got.daily_withdrawal_limit
+        ),
+        ("360", 500_000, 300_000)
+    );
+    assert!(matches!(
+        store
+            .create_account(
+                &NewAccount {
+                    id: acc.clone(),
+                    currency: "360".into(),
+                    balance: 1,
+                    daily_withdrawal_limit: 1
+                },
+                "a"
+            )
+            .await,
+        Err(StoreError::Conflict { .. })
+    ));
+    assert_eq!(
+        balance(&store, &acc).await,
+        500_000,
+        "conflict must not overwrite"
+    );
+    for (currency, bal, limit) in [("IDR", 0, 0), ("360", -1, 0), ("360", 0, -1)] {
+        let bad = NewAccount {
+            id: AccountId::new("ACC-BAD").unwrap(),
+            currency: currency.into(),
+            balance: bal,
+            daily_withdrawal_limit: limit,
+        };
+        assert!(matches!(
+            store.create_account(&bad, "a").await,
+            Err(StoreError::Invalid { .. })
+        ));
+    }
+    assert!(
+        store
+            .get_account(&AccountId::new("ACC-BAD").unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let new_card = NewCard {
+        pan_token: "a1b2c3d4e5f6".into(),
+        last4: "0004".into(),
+        expiry: "2812".into(),
+        account_id: acc.clone(),
+        pvv: "PVV-SECRET-1".into(),
+        upstream: None,
+    };
+    let card = store.create_card(&new_card, "admin").await.unwrap();
+    assert!(card.id.as_str().starts_with("card-"));
+    assert_eq!((card.pin_tries, card.pin_blocked), (0, false));
+    let by_id = store.get_card(&card.id).await.unwrap().unwrap();
+    assert_eq!(by_id, card);
+    assert_eq!(by_id.pvv, "PVV-SECRET-1");
+    assert_eq!(
+        store.find_card("a1b2c3d4e5f6").await.unwrap().unwrap().id,
+        card.id
+    );
+    assert!(store.find_card("ffff").await.unwrap().is_none());
+    assert!(!format!("{by_id:?}").contains("PVV-SECRET"));
+
+    assert!(matches!(
+        store.create_card(&new_card, "admin").await,
+        Err(StoreError::Conflict { .. })
+    ));
+    let orphan = NewCard {
+        pan_token: "0123".into(),
+        account_id: AccountId::new("ACC-NONE").unwrap(),
+        ..new_card.clone()
+    };
+    assert!(matches!(
+        store.create_card(&orphan, "admin").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    let stand_in = NewCard {
+        pan_token: "beef".into(),
+        upstream: Some("issuer-b".into()),
+        ..new_card
+    };
+    let stand_in = store.create_card(&stand_in, "admin").await.unwrap();
+    assert_eq!(
+        store
+            .get_card(&stand_in.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .upstream
+            .as_deref(),
+        Some("issuer-b")
+    );
+
+    let audit = store
+        .list_audit(t0() - chrono::Duration::days(3650), 100)
+        .await
+        .unwrap();
+    assert!(
+        !format!("{audit:?}").contains("PVV-SECRET"),
+        "audit must not carry the PVV"
+    );
+}
+
+async fn three_wrong_pins_block_until_reset(store: Store) {
+    let acc = account(&store, "ACC-1", 1000, 1000).await;
+    let card = store
+        .create_card(
+            &NewCard {
+                pan_token: "abcd".into(),
+                last4: "1234".into(),
+                expiry: "2812".into(),
+                account_id: acc,
+                pvv: "OLD".into(),
+                upstream: None,
+            },
+            "admin",
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.record_pin_failure(&card.id).await.unwrap(), 1);
+    assert_eq!(store.record_pin_failure(&card.id).await.unwrap(), 2);
+    store.clear_pin_failures(&card.id).await.unwrap();
+    assert_eq!(
+        store.get_card(&card.id).await.unwrap().unwrap().pin_tries,
+        0,
+        "a good PIN ends the run"
+    );
+
+    // concurrent wrong PINs are all counted
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let (store, id) = (Arc::clone(&store), card.id.clone());
+        tasks.push(tokio::spawn(async move {
+            store.record_pin_failure(&id).await.unwrap()
+        }));
+    }
+    let mut counts = Vec::new();
+    for t in tasks {
+        counts.push(t.await.unwrap());
+    }
+    counts.sort();
+    assert_eq!(counts, vec![1, 2, 3]);
+    let blocked = store.get_card(&card.id).await.unwrap().unwrap();
+    assert!(blocked.pin_blocked);
+
+    store.reset_pin(&card.id, "NEW", "admin").await.unwrap();
+    let reset = store.get_card(&card.id).await.unwrap().unwrap();
+    assert_eq!(
+        (reset.pin_tries, reset.pin_blocked, reset.pvv.as_str()),
+        (0, false, "NEW")
+    );
+    let ghost = CardId::new("card-ghost").unwrap();
+    assert!(matches!(
+        store.record_pin_failure(&ghost).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.reset_pin(&ghost, "X", "admin").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    let audit = store
+        .list_audit(t0() - chrono::Duration::days(3650), 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|a| a.action == "card.pin-reset")
+            .count(),
+        1
+    );
+}
+
+async fn authorize_applies_ledger_rules(store: Store) {
+    let acc = account(&store, "ACC-1", 10_000, 5_000).await;
+
+    let inquiry = AuthRequest {
+        kind: AuthKind::Balance,
+        digest: "bal".into(),
+        ..withdrawal(&acc, "ATM1", 1, 0)
+    };
+    let e = done(store.authorize(&inquiry).await.unwrap());
+    assert_eq!(
+        (
+            e.response_code.as_str(),
+            e.ledger_balance,
+            e.available_balance
+        ),
+        ("00", Some(10_000), Some(10_000))
+    );
+    assert_eq!(e.kind, JournalKind::Balance);
+
+    let first = withdrawal(&acc, "ATM1", 2, 1_000);
+    let e = done(store.authorize(&first).await.unwrap());
+    assert_eq!(e.response_code, "00");
+    assert_eq!(e.auth_code.as_deref(), Some("A00002"));
+    assert_eq!(e.ledger_balance, Some(9_000));
+    assert_eq!(balance(&store, &acc).await, 9_000);
+
+    // the same request again: the same answer, no second debit
+    match store.authorize(&first).await.unwrap() {
+        AuthOutcome::Duplicate(d) => assert_eq!(d, e),
+        other => panic!("expected duplicate, got {other:?}"),
+    }
+    assert_eq!(balance(&store, &acc).await, 9_000);
+    // the same identity with other content: 94, nothing changed
+    let altered = AuthRequest {
+        kind: AuthKind::Withdrawal { amount: 2_000 },
+        digest: "other".into(),
+        ..first.clone()
+    };
+    assert_eq!(
+        store.authorize(&altered).await.unwrap(),
+        AuthOutcome::ContentMismatch
+    );
+    assert_eq!(balance(&store, &acc).await, 9_000);
+    assert_eq!(
+        store.find_request(&first.identity).await.unwrap().unwrap(),
+        e
+    );
+
+    let zero = done(
+        store
+            .authorize(&withdrawal(&acc, "ATM1", 3, 0))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (zero.response_code.as_str(), zero.auth_code.as_deref()),
+        ("13", None)
+    );
+    let negative = done(
+        store
+            .authorize(&withdrawal(&acc, "ATM1", 4, -50))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(negative.response_code, "13");
+    let over_limit = done(
+        store
+            .authorize(&withdrawal(&acc, "ATM1", 5, 4_001))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(over_limit.response_code, "61");
+    let up_to_limit = done(
+        store
+            .authorize(&withdrawal(&acc, "ATM1", 6, 4_000))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(up_to_limit.response_code, "00");
+    assert_eq!(balance(&store, &acc).await, 5_000);
+    // the limit is per UTC day
+    let tomorrow = AuthRequest {
+        now: t0() + chrono::Duration::days(1),
+        ..withdrawal(&acc, "ATM1", 7, 4_000)
+    };
+    assert_eq!(
+        done(store.authorize(&tomorrow).await.unwrap()).response_code,
+        "00"
+    );
+    assert_eq!(balance(&store, &acc).await, 1_000);
+
+    let poor = account(&store, "ACC-2", 300, 10_000).await;
+    let e = done(
+        store
+            .authorize(&withdrawal(&poor, "ATM1", 8, 500))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (
+            e.response_code.as_str(),
+            e.auth_code.as_deref(),
+            e.ledger_balance
+        ),
+        ("51", None, None)
+    );
+    assert_eq!(balance(&store, &poor).await, 300);
+
+    // a decline decided by the caller (wrong PIN) is journaled and changes nothing
+    let wrong_pin = AuthRequest {
+        decline: Some(ResponseCode::IncorrectPin),
+        ..withdrawal(&poor, "ATM1", 9, 100)
+    };
+    let e = done(store.authorize(&wrong_pin).await.unwrap());
+    assert_eq!(e.response_code, "55");
+    assert_eq!(balance(&store, &poor).await, 300);
+    assert_eq!(
+        store
+            .find_request(&wrong_pin.identity)
+            .await
+            .unwrap()
+            .unwrap()
+            .response_code,
+        "55"
+    );
+
+    // no currency conversion: a foreign-currency withdrawal is refused
+    let usd = AuthRequest {
+        currency: "840".into(),
+        ..withdrawal(&poor, "ATM1", 10, 100)
+    };
+    assert_eq!(
+        done(store.authorize(&usd).await.unwrap()).response_code,
+        "12"
+    );
+    assert_eq!(balance(&store, &poor).await, 300);
+
+    let ghost = AuthRequest {
+        account_id: Some(AccountId::new("ACC-NONE").unwrap()),
+        ..withdrawal(&poor, "ATM1", 11, 100)
+    };
+    assert!(matches!(
+        store.authorize(&ghost).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(
+        store.find_request(&ghost.identity).await.unwrap().is_none(),
+        "nothing half-written"
+    );
+}
+
+async fn concurrent_withdrawals_never_overdraw(store: Store) {
+    let acc = account(&store, "ACC-1", 3_000, 1_000_000).await;
+    let mut tasks = Vec::new();
+    for stan in 1..=50u32 {
+        let store = Arc::clone(&store);
+        let req = withdrawal(&acc, "ATM1", stan, 100);
+        tasks.push(tokio::spawn(async move {
+            done(store.authorize(&req).await.unwrap())
+        }));
+    }
+    let mut approved = 0;
+    let mut insufficient = 0;
+    for t in tasks {
+        match t.await.unwrap().response_code.as_str() {
+            "00" => approved += 1,
+            "51" => insufficient += 1,
+            other => panic!("unexpected response {other}"),
+        }
+    }
+    assert_eq!((approved, insufficient), (30, 20));
+    assert_eq!(balance(&store, &acc).await, 0);
+
+    // the same request sent 10 times at once: one debit
+    let acc2 = account(&store, "ACC-2", 1_000, 1_000_000).await;
+    let req = withdrawal(&acc2, "ATM2", 1, 100);
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (store, req) = (Arc::clone(&store), req.clone());
+        tasks.push(tokio::spawn(
+            async move { store.authorize(&req).await.unwrap() },
+        ));
+    }
+    let mut processed = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            AuthOutcome::Done(e) => {
+                processed += 1;
+                assert_eq!(e.response_code, "00");
+            }
+            AuthOutcome::Duplicate(e) => assert_eq!(e.response_code, "00"),
+            AuthOutcome::ContentMismatch => panic!("same content is not a mismatch"),
+        }
+    }
+    assert_eq!(processed, 1);
+    assert_eq!(balance(&store, &acc2).await, 900);
+}
+
+async fn reversal_restores_funds_exactly_once(store: Store) {
+    let acc = account(&store, "ACC-1", 10_000, 5_000).await;
+    done(
+        store
+            .authorize(&withdrawal(&acc, "ATM1", 1, 5_000))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(balance(&store, &acc).await, 5_000);
+    assert_eq!(
+        done(
+            store
+                .authorize(&withdrawal(&acc, "ATM1", 2, 100))
+                .await
+                .unwrap()
+        )
+        .response_code,
+        "61"
+    );
+
+    let rev = reversal("ATM1", 3, 1);
+    let e = done(store.reverse(&rev).await.unwrap());
+    assert_eq!(
+        (e.response_code.as_str(), e.kind, e.amount),
+        ("00", JournalKind::Reversal, Some(5_000))
+    );
+    assert_eq!(balance(&store, &acc).await, 10_000);
+    assert!(
+        store
+            .find_request(&identity("ATM1", 1))
+            .await
+            .unwrap()
+            .unwrap()
+            .reversed
+    );
+
+    // the same reversal again (a 0421 repeat): the same answer, no second credit
+    match store.reverse(&rev).await.unwrap() {
+        AuthOutcome::Duplicate(d) => assert_eq!(d, e),
+        other => panic!("expected duplicate, got {other:?}"),
+    }
+    // another reversal of the same original: approved, no second credit
+    assert_eq!(
+        done(store.reverse(&reversal("ATM1", 4, 1)).await.unwrap()).response_code,
+        "00"
+    );
+    assert_eq!(balance(&store, &acc).await, 10_000);
+    // mismatching content on a reversal identity
+    let altered = ReversalRequest {
+        digest: "altered".into(),
+        ..rev.clone()
+    };
+    assert_eq!(
+        store.reverse(&altered).await.unwrap(),
+        AuthOutcome::ContentMismatch
+    );
+
+    // the reversed amount no longer counts against the daily limit
+    assert_eq!(
+        done(
+            store
+                .authorize(&withdrawal(&acc, "ATM1", 5, 5_000))
+                .await
+                .unwrap()
+        )
+        .response_code,
+        "00"
+    );
+    assert_eq!(balance(&store, &acc).await, 5_000);
+
+    // unknown original: 21, recorded, nothing changed
+    let unknown = reversal("ATM1", 6, 999);
+    let e = done(store.reverse(&unknown).await.unwrap());
+    assert_eq!(e.response_code, "21");
+    assert_eq!(
+        store
+            .find_request(&unknown.identity)
+            .await
+            .unwrap()
+            .unwrap()
+            .response_code,
+        "21"
+    );
+    assert_eq!(balance(&store, &acc).await, 5_000);
+
+    // a reversal of a reversal is not a thing
+    let of_reversal = done(store.reverse(&reversal("ATM1", 7, 3)).await.unwrap());
+    assert_eq!(of_reversal.response_code, "12");
+    assert_eq!(balance(&store, &acc).await, 5_000);
+
+    // a declined original or a balance inquiry: approved, nothing to restore
+    let poor = account(&store, "ACC-2", 100, 5_000).await;
+    assert_eq!(
+        done(
+            store
+                .authorize(&withdrawal(&poor, "ATM2", 1, 500))
+                .await
+                .unwrap()
+        )
+        .response_code,
+        "51"
+    );
+    assert_eq!(
+        done(store.reverse(&reversal("ATM2", 2, 1)).await.unwrap()).response_code,
+        "00"
+    );
+    let inquiry = AuthRequest {
+        kind: AuthKind::Balance,
+        ..withdrawal(&poor, "ATM2", 3, 0)
+    };
+    done(store.authorize(&inquiry).await.unwrap());
+    assert_eq!(
+        done(store.reverse(&reversal("ATM2", 4, 3)).await.unwrap()).response_code,
+        "00"
+    );
+    assert_eq!(balance(&store, &poor).await, 100);
+}
+
+async fn racing_reversals_credit_once(store: Store) {
+    let acc = account(&store, "ACC-1", 10_000, 10_000).await;
+    done(
+        store
+            .authorize(&withdrawal(&acc, "ATM1", 1, 2_500))
+            .await
+            .unwrap(),
+    );
+    let mut tasks = Vec::new();
+    for stan in 100..110u32 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            done(store.reverse(&reversal("ATM1", stan, 1)).await.unwrap())
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().response_code, "00");
+    }
+    assert_eq!(balance(&store, &acc).await, 10_000, "exactly one credit");
+}
+
+/// An ATM that times out sends the reversal while (or before) the original is processed: in
+/// every interleaving the pair must net to zero and the answers must agree.
+async fn reversal_racing_its_original_nets_to_zero(store: Store) {
+    let acc = account(&store, "ACC-1", 1_000_000, 1_000_000).await;
+    let mut pairs = Vec::new();
+    for stan in 1..=40u32 {
+        let (s1, s2) = (Arc::clone(&store), Arc::clone(&store));
+        let req = withdrawal(&acc, "ATM1", stan, 100);
+        let auth = tokio::spawn(async move { done(s1.authorize(&req).await.unwrap()) });
+        let rev = tokio::spawn(async move {
+            done(
+                s2.reverse(&reversal("ATM1", 1000 + stan, stan))
+                    .await
+                    .unwrap(),
+            )
+        });
+        pairs.push((auth, rev));
+    }
+    let (mut restored, mut never_applied) = (0, 0);
+    for (auth, rev) in pairs {
+        let (auth, rev) = (auth.await.unwrap(), rev.await.unwrap());
+        match (auth.response_code.as_str(), rev.response_code.as_str()) {
+            ("00", "00") => restored += 1,
+            ("21", "21") => {
+                never_applied += 1;
+                assert!(auth.reversed && auth.auth_code.is_none());
+            }
+            other => panic!("original and reversal disagree: {other:?}"),
+        }
+        assert!(
+            store
+                .find_request(&auth.identity)
+                .await
+                .unwrap()
+                .unwrap()
+                .reversed
+        );
+    }
+    assert_eq!(restored + never_applied, 40);
+    eprintln!(
+        "{:?}: {restored} restored, {never_applied} reversed before arrival",
+        store.backend()
+    );
+    assert_eq!(
+        balance(&store, &acc).await,
+        1_000_000,
+        "every pair nets to zero"
+    );
+
+    // a late original after its reversal is never debited, and repeating it changes nothing
+    let late = withdrawal(&acc, "ATM2", 1, 500);
+    assert_eq!(
+        done(store.reverse(&reversal("ATM2", 2, 1)).await.unwrap()).response_code,
+        "21"
+    );
+    assert_eq!(
+        done(store.authorize(&late).await.unwrap()).response_code,
+        "21"
+    );
+    assert!(matches!(
+        store.authorize(&late).await.unwrap(),
+        AuthOutcome::Duplicate(_)
+    ));
+    assert_eq!(balance(&store, &acc).await, 1_000_000);
+}
+
+async fn audit_and_idempotency_round_trip(store: Store) {
+    let before = Utc::now() - chrono::Duration::seconds(1);
+    for i in 0..3 {
+        store
+            .append_audit(&NewAudit {
+                actor: "admin".into(),
+                action: "saf.retry".into(),
+                target: format!("saf-{i}"),
+                result: "ok".into(),
+                detail: serde_json::json!({"attempt": i, "destination": "issuer-b"}),
+            })
+            .await
+            .unwrap();
+    }
+    let records = store.list_audit(before, 100).await.unwrap();
+    assert_eq!(
+        records
+            .iter()
+            .map(|r| r.target.as_str())
+            .collect::<Vec<_>>(),
+        ["saf-0", "saf-1", "saf-2"]
+    );
+    assert_eq!(records[1].detail["attempt"], 1);
+    assert!(records.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(store.list_audit(before, 2).await.unwrap().len(), 2);
+    assert!(
+        store
+            .list_audit(Utc::now() + chrono::Duration::hours(1), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    assert!(
+        store
+            .idempotency_get("key-1", "admin")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let first = StoredResponse {
+        request_hash: "h1".into(),
+        status: 201,
+        body: "{\"id\":\"ATM1\"}".into(),
+    };
+    store
+        .idempotency_put("key-1", "admin", &first)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.idempotency_get("key-1", "admin").await.unwrap(),
+        Some(first.clone())
+    );
+    let second = StoredResponse {
+        request_hash: "h2".into(),
+        status: 500,
+        body: "{}".into(),
+    };
+    store
+        .idempotency_put("key-1", "admin", &second)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.idempotency_get("key-1", "admin").await.unwrap(),
+        Some(first),
+        "first response wins"
+    );
+    assert!(
+        store
+            .idempotency_get("key-1", "viewer")
+            .await
+            .unwrap()
+            .is_none(),
+        "keys are per caller"
+    );
+}
+
+async fn migration_status_is_current_after_migrate(store: Store) {
+    let status = store.migration_status().await.unwrap();
+    assert!(status.is_current(), "{status:?}");
+    assert_eq!(status.applied, Some(status.expected));
+    store.migrate().await.expect("migrating twice is a no-op");
+    store.ping().await.unwrap();
+    let stats = store.pool_stats();
+    assert!(stats.size >= 1 && stats.idle <= stats.size);
+
+    store.close().await;
+    let err = store.ping().await.unwrap_err();
+    assert!(
+        err.is_unavailable(),
+        "a closed store is unavailable: {err:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// per-backend checks outside the shared stories
+
+#[tokio::test]
+async fn sqlite_unmigrated_status_and_scheme_errors() {
+    let (store, guard) = open_sqlite(false).await;
+    let status = store.migration_status().await.unwrap();
+    assert_eq!(status.applied, None);
+    assert!(status.pending >= 1 && !status.is_current());
+    store.migrate().await.unwrap();
+    assert!(store.migration_status().await.unwrap().is_current());
+    guard.cleanup().await;
+
+    match connect("mysql://u:secret@db/x", &ConnectOptions::default()).await {
+        Err(e @ StoreError::Config { .. }) => assert!(!e.to_string().contains("secret")),
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn sqlite_in_memory_store_works() {
+    let store = connect("sqlite::memory:", &ConnectOptions::default())
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let acc = account(&store, "ACC-1", 1_000, 1_000).await;
+    let e = done(
+        store
+            .authorize(&withdrawal(&acc, "ATM1", 1, 400))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(e.response_code, "00");
+    assert_eq!(balance(&store, &acc).await, 600);
+}
+
+#[tokio::test]
+async fn postgres_unmigrated_status_and_debug_hides_password() {
+    let Some((store, guard)) = open_postgres(false).await else {
+        return;
+    };
+    let status = store.migration_status().await.unwrap();
+    assert_eq!(status.applied, None);
+    assert!(!status.is_current());
+    store.migrate().await.unwrap();
+    assert!(store.migration_status().await.unwrap().is_current());
+
+    let url = std::env::var(PG_ENV).unwrap();
+    let debug = format!("{store:?}");
+    if let Some(password) = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, p)| p.to_string())
+    {
+        assert!(
+            !debug.contains(&password),
+            "Debug leaks the password: {debug}"
+        );
+    }
+    guard.cleanup().await;
+}
+
+#[tokio::test]
+async fn unreachable_postgres_reports_unavailable() {
+    // nothing listens on port 1: every call fails fast as Unavailable, never a panic
+    let opts = ConnectOptions {
+        max_connections: 1,
+        acquire_timeout: Duration::from_secs(2),
+    };
+    let store = connect("postgres://sw:pw@127.0.0.1:1/switch", &opts)
+        .await
+        .unwrap();
+    let err = store.ping().await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(!format!("{store:?}").contains("pw@"));
+}
