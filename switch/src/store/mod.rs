@@ -143,6 +143,15 @@ pub trait Database: Send + Sync + std::fmt::Debug {
         now: DateTime<Utc>,
     ) -> Result<u64, StoreError>;
 
+    /// Keys by type and state, and the oldest ACTIVE key of each type (for the key gauges).
+    async fn key_stats(&self) -> Result<KeyStats, StoreError>;
+    /// PENDING keys of `atTime` rotations whose activation time has come, at most `limit`.
+    async fn due_pending_keys(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError>;
+
     /// Opens an account; `Conflict` if the id exists. Audited.
     async fn create_account(&self, a: &NewAccount, actor: &str) -> Result<Account, StoreError>;
     /// One account.
@@ -341,6 +350,28 @@ struct Answer<'a> {
 /// Business day of the withdrawal limit: the UTC date of `now`.
 fn utc_day(now: DateTime<Utc>) -> String {
     now.format("%Y-%m-%d").to_string()
+}
+
+/// Folds `SELECT key_type, state, COUNT(*)` and `SELECT key_type, MIN(activated_at)` rows.
+fn key_stats_from(
+    counts: Vec<(String, String, i64)>,
+    oldest: Vec<(String, DateTime<Utc>)>,
+) -> Result<KeyStats, StoreError> {
+    let key_type = |t: &str| {
+        t.parse::<KeyType>()
+            .map_err(|_| StoreError::corrupt(format!("keys.key_type {t:?}")))
+    };
+    let mut stats = KeyStats::default();
+    for (t, st, n) in counts {
+        let state = st
+            .parse::<KeyState>()
+            .map_err(|_| StoreError::corrupt(format!("keys.state {st:?}")))?;
+        stats.counts.push((key_type(&t)?, state, n.max(0) as u64));
+    }
+    for (t, at) in oldest {
+        stats.oldest_active.push((key_type(&t)?, at));
+    }
+    Ok(stats)
 }
 
 /// Both engines keep microseconds; truncating first makes what we return equal what we read.

@@ -616,6 +616,9 @@ pub struct JournalEntry {
     pub id: String,
     /// Request identity.
     pub identity: RequestIdentity,
+    /// Digest of the request content (tells a retransmission from a different request).
+    #[serde(skip)]
+    pub digest: String,
     /// Request MTI.
     pub mti: String,
     /// What was asked.
@@ -829,4 +832,13 @@ mod tests {
             1000
         );
     }
+}
+
+/// Key counts for the `switchyard_keys` and `switchyard_key_age_seconds` gauges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyStats {
+    /// Keys by type and state (absent pairs are zero).
+    pub counts: Vec<(KeyType, KeyState, u64)>,
+    /// Activation time of the oldest ACTIVE key of each type.
+    pub oldest_active: Vec<(KeyType, DateTime<Utc>)>,
 }

@@ -203,8 +203,9 @@ fn journal_from_row(row: &SqliteRow) -> Result<(String, JournalEntry), StoreErro
         available_balance: row.try_get("available_balance")?,
         reversed: row.try_get("reversed")?,
         created_at: ts(row, "created_at")?,
+        digest: row.try_get("digest")?,
     };
-    Ok((row.try_get("digest")?, entry))
+    Ok((entry.digest.clone(), entry))
 }
 
 fn audit_from_row(row: &SqliteRow) -> Result<AuditRecord, StoreError> {
@@ -723,6 +724,18 @@ impl Database for SqliteStore {
                 }
             })?;
         }
+        // A terminal holds at most one PENDING key per type that matters: older PENDING keys
+        // of the rotated terminals are abandoned so they can never be activated later.
+        sqlx::query(
+            "UPDATE keys SET state = 'EXPIRED', expired_at = $1 \
+             WHERE key_type = $2 AND state = 'PENDING' AND rotation_id IS DISTINCT FROM $3 \
+               AND terminal_id IN (SELECT terminal_id FROM keys WHERE rotation_id = $3)",
+        )
+        .bind(enc(now))
+        .bind(rotation.key_type.as_str())
+        .bind(rotation.id.as_str())
+        .execute(&mut *tx)
+        .await?;
         let detail = serde_json::json!({
             "keyType": rotation.key_type.as_str(), "keys": keys.len(),
             "activation": activation, "graceSeconds": rotation.grace_seconds,
@@ -945,6 +958,48 @@ impl Database for SqliteStore {
         .await?;
         tx.commit().await?;
         Ok(n)
+    }
+
+    async fn key_stats(&self) -> Result<KeyStats, StoreError> {
+        let rows = sqlx::query(
+            "SELECT key_type, state, COUNT(*) AS n FROM keys GROUP BY key_type, state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut counts = Vec::with_capacity(rows.len());
+        for row in &rows {
+            counts.push((row.try_get("key_type")?, row.try_get("state")?, row.try_get("n")?));
+        }
+        let rows = sqlx::query(
+            "SELECT key_type, MIN(activated_at) AS oldest FROM keys \
+             WHERE state = 'ACTIVE' AND activated_at IS NOT NULL GROUP BY key_type",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut oldest = Vec::with_capacity(rows.len());
+        for row in &rows {
+            oldest.push((row.try_get("key_type")?, ts(row, "oldest")?));
+        }
+        super::key_stats_from(counts, oldest)
+    }
+
+    async fn due_pending_keys(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            key_cols!(),
+            " FROM keys WHERE state = 'PENDING' AND rotation_id IN \
+              (SELECT id FROM key_rotations WHERE activation = 'atTime' AND activate_at <= $1) \
+              ORDER BY created_at LIMIT $2"
+        ))
+        .bind(enc(micros(now)))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(key_from_row).collect()
     }
 
     async fn create_account(&self, a: &NewAccount, actor: &str) -> Result<Account, StoreError> {
