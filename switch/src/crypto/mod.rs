@@ -9,6 +9,8 @@ pub mod kcv;
 pub mod keys;
 pub mod pinblock;
 pub mod pvv;
+#[cfg(test)]
+mod test_support;
 pub mod tr31;
 
 pub use kcv::KeyCheckValue;

@@ -313,6 +313,29 @@ mod tests {
         assert_eq!(text(&twelve), "123456789012");
     }
 
+    // Blocks made by PyPI `psec` (psec.pinblock.encipher_pinblock_iso_4), the ATM side of the
+    // e2e suite, decipher with ours.
+    #[test]
+    fn deciphers_blocks_made_by_psec() {
+        let b = unhex16("7B90CC15259598B3EA0D235AC3BF4460");
+        assert_eq!(text(&decipher_format4(&key(), PAN, &b).unwrap()), "1234");
+        let b = unhex16("42C77232537642CCA613B1115C572E11");
+        let pin = decipher_format4(&key(), "6011000000000004", &b).unwrap();
+        assert_eq!(text(&pin), "987654321098");
+    }
+
+    // Our block with fill 00..07; psec.pinblock.decipher_pinblock_iso_4 returns 987654321098
+    // for it (checked when this test was written).
+    #[test]
+    fn our_block_is_the_one_psec_accepted() {
+        let pin = ClearPin::new("987654321098").unwrap();
+        let mut rng = crate::crypto::test_support::CountingRng(0);
+        let b = encipher_format4(&key(), "6011000000000004", &pin, &mut rng).unwrap();
+        assert_eq!(hex::encode_upper(b), OURS);
+    }
+
+    const OURS: &str = "43EE4B054D8E691D14ED91DB0544B2C3";
+
     #[test]
     fn clear_pin_validates_and_redacts() {
         for bad in ["", "123", "1234567890123", "12a4", "12 4", "١٢٣٤"] {

@@ -544,6 +544,7 @@ impl FromStr for KeyUsage {
 mod tests {
     use super::*;
     use crate::crypto::kcv::KeyCheckValue;
+    use crate::crypto::test_support::CountingRng;
 
     const A74_KBPK: &str = "88E1AB2A2E3DD38C1FA039A536500CC8A87AB9D62DC92C01058FA79F44657DE6";
     const A74_BLOCK: &str = "D0112P0AE00E0000B82679114F470F540165EDFBF7E250FCEA43F810D215F8D207E2E417C07156A27E8E31DA05F7425509593D03A457DC34";
@@ -641,6 +642,67 @@ mod tests {
             );
         }
     }
+
+    // Blocks made by the PyPI `psec` library (psec.tr31.wrap, psec 1.x), the ATM side of the
+    // e2e suite: AES-128 KBPK with an AES-256 TMK and a KS optional block, and AES-256 KBPK
+    // with an AES-128 TAK.
+    #[test]
+    fn unwraps_blocks_made_by_psec() {
+        let block = "D0176K0AB00N0200KS1800604B120F9292800000PB080000C3BF9E2D0203C0908045D515C430708FD1D466C0C0D6151DA2E3CBCF10555EE272B15793C5F6C29A3F83B6B2C7F13E400423136A868A0FB41CD3B4BDD50C93C5";
+        let (h, key) = unwrap(&k("000102030405060708090A0B0C0D0E0F"), block).unwrap();
+        assert_eq!(h.key_usage, KeyUsage::KEY_ENCRYPTION);
+        assert_eq!(h.mode_of_use, ModeOfUse::Both);
+        assert_eq!(h.exportability, Exportability::NonExportable);
+        assert_eq!(h.optional_blocks[0].data, "00604B120F9292800000");
+        assert_eq!(
+            key,
+            k("603DEB1015CA71BE2B73AEF0857D77811F352C073B6108D72D9810A30914DFF4")
+        );
+
+        let block = "D0144M6AC00N0000BB9B678CD38C76474AA56DD9361E40D8F22D233A95955C052058563952AAAB9E92E192C5827B53F6BA2A0C269AC244CF96EC3DDEB2B09282BE3490B12CB4743A";
+        let (h, key) = unwrap(&k(A74_KBPK), block).unwrap();
+        assert_eq!(h.key_usage, KeyUsage::AES_CMAC);
+        assert_eq!(key, k("2B7E151628AED2A6ABF7158809CF4F3C"));
+    }
+
+    // The same keys wrapped by us with fixed padding; psec.tr31.unwrap opens both (checked when
+    // this test was written), so these strings pin our output format.
+    #[test]
+    fn our_blocks_are_the_ones_psec_accepted() {
+        let mut header = KeyBlockHeader::new(
+            KeyUsage::KEY_ENCRYPTION,
+            ModeOfUse::Both,
+            Exportability::NonExportable,
+        );
+        header.optional_blocks.push(OptionalBlock {
+            id: *b"KS",
+            data: "00604B120F9292800000".into(),
+        });
+        let block = Tr31Kbpk::new(&k("000102030405060708090A0B0C0D0E0F"))
+            .wrap_with(
+                &header,
+                &k("603DEB1015CA71BE2B73AEF0857D77811F352C073B6108D72D9810A30914DFF4"),
+                &mut CountingRng(0),
+            )
+            .unwrap();
+        assert_eq!(block, OURS_1);
+        let tak = KeyBlockHeader::new(
+            KeyUsage::AES_CMAC,
+            ModeOfUse::GenerateAndVerify,
+            Exportability::NonExportable,
+        );
+        let block = Tr31Kbpk::new(&k(A74_KBPK))
+            .wrap_with(
+                &tak,
+                &k("2B7E151628AED2A6ABF7158809CF4F3C"),
+                &mut CountingRng(0),
+            )
+            .unwrap();
+        assert_eq!(block, OURS_2);
+    }
+
+    const OURS_1: &str = "D0176K0AB00N0200KS1800604B120F9292800000PB0800007FAE119B3347948076BFE6889734361E72EBF33488C4813623810CC2C2DC5CF4655D05D7CA76D04FFCD56CF305F07C13824C50093E541AFE33B0B8A2726284CA";
+    const OURS_2: &str = "D0144M6AC00N0000FB33EC821ECE94B85D8007F6F478D1DEBE7FF9987093B5D1B4BD469D2E51E2A56459CB6B131B4CD3302F3B7DB1EBCF258609C2D50A20D175575DB0D6682D7126";
 
     #[test]
     fn optional_blocks_are_written_padded_and_read_back() {
