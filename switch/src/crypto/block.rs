@@ -52,7 +52,7 @@ impl AesCipher {
     /// CBC-encrypts `data` in place. `data.len()` must be a multiple of 16; callers build the
     /// buffer themselves, so a violation is a programming error, reported as `false`.
     pub(crate) fn cbc_encrypt(&self, iv: &[u8; BLOCK], data: &mut [u8]) -> bool {
-        if data.len() % BLOCK != 0 {
+        if !data.len().is_multiple_of(BLOCK) {
             return false;
         }
         let mut chain = *iv;
@@ -70,7 +70,7 @@ impl AesCipher {
 
     /// CBC-decrypts `data` in place; same length rule as [`AesCipher::cbc_encrypt`].
     pub(crate) fn cbc_decrypt(&self, iv: &[u8; BLOCK], data: &mut [u8]) -> bool {
-        if data.len() % BLOCK != 0 {
+        if !data.len().is_multiple_of(BLOCK) {
             return false;
         }
         let mut chain = *iv;

@@ -12,7 +12,7 @@ use super::keys::ClearKey;
 
 /// A key check value. Comparison is constant time: a KCV is compared against an attacker-supplied
 /// one when keys are imported and confirmed.
-#[derive(Clone, Copy, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct KeyCheckValue([u8; 3]);
 
@@ -40,6 +40,12 @@ impl KeyCheckValue {
 impl PartialEq for KeyCheckValue {
     fn eq(&self, other: &Self) -> bool {
         self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl std::hash::Hash for KeyCheckValue {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
     }
 }
 

@@ -230,7 +230,7 @@ impl Eq for ClearKey {}
 /// quote part of a secret.
 fn decode_secret_hex(text: &str) -> Option<Zeroizing<Vec<u8>>> {
     let text = text.trim().as_bytes();
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     let mut out = Zeroizing::new(Vec::with_capacity(text.len() / 2));

@@ -5,15 +5,20 @@
 
 mod block;
 pub mod cmac;
+pub mod hsm;
 pub mod kcv;
 pub mod keys;
 pub mod pinblock;
 pub mod pvv;
+pub mod terminal;
 #[cfg(test)]
 mod test_support;
 pub mod tr31;
 
+pub use hsm::{Hsm, HsmError, PinCheck, SoftHsm};
 pub use kcv::KeyCheckValue;
 pub use keys::{AesKeySize, ClearKey, Kek, KeyError, KeyType, Lmk, WrappedKey};
 pub use pinblock::{ClearPin, PinBlockError};
+pub use pvv::Pvv;
+pub use terminal::{TerminalError, TerminalKeys};
 pub use tr31::{KeyBlockHeader, Tr31Error};

@@ -171,7 +171,11 @@ pub(crate) fn decipher_with(
 fn parse_pin_field(field: &[u8; 16]) -> Result<ClearPin, PinBlockError> {
     let nibble = |i: usize| {
         let b = field[i / 2];
-        if i % 2 == 0 { b >> 4 } else { b & 0x0F }
+        if i.is_multiple_of(2) {
+            b >> 4
+        } else {
+            b & 0x0F
+        }
     };
     if nibble(0) != 4 {
         return Err(PinBlockError::ControlField);

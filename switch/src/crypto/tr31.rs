@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 
 use super::block::{AesCipher, BLOCK};
 use super::cmac::{CmacKey, kdf_counter};
-use super::keys::{AesKeySize, ClearKey};
+use super::keys::{AesKeySize, ClearKey, KeyType};
 
 /// Why a key block could not be built or opened. Never contains key material.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -64,6 +64,15 @@ impl KeyUsage {
     pub const AES_CMAC: KeyUsage = KeyUsage(*b"M6");
     /// `V0` PIN verification, other algorithm (our PVK, were it ever exported).
     pub const PIN_VERIFICATION: KeyUsage = KeyUsage(*b"V0");
+
+    /// The usage our key types carry: TMK `K0`, TPK `P0`, TAK `M6` (X9.143 usage table).
+    pub fn for_key_type(kt: KeyType) -> KeyUsage {
+        match kt {
+            KeyType::Tmk => KeyUsage::KEY_ENCRYPTION,
+            KeyType::Tpk => KeyUsage::PIN_ENCRYPTION,
+            KeyType::Tak => KeyUsage::AES_CMAC,
+        }
+    }
 
     /// Any two upper-case letters or digits (X9.143 also reserves numeric proprietary usages).
     pub fn new(code: [u8; 2]) -> Result<Self, Tr31Error> {
@@ -336,7 +345,7 @@ impl KeyBlockHeader {
             optional_blocks.push(b);
             pos += len;
         }
-        if count > 0 && pos % BLOCK != 0 {
+        if count > 0 && !pos.is_multiple_of(BLOCK) {
             return Err(Tr31Error::Format(
                 "header with optional blocks is not a multiple of 16 characters",
             ));
@@ -489,7 +498,7 @@ impl Tr31Kbpk {
         let body = &raw[header_len..];
         let mac_hex_len = 2 * BLOCK;
         if body.len() < 2 * (2 * BLOCK) + mac_hex_len
-            || (body.len() - mac_hex_len) % (2 * BLOCK) != 0
+            || !(body.len() - mac_hex_len).is_multiple_of(2 * BLOCK)
         {
             return Err(Tr31Error::Format(
                 "encrypted key data is not a whole number of AES blocks",
@@ -512,7 +521,10 @@ impl Tr31Kbpk {
             return Err(Tr31Error::Mac);
         }
         let bits = usize::from(u16::from_be_bytes([data[0], data[1]]));
-        if bits % 8 != 0 || AesKeySize::from_len(bits / 8).is_none() || 2 + bits / 8 > data.len() {
+        if !bits.is_multiple_of(8)
+            || AesKeySize::from_len(bits / 8).is_none()
+            || 2 + bits / 8 > data.len()
+        {
             return Err(Tr31Error::KeyLength);
         }
         let key = ClearKey::new(&data[2..2 + bits / 8]).map_err(|_| Tr31Error::KeyLength)?;
