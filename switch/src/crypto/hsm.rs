@@ -1,0 +1,672 @@
+//! The HSM boundary (SPEC §4): the `Hsm` trait every caller uses and `SoftHsm`, the software
+//! implementation. Clear keys and PINs exist only inside; callers see wrapped keys, KCVs, MACs,
+//! PIN blocks and PVVs.
+//!
+//! Keys at rest ([`WrappedKey`]) are TR-31 version D blocks under a key-block protection key
+//! derived from the LMK. Their header records the key type (TMK `K0`, TPK `P0`, TAK `M6`), and
+//! every operation checks it, so a stored TPK can never be used to compute a MAC, nor a TAK to
+//! wrap keys (key separation, as a hardware HSM enforces it).
+//!
+//! Delivery to terminals (`export_under_tmk`, SPEC §3 field 120) uses X9.143 headers:
+//! TPK → `P0` `A` mode `E` (the terminal only enciphers PINs), TAK → `M6` `A` mode `C` (the
+//! terminal generates request MACs and verifies response MACs); both key version `00` and
+//! exportability `N` (a terminal must not pass keys on).
+
+use std::fmt;
+
+use subtle::ConstantTimeEq;
+
+use super::block::AesCipher;
+use super::cmac::{CmacKey, leftmost8};
+use super::kcv::KeyCheckValue;
+use super::keys::{AesKeySize, ClearKey, Kek, KeyType, Lmk, WrappedKey};
+use super::pinblock::{self, ClearPin, PinBlockError};
+use super::pvv::{Pvv, PvvError};
+use super::tr31::{Exportability, KeyBlockHeader, KeyUsage, ModeOfUse, Tr31Error, Tr31Kbpk};
+
+/// Why an HSM operation failed. Never carries key material or PIN digits.
+#[derive(Debug, thiserror::Error)]
+pub enum HsmError {
+    /// A stored key does not open under the LMK: wrong LMK loaded, or the record was altered.
+    #[error("failed to unwrap stored key under the LMK (wrong LMK or altered key record)")]
+    StoredKey(#[source] Tr31Error),
+    /// A key block received for import does not open or is malformed.
+    #[error("failed to unwrap imported key block")]
+    ImportBlock(#[source] Tr31Error),
+    /// A key could not be wrapped (LMK storage or delivery block).
+    #[error("failed to wrap key in a TR-31 block")]
+    Wrap(#[source] Tr31Error),
+    /// The key is not of the type the operation needs (key separation).
+    #[error("failed to use key: expected a {expected} key (usage {}), found usage {found}", KeyUsage::for_key_type(*expected))]
+    WrongKeyType {
+        /// The type the operation needs.
+        expected: KeyType,
+        /// The usage found in the key block header.
+        found: KeyUsage,
+    },
+    /// The key imported does not have the KCV the sender stated.
+    #[error(
+        "failed to import key: key check value mismatch (stated {stated}, computed {computed})"
+    )]
+    KcvMismatch {
+        /// KCV sent with the key block.
+        stated: KeyCheckValue,
+        /// KCV of the key found inside.
+        computed: KeyCheckValue,
+    },
+    /// No KEK is configured, so TR-31 blocks under the KEK cannot be imported.
+    #[error("failed to import key under the KEK: no KEK is configured (set keys.kek_file)")]
+    NoKek,
+    /// This key type is never carried under a TMK (a TMK arrives under the KEK or from a file).
+    #[error("failed to transfer key: a {0} is never exported or imported under a TMK")]
+    NotExportable(KeyType),
+    /// A PIN block (or its PAN) could not be processed.
+    #[error("failed to process PIN block")]
+    PinBlock(#[source] PinBlockError),
+    /// A PVV could not be computed.
+    #[error("failed to compute PIN verification value")]
+    Pvv(#[source] PvvError),
+}
+
+/// Outcome of a PIN verification. A block that does not decipher to a valid format 4 PIN field
+/// (wrong key, wrong PAN, garbage) is `BadBlock`, distinct from a well-formed wrong PIN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinCheck {
+    /// The PIN matches the PVV.
+    Match,
+    /// A valid PIN block holding another PIN.
+    Mismatch,
+    /// The block does not decipher to a valid format 4 PIN field.
+    BadBlock,
+}
+
+/// All cryptography the switch performs. Synchronous on purpose: every operation is CPU-only and
+/// takes microseconds, so it runs inline on the async runtime without a blocking pool.
+pub trait Hsm: Send + Sync + fmt::Debug {
+    /// Generates a random AES-128 key of type `kt`; returns it wrapped under the LMK and its KCV.
+    fn generate_key(&self, kt: KeyType) -> Result<(WrappedKey, KeyCheckValue), HsmError>;
+
+    /// Imports a key sent as a TR-31 block under the KEK (TMK registration, SPEC §4), checking
+    /// the block's usage against `kt` and the key's KCV against `expected_kcv`.
+    fn import_under_kek(
+        &self,
+        kt: KeyType,
+        tr31_block: &str,
+        expected_kcv: &KeyCheckValue,
+    ) -> Result<(WrappedKey, KeyCheckValue), HsmError>;
+
+    /// Imports a TPK or TAK delivered under a TMK (the acquirer side of an upstream link's key
+    /// exchange, SPEC §6).
+    fn import_under_tmk(
+        &self,
+        tmk: &WrappedKey,
+        kt: KeyType,
+        tr31_block: &str,
+        expected_kcv: &KeyCheckValue,
+    ) -> Result<(WrappedKey, KeyCheckValue), HsmError>;
+
+    /// Wraps a clear key read from configuration (an upstream link's shared TMK, SPEC §6) under
+    /// the LMK. The clear key is consumed and wiped.
+    fn import_clear_key(
+        &self,
+        kt: KeyType,
+        key: ClearKey,
+    ) -> Result<(WrappedKey, KeyCheckValue), HsmError>;
+
+    /// `key` (a TPK or TAK) as a TR-31 D block under the terminal's TMK, for field 120.
+    fn export_under_tmk(
+        &self,
+        tmk: &WrappedKey,
+        key: &WrappedKey,
+        kt: KeyType,
+    ) -> Result<String, HsmError>;
+
+    /// The KCV of a stored key.
+    fn kcv(&self, key: &WrappedKey) -> Result<KeyCheckValue, HsmError>;
+
+    /// The ISO 8583 MAC (leftmost 8 bytes of AES-CMAC) of `data` under a TAK.
+    fn generate_mac(&self, tak: &WrappedKey, data: &[u8]) -> Result<[u8; 8], HsmError>;
+
+    /// Checks `mac` against `data` under a TAK in constant time; a MAC of the wrong length is
+    /// simply `false`.
+    fn verify_mac(&self, tak: &WrappedKey, data: &[u8], mac: &[u8]) -> Result<bool, HsmError>;
+
+    /// The PVV to store for `pin` on the card `pan` (card creation, PIN reset).
+    fn make_pvv(&self, pan: &str, pin: &ClearPin) -> Result<Pvv, HsmError>;
+
+    /// Deciphers a format 4 PIN block under a TPK and compares its PIN with the PVV.
+    fn verify_pin(
+        &self,
+        tpk: &WrappedKey,
+        pan: &str,
+        pin_block: &[u8; 16],
+        pvv: &Pvv,
+    ) -> Result<PinCheck, HsmError>;
+
+    /// Re-enciphers a format 4 PIN block from one TPK to another (with fresh random fill); the
+    /// clear PIN never leaves the HSM.
+    fn translate_pin(
+        &self,
+        from_tpk: &WrappedKey,
+        to_tpk: &WrappedKey,
+        pan: &str,
+        pin_block: &[u8; 16],
+    ) -> Result<[u8; 16], HsmError>;
+
+    /// A keyed hash of the PAN (32 lower-case hex characters) to store and look cards up by,
+    /// so the store never holds a PAN in clear. Deterministic for one LMK.
+    fn pan_token(&self, pan: &str) -> String;
+}
+
+/// The software HSM: holds only keys derived from the LMK (the LMK itself is dropped once they
+/// are derived) and, optionally, the KEK.
+pub struct SoftHsm {
+    storage: Tr31Kbpk,
+    pvk: CmacKey,
+    pan_key: CmacKey,
+    kek: Option<Tr31Kbpk>,
+}
+
+const PAN_TOKEN_DOMAIN: &[u8] = b"switchyard-pan-token-v1\x00";
+
+impl SoftHsm {
+    /// Builds the HSM from the LMK and the optional KEK (without it TMK import is refused).
+    pub fn new(lmk: Lmk, kek: Option<Kek>) -> Self {
+        let derived = lmk.derive();
+        SoftHsm {
+            storage: Tr31Kbpk::new(&derived.kbpk),
+            pvk: CmacKey::new(&derived.pvk),
+            pan_key: CmacKey::new(&derived.pan_key),
+            kek: kek.map(|k| Tr31Kbpk::new(k.key())),
+        }
+    }
+
+    /// The header a key of type `kt` is stored under.
+    fn storage_header(kt: KeyType) -> KeyBlockHeader {
+        let (mode, export) = match kt {
+            KeyType::Tmk => (ModeOfUse::Both, Exportability::NonExportable),
+            KeyType::Tpk => (ModeOfUse::Both, Exportability::Exportable),
+            KeyType::Tak => (ModeOfUse::GenerateAndVerify, Exportability::Exportable),
+        };
+        KeyBlockHeader::new(KeyUsage::for_key_type(kt), mode, export)
+    }
+
+    fn store(&self, kt: KeyType, key: &ClearKey) -> Result<WrappedKey, HsmError> {
+        self.storage
+            .wrap_with(&Self::storage_header(kt), key, &mut rand::rng())
+            .map(WrappedKey)
+            .map_err(HsmError::Wrap)
+    }
+
+    /// Opens a stored key and checks it is of type `kt`.
+    fn load(&self, key: &WrappedKey, kt: KeyType) -> Result<ClearKey, HsmError> {
+        let (header, clear) = self.storage.unwrap(&key.0).map_err(HsmError::StoredKey)?;
+        check_usage(&header, kt)?;
+        Ok(clear)
+    }
+
+    /// Opens a block received from outside, checks its usage and the stated KCV, and stores it.
+    fn import_from(
+        &self,
+        kbpk: &Tr31Kbpk,
+        kt: KeyType,
+        tr31_block: &str,
+        expected_kcv: &KeyCheckValue,
+    ) -> Result<(WrappedKey, KeyCheckValue), HsmError> {
+        let (header, key) = kbpk.unwrap(tr31_block).map_err(HsmError::ImportBlock)?;
+        check_usage(&header, kt)?;
+        let computed = KeyCheckValue::of(&key);
+        if computed != *expected_kcv {
+            return Err(HsmError::KcvMismatch {
+                stated: *expected_kcv,
+                computed,
+            });
+        }
+        Ok((self.store(kt, &key)?, computed))
+    }
+}
+
+fn check_usage(header: &KeyBlockHeader, kt: KeyType) -> Result<(), HsmError> {
+    if header.key_usage == KeyUsage::for_key_type(kt) {
+        Ok(())
+    } else {
+        Err(HsmError::WrongKeyType {
+            expected: kt,
+            found: header.key_usage,
+        })
+    }
+}
+
+/// The X9.143 header a TPK or TAK is delivered to a terminal under (module docs say why).
+pub(crate) fn delivery_header(kt: KeyType) -> Option<KeyBlockHeader> {
+    let mode = match kt {
+        KeyType::Tmk => return None,
+        KeyType::Tpk => ModeOfUse::EncryptOnly,
+        KeyType::Tak => ModeOfUse::GenerateAndVerify,
+    };
+    Some(KeyBlockHeader::new(
+        KeyUsage::for_key_type(kt),
+        mode,
+        Exportability::NonExportable,
+    ))
+}
+
+impl Hsm for SoftHsm {
+    fn generate_key(&self, kt: KeyType) -> Result<(WrappedKey, KeyCheckValue), HsmError> {
+        let key = ClearKey::generate(AesKeySize::Aes128, &mut rand::rng());
+        Ok((self.store(kt, &key)?, KeyCheckValue::of(&key)))
+    }
+
+    fn import_under_kek(
+        &self,
+        kt: KeyType,
+        tr31_block: &str,
+        expected_kcv: &KeyCheckValue,
+    ) -> Result<(WrappedKey, KeyCheckValue), HsmError> {
+        let kek = self.kek.as_ref().ok_or(HsmError::NoKek)?;
+        self.import_from(kek, kt, tr31_block, expected_kcv)
+    }
+
+    fn import_under_tmk(
+        &self,
+        tmk: &WrappedKey,
+        kt: KeyType,
+        tr31_block: &str,
+        expected_kcv: &KeyCheckValue,
+    ) -> Result<(WrappedKey, KeyCheckValue), HsmError> {
+        if kt == KeyType::Tmk {
+            return Err(HsmError::NotExportable(kt));
+        }
+        let tmk = Tr31Kbpk::new(&self.load(tmk, KeyType::Tmk)?);
+        self.import_from(&tmk, kt, tr31_block, expected_kcv)
+    }
+
+    fn import_clear_key(
+        &self,
+        kt: KeyType,
+        key: ClearKey,
+    ) -> Result<(WrappedKey, KeyCheckValue), HsmError> {
+        Ok((self.store(kt, &key)?, KeyCheckValue::of(&key)))
+    }
+
+    fn export_under_tmk(
+        &self,
+        tmk: &WrappedKey,
+        key: &WrappedKey,
+        kt: KeyType,
+    ) -> Result<String, HsmError> {
+        let header = delivery_header(kt).ok_or(HsmError::NotExportable(kt))?;
+        let clear = self.load(key, kt)?;
+        let tmk = Tr31Kbpk::new(&self.load(tmk, KeyType::Tmk)?);
+        tmk.wrap_with(&header, &clear, &mut rand::rng())
+            .map_err(HsmError::Wrap)
+    }
+
+    fn kcv(&self, key: &WrappedKey) -> Result<KeyCheckValue, HsmError> {
+        let (_, clear) = self.storage.unwrap(&key.0).map_err(HsmError::StoredKey)?;
+        Ok(KeyCheckValue::of(&clear))
+    }
+
+    fn generate_mac(&self, tak: &WrappedKey, data: &[u8]) -> Result<[u8; 8], HsmError> {
+        let tak = CmacKey::new(&self.load(tak, KeyType::Tak)?);
+        Ok(leftmost8(&tak.compute(&[data])))
+    }
+
+    fn verify_mac(&self, tak: &WrappedKey, data: &[u8], mac: &[u8]) -> Result<bool, HsmError> {
+        let expected = self.generate_mac(tak, data)?;
+        // `ct_eq` on slices of different lengths is false without comparing contents.
+        Ok(expected.as_slice().ct_eq(mac).into())
+    }
+
+    fn make_pvv(&self, pan: &str, pin: &ClearPin) -> Result<Pvv, HsmError> {
+        Pvv::compute(&self.pvk, pan, pin).map_err(HsmError::Pvv)
+    }
+
+    fn verify_pin(
+        &self,
+        tpk: &WrappedKey,
+        pan: &str,
+        pin_block: &[u8; 16],
+        pvv: &Pvv,
+    ) -> Result<PinCheck, HsmError> {
+        let tpk = AesCipher::new(&self.load(tpk, KeyType::Tpk)?);
+        let pin = match pinblock::decipher_with(&tpk, pan, pin_block) {
+            Ok(pin) => pin,
+            Err(PinBlockError::InvalidPan) => {
+                return Err(HsmError::PinBlock(PinBlockError::InvalidPan));
+            }
+            Err(_) => return Ok(PinCheck::BadBlock),
+        };
+        let candidate = Pvv::compute(&self.pvk, pan, &pin).map_err(HsmError::Pvv)?;
+        Ok(if candidate == *pvv {
+            PinCheck::Match
+        } else {
+            PinCheck::Mismatch
+        })
+    }
+
+    fn translate_pin(
+        &self,
+        from_tpk: &WrappedKey,
+        to_tpk: &WrappedKey,
+        pan: &str,
+        pin_block: &[u8; 16],
+    ) -> Result<[u8; 16], HsmError> {
+        let from = AesCipher::new(&self.load(from_tpk, KeyType::Tpk)?);
+        let to = self.load(to_tpk, KeyType::Tpk)?;
+        let pin = pinblock::decipher_with(&from, pan, pin_block).map_err(HsmError::PinBlock)?;
+        pinblock::encipher_format4(&to, pan, &pin, &mut rand::rng()).map_err(HsmError::PinBlock)
+    }
+
+    fn pan_token(&self, pan: &str) -> String {
+        hex::encode(self.pan_key.compute(&[PAN_TOKEN_DOMAIN, pan.as_bytes()]))
+    }
+}
+
+impl fmt::Debug for SoftHsm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SoftHsm")
+            .field("lmk", &"<redacted>")
+            .field(
+                "kek",
+                &if self.kek.is_some() {
+                    "<redacted>"
+                } else {
+                    "<none>"
+                },
+            )
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::cmac::mac8;
+    use crate::crypto::tr31;
+
+    const LMK: &str = "00112233445566778899AABBCCDDEEFF0123456789ABCDEFFEDCBA9876543210";
+    const KEK: &str = "89E88CF7931444F334BD7547FC3F380C";
+    const PAN: &str = "6011000000000004";
+
+    fn hsm() -> SoftHsm {
+        SoftHsm::new(
+            Lmk::from_hex(LMK).unwrap(),
+            Some(Kek::from_hex(KEK).unwrap()),
+        )
+    }
+
+    /// A terminal's TMK, registered through the KEK as `POST /v1/terminals` does.
+    fn register_tmk(hsm: &SoftHsm) -> (ClearKey, WrappedKey) {
+        let tmk = ClearKey::from_hex("0F0E0D0C0B0A09080706050403020100").unwrap();
+        let header = KeyBlockHeader::new(
+            KeyUsage::KEY_ENCRYPTION,
+            ModeOfUse::Both,
+            Exportability::NonExportable,
+        );
+        let block = tr31::wrap(Kek::from_hex(KEK).unwrap().key(), &header, &tmk).unwrap();
+        let (wrapped, kcv) = hsm
+            .import_under_kek(KeyType::Tmk, &block, &KeyCheckValue::of(&tmk))
+            .unwrap();
+        assert_eq!(kcv, KeyCheckValue::of(&tmk));
+        (tmk, wrapped)
+    }
+
+    /// What the terminal gets out of field 120.
+    fn deliver(hsm: &SoftHsm, tmk: &(ClearKey, WrappedKey), kt: KeyType) -> (WrappedKey, ClearKey) {
+        let (wrapped, kcv) = hsm.generate_key(kt).unwrap();
+        let block = hsm.export_under_tmk(&tmk.1, &wrapped, kt).unwrap();
+        let (header, clear) = tr31::unwrap(&tmk.0, &block).unwrap();
+        assert_eq!(Some(header), delivery_header(kt));
+        assert_eq!(KeyCheckValue::of(&clear), kcv);
+        (wrapped, clear)
+    }
+
+    #[test]
+    fn tmk_import_refuses_wrong_kcv_wrong_usage_and_missing_kek() {
+        let hsm = hsm();
+        let tmk = ClearKey::from_hex("0F0E0D0C0B0A09080706050403020100").unwrap();
+        let kek = Kek::from_hex(KEK).unwrap();
+        let k0 = KeyBlockHeader::new(
+            KeyUsage::KEY_ENCRYPTION,
+            ModeOfUse::Both,
+            Exportability::NonExportable,
+        );
+        let block = tr31::wrap(kek.key(), &k0, &tmk).unwrap();
+        let wrong: KeyCheckValue = "000000".parse().unwrap();
+        let err = hsm
+            .import_under_kek(KeyType::Tmk, &block, &wrong)
+            .unwrap_err();
+        assert!(matches!(err, HsmError::KcvMismatch { .. }), "{err}");
+
+        let p0 = KeyBlockHeader::new(
+            KeyUsage::PIN_ENCRYPTION,
+            ModeOfUse::Both,
+            Exportability::NonExportable,
+        );
+        let block_p0 = tr31::wrap(kek.key(), &p0, &tmk).unwrap();
+        let err = hsm
+            .import_under_kek(KeyType::Tmk, &block_p0, &KeyCheckValue::of(&tmk))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "failed to use key: expected a TMK key (usage K0), found usage P0"
+        );
+
+        let tampered = block.replacen("K0AB", "K0AE", 1);
+        assert!(matches!(
+            hsm.import_under_kek(KeyType::Tmk, &tampered, &KeyCheckValue::of(&tmk)),
+            Err(HsmError::ImportBlock(Tr31Error::Mac))
+        ));
+
+        let no_kek = SoftHsm::new(Lmk::from_hex(LMK).unwrap(), None);
+        assert!(matches!(
+            no_kek.import_under_kek(KeyType::Tmk, &block, &KeyCheckValue::of(&tmk)),
+            Err(HsmError::NoKek)
+        ));
+    }
+
+    #[test]
+    fn delivered_keys_work_at_the_terminal_and_in_the_hsm() {
+        let hsm = hsm();
+        let tmk = register_tmk(&hsm);
+        let (tak, tak_clear) = deliver(&hsm, &tmk, KeyType::Tak);
+        let (tpk, tpk_clear) = deliver(&hsm, &tmk, KeyType::Tpk);
+
+        // MAC: terminal computes, switch verifies; switch computes, terminal recomputes.
+        let msg = b"0200F23A...packed message up to the MAC field";
+        let terminal_mac = mac8(&tak_clear, msg);
+        assert!(hsm.verify_mac(&tak, msg, &terminal_mac).unwrap());
+        assert_eq!(hsm.generate_mac(&tak, msg).unwrap(), terminal_mac);
+        let mut bad = terminal_mac;
+        bad[7] ^= 1;
+        assert!(!hsm.verify_mac(&tak, msg, &bad).unwrap());
+        assert!(!hsm.verify_mac(&tak, msg, &terminal_mac[..7]).unwrap());
+        assert!(
+            !hsm.verify_mac(&tak, b"0200 other message", &terminal_mac)
+                .unwrap()
+        );
+
+        // PIN: card created with PIN 1234 via the admin API, then used at the terminal.
+        let pvv = hsm.make_pvv(PAN, &ClearPin::new("1234").unwrap()).unwrap();
+        let mut rng = rand::rng();
+        let good =
+            pinblock::encipher_format4(&tpk_clear, PAN, &ClearPin::new("1234").unwrap(), &mut rng)
+                .unwrap();
+        let wrong =
+            pinblock::encipher_format4(&tpk_clear, PAN, &ClearPin::new("4321").unwrap(), &mut rng)
+                .unwrap();
+        assert_eq!(
+            hsm.verify_pin(&tpk, PAN, &good, &pvv).unwrap(),
+            PinCheck::Match
+        );
+        assert_eq!(
+            hsm.verify_pin(&tpk, PAN, &wrong, &pvv).unwrap(),
+            PinCheck::Mismatch
+        );
+        assert_eq!(
+            hsm.verify_pin(&tpk, PAN, &[0x5A; 16], &pvv).unwrap(),
+            PinCheck::BadBlock
+        );
+        // Block made for another card number does not verify for this one.
+        let other_pan = "6011000000000012";
+        let other = pinblock::encipher_format4(
+            &tpk_clear,
+            other_pan,
+            &ClearPin::new("1234").unwrap(),
+            &mut rng,
+        )
+        .unwrap();
+        assert_ne!(
+            hsm.verify_pin(&tpk, PAN, &other, &pvv).unwrap(),
+            PinCheck::Match
+        );
+        assert!(matches!(
+            hsm.verify_pin(&tpk, "not-a-pan", &good, &pvv),
+            Err(HsmError::PinBlock(PinBlockError::InvalidPan))
+        ));
+    }
+
+    #[test]
+    fn key_separation_is_enforced() {
+        let hsm = hsm();
+        let tmk = register_tmk(&hsm);
+        let (tpk, _) = hsm.generate_key(KeyType::Tpk).unwrap();
+        let (tak, _) = hsm.generate_key(KeyType::Tak).unwrap();
+        // A TPK cannot MAC, a TAK cannot decipher PINs, neither can act as a TMK.
+        assert!(matches!(
+            hsm.generate_mac(&tpk, b"x"),
+            Err(HsmError::WrongKeyType {
+                expected: KeyType::Tak,
+                ..
+            })
+        ));
+        let pvv = hsm.make_pvv(PAN, &ClearPin::new("1234").unwrap()).unwrap();
+        assert!(matches!(
+            hsm.verify_pin(&tak, PAN, &[0; 16], &pvv),
+            Err(HsmError::WrongKeyType {
+                expected: KeyType::Tpk,
+                ..
+            })
+        ));
+        assert!(matches!(
+            hsm.export_under_tmk(&tpk, &tak, KeyType::Tak),
+            Err(HsmError::WrongKeyType {
+                expected: KeyType::Tmk,
+                ..
+            })
+        ));
+        // Exporting a TPK as a TAK is refused; a TMK is never exported.
+        assert!(matches!(
+            hsm.export_under_tmk(&tmk.1, &tpk, KeyType::Tak),
+            Err(HsmError::WrongKeyType { .. })
+        ));
+        assert!(matches!(
+            hsm.export_under_tmk(&tmk.1, &tmk.1, KeyType::Tmk),
+            Err(HsmError::NotExportable(KeyType::Tmk))
+        ));
+    }
+
+    #[test]
+    fn stored_keys_are_bound_to_the_lmk() {
+        let hsm = hsm();
+        let (tak, kcv) = hsm.generate_key(KeyType::Tak).unwrap();
+        assert_eq!(hsm.kcv(&tak).unwrap(), kcv);
+        assert!(tak.0.starts_with('D'), "stored as a TR-31 D block");
+        let other = SoftHsm::new(Lmk::from_hex(&LMK.replace('F', "E")).unwrap(), None);
+        assert!(matches!(
+            other.kcv(&tak),
+            Err(HsmError::StoredKey(Tr31Error::Mac))
+        ));
+        // A restarted HSM with the same LMK opens what the first one stored.
+        let again = SoftHsm::new(Lmk::from_hex(LMK).unwrap(), None);
+        assert_eq!(again.kcv(&tak).unwrap(), kcv);
+        assert!(matches!(
+            hsm.kcv(&WrappedKey("D0016garbage".into())),
+            Err(HsmError::StoredKey(_))
+        ));
+        // Two generated keys differ.
+        assert_ne!(hsm.generate_key(KeyType::Tak).unwrap().1, kcv);
+    }
+
+    #[test]
+    fn translate_pin_moves_a_block_between_tpks_without_changing_the_pin() {
+        let hsm = hsm();
+        let tmk = register_tmk(&hsm);
+        let (terminal_tpk, terminal_clear) = deliver(&hsm, &tmk, KeyType::Tpk);
+        let (link_tpk, link_clear) = deliver(&hsm, &tmk, KeyType::Tpk);
+        let pin = ClearPin::new("908172").unwrap();
+        let block =
+            pinblock::encipher_format4(&terminal_clear, PAN, &pin, &mut rand::rng()).unwrap();
+        let translated = hsm
+            .translate_pin(&terminal_tpk, &link_tpk, PAN, &block)
+            .unwrap();
+        assert_ne!(translated, block);
+        let at_issuer = pinblock::decipher_format4(&link_clear, PAN, &translated).unwrap();
+        let pvv = hsm.make_pvv(PAN, &pin).unwrap();
+        assert_eq!(hsm.make_pvv(PAN, &at_issuer).unwrap(), pvv);
+        assert_eq!(
+            hsm.verify_pin(&link_tpk, PAN, &translated, &pvv).unwrap(),
+            PinCheck::Match
+        );
+        assert!(matches!(
+            hsm.translate_pin(&terminal_tpk, &link_tpk, PAN, &[0; 16]),
+            Err(HsmError::PinBlock(_))
+        ));
+    }
+
+    #[test]
+    fn link_keys_import_under_a_configured_tmk() {
+        // Issuer switch and acquirer switch share a TMK; the issuer delivers a TAK under it.
+        let issuer = hsm();
+        let acquirer = SoftHsm::new(Lmk::from_hex(&LMK.replace('0', "7")).unwrap(), None);
+        let shared = ClearKey::from_hex("00112233445566770011223344556677").unwrap();
+        let (issuer_tmk, kcv1) = issuer
+            .import_clear_key(KeyType::Tmk, shared.clone())
+            .unwrap();
+        let (acquirer_tmk, kcv2) = acquirer.import_clear_key(KeyType::Tmk, shared).unwrap();
+        assert_eq!(kcv1, kcv2);
+        let (tak, kcv) = issuer.generate_key(KeyType::Tak).unwrap();
+        let block = issuer
+            .export_under_tmk(&issuer_tmk, &tak, KeyType::Tak)
+            .unwrap();
+        let (link_tak, got) = acquirer
+            .import_under_tmk(&acquirer_tmk, KeyType::Tak, &block, &kcv)
+            .unwrap();
+        assert_eq!(got, kcv);
+        let mac = acquirer.generate_mac(&link_tak, b"0200...").unwrap();
+        assert!(issuer.verify_mac(&tak, b"0200...", &mac).unwrap());
+        assert!(matches!(
+            acquirer.import_under_tmk(&acquirer_tmk, KeyType::Tpk, &block, &kcv),
+            Err(HsmError::WrongKeyType { .. })
+        ));
+    }
+
+    #[test]
+    fn pan_tokens_are_keyed_and_stable() {
+        let hsm = hsm();
+        let t = hsm.pan_token(PAN);
+        assert_eq!(t.len(), 32);
+        assert!(
+            t.bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+        assert!(!t.contains(PAN));
+        assert_eq!(
+            t,
+            SoftHsm::new(Lmk::from_hex(LMK).unwrap(), None).pan_token(PAN)
+        );
+        assert_ne!(t, hsm.pan_token("6011000000000012"));
+        let other = SoftHsm::new(Lmk::from_hex(&LMK.replace('F', "E")).unwrap(), None);
+        assert_ne!(t, other.pan_token(PAN));
+    }
+
+    #[test]
+    fn debug_is_redacted_and_trait_is_object_safe() {
+        let hsm: Box<dyn Hsm> = Box::new(hsm());
+        let dbg = format!("{hsm:?}");
+        assert_eq!(dbg, r#"SoftHsm { lmk: "<redacted>", kek: "<redacted>" }"#);
+        let pvv = hsm.make_pvv(PAN, &ClearPin::new("1234").unwrap()).unwrap();
+        assert!(!format!("{pvv:?}").contains(&pvv.to_hex()));
+    }
+}
