@@ -66,7 +66,7 @@ pub enum StartError {
     Settings(#[from] crate::settings::SettingsError),
     /// The LMK or KEK.
     #[error(transparent)]
-    Keys(#[from] crate::crypto::CryptoError),
+    Keys(#[from] crate::crypto::KeyError),
     /// The tokens file.
     #[error(transparent)]
     Tokens(#[from] admin::auth::TokensError),

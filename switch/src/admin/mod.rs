@@ -254,7 +254,7 @@ impl Modify for BearerAuth {
 }
 
 /// The OpenAPI document of the admin API.
-#[derive(OpenApi)]
+#[derive(Debug, OpenApi)]
 #[openapi(
     info(
         title = "Switchyard admin API",

@@ -13,9 +13,9 @@ use chrono::Utc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::crypto::terminal::TerminalKeys;
+use crate::crypto::{ClearPin, KeyCheckValue, TerminalKeys};
 use crate::domain::{KeyType, TerminalId};
-use crate::iso8583::frame::{decode_frame, encode_frame};
+use crate::iso8583::{decode_frame, encode_frame};
 use crate::iso8583::{Message, Mti, Packager};
 
 /// Failures of the terminal side.
@@ -120,7 +120,7 @@ impl AtmClient {
     /// Packs `message`, MACing it under the TAK when `mac` is set.
     pub fn pack(&self, message: &mut Message, mac: bool) -> Result<Vec<u8>, AtmError> {
         if mac {
-            let field = self.packager.mac_field_for(message);
+            let field = crate::iso8583::mac_field_for(message);
             message.set(field, vec![0u8; 8]);
             let input = self
                 .packager
@@ -193,10 +193,18 @@ impl AtmClient {
                 answer.set(f, v.to_vec());
             }
         }
-        match self.keys.accept_key_block(kt, &block, &kcv) {
+        let accepted = kcv
+            .parse::<KeyCheckValue>()
+            .map_err(|e| e.to_string())
+            .and_then(|kcv| {
+                self.keys
+                    .accept_key_block(kt, &block, &kcv)
+                    .map_err(|e| e.to_string())
+            });
+        match accepted {
             Ok(computed) => {
                 answer.set_str(39, "00");
-                answer.set_str(122, &computed);
+                answer.set_str(122, &computed.to_string());
                 self.key_changes.push(kt);
             }
             Err(_) => answer.set_str(39, "63"),
@@ -249,10 +257,14 @@ impl AtmClient {
         expect_code(&answer, "00")?;
         let block = answer.get_str(120).unwrap_or_default().to_string();
         let kcv = answer.get_str(122).unwrap_or_default().to_string();
+        let kcv = kcv
+            .parse::<KeyCheckValue>()
+            .map_err(|e| AtmError::Protocol(format!("field 122: {e}")))?;
         let computed = self
             .keys
             .accept_key_block(kt, &block, &kcv)
-            .map_err(|e| AtmError::Crypto(e.to_string()))?;
+            .map_err(|e| AtmError::Crypto(e.to_string()))?
+            .to_string();
         let mut confirm = self.new_request("0800")?;
         confirm.set_str(70, "162");
         confirm.set_str(48, kt.as_str());
@@ -280,9 +292,10 @@ impl AtmClient {
         m.set_str(22, "051");
         m.set_str(42, "SWITCHYARD-ATM ");
         m.set_str(49, &card.currency);
+        let pin = ClearPin::new(&card.pin).map_err(|e| AtmError::Crypto(e.to_string()))?;
         let block = self
             .keys
-            .encipher_pin(&card.pan, &card.pin)
+            .encipher_pin(&card.pan, &pin)
             .map_err(|e| AtmError::Crypto(e.to_string()))?;
         m.set_str(123, &hex::encode_upper(block));
         Ok(m)

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::crypto::terminal::{TerminalKeys, wrap_tmk_under_kek};
+use crate::crypto::{ClearKey, Kek, TerminalKeys};
 use crate::domain::TerminalId;
 
 /// Failures talking to the admin API.
@@ -90,9 +90,14 @@ impl AdminClient {
         id: &TerminalId,
         group: &str,
     ) -> Result<TerminalKeys, AdminClientError> {
-        let keys = TerminalKeys::generate();
-        let (block, kcv) = wrap_tmk_under_kek(kek, &keys)
+        let keys = TerminalKeys::generate(&mut rand::rng());
+        let kek = ClearKey::new(kek)
+            .and_then(Kek::from_key)
             .map_err(|e| AdminClientError::Crypto(e.to_string()))?;
+        let (block, kcv) = keys
+            .wrap_tmk_under_kek(&kek)
+            .map_err(|e| AdminClientError::Crypto(e.to_string()))?;
+        let kcv = kcv.to_string();
         self.post(
             "/v1/terminals",
             &json!({"id": id.as_str(), "group": group, "tmk": {"keyBlock": block, "kcv": kcv}}),

@@ -7,7 +7,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::iso8583::frame::{FrameError, decode_frame, encode_frame};
+use crate::iso8583::{FrameError, decode_frame, encode_frame};
 
 /// Why reading a frame ended the connection.
 #[derive(Debug, thiserror::Error)]

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use super::ConnState;
 use super::connection::{Connection, ReadError};
 use crate::app::SwitchContext;
-use crate::iso8583::frame::FrameError;
+use crate::iso8583::FrameError;
 use crate::txn;
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);

@@ -114,6 +114,13 @@ impl KeyId {
     }
 }
 
+impl RotationId {
+    /// A fresh random rotation id (`rot-<uuid>`).
+    pub fn generate() -> Self {
+        Self(format!("rot-{}", uuid::Uuid::new_v4()))
+    }
+}
+
 impl CardId {
     /// A fresh random card id.
     pub fn generate() -> Self {

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::{MacCheck, Reply, request_digest, response_to, verify_request_mac};
 use crate::app::SwitchContext;
-use crate::crypto::PinCheck;
+use crate::crypto::{PinCheck, Pvv};
 use crate::domain::{KeyType, ResponseCode, TerminalId};
 use crate::iso8583::Message;
 use crate::store::{
@@ -267,9 +267,13 @@ async fn verify_pin(
         .keys_for_use(terminal, KeyType::Tpk, Utc::now())
         .await
         .map_err(|_| ResponseCode::SystemMalfunction)?;
+    let pvv = Pvv::from_hex(&card.pvv).map_err(|_| {
+        warn!(card = %card.id, "stored PVV is unreadable");
+        ResponseCode::SystemMalfunction
+    })?;
     let mut matched = false;
     for key in keys.active.iter().chain(keys.in_grace.iter()) {
-        match ctx.hsm.verify_pin(&key.wrapped, pan, &block, &card.pvv) {
+        match ctx.hsm.verify_pin(&key.wrapped, pan, &block, &pvv) {
             Ok(PinCheck::Match) => {
                 matched = true;
                 break;

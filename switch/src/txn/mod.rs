@@ -127,7 +127,7 @@ pub fn pack_reply(
     mac_key: Option<&WrappedKey>,
 ) -> Result<Vec<u8>, String> {
     if let Some(tak) = mac_key {
-        let field = ctx.packager.mac_field_for(&message);
+        let field = crate::iso8583::mac_field_for(&message);
         message.set(field, vec![0u8; 8]);
         let input = ctx
             .packager
@@ -154,8 +154,9 @@ fn format_error(ctx: &SwitchContext, conn: &mut ConnState, err: UnpackError) -> 
         .and_then(|m| response_to(m, ResponseCode::FormatError));
     match answer.map(|m| ctx.packager.pack(&m)) {
         Some(Ok(bytes)) => {
+            let mti = err.partial.as_deref().map(|m| m.mti());
             ctx.metrics.message(
-                err.partial.as_deref().map(|m| m.mti().as_str()).unwrap_or("unknown"),
+                mti.as_ref().map(|m| m.as_str()).unwrap_or("unknown"),
                 Some(ResponseCode::FormatError.as_str()),
             );
             Some(bytes)

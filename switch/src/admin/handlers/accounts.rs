@@ -67,7 +67,7 @@ pub async fn create(
     body: JsonBody<CreateAccount>,
 ) -> Result<Response, ApiError> {
     let req = body.value;
-    let id = parse_id(&req.id, AccountId::new)?;
+    let id = parse_id(&req.id, |s| AccountId::new(s))?;
     if req.currency.len() != 3 || !req.currency.bytes().all(|b| b.is_ascii_digit()) {
         return Err(ApiError::BadRequest(
             "currency must be an ISO 4217 numeric code, e.g. \"360\"".into(),
@@ -106,7 +106,7 @@ pub async fn get_one(
     State(state): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<AccountView>, ApiError> {
-    let id = parse_id(&id, AccountId::new)?;
+    let id = parse_id(&id, |s| AccountId::new(s))?;
     let account = state
         .ctx
         .store

@@ -21,12 +21,14 @@ use crate::store::{AccountId, Card, CardId, NewCard};
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateCard {
     /// Primary account number, 12–19 digits.
+    #[schema(value_type = String)]
     pub pan: Zeroizing<String>,
     /// Expiry `YYMM`.
     pub expiry: String,
     /// The account the card draws on.
     pub account_id: String,
     /// Initial PIN, 4–12 digits; stored only as a PIN verification value.
+    #[schema(value_type = String)]
     pub pin: Zeroizing<String>,
     /// Name of an upstream whose stand-in data this card is (cards of another issuer).
     #[serde(default)]
@@ -119,7 +121,7 @@ pub async fn create(
     let req = body.value;
     validate_pan(&req.pan)?;
     validate_expiry(&req.expiry)?;
-    let account_id = parse_id(&req.account_id, AccountId::new)?;
+    let account_id = parse_id(&req.account_id, |s| AccountId::new(s))?;
     let pin = clear_pin(&req.pin)?;
     if let Some(upstream) = &req.upstream {
         if !state.ctx.settings.upstreams.iter().any(|u| &u.name == upstream) {
@@ -143,7 +145,7 @@ pub async fn create(
                     last4: req.pan[req.pan.len() - 4..].to_string(),
                     expiry: req.expiry.clone(),
                     account_id: account_id.clone(),
-                    pvv: pvv.to_string(),
+                    pvv: pvv.to_hex(),
                     upstream: req.upstream.clone(),
                 },
                 &caller.name,
@@ -162,7 +164,7 @@ pub async fn get_one(
     State(state): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<CardView>, ApiError> {
-    let id = parse_id(&id, CardId::new)?;
+    let id = parse_id(&id, |s| CardId::new(s))?;
     let card = state
         .ctx
         .store
@@ -177,8 +179,10 @@ pub async fn get_one(
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PinReset {
     /// New PIN, 4–12 digits.
+    #[schema(value_type = String)]
     pub pin: Zeroizing<String>,
     /// The card's PAN, needed to derive the PVV (the switch keeps only a keyed hash of it).
+    #[schema(value_type = String)]
     pub pan: Zeroizing<String>,
 }
 
@@ -198,7 +202,7 @@ pub async fn pin_reset(
     Path(id): Path<String>,
     body: JsonBody<PinReset>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id, CardId::new)?;
+    let id = parse_id(&id, |s| CardId::new(s))?;
     let req = body.value;
     validate_pan(&req.pan)?;
     let pin = clear_pin(&req.pin)?;
@@ -222,7 +226,7 @@ pub async fn pin_reset(
         state
             .ctx
             .store
-            .reset_pin(&id, &pvv.to_string(), &caller.name)
+            .reset_pin(&id, &pvv.to_hex(), &caller.name)
             .await?;
         let card = state
             .ctx

@@ -71,7 +71,7 @@ impl From<&KeyRecord> for KeyView {
 }
 
 async fn registered(state: &AdminState, tid: &str) -> Result<TerminalId, ApiError> {
-    let id = parse_id(tid, TerminalId::new)?;
+    let id = parse_id(tid, |s| TerminalId::new(s))?;
     if state.ctx.store.get_terminal(&id).await?.is_none() {
         return Err(ApiError::NotFound(format!("terminal {id} is not registered")));
     }
@@ -130,7 +130,7 @@ async fn transition(
     id: &str,
     to: KeyTransition,
 ) -> Result<axum::Json<KeyView>, ApiError> {
-    let id = parse_id(id, KeyId::new)?;
+    let id = parse_id(id, |s| KeyId::new(s))?;
     let key = state
         .ctx
         .store
@@ -220,7 +220,7 @@ fn parse_selector(value: &serde_json::Value) -> Result<TerminalSelector, ApiErro
                 "ids" => Ok(TerminalSelector::Ids(
                     items
                         .iter()
-                        .map(|s| parse_id(s, TerminalId::new))
+                        .map(|s| parse_id(s, |s| TerminalId::new(s)))
                         .collect::<Result<_, _>>()?,
                 )),
                 "groups" => Ok(TerminalSelector::Groups(items)),
@@ -329,7 +329,7 @@ pub async fn get_rotation(
     State(state): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<RotationView>, ApiError> {
-    let id = parse_id(&id, RotationId::new)?;
+    let id = parse_id(&id, |s| RotationId::new(s))?;
     let status = state
         .ctx
         .store
@@ -376,7 +376,7 @@ pub async fn expire_previous(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<ExpirePreviousResult>, ApiError> {
-    let id = parse_id(&id, RotationId::new)?;
+    let id = parse_id(&id, |s| RotationId::new(s))?;
     if state.ctx.store.rotation_totals(&id).await?.is_none() {
         return Err(ApiError::NotFound(format!("rotation {id} does not exist")));
     }

@@ -111,7 +111,7 @@ pub async fn create(
     body: JsonBody<CreateTerminal>,
 ) -> Result<Response, ApiError> {
     let req = body.value;
-    let id = parse_id(&req.id, TerminalId::new)?;
+    let id = parse_id(&req.id, |s| TerminalId::new(s))?;
     let kind = match req.kind.as_deref() {
         None | Some("atm") => TerminalKind::Atm,
         Some("station") => TerminalKind::Station,
@@ -208,7 +208,7 @@ pub async fn get_one(
     State(state): State<AdminState>,
     Path(tid): Path<String>,
 ) -> Result<axum::Json<TerminalView>, ApiError> {
-    let id = parse_id(&tid, TerminalId::new)?;
+    let id = parse_id(&tid, |s| TerminalId::new(s))?;
     let terminal = state
         .ctx
         .store
@@ -236,7 +236,7 @@ pub async fn sign_off(
     Extension(caller): Extension<Caller>,
     Path(tid): Path<String>,
 ) -> Result<axum::Json<SignOffResult>, ApiError> {
-    let id = parse_id(&tid, TerminalId::new)?;
+    let id = parse_id(&tid, |s| TerminalId::new(s))?;
     if state.ctx.store.get_terminal(&id).await?.is_none() {
         return Err(ApiError::NotFound(format!("terminal {id} is not registered")));
     }
