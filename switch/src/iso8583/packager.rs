@@ -251,7 +251,7 @@ impl Packager {
             }
             let wire_max = wire_len(binary, &spec, spec.kind.max_len());
             let fits = match spec.kind {
-                FieldKind::Fixed(_) => true,
+                FieldKind::Fixed(_) | FieldKind::Unsupported => true,
                 FieldKind::LlVar(_) => wire_max <= 99,
                 FieldKind::LllVar(_) => wire_max <= 999,
             };
@@ -520,6 +520,11 @@ impl Packager {
         };
         let hex = spec.is_binary() && self.binary == BinaryEncoding::Hex;
         let len = match spec.kind {
+            FieldKind::Unsupported => {
+                return Err(UnpackReason::Invalid {
+                    problem: super::field::UNSUPPORTED.to_owned(),
+                });
+            }
             FieldKind::Fixed(len) => wire_len(self.binary, spec, usize::from(len)),
             FieldKind::LlVar(_) | FieldKind::LllVar(_) => {
                 let digits = spec.kind.prefix_digits();
@@ -915,6 +920,11 @@ mod tests {
         "failed to validate field 41: expected 8 printable ASCII characters, got 9"
     )]
     #[case::short_mac(64, "ABC", "failed to validate field 64: expected 8 bytes, got 3")]
+    #[case::field_65(
+        65,
+        "ABCDEFGH",
+        "failed to validate field 65: this profile does not carry the field"
+    )]
     #[case::newline_in_48(
         48,
         "TPK\n",
@@ -1004,6 +1014,11 @@ mod tests {
         Packager::ascii(),
         bytes(&[b"0200", b"0020000000000001", b"000001", b"0123456789ABCDEG"]),
         Some(64), UnpackReason::Invalid { problem: "expected hex characters only, found another character at position 15".into() }, Some(vec![11])
+    )]
+    #[case::field_65_is_not_carried(
+        Packager::binary_bitmap(),
+        bytes(&[&binary_header(b"0200", &[11, 65, 70]), b"000001", &[0; 8], b"301"]),
+        Some(65), UnpackReason::Invalid { problem: "this profile does not carry the field".into() }, Some(vec![11])
     )]
     #[case::trailing_bytes(
         Packager::binary_bitmap(),
@@ -1187,6 +1202,7 @@ mod tests {
     fn value_strategy(spec: &FieldSpec) -> BoxedStrategy<Vec<u8>> {
         let (min, max) = match spec.kind {
             FieldKind::Fixed(n) => (usize::from(n), usize::from(n)),
+            FieldKind::Unsupported => unreachable!("unsupported fields are not generated"),
             FieldKind::LlVar(max) | FieldKind::LllVar(max) => (0, usize::from(max)),
         };
         let alphabet: Vec<u8> = (0..=255u8).filter(|b| spec.charset.allows(*b)).collect();
@@ -1199,12 +1215,15 @@ mod tests {
         }
     }
 
-    /// Random valid messages: any MTI, a random subset of fields 2..=128 (so secondary-bitmap
+    /// Random valid messages: any MTI, a random subset of fields 2..=128 but 65 (so secondary-bitmap
     /// fields appear in most cases), each value drawn from its field's definition.
     fn message_strategy(max_fields: usize) -> impl Strategy<Value = Message> {
         (
             mti_strategy(),
-            prop::sample::subsequence((2..=128u8).collect::<Vec<_>>(), 0..=max_fields),
+            prop::sample::subsequence(
+                (2..=128u8).filter(|&n| n != 65).collect::<Vec<_>>(),
+                0..=max_fields,
+            ),
         )
             .prop_flat_map(|(mti, numbers)| {
                 let values: Vec<_> = numbers

@@ -9,7 +9,7 @@ mismatch against a library we did not write.
     python3 -m venv /tmp/pyv && /tmp/pyv/bin/pip install pyiso8583
     /tmp/pyv/bin/python switch/tests/vectors/gen_vectors.py
 
-pyiso8583 takes binary fields (52, 55, 64, 65, 96, 128 in `default`) as hex strings; in
+pyiso8583 takes binary fields (52, 55, 64, 96, 128 in `default`) as hex strings; in
 `default_ascii` the same hex strings are the wire text, which is exactly how our codec
 treats them (raw bytes in memory, hex on an ASCII wire).
 """
