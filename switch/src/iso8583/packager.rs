@@ -366,6 +366,35 @@ impl Packager {
         Ok(out)
     }
 
+    /// Packs `msg` with a MAC in one pass: packs the MAC input, asks `compute` for the MAC
+    /// over it (e.g. leftmost 8 bytes of AES-CMAC under the TAK), appends the MAC field and
+    /// stores the MAC in `msg` too. Equivalent to [`Packager::pack_mac_input`], `set`, then
+    /// [`Packager::pack`], without packing twice.
+    pub fn pack_with_mac<M, E>(
+        &self,
+        msg: &mut Message,
+        compute: impl FnOnce(&[u8]) -> Result<M, E>,
+    ) -> Result<Vec<u8>, E>
+    where
+        M: AsRef<[u8]>,
+        E: From<PackError>,
+    {
+        let field = mac_field_for(msg);
+        let mut out = self.pack_mac_input(msg)?;
+        let mac = compute(&out)?;
+        let mac = mac.as_ref();
+        if let Some(spec) = self.field(field) {
+            spec.validate(mac).map_err(PackError::from)?;
+            if spec.is_binary() && self.binary == BinaryEncoding::Hex {
+                push_hex(mac, &mut out);
+            } else {
+                out.extend_from_slice(mac);
+            }
+        }
+        msg.set(field, mac);
+        Ok(out)
+    }
+
     /// For a message received as `raw` and unpacked into `msg`: the bytes its MAC covers and
     /// the MAC itself. Checks that the MAC is in the field [`mac_field_for`] says and is the
     /// last field, so no field can ride along outside the MAC.
@@ -1186,6 +1215,52 @@ mod tests {
             input[4 + 8 + 7] & 1,
             1,
             "bit 128 must be set in the MAC input"
+        );
+    }
+
+    #[test]
+    fn pack_with_mac_packs_once_what_set_then_pack_would() {
+        for packager in [Packager::ascii(), Packager::binary_bitmap()] {
+            for mut msg in [primary_only(), withdrawal()] {
+                msg.remove(64);
+                let expected_input = packager.pack_mac_input(&msg).unwrap();
+                let packed = packager
+                    .pack_with_mac(&mut msg, |input| {
+                        assert_eq!(input, &expected_input[..]);
+                        Ok::<_, PackError>([7u8; 8])
+                    })
+                    .unwrap();
+                assert_eq!(msg.get(mac_field_for(&msg)), Some(&[7u8; 8][..]));
+                assert_eq!(packed, packager.pack(&msg).unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn pack_with_mac_refuses_a_mac_of_the_wrong_length_and_passes_errors_through() {
+        let packager = Packager::binary_bitmap();
+        let mut msg = primary_only();
+        assert_eq!(
+            packager
+                .pack_with_mac(&mut msg, |_| Ok::<_, PackError>([7u8; 4]))
+                .unwrap_err()
+                .to_string(),
+            "failed to validate field 64: expected 8 bytes, got 4"
+        );
+        assert!(!msg.has(64), "no MAC is stored when packing failed");
+        #[derive(Debug, PartialEq)]
+        enum HsmError {
+            NoKey,
+            Pack,
+        }
+        impl From<PackError> for HsmError {
+            fn from(_: PackError) -> Self {
+                HsmError::Pack
+            }
+        }
+        assert_eq!(
+            packager.pack_with_mac(&mut msg, |_| Err::<[u8; 8], _>(HsmError::NoKey)),
+            Err(HsmError::NoKey)
         );
     }
 
