@@ -1,7 +1,7 @@
 //! ISO 8583 messages in memory: the message type indicator and the data elements 2..=128.
 //!
 //! A [`Message`] holds each field's *logical* content and knows nothing about the wire: text
-//! fields hold their ASCII characters, binary fields (52, 55, 64, 65, 96, 128) hold raw bytes.
+//! fields hold their ASCII characters, binary fields (52, 55, 64, 96, 128) hold raw bytes.
 //! How that goes on the wire is the job of a [`Packager`](super::Packager).
 
 use std::fmt;
