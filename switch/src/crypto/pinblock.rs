@@ -71,6 +71,15 @@ impl ClearPin {
     }
 }
 
+/// Lets an admin API body hold a `ClearPin` directly (`{"pin":"1234"}`): the PIN is validated
+/// while parsing and the intermediate string is wiped. There is deliberately no `Serialize`.
+impl<'de> serde::Deserialize<'de> for ClearPin {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = Zeroizing::new(String::deserialize(deserializer)?);
+        ClearPin::new(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Debug for ClearPin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("ClearPin(<redacted>)")
@@ -347,6 +356,15 @@ mod tests {
         }
         let pin = ClearPin::new("4321").unwrap();
         assert_eq!(format!("{pin:?}"), "ClearPin(<redacted>)");
+        let parsed: ClearPin = serde_json::from_str("\"4321\"").unwrap();
+        assert_eq!(text(&parsed), "4321");
+        let err = serde_json::from_str::<ClearPin>("\"43a1\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("expected 4 to 12 decimal digits") && !err.contains("43a1"),
+            "{err}"
+        );
         assert_eq!(pin.digit_count(), 4);
     }
 }
