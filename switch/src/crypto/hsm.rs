@@ -37,7 +37,9 @@ pub enum HsmError {
     #[error("failed to unwrap stored key under the LMK (wrong LMK or altered key record)")]
     StoredKey(#[source] Tr31Error),
     /// A key block received for import does not open or is malformed.
-    #[error("failed to unwrap imported key block")]
+    #[error(
+        "failed to unwrap imported key block (was it wrapped under this switch's KEK, or the TMK?)"
+    )]
     ImportBlock(#[source] Tr31Error),
     /// A key could not be wrapped (LMK storage or delivery block).
     #[error("failed to wrap key in a TR-31 block")]
