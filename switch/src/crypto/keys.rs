@@ -507,6 +507,15 @@ mod tests {
     }
 
     #[test]
+    fn key_type_is_serialized_as_the_api_shows_it() {
+        assert_eq!(serde_json::to_string(&KeyType::Tpk).unwrap(), "\"TPK\"");
+        let kt: KeyType = serde_json::from_str("\"TAK\"").unwrap();
+        assert_eq!(kt, KeyType::Tak);
+        assert_eq!(KeyType::Tmk.to_string(), "TMK");
+        assert_eq!("tpk".parse::<KeyType>().unwrap(), KeyType::Tpk);
+    }
+
+    #[test]
     fn lmk_derived_keys_are_distinct_and_stable() {
         let lmk = Lmk::from_hex(LMK_HEX_VALUE).unwrap();
         let (d1, d2) = (lmk.derive(), lmk.derive());

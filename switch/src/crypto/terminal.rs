@@ -1,19 +1,20 @@
-//! The terminal side of the key hierarchy, for the ATM simulator and for an acquirer switch's
-//! upstream link (SPEC §6): a terminal holds its keys in clear, as real ATMs do in their EPP.
+//! The terminal side of the key hierarchy, for the ATM simulator: a terminal holds its keys in
+//! clear (a real ATM keeps them in its encrypting PIN pad).
 //!
-//! Pure: no I/O. The simulator owns one `TerminalKeys` per simulated ATM.
+//! Pure: no I/O. The simulator owns one `TerminalKeys` per simulated ATM. An acquirer switch's
+//! upstream link (SPEC §6) does not use this: its link keys must stay inside its own HSM so PINs
+//! can be translated there, so it uses `Hsm::import_clear_key` for the shared TMK and
+//! `Hsm::import_under_tmk` for the delivered TPK/TAK.
 
 use rand::CryptoRng;
+use subtle::ConstantTimeEq;
 
-use super::cmac::CmacKey;
-use super::cmac::leftmost8;
+use super::cmac::{CmacKey, leftmost8};
 use super::hsm::delivery_header;
 use super::kcv::KeyCheckValue;
 use super::keys::{AesKeySize, ClearKey, Kek, KeyType};
 use super::pinblock::{self, ClearPin, PinBlockError};
 use super::tr31::{self, Exportability, KeyBlockHeader, KeyUsage, ModeOfUse, Tr31Error};
-
-use subtle::ConstantTimeEq;
 
 /// Why a terminal-side key operation failed. Never carries key material or PIN digits.
 #[derive(Debug, thiserror::Error)]

@@ -248,6 +248,11 @@ impl KeyBlockHeader {
     /// Writes the header text (with the block length filled in) for a block of `total_len`
     /// characters, where the header itself is `self.encoded_len()` long.
     fn encode(&self, total_len: usize) -> Result<String, Tr31Error> {
+        if !self.key_version.iter().all(u8::is_ascii_alphanumeric) {
+            return Err(Tr31Error::Header(
+                "key version number must be 2 letters or digits",
+            ));
+        }
         let (count, blocks) = self.encode_optional_blocks()?;
         if total_len > 9999 {
             return Err(Tr31Error::Header("key block longer than 9999 characters"));
@@ -715,6 +720,49 @@ mod tests {
 
     const OURS_1: &str = "D0176K0AB00N0200KS1800604B120F9292800000PB0800007FAE119B3347948076BFE6889734361E72EBF33488C4813623810CC2C2DC5CF4655D05D7CA76D04FFCD56CF305F07C13824C50093E541AFE33B0B8A2726284CA";
     const OURS_2: &str = "D0144M6AC00N0000FB33EC821ECE94B85D8007F6F478D1DEBE7FF9987093B5D1B4BD469D2E51E2A56459CB6B131B4CD3302F3B7DB1EBCF258609C2D50A20D175575DB0D6682D7126";
+
+    proptest::proptest! {
+        // Key blocks arrive from the network (field 120, the admin API): any text is refused
+        // cleanly, never a panic.
+        #[test]
+        fn unwrap_never_panics_on_arbitrary_text(text in "\\PC{0,300}") {
+            let _ = unwrap(&k(A74_KBPK), &text);
+        }
+
+        #[test]
+        fn unwrap_refuses_every_single_character_change(pos in 0usize..112, c in "[0-9A-Z]") {
+            let mut b = A74_BLOCK.as_bytes().to_vec();
+            let c = c.as_bytes()[0];
+            proptest::prop_assume!(b[pos] != c);
+            b[pos] = c;
+            let bad = String::from_utf8(b).unwrap();
+            proptest::prop_assert!(unwrap(&k(A74_KBPK), &bad).is_err());
+        }
+
+        #[test]
+        fn wrap_unwrap_round_trips_any_key(bytes in proptest::collection::vec(0u8.., 32)) {
+            let kbpk = k(A74_KBPK);
+            for n in [16, 24, 32] {
+                let key = ClearKey::new(&bytes[..n]).unwrap();
+                let block = wrap(&kbpk, &pin_header(), &key).unwrap();
+                proptest::prop_assert!(unwrap(&kbpk, &block).unwrap().1 == key);
+            }
+        }
+    }
+
+    #[test]
+    fn header_refuses_non_ascii_key_version() {
+        let mut header = pin_header();
+        header.key_version = [0xC3, b'0'];
+        assert!(matches!(
+            wrap(
+                &k(A74_KBPK),
+                &header,
+                &k("3F419E1CB7079442AA37474C2EFBF8B8")
+            ),
+            Err(Tr31Error::Header(_))
+        ));
+    }
 
     #[test]
     fn optional_blocks_are_written_padded_and_read_back() {
