@@ -230,7 +230,12 @@ pub async fn start(
     }
 
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(run(ctx.clone(), secrets.tokens, listeners, shutdown.clone()));
+    let task = tokio::spawn(run(
+        ctx.clone(),
+        secrets.tokens,
+        listeners,
+        shutdown.clone(),
+    ));
     health.set_started();
     info!(%iso_addr, %admin_addr, %metrics_addr, backend = ?store.backend(), packager = %ctx.settings.iso8583.packager, "switch started");
     Ok(RunningSwitch {
@@ -271,11 +276,7 @@ async fn run(
     .layer(axum::extract::DefaultBodyLimit::max(
         ctx.settings.admin.max_body_bytes,
     ));
-    let admin_server = tokio::spawn(serve_http(
-        listeners.admin,
-        admin_router,
-        stop_http.clone(),
-    ));
+    let admin_server = tokio::spawn(serve_http(listeners.admin, admin_router, stop_http.clone()));
     let iso_server = tokio::spawn(server::serve(
         listeners.iso,
         ctx.clone(),

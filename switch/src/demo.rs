@@ -127,7 +127,11 @@ pub async fn run(args: DemoArgs, config: Option<&Path>) -> anyhow::Result<()> {
     let fresh = admin.get("/v1/terminals/ATM00001").await.is_err();
     let suffix: u32 = rand::rng().random_range(0..100_000);
     let (terminal, account, pan) = if fresh {
-        ("ATM00001".to_string(), "ACC-1".to_string(), "6011000000000004".to_string())
+        (
+            "ATM00001".to_string(),
+            "ACC-1".to_string(),
+            "6011000000000004".to_string(),
+        )
     } else {
         (
             format!("ATM{suffix:05}"),

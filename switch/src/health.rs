@@ -139,7 +139,10 @@ pub type ScrapeRefresh = Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()>
 /// The `:9090` router: `/livez`, `/readyz`, `/startupz`, `/metrics`.
 pub fn router(health: Arc<Health>, metrics: Metrics, refresh: Option<ScrapeRefresh>) -> Router {
     Router::new()
-        .route("/livez", get(|| async { probe(StatusCode::OK, "ok", None) }))
+        .route(
+            "/livez",
+            get(|| async { probe(StatusCode::OK, "ok", None) }),
+        )
         .route("/readyz", get(readyz))
         .route("/startupz", get(startupz))
         .route("/metrics", get(metrics_text))

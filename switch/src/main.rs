@@ -9,7 +9,11 @@ use switchyard_switch::telemetry::{self, LogFormat};
 use switchyard_switch::{app, demo};
 
 #[derive(Debug, Parser)]
-#[command(name = "switchyard-switch", version, about = "Switchyard ISO 8583 switch")]
+#[command(
+    name = "switchyard-switch",
+    version,
+    about = "Switchyard ISO 8583 switch"
+)]
 struct Cli {
     /// Configuration file (TOML or YAML); every key can be overridden by SWITCHYARD_<SECTION>__<KEY>.
     #[arg(long, global = true, env = "SWITCHYARD_CONFIG")]

@@ -98,8 +98,9 @@ impl SwitchMetrics {
             "ISO 8583 messages answered, by request MTI and response code",
             iso_messages.clone(),
         );
-        let transaction_duration =
-            Family::<TypeLabel, Histogram>::new_with_constructor(new_latency_histogram as fn() -> Histogram);
+        let transaction_duration = Family::<TypeLabel, Histogram>::new_with_constructor(
+            new_latency_histogram as fn() -> Histogram,
+        );
         registry.register(
             "switchyard_transaction_duration_seconds",
             "Time from a request frame read to its response written, by transaction type",

@@ -423,10 +423,10 @@ impl Settings {
 fn parse_env_value(raw: &str) -> figment::value::Value {
     use figment::value::Value;
     let trimmed = raw.trim();
-    if trimmed.starts_with('[') || trimmed.starts_with('{') {
-        if let Ok(v) = toml_value(trimmed) {
-            return v;
-        }
+    if (trimmed.starts_with('[') || trimmed.starts_with('{'))
+        && let Ok(v) = toml_value(trimmed)
+    {
+        return v;
     }
     if let Ok(b) = trimmed.parse::<bool>() {
         return Value::from(b);
@@ -434,10 +434,10 @@ fn parse_env_value(raw: &str) -> figment::value::Value {
     if let Ok(i) = trimmed.parse::<i64>() {
         return Value::from(i);
     }
-    if let Ok(f) = trimmed.parse::<f64>() {
-        if trimmed.contains('.') {
-            return Value::from(f);
-        }
+    if let Ok(f) = trimmed.parse::<f64>()
+        && trimmed.contains('.')
+    {
+        return Value::from(f);
     }
     Value::from(raw.to_string())
 }

@@ -19,13 +19,19 @@ async fn sign_on_echo_sign_off(backend: Backend) {
     expect_code(&atm.network("301").await.unwrap(), "00").unwrap();
     let view = sw.viewer.get("/v1/terminals/ATM00001").await.unwrap();
     assert_eq!(view["signedOn"], true);
-    assert_eq!(sample(&sw.metrics().await, "switchyard_terminals_signed_on"), Some(1.0));
+    assert_eq!(
+        sample(&sw.metrics().await, "switchyard_terminals_signed_on"),
+        Some(1.0)
+    );
     expect_code(&atm.network("002").await.unwrap(), "00").unwrap();
     let view = sw.viewer.get("/v1/terminals/ATM00001").await.unwrap();
     assert_eq!(view["signedOn"], false);
     // Not signed on any more: echo and financial messages are refused.
     expect_code(&atm.network("301").await.unwrap(), "58").unwrap();
-    assert_eq!(sample(&sw.metrics().await, "switchyard_terminals_signed_on"), Some(0.0));
+    assert_eq!(
+        sample(&sw.metrics().await, "switchyard_terminals_signed_on"),
+        Some(0.0)
+    );
     sw.stop().await;
 }
 on_both_backends!(sign_on_echo_sign_off_works, sign_on_echo_sign_off);
@@ -48,7 +54,10 @@ async fn unknown_terminal_is_refused(backend: Backend) {
     );
     sw.stop().await;
 }
-on_both_backends!(unknown_terminal_is_refused_and_audited, unknown_terminal_is_refused);
+on_both_backends!(
+    unknown_terminal_is_refused_and_audited,
+    unknown_terminal_is_refused
+);
 
 async fn disconnect_deregisters(backend: Backend) {
     let Some(sw) = TestSwitch::start(backend).await else {
@@ -65,8 +74,14 @@ async fn disconnect_deregisters(backend: Backend) {
     }
     let text = sw.metrics().await;
     assert_eq!(sample(&text, "switchyard_terminals_signed_on"), Some(0.0));
-    assert_eq!(sample(&text, "switchyard_connections{state=\"signed_on\"}"), Some(0.0));
-    assert_eq!(sample(&text, "switchyard_connections{state=\"connected\"}"), Some(0.0));
+    assert_eq!(
+        sample(&text, "switchyard_connections{state=\"signed_on\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&text, "switchyard_connections{state=\"connected\"}"),
+        Some(0.0)
+    );
     let view = sw.viewer.get("/v1/terminals/ATM00001").await.unwrap();
     assert_eq!(view["signedOn"], false);
     sw.stop().await;
@@ -84,7 +99,10 @@ async fn admin_sign_off_closes_the_connection() {
         .await
         .unwrap();
     assert_eq!(res["wasSignedOn"], true);
-    assert!(atm.network("301").await.is_err(), "connection must be closed");
+    assert!(
+        atm.network("301").await.is_err(),
+        "connection must be closed"
+    );
     sw.stop().await;
 }
 

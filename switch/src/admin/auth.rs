@@ -160,12 +160,13 @@ impl Tokens {
 }
 
 fn read_tokens(path: &Path) -> Result<(Vec<Entry>, Option<SystemTime>), TokensError> {
-    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
-        TokensError::Read {
-            path: path.to_path_buf(),
-            source,
-        }
-    })?);
+    let text =
+        Zeroizing::new(
+            std::fs::read_to_string(path).map_err(|source| TokensError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?,
+        );
     let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
     Ok((parse_tokens(path, &text)?, modified))
 }

@@ -204,26 +204,26 @@ where
             Some(key.to_string())
         }
     };
-    if let Some(key) = &key {
-        if let Some(stored) = state.ctx.store.idempotency_get(key, &caller.name).await? {
-            if stored.request_hash != digest {
-                return Err(ApiError::Unprocessable(
-                    "this Idempotency-Key was already used with a different request; use a new key"
-                        .into(),
-                ));
-            }
-            let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
-            let mut response = (
-                status,
-                [(header::CONTENT_TYPE, "application/json")],
-                stored.body,
-            )
-                .into_response();
-            response
-                .headers_mut()
-                .insert("idempotent-replayed", HeaderValue::from_static("true"));
-            return Ok(response);
+    if let Some(key) = &key
+        && let Some(stored) = state.ctx.store.idempotency_get(key, &caller.name).await?
+    {
+        if stored.request_hash != digest {
+            return Err(ApiError::Unprocessable(
+                "this Idempotency-Key was already used with a different request; use a new key"
+                    .into(),
+            ));
         }
+        let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+        let mut response = (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            stored.body,
+        )
+            .into_response();
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+        return Ok(response);
     }
     let (status, body) = write().await?;
     if let Some(key) = &key {

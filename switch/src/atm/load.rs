@@ -136,12 +136,10 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
             terminal: format!("#{i}"),
             source: AtmError::Protocol(e.to_string()),
         })?;
-        let keys = opts
-            .admin
-            .register_terminal(&opts.kek, &id, "load")
-            .await?;
+        let keys = opts.admin.register_terminal(&opts.kek, &id, "load").await?;
         let prepare = async {
-            let mut client = AtmClient::connect(&opts.iso_addr, id.clone(), keys, opts.packager).await?;
+            let mut client =
+                AtmClient::connect(&opts.iso_addr, id.clone(), keys, opts.packager).await?;
             super::expect_code(&client.network("001").await?, "00")?;
             if needs_card {
                 client.exchange_key(KeyType::Tpk).await?;

@@ -15,8 +15,8 @@ use tokio::net::TcpStream;
 
 use crate::crypto::{ClearPin, KeyCheckValue, TerminalKeys};
 use crate::domain::{KeyType, TerminalId};
-use crate::iso8583::{decode_frame, encode_frame};
 use crate::iso8583::{Message, Mti, Packager};
+use crate::iso8583::{decode_frame, encode_frame};
 
 /// Failures of the terminal side.
 #[derive(Debug, thiserror::Error)]
@@ -106,8 +106,8 @@ impl AtmClient {
 
     async fn read_frame(&mut self) -> Result<Vec<u8>, AtmError> {
         loop {
-            if let Some(frame) =
-                decode_frame(&mut self.buffer, 65_535).map_err(|e| AtmError::Codec(e.to_string()))?
+            if let Some(frame) = decode_frame(&mut self.buffer, 65_535)
+                .map_err(|e| AtmError::Codec(e.to_string()))?
             {
                 return Ok(frame.to_vec());
             }
@@ -130,7 +130,7 @@ impl AtmClient {
                 .keys
                 .mac(&input)
                 .map_err(|e| AtmError::Crypto(e.to_string()))?;
-            message.set(field, code.to_vec());
+            message.set(field, code);
         }
         self.packager
             .pack(message)
@@ -138,7 +138,11 @@ impl AtmClient {
     }
 
     /// Sends raw bytes as one frame and waits for the answer to STAN `stan`.
-    pub async fn exchange_raw(&mut self, bytes: &[u8], stan: &str) -> Result<(Message, Vec<u8>), AtmError> {
+    pub async fn exchange_raw(
+        &mut self,
+        bytes: &[u8],
+        stan: &str,
+    ) -> Result<(Message, Vec<u8>), AtmError> {
         self.send(bytes).await?;
         let deadline = self.timeout;
         tokio::time::timeout(deadline, self.await_answer(stan))
@@ -147,7 +151,11 @@ impl AtmClient {
     }
 
     /// Sends `message` (MACed if `mac`) and returns the answer with its raw bytes.
-    pub async fn request(&mut self, mut message: Message, mac: bool) -> Result<(Message, Vec<u8>), AtmError> {
+    pub async fn request(
+        &mut self,
+        mut message: Message,
+        mac: bool,
+    ) -> Result<(Message, Vec<u8>), AtmError> {
         let stan = message.get_str(11).unwrap_or_default().to_string();
         let bytes = self.pack(&mut message, mac)?;
         self.exchange_raw(&bytes, &stan).await
@@ -190,7 +198,7 @@ impl AtmClient {
         );
         for f in [7u8, 11, 41, 48, 70] {
             if let Some(v) = push.get(f) {
-                answer.set(f, v.to_vec());
+                answer.set(f, v);
             }
         }
         let accepted = kcv
@@ -308,7 +316,11 @@ impl AtmClient {
     }
 
     /// Cash withdrawal; returns the request too (a reversal names it).
-    pub async fn withdraw(&mut self, card: &CardInput, amount: i64) -> Result<(Message, Message), AtmError> {
+    pub async fn withdraw(
+        &mut self,
+        card: &CardInput,
+        amount: i64,
+    ) -> Result<(Message, Message), AtmError> {
         let m = self.financial("010000", card, amount)?;
         let (answer, _) = self.request(m.clone(), true).await?;
         Ok((m, answer))
@@ -319,7 +331,7 @@ impl AtmClient {
         let mut m = self.new_request("0400")?;
         for f in [2u8, 3, 4, 12, 13, 14, 22, 42, 49] {
             if let Some(v) = original.get(f) {
-                m.set(f, v.to_vec());
+                m.set(f, v);
             }
         }
         m.set_str(90, &original_data_elements(original));

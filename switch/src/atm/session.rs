@@ -51,7 +51,11 @@ fn step<E: std::fmt::Display>(name: &'static str) -> impl FnOnce(E) -> StepError
 fn balance_of(m: &crate::iso8583::Message) -> String {
     m.get_str(54)
         .and_then(|f| f.get(20..40))
-        .and_then(|avail| avail.get(8..).map(|a| a.trim_start_matches('0').to_string()))
+        .and_then(|avail| {
+            avail
+                .get(8..)
+                .map(|a| a.trim_start_matches('0').to_string())
+        })
         .map(|a| if a.is_empty() { "0".into() } else { a })
         .unwrap_or_else(|| "?".into())
 }
@@ -73,7 +77,12 @@ pub async fn run(opts: SessionOptions, mut say: impl FnMut(String)) -> Result<()
             .await
             .map_err(step("open account"))?;
         opts.admin
-            .create_card(&opts.card.pan, &opts.card.expiry, &opts.account, &opts.card.pin)
+            .create_card(
+                &opts.card.pan,
+                &opts.card.expiry,
+                &opts.account,
+                &opts.card.pin,
+            )
             .await
             .map_err(step("issue card"))?;
         say(format!(
@@ -142,7 +151,10 @@ pub async fn run(opts: SessionOptions, mut say: impl FnMut(String)) -> Result<()
     // The activation happens when the switch reads our 0810; give it a moment, then prove the
     // new TAK is in use with a MACed balance inquiry.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let m = atm.balance(&opts.card).await.map_err(step("balance after rotation"))?;
+    let m = atm
+        .balance(&opts.card)
+        .await
+        .map_err(step("balance after rotation"))?;
     expect_code(&m, "00").map_err(step("balance after rotation"))?;
     say("0200 balance inquiry MACed under the new TAK → 0210 39=00".into());
     let keys = opts

@@ -9,15 +9,19 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use switchyard_switch::atm::CardInput;
 use switchyard_switch::atm::load::{self, LoadOptions, Scenario};
 use switchyard_switch::atm::provision::AdminClient;
 use switchyard_switch::atm::session::{self, SessionOptions};
-use switchyard_switch::atm::CardInput;
 use switchyard_switch::domain::TerminalId;
 use switchyard_switch::iso8583::Packager;
 
 #[derive(Debug, Parser)]
-#[command(name = "switchyard-atm", version, about = "Switchyard ATM simulator and load generator")]
+#[command(
+    name = "switchyard-atm",
+    version,
+    about = "Switchyard ATM simulator and load generator"
+)]
 struct Cli {
     /// Switch ISO 8583 address.
     #[arg(long, default_value = "127.0.0.1:8583", global = true)]
@@ -165,7 +169,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("failed to start the async runtime: {err}");

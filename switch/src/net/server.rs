@@ -113,12 +113,11 @@ async fn handle_connection(
                     // The transaction runs to completion even if shutdown starts meanwhile:
                     // it is not part of the select, so it cannot be dropped half-way.
                     let reply = txn::handle_frame(&ctx, &mut state, &frame).await;
-                    if let Some(reply) = reply {
-                        if let Err(err) = conn.write_frame(&reply).await {
+                    if let Some(reply) = reply
+                        && let Err(err) = conn.write_frame(&reply).await {
                             debug!(conn_id, error = %err, "failed to write reply");
                             break;
                         }
-                    }
                     let now_signed_on = state.terminal.is_some();
                     if now_signed_on != was_signed_on {
                         if now_signed_on { connected.dec(); signed_on.inc(); } else { signed_on.dec(); connected.inc(); }
@@ -147,10 +146,11 @@ async fn handle_connection(
     }
 
     conn.shutdown().await;
-    if let Some(terminal) = state.terminal.take() {
-        if ctx.sessions.remove(&terminal, conn_id) {
-            ctx.audit_session(&terminal, "session.disconnect", &remote).await;
-        }
+    if let Some(terminal) = state.terminal.take()
+        && ctx.sessions.remove(&terminal, conn_id)
+    {
+        ctx.audit_session(&terminal, "session.disconnect", &remote)
+            .await;
     }
     if was_signed_on {
         signed_on.dec();

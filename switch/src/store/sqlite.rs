@@ -961,14 +961,17 @@ impl Database for SqliteStore {
     }
 
     async fn key_stats(&self) -> Result<KeyStats, StoreError> {
-        let rows = sqlx::query(
-            "SELECT key_type, state, COUNT(*) AS n FROM keys GROUP BY key_type, state",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows =
+            sqlx::query("SELECT key_type, state, COUNT(*) AS n FROM keys GROUP BY key_type, state")
+                .fetch_all(&self.pool)
+                .await?;
         let mut counts = Vec::with_capacity(rows.len());
         for row in &rows {
-            counts.push((row.try_get("key_type")?, row.try_get("state")?, row.try_get("n")?));
+            counts.push((
+                row.try_get("key_type")?,
+                row.try_get("state")?,
+                row.try_get("n")?,
+            ));
         }
         let rows = sqlx::query(
             "SELECT key_type, MIN(activated_at) AS oldest FROM keys \

@@ -312,12 +312,20 @@ fn fill_from_journal(m: &mut Message, entry: &JournalEntry, account_type: &str) 
         m.set_str(38, code);
     }
     if let (Some(ledger), Some(available)) = (entry.ledger_balance, entry.available_balance) {
-        m.set_str(54, &additional_amounts(account_type, &entry.currency, ledger, available));
+        m.set_str(
+            54,
+            &additional_amounts(account_type, &entry.currency, ledger, available),
+        );
     }
 }
 
 /// Field 54: two 20-character entries, ledger (`01`) and available (`02`) balance.
-pub(crate) fn additional_amounts(account_type: &str, currency: &str, ledger: i64, available: i64) -> String {
+pub(crate) fn additional_amounts(
+    account_type: &str,
+    currency: &str,
+    ledger: i64,
+    available: i64,
+) -> String {
     let entry = |amount_type: &str, amount: i64| {
         let sign = if amount < 0 { 'D' } else { 'C' };
         format!(
@@ -391,9 +399,15 @@ mod tests {
                 upstream: "b".into(),
             },
         ];
-        assert_eq!(route_for(&s, "6011000000000004"), Route::Upstream("b".into()));
+        assert_eq!(
+            route_for(&s, "6011000000000004"),
+            Route::Upstream("b".into())
+        );
         assert_eq!(route_for(&s, "6011990000000004"), Route::OnUs);
-        assert_eq!(route_for(&s, "6099000000000004"), Route::Upstream("a".into()));
+        assert_eq!(
+            route_for(&s, "6099000000000004"),
+            Route::Upstream("a".into())
+        );
         assert_eq!(route_for(&s, "4111111111111111"), Route::Unroutable);
     }
 

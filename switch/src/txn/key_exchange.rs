@@ -28,7 +28,11 @@ fn parse_key_type(request: &Message) -> Option<KeyType> {
 }
 
 /// Handles 0800/161 and 0800/162 from a signed-on terminal.
-pub async fn handle_request(ctx: &SwitchContext, terminal: &TerminalId, request: &Message) -> Option<Reply> {
+pub async fn handle_request(
+    ctx: &SwitchContext,
+    terminal: &TerminalId,
+    request: &Message,
+) -> Option<Reply> {
     let answer = |code| response_to(request, code).map(|m| Reply::plain(m, "key_exchange"));
     let Some(kt) = parse_key_type(request) else {
         return answer(ResponseCode::FormatError);
@@ -255,16 +259,21 @@ pub async fn push_key(ctx: &SwitchContext, terminal: &TerminalId, key: &KeyRecor
 /// Pushes every PENDING exchangeable key of a terminal (called right after it signs on).
 pub async fn push_pending(ctx: &SwitchContext, terminal: &TerminalId) {
     for kt in EXCHANGEABLE {
-        if let Ok(usable) = ctx.store.keys_for_use(terminal, kt, Utc::now()).await {
-            if let Some(pending) = usable.pending {
-                push_key(ctx, terminal, &pending).await;
-            }
+        if let Ok(usable) = ctx.store.keys_for_use(terminal, kt, Utc::now()).await
+            && let Some(pending) = usable.pending
+        {
+            push_key(ctx, terminal, &pending).await;
         }
     }
 }
 
 /// The terminal's 0810 to a server-initiated 0800/161: 39 = `00` and 122 = the KCV it computed.
-pub async fn on_terminal_answer(ctx: &SwitchContext, conn: &ConnState, answer: &Message, _raw: &[u8]) {
+pub async fn on_terminal_answer(
+    ctx: &SwitchContext,
+    conn: &ConnState,
+    answer: &Message,
+    _raw: &[u8],
+) {
     let Some(terminal) = &conn.terminal else {
         return;
     };

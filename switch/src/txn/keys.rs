@@ -92,12 +92,14 @@ pub async fn start_fleet_rotation(
             if pushed_ctx.sessions.handle(&terminal).is_none() {
                 continue;
             }
-            if let Ok(usable) = pushed_ctx.store.keys_for_use(&terminal, kt, Utc::now()).await {
-                if let Some(pending) = usable.pending {
-                    if push_key(&pushed_ctx, &terminal, &pending).await {
-                        pushed += 1;
-                    }
-                }
+            if let Ok(usable) = pushed_ctx
+                .store
+                .keys_for_use(&terminal, kt, Utc::now())
+                .await
+                && let Some(pending) = usable.pending
+                && push_key(&pushed_ctx, &terminal, &pending).await
+            {
+                pushed += 1;
             }
         }
         info!(rotation = %rotation.id, pushed, "fleet rotation keys pushed to live sessions");

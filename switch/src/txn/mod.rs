@@ -52,7 +52,7 @@ pub fn response_to(request: &Message, code: ResponseCode) -> Option<Message> {
     for &field in ECHOED_FIELDS {
         if let Some(value) = request.get(field) {
             // Track 2 carries the PAN and expiry; answer with field 2 instead of echoing it.
-            out.set(field, value.to_vec());
+            out.set(field, value);
         }
     }
     out.set_str(39, code.as_str());
@@ -60,7 +60,11 @@ pub fn response_to(request: &Message, code: ResponseCode) -> Option<Message> {
 }
 
 /// Handles one frame. Returns the bytes to send back, if any.
-pub async fn handle_frame(ctx: &SwitchContext, conn: &mut ConnState, frame: &[u8]) -> Option<Vec<u8>> {
+pub async fn handle_frame(
+    ctx: &SwitchContext,
+    conn: &mut ConnState,
+    frame: &[u8],
+) -> Option<Vec<u8>> {
     let started = Instant::now();
     let request = match ctx.packager.unpack(frame) {
         Ok(m) => m,
@@ -137,7 +141,7 @@ pub fn pack_reply(
             .hsm
             .generate_mac(tak, &input)
             .map_err(|e| e.to_string())?;
-        message.set(field, mac.to_vec());
+        message.set(field, mac);
     }
     ctx.packager.pack(&message).map_err(|e| e.to_string())
 }
@@ -197,7 +201,11 @@ pub async fn verify_request_mac(
         return MacCheck::Invalid;
     };
     let wire_len = ctx.packager.mac_wire_len();
-    let Some(input) = raw.len().checked_sub(wire_len).and_then(|end| raw.get(..end)) else {
+    let Some(input) = raw
+        .len()
+        .checked_sub(wire_len)
+        .and_then(|end| raw.get(..end))
+    else {
         return MacCheck::Invalid;
     };
     let keys = match ctx

@@ -72,10 +72,10 @@ async fn sign_on(
         Err(_) => return answer(ResponseCode::SystemMalfunction),
     }
     // The same connection signing on as another terminal gives up its previous session.
-    if let Some(previous) = conn.terminal.take() {
-        if previous != terminal {
-            ctx.sessions.remove(&previous, conn.conn_id);
-        }
+    if let Some(previous) = conn.terminal.take()
+        && previous != terminal
+    {
+        ctx.sessions.remove(&previous, conn.conn_id);
     }
     let replaced = ctx.sessions.sign_on(
         terminal.clone(),

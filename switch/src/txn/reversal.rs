@@ -72,8 +72,8 @@ pub async fn handle(
         .await;
     match outcome {
         Ok(AuthOutcome::Done(entry)) | Ok(AuthOutcome::Duplicate(entry)) => {
-            let code =
-                ResponseCode::parse(&entry.response_code).unwrap_or(ResponseCode::SystemMalfunction);
+            let code = ResponseCode::parse(&entry.response_code)
+                .unwrap_or(ResponseCode::SystemMalfunction);
             coded(code).map(|mut reply| {
                 reply.message.set_str(37, &entry.rrn);
                 reply

@@ -123,19 +123,22 @@ pub async fn create(
     validate_expiry(&req.expiry)?;
     let account_id = parse_id(&req.account_id, |s| AccountId::new(s))?;
     let pin = clear_pin(&req.pin)?;
-    if let Some(upstream) = &req.upstream {
-        if !state.ctx.settings.upstreams.iter().any(|u| &u.name == upstream) {
-            return Err(ApiError::BadRequest(format!(
-                "upstream {upstream:?} is not configured on this switch"
-            )));
-        }
+    if let Some(upstream) = &req.upstream
+        && !state
+            .ctx
+            .settings
+            .upstreams
+            .iter()
+            .any(|u| &u.name == upstream)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "upstream {upstream:?} is not configured on this switch"
+        )));
     }
     idempotent(&state, &caller, &headers, &body.digest, || async {
-        let pvv = state
-            .ctx
-            .hsm
-            .make_pvv(&req.pan, &pin)
-            .map_err(|e| ApiError::Unprocessable(format!("failed to derive the PIN verification value: {e}")))?;
+        let pvv = state.ctx.hsm.make_pvv(&req.pan, &pin).map_err(|e| {
+            ApiError::Unprocessable(format!("failed to derive the PIN verification value: {e}"))
+        })?;
         let card = state
             .ctx
             .store
@@ -218,11 +221,9 @@ pub async fn pin_reset(
                 "the PAN given does not belong to this card".into(),
             ));
         }
-        let pvv = state
-            .ctx
-            .hsm
-            .make_pvv(&req.pan, &pin)
-            .map_err(|e| ApiError::Unprocessable(format!("failed to derive the PIN verification value: {e}")))?;
+        let pvv = state.ctx.hsm.make_pvv(&req.pan, &pin).map_err(|e| {
+            ApiError::Unprocessable(format!("failed to derive the PIN verification value: {e}"))
+        })?;
         state
             .ctx
             .store

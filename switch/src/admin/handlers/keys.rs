@@ -73,7 +73,9 @@ impl From<&KeyRecord> for KeyView {
 async fn registered(state: &AdminState, tid: &str) -> Result<TerminalId, ApiError> {
     let id = parse_id(tid, |s| TerminalId::new(s))?;
     if state.ctx.store.get_terminal(&id).await?.is_none() {
-        return Err(ApiError::NotFound(format!("terminal {id} is not registered")));
+        return Err(ApiError::NotFound(format!(
+            "terminal {id} is not registered"
+        )));
     }
     Ok(id)
 }
@@ -134,7 +136,13 @@ async fn transition(
     let key = state
         .ctx
         .store
-        .transition_key(&id, to, state.ctx.settings.keys.grace, &caller.name, Utc::now())
+        .transition_key(
+            &id,
+            to,
+            state.ctx.settings.keys.grace,
+            &caller.name,
+            Utc::now(),
+        )
         .await?;
     Ok(axum::Json(KeyView::from(&key)))
 }
@@ -244,9 +252,7 @@ pub async fn create_rotation(
     let req = body.value;
     let kt = parse_id(&req.key_type, |s| s.parse::<KeyType>())?;
     if kt == KeyType::Tmk {
-        return Err(ApiError::BadRequest(
-            "keyType must be TPK or TAK".into(),
-        ));
+        return Err(ApiError::BadRequest("keyType must be TPK or TAK".into()));
     }
     let selector = parse_selector(&req.terminals)?;
     let activation = match (req.activation.as_str(), req.activate_at) {

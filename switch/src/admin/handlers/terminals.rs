@@ -238,7 +238,9 @@ pub async fn sign_off(
 ) -> Result<axum::Json<SignOffResult>, ApiError> {
     let id = parse_id(&tid, |s| TerminalId::new(s))?;
     if state.ctx.store.get_terminal(&id).await?.is_none() {
-        return Err(ApiError::NotFound(format!("terminal {id} is not registered")));
+        return Err(ApiError::NotFound(format!(
+            "terminal {id} is not registered"
+        )));
     }
     let was_signed_on = state.ctx.sessions.force_sign_off(&id);
     state
@@ -248,7 +250,12 @@ pub async fn sign_off(
             actor: caller.name.clone(),
             action: "terminal.sign-off".into(),
             target: id.to_string(),
-            result: if was_signed_on { "signed off" } else { "was not signed on" }.into(),
+            result: if was_signed_on {
+                "signed off"
+            } else {
+                "was not signed on"
+            }
+            .into(),
             detail: serde_json::Value::Null,
         })
         .await?;
