@@ -35,7 +35,7 @@ def test_tmk_import_refuses_a_wrong_kcv(switch):
     import psec.tr31
     block = psec.tr31.wrap(switch.kek, "D0000K0AB00E0000", tmk)
     status, _, body = switch.http("POST", "/v1/terminals", {"id": "BADKCV1", "tmk": {"keyBlock": block, "kcv": "000000"}})
-    assert status == 422 and "KCV" in body["detail"].upper()
+    assert status == 422 and "KEY CHECK VALUE" in body["detail"].upper()
     assert switch.http("GET", "/v1/terminals/BADKCV1")[0] == 404
     block = psec.tr31.wrap(secrets.token_bytes(32), "D0000K0AB00E0000", tmk)
     status, _, _ = switch.http("POST", "/v1/terminals", {"id": "BADKEK1", "tmk": {"keyBlock": block, "kcv": kcv(tmk)}})

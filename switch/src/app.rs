@@ -266,6 +266,11 @@ async fn run(
         Duration::from_secs(2),
         stop_background.clone(),
     ));
+    let activations = tokio::spawn(crate::txn::keys::activation_loop(
+        ctx.clone(),
+        Duration::from_secs(1),
+        stop_background.clone(),
+    ));
     let refresh = crate::txn::keys::scrape_refresh(ctx.clone());
     let probes = health::router(ctx.health.clone(), ctx.metrics.clone(), Some(refresh));
     let metrics_server = tokio::spawn(serve_http(listeners.metrics, probes, stop_http.clone()));
@@ -304,6 +309,8 @@ async fn run(
     let _ = admin_server.await;
     let _ = metrics_server.await;
     let _ = watcher.await;
+    let _ = activations.await;
+    ctx.store.close().await;
     info!("shutdown complete");
 }
 

@@ -43,11 +43,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let format = match (&cli.command, cli.log_format) {
-        (Command::Demo(_), LogFormat::Auto) => LogFormat::Text,
-        (_, f) => f,
+    // The demo prints its own story; its logs stay quiet unless RUST_LOG asks for more.
+    let (format, level) = match (&cli.command, cli.log_format) {
+        (Command::Demo(_), LogFormat::Auto) => (LogFormat::Text, "warn"),
+        (Command::Demo(_), f) => (f, "warn"),
+        (_, f) => (f, "info"),
     };
-    telemetry::init(format);
+    telemetry::init(format, level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

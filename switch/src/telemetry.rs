@@ -16,9 +16,10 @@ pub enum LogFormat {
     Text,
 }
 
-/// Installs the global subscriber. Safe to call once per process.
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Installs the global subscriber with `default_level` unless `RUST_LOG` says otherwise.
+pub fn init(format: LogFormat, default_level: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Text => false,

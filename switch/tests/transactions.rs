@@ -392,6 +392,36 @@ async fn fleet_rotation(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(res["expired"], 1);
+    // atTime: the switch activates the PENDING keys itself when the time comes, no
+    // confirmation needed.
+    let at = (chrono::Utc::now() + chrono::Duration::milliseconds(300)).to_rfc3339();
+    let scheduled = sw
+        .admin
+        .post(
+            "/v1/key-rotations",
+            &json!({"keyType": "TPK", "terminals": {"groups": ["jakarta"]}, "activation": "atTime", "activateAt": at}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(scheduled["terminals"], 20);
+    let sid = scheduled["id"].as_str().unwrap().to_string();
+    let mut totals = json!(null);
+    for _ in 0..100 {
+        totals = sw
+            .viewer
+            .get(&format!("/v1/key-rotations/{sid}"))
+            .await
+            .unwrap()["totals"]
+            .clone();
+        if totals["ACTIVE"] == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        totals,
+        json!({"PENDING": 0, "ACTIVE": 20, "EXPIRED": 0, "REVOKED": 0})
+    );
     // Groups select; an empty selection is refused.
     let err = sw
         .admin
