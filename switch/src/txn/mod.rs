@@ -42,7 +42,8 @@ impl Reply {
     }
 }
 
-/// Fields echoed from a request into its answer (SPEC §3).
+/// Fields echoed from a request into its answer (SPEC §3). Track 2 (35) and the PIN block
+/// (123) are deliberately not echoed: an answer never carries more card data than it needs.
 const ECHOED_FIELDS: &[u8] = &[2, 3, 4, 7, 11, 12, 13, 14, 22, 32, 37, 41, 42, 49, 70, 90];
 
 /// The answer skeleton for `request`: response MTI, echoed fields, field 39.
