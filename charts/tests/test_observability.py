@@ -19,7 +19,11 @@ OBSERVABILITY = CHART / "observability"
 ALERTS = OBSERVABILITY / "alerts.yaml"
 METRICS_LIST = OBSERVABILITY / "metrics.txt"
 RUNBOOKS = CHART / "docs" / "runbooks.md"
-DASHBOARDS = {"switch-fleet.json": "switchyard-switch-fleet", "operator.json": "switchyard-operator"}
+# File name → the dashboard's stable uid.
+DASHBOARDS = {
+    "switch-fleet.json": "switchyard-switch-fleet",
+    "operator.json": "switchyard-operator",
+}
 DEFAULT_RUNBOOKS = (
     "https://github.com/switchyard/switchyard/blob/main/charts/switchyard/docs/runbooks.md"
 )
@@ -105,7 +109,10 @@ def exported_names(sources: list[Path]) -> set[str]:
     names = set()
     for path in sources:
         text = path.read_text()
-        for m in re.finditer(r'register\(\s*"([a-z0-9_]+)"\s*,.*?,\s*([a-z_][a-z0-9_]*)\.clone\(\)', text, re.S):
+        registrations = re.finditer(
+            r'register\(\s*"([a-z0-9_]+)"\s*,.*?,\s*([a-z_][a-z0-9_]*)\.clone\(\)', text, re.S
+        )
+        for m in registrations:
             name, var = m.groups()
             decl = re.search(rf"let\s+{var}\s*(?::[^=]*)?=\s*([^;]*);", text)
             kind = decl.group(1) if decl else ""
