@@ -212,12 +212,18 @@ def _literal_string(expr: str, name: str) -> str:
 # Values and functions.
 
 
+class GoInt(int):
+    """An int64, as Sprig's `int` returns: printed in full, unlike the float64 of a value."""
+
+
 def go_format(v: Any) -> str:
     """How Go's text/template prints a value that came from YAML through Helm."""
     if v is None:
         return ""  # Helm turns "<no value>" into an empty string
     if isinstance(v, bool):
         return "true" if v else "false"
+    if isinstance(v, GoInt):
+        return str(int(v))
     if isinstance(v, (int, float)):
         # Helm values are float64; %v uses the shortest 'g' form with exponent when exp >= 21
         # or < -4 (strconv 'g' with shortest precision switches at 21 for %v).
@@ -284,17 +290,17 @@ def _indent(n: Any, s: Any) -> str:
     return "\n".join(pad + line for line in go_format(s).split("\n"))
 
 
-def _go_int(v: Any) -> int:
+def _go_int(v: Any) -> GoInt:
     if isinstance(v, bool):
-        return int(v)
+        return GoInt(v)
     if isinstance(v, (int, float)):
-        return int(v)
+        return GoInt(v)
     if isinstance(v, str):
         try:
-            return int(v)
+            return GoInt(v)
         except ValueError:
-            return 0
-    return 0
+            return GoInt(0)
+    return GoInt(0)
 
 
 def _compare(op: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
@@ -419,13 +425,23 @@ class _Renderer:
     def render(self, nodes: list[Node], dot: Any, vars_: dict[str, Any]) -> str:
         out: list[str] = []
         vars_ = dict(vars_)  # variables are scoped to the block
+        declared: set[str] = set()
         for n in nodes:
             if n.kind == "text":
                 out.append(n.text)
             elif n.kind == "out":
                 decl = re.match(r"^(\$[A-Za-z0-9_]*)\s*(:=|=)\s*(.*)$", n.expr, re.S)
                 if decl:
-                    var, _, expr = decl.groups()
+                    var, op, expr = decl.groups()
+                    if op == ":=":
+                        declared.add(var)
+                    elif var not in declared:
+                        # Go assigns to the enclosing block's variable; this renderer copies
+                        # variables per block, so it would silently drop the new value.
+                        raise TemplateError(
+                            f"{self.name}:{n.line}: assigning {var} declared outside this block"
+                            " is outside the supported subset"
+                        )
                     vars_[var] = self.pipeline(expr, dot, vars_, n.line)
                 else:
                     out.append(go_format(self.pipeline(n.expr, dot, vars_, n.line)))

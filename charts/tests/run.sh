@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Runs every chart check: CRD copies in sync with crds/, values.yaml against its schema, the
 # chart and kustomize base rendered, compared and validated for Kubernetes 1.33, the examples,
-# and the Argo CD health checks under Lua.
+# the Argo CD health checks under Lua, and the alerts (observability/alerts.yaml) under promtool.
 #
 #   PYTHON=/path/to/python charts/tests/run.sh [pytest args]
 #
 # PYTHON must have the packages of e2e/requirements.txt; kubectl (for `kubectl kustomize`)
-# and lua5.4 (Debian package lua5.4) must be on PATH.
+# lua5.4 (Debian package lua5.4) and promtool (Debian package prometheus) must be on PATH.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -16,6 +16,8 @@ PYTHON="${PYTHON:-python3}"
 missing=()
 command -v kubectl >/dev/null || missing+=("kubectl")
 command -v lua5.4 >/dev/null || missing+=("lua5.4 (apt-get install -y lua5.4)")
+command -v promtool >/dev/null \
+  || missing+=("promtool (apt-get install -y --no-install-recommends prometheus)")
 "$PYTHON" -c 'import kubernetes_validate, jsonschema, yaml, pytest' 2>/dev/null \
   || missing+=("python packages: $PYTHON -m pip install -r e2e/requirements.txt")
 if [[ ${#missing[@]} -gt 0 ]]; then
@@ -47,5 +49,10 @@ trap 'rm -f "$rendered"' EXIT
 kubectl kustomize charts/kustomize/base > "$rendered"
 "$PYTHON" -m kubernetes_validate -k 1.33.0 --strict --quiet "$rendered"
 
-echo "== chart, kustomize, examples and Argo CD health checks"
+echo "== alerts: promtool check rules and promtool test rules"
+promtool check rules charts/switchyard/observability/alerts.yaml
+# Relative paths in alerts_test.yaml (rule_files) resolve against the test file's directory.
+promtool test rules charts/switchyard/observability/alerts_test.yaml
+
+echo "== chart, kustomize, examples, Argo CD health checks, dashboards and alerts"
 "$PYTHON" -m pytest -q charts/tests "$@"

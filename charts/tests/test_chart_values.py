@@ -330,25 +330,18 @@ def test_service_monitor_is_opt_in_and_carries_user_labels():
     assert svc["spec"]["ports"][0]["name"] == "metrics"
 
 
-def test_prometheus_rule_is_opt_in_and_uses_the_contract_metric():
+def test_prometheus_rule_is_opt_in_and_carries_the_labels():
+    # What the rule contains is checked against observability/alerts.yaml in
+    # test_observability.py.
     assert not objs(render(), "PrometheusRule")
-    extra = {"alert": "Mine", "expr": "vector(1) > 0", "for": "1m"}
-    r = render(
-        {
-            "prometheusRule": {
-                "enabled": True,
-                "labels": {"release": "prometheus"},
-                "additionalRules": [extra],
-            }
-        }
-    )
+    r = render({"prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}}})
     pr = one(r, "PrometheusRule")
     assert pr["metadata"]["labels"]["release"] == "prometheus"
-    rules = pr["spec"]["groups"][0]["rules"]
-    assert "switchyard_operator_reconcile_errors_total" in rules[0]["expr"]
+    alerts = {rule.get("alert") for g in pr["spec"]["groups"] for rule in g["rules"]}
+    assert "SwitchyardOperatorReconcileErrors" in alerts
     # Prometheus templating must reach Prometheus untouched by Helm.
-    assert "{{ $labels.controller }}" in rules[0]["annotations"]["summary"]
-    assert rules[-1] == extra
+    rules = [rule for g in pr["spec"]["groups"] for rule in g["rules"] if "alert" in rule]
+    assert any("{{ $labels.controller }}" in rule["annotations"]["summary"] for rule in rules)
 
 
 def test_dashboards_are_opt_in_configmaps_for_the_grafana_sidecar():
@@ -364,14 +357,18 @@ def test_dashboards_are_opt_in_configmaps_for_the_grafana_sidecar():
         },
         extra_files=dash,
     )
-    cm = one(r, "ConfigMap")
-    assert cm["metadata"]["name"] == "switchyard-operator-dashboard-switchyard-overview"
+    cms = {c["metadata"]["name"]: c for c in objs(r, "ConfigMap")}
+    # One ConfigMap per file: the two shipped dashboards and the extra one.
+    assert set(cms) == {
+        "switchyard-operator-dashboard-switchyard-overview",
+        "switchyard-operator-dashboard-switch-fleet",
+        "switchyard-operator-dashboard-operator",
+    }
+    cm = cms["switchyard-operator-dashboard-switchyard-overview"]
     assert cm["metadata"]["namespace"] == "monitoring"
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert cm["metadata"]["annotations"] == {"grafana_folder": "Payments"}
     assert cm["data"] == {"switchyard-overview.json": '{"title": "Switchyard overview"}'}
-    # With no dashboards shipped yet, enabling them renders nothing rather than failing.
-    assert not objs(render({"dashboards": {"enabled": True}}), "ConfigMap")
 
 
 def test_crds_installed_and_kept_by_default_and_both_switchable():

@@ -21,6 +21,7 @@ def tpl(src: str, values: dict | None = None, **ctx) -> str:
         ("{{- if .Values.no }}x{{- end }}\ny", "\ny"),
         ("{{ .Values.missing }}|", "|"),  # Helm prints a missing value as ""
         ("{{ .Values.big }}", "1e+06"),  # float64 %v, the classic Helm surprise
+        ("{{ .Values.big | int }}", "1000000"),  # Sprig's int is an int64: printed in full
         ("{{ .Values.x | quote }}", '"1"'),
         ('{{ "{{ $labels.x }}" }}', "{{ $labels.x }}"),  # a string holding }} stays one action
         ("{{/* a comment */}}z", "z"),
@@ -59,6 +60,13 @@ def test_helpers_and_functions():
     assert tpl('{{ default "d" .Values.none }} {{ default "d" .Values.s }}', {"s": "v"}) == "d v"
     assert tpl("{{ gt (int .Values.n) 1 }}", {"n": 2}) == "true"
     assert tpl('{{ printf "%s-%s" "a" "b" | replace "-" "_" }}') == "a_b"
+
+
+def test_assignment_to_an_outer_variable_is_refused_not_dropped():
+    # Go would update $x from inside the `if`; a renderer that printed "a" would lie.
+    with pytest.raises(TemplateError, match="outside this block"):
+        tpl('{{ $x := "a" }}{{ if true }}{{ $x = "b" }}{{ end }}{{ $x }}')
+    assert tpl('{{ $x := "a" }}{{ $x = "b" }}{{ $x }}') == "b"
 
 
 def test_helm_errors_are_errors():
