@@ -27,7 +27,11 @@ enum Command {
     /// Run the controllers (leader-elected), serving /metrics, /healthz and /readyz.
     Run {
         /// Address of the metrics and health endpoint.
-        #[arg(long, default_value = "0.0.0.0:8080", env = "SWITCHYARD_OPERATOR_LISTEN")]
+        #[arg(
+            long,
+            default_value = "0.0.0.0:8080",
+            env = "SWITCHYARD_OPERATOR_LISTEN"
+        )]
         listen: SocketAddr,
         /// Namespace of the leader-election Lease.
         #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
@@ -149,8 +153,8 @@ async fn run(
     let saf = Arc::new(HttpSafStats::new().context("failed to build the HTTP client")?);
     let ctx = Arc::new(Context::new(client.clone(), metrics, saf, identity.clone()));
 
-    let mut lease = LeaseManagerBuilder::new(client, "switchyard-operator")
-        .with_namespace(lease_namespace);
+    let mut lease =
+        LeaseManagerBuilder::new(client, "switchyard-operator").with_namespace(lease_namespace);
     if let Some(id) = identity {
         lease = lease.with_identity(id);
     }

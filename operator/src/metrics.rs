@@ -150,7 +150,11 @@ impl Drop for ReconcileTimer {
                 controller: controller.clone(),
             })
             .observe(self.start.elapsed().as_secs_f64());
-        let result = if self.error_reason.is_some() { "error" } else { "success" };
+        let result = if self.error_reason.is_some() {
+            "error"
+        } else {
+            "success"
+        };
         self.metrics
             .reconcile_total
             .get_or_create(&ReconcileLabels {

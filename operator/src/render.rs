@@ -80,8 +80,5 @@ pub fn render(input: &str, opts: &RenderOptions) -> Result<String, RenderError> 
             docs.push(serde_yaml::to_string(&obj).map_err(RenderError::Yaml)?);
         }
     }
-    Ok(docs
-        .iter()
-        .map(|d| format!("---\n{d}"))
-        .collect::<String>())
+    Ok(docs.iter().map(|d| format!("---\n{d}")).collect::<String>())
 }

@@ -237,11 +237,10 @@ pub fn is_ours<K: Resource>(obj: &K, owner_uid: &str) -> bool {
         .as_ref()
         .and_then(|l| l.get("app.kubernetes.io/managed-by"))
         .is_some_and(|v| v == MANAGED_BY);
-    let owned = obj
-        .meta()
-        .owner_references
-        .as_ref()
-        .is_some_and(|refs| refs.iter().any(|r| r.uid == owner_uid && r.controller == Some(true)));
+    let owned = obj.meta().owner_references.as_ref().is_some_and(|refs| {
+        refs.iter()
+            .any(|r| r.uid == owner_uid && r.controller == Some(true))
+    });
     managed && owned
 }
 
@@ -252,7 +251,8 @@ mod tests {
 
     #[test]
     fn server_defaults_do_not_count_as_drift() {
-        let desired = json!({"spec": {"replicas": 2, "ports": [{"name": "iso8583", "port": 8583}]}});
+        let desired =
+            json!({"spec": {"replicas": 2, "ports": [{"name": "iso8583", "port": 8583}]}});
         let observed = json!({"spec": {"replicas": 2, "progressDeadlineSeconds": 600,
             "ports": [{"name": "iso8583", "port": 8583, "protocol": "TCP"}]}, "status": {}});
         assert!(is_subset(&desired, &observed));

@@ -718,13 +718,7 @@ pub fn build_switch_deployment(bs: &ValidatedBankSwitch, config_hash: &str) -> D
     }
     container.resources = spec.resources.clone();
 
-    let mut template = pod_template(
-        bs,
-        component::SWITCH,
-        Some(config_hash),
-        container,
-        None,
-    );
+    let mut template = pod_template(bs, component::SWITCH, Some(config_hash), container, None);
     if let Some(pod) = template.spec.as_mut() {
         pod.termination_grace_period_seconds =
             Some(spec.termination.grace_period_seconds + spec.termination.pre_stop_delay_seconds);
@@ -752,7 +746,11 @@ pub fn build_switch_deployment(bs: &ValidatedBankSwitch, config_hash: &str) -> D
     Deployment {
         metadata: metadata(bs, names::switch(&bs.name), component::SWITCH),
         spec: Some(DeploymentSpec {
-            replicas: Some(if embedded { spec.replicas.min(1) } else { spec.replicas }),
+            replicas: Some(if embedded {
+                spec.replicas.min(1)
+            } else {
+                spec.replicas
+            }),
             revision_history_limit: Some(5),
             selector: LabelSelector {
                 match_labels: Some(selector_labels(bs, component::SWITCH)),
@@ -790,13 +788,7 @@ pub fn build_drainer_deployment(
     container.ports = Some(vec![port("metrics", METRICS_PORT)]);
     container.liveness_probe = Some(http_probe("/livez", 10, 3));
     container.resources = bs.spec.store_and_forward.drainers.resources.clone();
-    let mut template = pod_template(
-        bs,
-        component::DRAINER,
-        Some(config_hash),
-        container,
-        None,
-    );
+    let mut template = pod_template(bs, component::DRAINER, Some(config_hash), container, None);
     if let Some(pod) = template.spec.as_mut() {
         // A drainer finishes or abandons its lease; an abandoned lease expires and is re-driven.
         pod.termination_grace_period_seconds = Some(bs.spec.termination.grace_period_seconds);

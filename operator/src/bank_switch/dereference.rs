@@ -91,8 +91,11 @@ impl BearerToken {
 #[async_trait]
 pub trait SafStatsSource: Send + Sync {
     /// Reads the figures for one BankSwitch.
-    async fn fetch(&self, client: &Client, bs: &ValidatedBankSwitch)
-    -> Result<SafStats, SafStatsError>;
+    async fn fetch(
+        &self,
+        client: &Client,
+        bs: &ValidatedBankSwitch,
+    ) -> Result<SafStats, SafStatsError>;
 }
 
 /// The real source: plain HTTP to `<name>-admin.<ns>.svc:8080/v1/saf/stats`.
@@ -112,20 +115,24 @@ impl HttpSafStats {
     }
 }
 
-async fn viewer_token(client: &Client, bs: &ValidatedBankSwitch) -> Result<BearerToken, SafStatsError> {
+async fn viewer_token(
+    client: &Client,
+    bs: &ValidatedBankSwitch,
+) -> Result<BearerToken, SafStatsError> {
     let admin = &bs.spec.admin;
     let (secret_ref, tokens_file) = match &admin.viewer_token_secret_ref {
         Some(r) => (r, false),
         None => (&admin.token_secret_ref, true),
     };
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &bs.namespace);
-    let secret = secrets
-        .get(&secret_ref.name)
-        .await
-        .map_err(|source| SafStatsError::ReadSecret {
-            secret: secret_ref.name.clone(),
-            source,
-        })?;
+    let secret =
+        secrets
+            .get(&secret_ref.name)
+            .await
+            .map_err(|source| SafStatsError::ReadSecret {
+                secret: secret_ref.name.clone(),
+                source,
+            })?;
     let no_token = || SafStatsError::NoViewerToken {
         secret: secret_ref.name.clone(),
         key: secret_ref.key.clone(),
@@ -212,7 +219,10 @@ mod tests {
         let token = BearerToken::parse(file, true).expect("token");
         assert_eq!(token.0, "v1ewer");
         assert!(BearerToken::parse("admin:only\n", true).is_none());
-        assert_eq!(BearerToken::parse(" bare\n", false).map(|t| t.0), Some("bare".into()));
+        assert_eq!(
+            BearerToken::parse(" bare\n", false).map(|t| t.0),
+            Some("bare".into())
+        );
     }
 
     #[test]

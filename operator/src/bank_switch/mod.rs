@@ -18,14 +18,14 @@ use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{ListParams, DeleteParams, PropagationPolicy};
+use kube::api::{DeleteParams, ListParams, PropagationPolicy};
 use kube::core::DynamicObject;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 
-use self::apply::{ApplyError, Applier, is_ours};
+use self::apply::{Applier, ApplyError, is_ours};
 use self::build::{BuildInputs, MANAGED_BY, component, monitoring_api_resource, names};
 use self::dereference::{MonitoringApis, SafStatsSource, discover_monitoring};
 use self::scaling::{SafObservation, ScalingHistory, ScalingPolicy};
@@ -143,11 +143,7 @@ impl Context {
 }
 
 fn key(bs: &BankSwitch) -> String {
-    format!(
-        "{}/{}",
-        bs.namespace().unwrap_or_default(),
-        bs.name_any()
-    )
+    format!("{}/{}", bs.namespace().unwrap_or_default(), bs.name_any())
 }
 
 /// `now`, truncated to whole seconds as the API server stores condition times.
@@ -254,21 +250,30 @@ async fn publish_transitions(
     previous: Option<&BankSwitchStatus>,
     next: &BankSwitchStatus,
 ) {
-    let prev = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
+    let prev = previous
+        .map(|p| p.conditions.as_slice())
+        .unwrap_or_default();
     for c in &next.conditions {
-        let changed = condition::find(prev, &c.type_).is_none_or(|old| old.status != c.status || old.reason != c.reason);
+        let changed = condition::find(prev, &c.type_)
+            .is_none_or(|old| old.status != c.status || old.reason != c.reason);
         if !changed {
             continue;
         }
         let bad = (c.type_ == DEGRADED && c.status == ConditionStatus::True)
-            || (c.type_ != DEGRADED && c.status == ConditionStatus::False && c.reason.ends_with("Failed"))
+            || (c.type_ != DEGRADED
+                && c.status == ConditionStatus::False
+                && c.reason.ends_with("Failed"))
             || c.reason == "MonitoringApiNotServed"
             || c.reason == "InvalidSpec";
         let interesting = bad
             || (c.type_ == READY && c.status == ConditionStatus::True)
             || (c.type_ == DATABASE_MIGRATED && c.reason == "MigrationSucceeded");
         if interesting {
-            let type_ = if bad { EventType::Warning } else { EventType::Normal };
+            let type_ = if bad {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
             publish(ctx, bs, type_, &c.reason, &c.message).await;
         }
     }
@@ -330,14 +335,15 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
     let mut saf = None;
     let mut drainer_replicas = validated.spec.store_and_forward.drainers.min_replicas;
     if drainers_managed {
-        let observed_drainer = deployments
-            .get_opt(&names::drainer(&name))
-            .await
-            .map_err(|source| ApplyError::Get {
-                kind: "Deployment".into(),
-                name: names::drainer(&name),
-                source,
-            })?;
+        let observed_drainer =
+            deployments
+                .get_opt(&names::drainer(&name))
+                .await
+                .map_err(|source| ApplyError::Get {
+                    kind: "Deployment".into(),
+                    name: names::drainer(&name),
+                    source,
+                })?;
         let current = observed_drainer
             .as_ref()
             .and_then(|d| d.spec.as_ref())
@@ -416,27 +422,38 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
     if paused {
         migration = match &desired.migration_job {
             None => MigrationState::OnStart,
-            Some(job) => match jobs.get_opt(&job.name_any()).await.map_err(|source| {
-                ApplyError::Get {
-                    kind: "Job".into(),
-                    name: job.name_any(),
-                    source,
+            Some(job) => {
+                match jobs
+                    .get_opt(&job.name_any())
+                    .await
+                    .map_err(|source| ApplyError::Get {
+                        kind: "Job".into(),
+                        name: job.name_any(),
+                        source,
+                    })? {
+                    Some(j) => MigrationState::from_job(&j),
+                    None => MigrationState::Running {
+                        job: job.name_any(),
+                    },
                 }
-            })? {
-                Some(j) => MigrationState::from_job(&j),
-                None => MigrationState::Running {
-                    job: job.name_any(),
-                },
-            },
+            }
         };
     } else {
         // apply: everything the pods need before they can start
-        applier.apply(&applier.api::<ConfigMap>(), &(), &desired.config_map).await?;
+        applier
+            .apply(&applier.api::<ConfigMap>(), &(), &desired.config_map)
+            .await?;
         if let Some(pvc) = &desired.data_pvc {
-            applier.apply(&applier.api::<PersistentVolumeClaim>(), &(), pvc).await?;
+            applier
+                .apply(&applier.api::<PersistentVolumeClaim>(), &(), pvc)
+                .await?;
         }
-        applier.apply(&applier.api::<Service>(), &(), &desired.iso_service).await?;
-        applier.apply(&applier.api::<Service>(), &(), &desired.admin_service).await?;
+        applier
+            .apply(&applier.api::<Service>(), &(), &desired.iso_service)
+            .await?;
+        applier
+            .apply(&applier.api::<Service>(), &(), &desired.admin_service)
+            .await?;
         let pdbs: Api<PodDisruptionBudget> = applier.api();
         match &desired.pod_disruption_budget {
             Some(pdb) => {
@@ -477,7 +494,9 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
                         .await?;
                 }
             }
-            if let (MigrationState::Succeeded { job }, Some(uid)) = (&migration, owner_uid.as_deref()) {
+            if let (MigrationState::Succeeded { job }, Some(uid)) =
+                (&migration, owner_uid.as_deref())
+            {
                 delete_old_migrations(&jobs, &name, job, uid).await?;
             }
         }
@@ -491,8 +510,7 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
                 _ => monitoring_apis.prometheus_rule,
             };
             let ar = monitoring_api_resource(kind);
-            let api: Api<DynamicObject> =
-                Api::namespaced_with(ctx.client.clone(), &namespace, &ar);
+            let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &namespace, &ar);
             match object {
                 Some(obj) => {
                     applier.apply(&api, &ar, obj).await?;
@@ -538,7 +556,9 @@ fn next_action(bs: &ValidatedBankSwitch, migration: &MigrationState) -> Action {
     if matches!(migration, MigrationState::Running { .. }) {
         return Action::requeue(Duration::from_secs(10));
     }
-    if bs.storage_mode == StorageMode::Postgres && bs.spec.store_and_forward.drainers.max_replicas > 0 {
+    if bs.storage_mode == StorageMode::Postgres
+        && bs.spec.store_and_forward.drainers.max_replicas > 0
+    {
         return Action::requeue(bs.durations.drainer_poll_interval);
     }
     Action::requeue(Duration::from_secs(300))
@@ -589,19 +609,25 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
-    let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
-    Controller::new(Api::<BankSwitch>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
-        .owns(Api::<Job>::all(client.clone()), owned.clone())
-        .owns(Api::<Service>::all(client.clone()), owned.clone())
-        .owns(Api::<ConfigMap>::all(client), owned)
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            match result {
-                Ok((obj, _)) => tracing::debug!(namespace = ?obj.namespace, name = %obj.name, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+    let owned =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    Controller::new(
+        Api::<BankSwitch>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(Api::<Deployment>::all(client.clone()), owned.clone())
+    .owns(Api::<Job>::all(client.clone()), owned.clone())
+    .owns(Api::<Service>::all(client.clone()), owned.clone())
+    .owns(Api::<ConfigMap>::all(client), owned)
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|result| async move {
+        match result {
+            Ok((obj, _)) => {
+                tracing::debug!(namespace = ?obj.namespace, name = %obj.name, "reconciled")
             }
-        })
-        .await;
+            Err(e) => tracing::debug!(error = %e, "reconcile error"),
+        }
+    })
+    .await;
 }

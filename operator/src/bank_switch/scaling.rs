@@ -137,7 +137,9 @@ pub fn decide(
     };
 
     if history.recommendations.is_empty() {
-        history.recommendations.push_back((now, clamp(policy, current)));
+        history
+            .recommendations
+            .push_back((now, clamp(policy, current)));
     }
     let window_start = since(now, policy.cooldown);
     // Recommendations are a step function: the newest one at or before the window start is
@@ -281,8 +283,14 @@ mod tests {
         let mut current = start;
         let mut got = Vec::new();
         for (secs, backlog, in_flight) in polls {
-            current = decide(&POLICY, &mut history, current, &stats(*backlog, *in_flight), t(*secs))
-                .replicas;
+            current = decide(
+                &POLICY,
+                &mut history,
+                current,
+                &stats(*backlog, *in_flight),
+                t(*secs),
+            )
+            .replicas;
             got.push(current);
         }
         assert_eq!(got, want);
@@ -315,8 +323,14 @@ mod tests {
         let unreachable = SafObservation::Unreachable {
             reason: "timeout".into(),
         };
-        assert_eq!(decide(&policy, &mut history, 5, &unreachable, t(0)).replicas, 2);
-        assert_eq!(decide(&policy, &mut history, 5, &stats(1000, 0), t(0)).replicas, 2);
+        assert_eq!(
+            decide(&policy, &mut history, 5, &unreachable, t(0)).replicas,
+            2
+        );
+        assert_eq!(
+            decide(&policy, &mut history, 5, &stats(1000, 0), t(0)).replicas,
+            2
+        );
     }
 
     #[test]

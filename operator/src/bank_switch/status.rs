@@ -53,7 +53,11 @@ impl MigrationState {
             .and_then(|s| s.conditions.as_ref())
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let holds = |t: &str| conditions.iter().find(|c| c.type_ == t && c.status == "True");
+        let holds = |t: &str| {
+            conditions
+                .iter()
+                .find(|c| c.type_ == t && c.status == "True")
+        };
         if holds("Complete").is_some() {
             Self::Succeeded { job: name }
         } else if let Some(failed) = holds("Failed") {
@@ -117,13 +121,15 @@ pub fn compute_status(
     let ready = dep_status.and_then(|s| s.ready_replicas).unwrap_or(0);
     let updated = dep_status.and_then(|s| s.updated_replicas).unwrap_or(0);
     let dep_generation_seen = observed.switch_deployment.is_some_and(|d| {
-        d.metadata.generation.unwrap_or(0) <= dep_status.and_then(|s| s.observed_generation).unwrap_or(0)
+        d.metadata.generation.unwrap_or(0)
+            <= dep_status.and_then(|s| s.observed_generation).unwrap_or(0)
     });
     let deadline_exceeded = dep_status
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|cs| {
-            cs.iter()
-                .any(|c| c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded"))
+            cs.iter().any(|c| {
+                c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+            })
         });
     let wanted = if bs.storage_mode == StorageMode::EmbeddedSqlite {
         spec.replicas.min(1)
@@ -202,11 +208,26 @@ pub fn compute_status(
         || updated < wanted
         || replicas > wanted;
     let progressing = if spec.paused {
-        DesiredCondition::new(PROGRESSING, false, "Paused", "spec.paused is true: no changes are applied")
+        DesiredCondition::new(
+            PROGRESSING,
+            false,
+            "Paused",
+            "spec.paused is true: no changes are applied",
+        )
     } else if rolling {
-        DesiredCondition::new(PROGRESSING, true, "RollingOut", format!("{updated}/{wanted} switch pods updated"))
+        DesiredCondition::new(
+            PROGRESSING,
+            true,
+            "RollingOut",
+            format!("{updated}/{wanted} switch pods updated"),
+        )
     } else {
-        DesiredCondition::new(PROGRESSING, false, "Complete", "the switch runs the current spec")
+        DesiredCondition::new(
+            PROGRESSING,
+            false,
+            "Complete",
+            "the switch runs the current spec",
+        )
     };
 
     let all_ready = ready >= wanted && wanted > 0 && degraded.status == ConditionStatus::False;
@@ -217,12 +238,18 @@ pub fn compute_status(
     let ready_cond = DesiredCondition::new(
         READY,
         all_ready,
-        if all_ready { "AllReplicasReady" } else { "ReplicasNotReady" },
+        if all_ready {
+            "AllReplicasReady"
+        } else {
+            "ReplicasNotReady"
+        },
         ready_message,
     );
 
     let conditions = merge_conditions(
-        previous.map(|p| p.conditions.as_slice()).unwrap_or_default(),
+        previous
+            .map(|p| p.conditions.as_slice())
+            .unwrap_or_default(),
         vec![ready_cond, progressing, degraded, migrated, monitoring],
         bs.generation,
         now,
@@ -230,7 +257,9 @@ pub fn compute_status(
 
     let store_and_forward = observed.saf.as_ref().map(|(stats, decision)| {
         // Keep the last known figures when the switch did not answer.
-        let last = previous.and_then(|p| p.store_and_forward.clone()).unwrap_or_default();
+        let last = previous
+            .and_then(|p| p.store_and_forward.clone())
+            .unwrap_or_default();
         let stats = stats.clone().unwrap_or(SafStats {
             backlog: last.backlog,
             in_flight: last.in_flight,
@@ -268,9 +297,19 @@ pub fn compute_status(
 pub fn endpoints(bs: &ValidatedBankSwitch) -> EndpointsStatus {
     let host = |svc: String| format!("{svc}.{}.svc", bs.namespace);
     EndpointsStatus {
-        iso8583: format!("{}:{}", host(names::iso_service(&bs.name)), bs.spec.iso8583.port),
-        admin: format!("http://{}:{ADMIN_PORT}", host(names::admin_service(&bs.name))),
-        metrics: format!("http://{}:{METRICS_PORT}", host(names::admin_service(&bs.name))),
+        iso8583: format!(
+            "{}:{}",
+            host(names::iso_service(&bs.name)),
+            bs.spec.iso8583.port
+        ),
+        admin: format!(
+            "http://{}:{ADMIN_PORT}",
+            host(names::admin_service(&bs.name))
+        ),
+        metrics: format!(
+            "http://{}:{METRICS_PORT}",
+            host(names::admin_service(&bs.name))
+        ),
     }
 }
 
@@ -282,10 +321,17 @@ pub fn invalid_spec_status(
     now: &Time,
 ) -> BankSwitchStatus {
     let mut status = previous.cloned().unwrap_or_default();
-    let prev = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
+    let prev = previous
+        .map(|p| p.conditions.as_slice())
+        .unwrap_or_default();
     let mut desired = vec![
         DesiredCondition::new(READY, false, "InvalidSpec", message),
-        DesiredCondition::new(PROGRESSING, false, "InvalidSpec", "waiting for a spec change"),
+        DesiredCondition::new(
+            PROGRESSING,
+            false,
+            "InvalidSpec",
+            "waiting for a spec change",
+        ),
         DesiredCondition::new(DEGRADED, true, "InvalidSpec", message),
     ];
     // Keep the other conditions as they were: nothing was done to change them.
@@ -336,7 +382,11 @@ pub async fn write_status(
         "kind": BankSwitch::kind(&()),
         "status": status,
     });
-    api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
-        .await?;
+    api.patch_status(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
     Ok(true)
 }

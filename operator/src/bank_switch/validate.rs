@@ -114,7 +114,11 @@ pub fn format_duration(d: Duration) -> String {
 
 /// Validates the object and returns what the builders need.
 pub fn validate(bs: &BankSwitch) -> Result<ValidatedBankSwitch, ValidationError> {
-    let name = bs.metadata.name.clone().ok_or(ValidationError::MissingName)?;
+    let name = bs
+        .metadata
+        .name
+        .clone()
+        .ok_or(ValidationError::MissingName)?;
     let namespace = bs
         .metadata
         .namespace
@@ -166,10 +170,8 @@ pub fn validate(bs: &BankSwitch) -> Result<ValidatedBankSwitch, ValidationError>
     check_duration("spec.keys.grace", &spec.keys.grace);
     let saf = &spec.store_and_forward;
     check_duration("spec.storeAndForward.lease", &saf.lease);
-    let backoff_initial = check_duration(
-        "spec.storeAndForward.backoff.initial",
-        &saf.backoff.initial,
-    );
+    let backoff_initial =
+        check_duration("spec.storeAndForward.backoff.initial", &saf.backoff.initial);
     let backoff_max = check_duration("spec.storeAndForward.backoff.max", &saf.backoff.max);
     let poll = check_duration(
         "spec.storeAndForward.drainers.pollInterval",
@@ -187,7 +189,10 @@ pub fn validate(bs: &BankSwitch) -> Result<ValidatedBankSwitch, ValidationError>
         let base = format!("spec.routing.upstreams[{i}]");
         check_duration(&format!("{base}.heartbeatInterval"), &up.heartbeat_interval);
         check_duration(&format!("{base}.timeout"), &up.timeout);
-        check_duration(&format!("{base}.circuitBreaker.window"), &up.circuit_breaker.window);
+        check_duration(
+            &format!("{base}.circuitBreaker.window"),
+            &up.circuit_breaker.window,
+        );
         check_duration(
             &format!("{base}.circuitBreaker.resetTimeout"),
             &up.circuit_breaker.reset_timeout,
@@ -337,7 +342,10 @@ spec:
                 key: "url".into(),
             },
         });
-        assert_eq!(validate(&bs).expect("valid").storage_mode, StorageMode::Postgres);
+        assert_eq!(
+            validate(&bs).expect("valid").storage_mode,
+            StorageMode::Postgres
+        );
     }
 
     #[test]

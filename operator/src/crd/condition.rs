@@ -132,13 +132,23 @@ mod tests {
     fn transition_time_is_kept_when_status_is_unchanged() {
         let first = merge_conditions(
             &[],
-            vec![DesiredCondition::new(READY, false, "Progressing", "waiting")],
+            vec![DesiredCondition::new(
+                READY,
+                false,
+                "Progressing",
+                "waiting",
+            )],
             Some(1),
             &at(100),
         );
         let second = merge_conditions(
             &first,
-            vec![DesiredCondition::new(READY, false, "MigrationRunning", "still waiting")],
+            vec![DesiredCondition::new(
+                READY,
+                false,
+                "MigrationRunning",
+                "still waiting",
+            )],
             Some(2),
             &at(200),
         );
