@@ -24,6 +24,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
+use tracing::Instrument;
 
 use self::apply::{Applier, ApplyError, is_ours};
 use self::build::{BuildInputs, MANAGED_BY, component, monitoring_api_resource, names};
@@ -155,10 +156,8 @@ fn now() -> Time {
 /// Reconciles one BankSwitch; records metrics and retry status around [`reconcile_inner`].
 pub async fn reconcile(bs: Arc<BankSwitch>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let span = tracing::info_span!("reconcile", namespace = %bs.namespace().unwrap_or_default(), name = %bs.name_any());
-    let _entered = span.enter();
-    drop(_entered);
     let mut timer = ctx.metrics.reconcile_timer(CONTROLLER);
-    let result = tracing::Instrument::instrument(reconcile_inner(&bs, &ctx), span.clone()).await;
+    let result = reconcile_inner(&bs, &ctx).instrument(span.clone()).await;
     match result {
         Ok(action) => {
             if let Ok(mut f) = ctx.failures.lock() {

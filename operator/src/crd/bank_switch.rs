@@ -571,7 +571,7 @@ fn default_cooldown() -> String {
 }
 
 /// Disruption budget and pod spreading.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AvailabilitySpec {
     /// PodDisruptionBudget `<name>-switch` with `maxUnavailable: 1`, only created with 2 or more
@@ -581,15 +581,6 @@ pub struct AvailabilitySpec {
     /// Spread switch pods over zones and nodes (soft: `ScheduleAnyway`).
     #[serde(default)]
     pub topology_spread: TopologySpreadSpec,
-}
-
-impl Default for AvailabilitySpec {
-    fn default() -> Self {
-        Self {
-            pod_disruption_budget: PodDisruptionBudgetSpec::default(),
-            topology_spread: TopologySpreadSpec::default(),
-        }
-    }
 }
 
 /// PodDisruptionBudget switch.
