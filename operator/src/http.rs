@@ -51,3 +51,45 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
         (StatusCode::SERVICE_UNAVAILABLE, "starting")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    async fn get(router: Router, path: &str) -> (StatusCode, String) {
+        let response = router
+            .oneshot(Request::get(path).body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible");
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn endpoints_answer_as_probes_and_prometheus_expect() {
+        let state = HttpState {
+            metrics: Arc::new(Metrics::default()),
+            ready: Arc::new(AtomicBool::new(false)),
+        };
+        state.metrics.set_drainer_replicas("payments", "atm", 2);
+        let app = router(state.clone());
+        assert_eq!(get(app.clone(), "/healthz").await.0, StatusCode::OK);
+        assert_eq!(
+            get(app.clone(), "/readyz").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        state.ready.store(true, Ordering::Relaxed);
+        assert_eq!(get(app.clone(), "/readyz").await.0, StatusCode::OK);
+        let (code, body) = get(app, "/metrics").await;
+        assert_eq!(code, StatusCode::OK);
+        assert!(
+            body.contains(r#"switchyard_operator_drainer_replicas{bankswitch="payments/atm"} 2"#)
+        );
+    }
+}

@@ -468,3 +468,24 @@ async fn paused_object_gets_no_changes() {
     );
     assert_eq!(h.condition("Progressing")["reason"], "Paused");
 }
+
+#[tokio::test]
+async fn turning_all_monitoring_off_deletes_both_objects() {
+    let h = Harness::new("postgres-full.yaml", JobOutcome::Complete, true, None);
+    h.reconcile().await;
+    let sm = format!("/apis/monitoring.coreos.com/v1/namespaces/{NS}/servicemonitors/acquirer");
+    let pr = format!("/apis/monitoring.coreos.com/v1/namespaces/{NS}/prometheusrules/acquirer");
+    assert!(h.fake.get(&sm).is_some() && h.fake.get(&pr).is_some());
+    h.edit(|spec| spec["monitoring"] = json!({}));
+    let writes = h.reconcile().await;
+    let deleted: Vec<_> = writes
+        .iter()
+        .filter(|w| w.method == "DELETE")
+        .map(|w| w.path.clone())
+        .collect();
+    assert_eq!(deleted, vec![sm.clone(), pr.clone()]);
+    assert_eq!(
+        h.condition("MonitoringConfigured")["reason"],
+        "NotRequested"
+    );
+}

@@ -258,12 +258,9 @@ async fn publish_transitions(
         if !changed {
             continue;
         }
+        // Degraded carries MigrationFailed/InvalidSpec/RolloutStuck, so one Warning per problem.
         let bad = (c.type_ == DEGRADED && c.status == ConditionStatus::True)
-            || (c.type_ != DEGRADED
-                && c.status == ConditionStatus::False
-                && c.reason.ends_with("Failed"))
-            || c.reason == "MonitoringApiNotServed"
-            || c.reason == "InvalidSpec";
+            || c.reason == "MonitoringApiNotServed";
         let interesting = bad
             || (c.type_ == READY && c.status == ConditionStatus::True)
             || (c.type_ == DATABASE_MIGRATED && c.reason == "MigrationSucceeded");
@@ -316,10 +313,12 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
     // dereference: what the spec points at outside the object
     let wants_monitoring = validated.spec.monitoring.service_monitor.enabled
         || validated.spec.monitoring.prometheus_rule.enabled;
+    // Asked even when nothing is requested, so objects left from an earlier spec get deleted;
+    // a discovery failure only blocks the reconcile when monitoring is actually wanted.
     let monitoring_apis = if wants_monitoring {
         ctx.monitoring_apis().await?
     } else {
-        MonitoringApis::default()
+        ctx.monitoring_apis().await.unwrap_or_default()
     };
     let observed_switch = deployments
         .get_opt(&names::switch(&name))

@@ -34,7 +34,8 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
     printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.readyReplicas","description":"Ready switch replicas"}"#,
     printcolumn = r#"{"name":"Backlog","type":"integer","jsonPath":".status.storeAndForward.backlog","description":"Store-and-forward messages waiting for delivery"}"#,
     printcolumn = r#"{"name":"Drainers","type":"integer","priority":1,"jsonPath":".status.storeAndForward.drainerReplicas","description":"SAF drainer replicas the operator set"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = kube::core::Rule::new("size(self.metadata.name) <= 40").message("metadata.name must be at most 40 characters so derived names (<name>-migrate-<hash>) fit 63")
 )]
 #[x_kube(validation = kube::core::Rule::new("self.replicas <= 1 || has(self.database)").message("replicas > 1 needs spec.database: embedded SQLite runs exactly one replica"))]
 #[serde(rename_all = "camelCase")]
