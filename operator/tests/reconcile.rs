@@ -489,3 +489,40 @@ async fn turning_all_monitoring_off_deletes_both_objects() {
         "NotRequested"
     );
 }
+
+#[tokio::test]
+async fn failing_api_calls_are_visible_in_status_and_clear_on_success() {
+    let h = Harness::new("embedded-minimal.yaml", JobOutcome::Complete, false, None);
+    h.fake.fail_writes_to(Some("/configmaps/"));
+    for attempt in 1..=2 {
+        let err = reconcile(Arc::new(h.current()), Arc::clone(&h.ctx))
+            .await
+            .expect_err("apply fails");
+        assert!(
+            err.to_string()
+                .contains("failed to apply ConfigMap demo-config"),
+            "{err}"
+        );
+        let retry = h
+            .current()
+            .status
+            .expect("status")
+            .retry
+            .expect("retry info");
+        assert_eq!(retry.failed_attempts, attempt);
+        assert!(
+            retry.last_failure.contains("etcdserver: request timed out"),
+            "{}",
+            retry.last_failure
+        );
+        assert!(retry.next_retry_time.is_some());
+    }
+    assert!(h.event_reasons().contains(&"ReconcileFailed".to_owned()));
+    h.fake.fail_writes_to(None);
+    h.reconcile().await;
+    assert_eq!(
+        h.current().status.expect("status").retry,
+        None,
+        "success clears the retry info"
+    );
+}

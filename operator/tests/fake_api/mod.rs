@@ -39,6 +39,8 @@ pub struct State {
     pub writes: Vec<Write>,
     pub job_outcome: JobOutcome,
     pub monitoring_api: bool,
+    /// Writes to paths containing this answer 500 (an API server having a bad day).
+    pub fail_writes_to: Option<String>,
     next_uid: u64,
 }
 
@@ -93,6 +95,7 @@ impl FakeApi {
             writes: Vec::new(),
             job_outcome,
             monitoring_api,
+            fail_writes_to: None,
             next_uid: 1,
         })))
     }
@@ -113,6 +116,10 @@ impl FakeApi {
 
     pub fn clear_writes(&self) {
         self.0.lock().expect("lock").writes.clear();
+    }
+
+    pub fn fail_writes_to(&self, fragment: Option<&str>) {
+        self.0.lock().expect("lock").fail_writes_to = fragment.map(str::to_owned);
     }
 
     pub fn get(&self, path: &str) -> Option<Value> {
@@ -165,6 +172,17 @@ impl FakeApi {
                 method: method.to_string(),
                 path: path.to_owned(),
             });
+        }
+        if method != Method::GET
+            && st
+                .fail_writes_to
+                .as_deref()
+                .is_some_and(|f| path.contains(f))
+        {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                status_body(500, "InternalError", "etcdserver: request timed out"),
+            );
         }
         if path == "/apis/monitoring.coreos.com/v1" {
             return if st.monitoring_api {
