@@ -96,19 +96,60 @@ impl std::fmt::Debug for Applier {
 /// True when every field set in `desired` has the same value in `observed`.
 ///
 /// The API server adds defaults and status, so equality is "desired is contained in observed";
-/// lists must match element by element.
+/// lists must match element by element. Resource quantities under `requests`/`limits` compare by
+/// value, because the server rewrites them canonically (`0.5` → `500m`, `1024Mi` → `1Gi`) and a
+/// textual comparison would re-apply such a spec forever.
 pub fn is_subset(desired: &Value, observed: &Value) -> bool {
+    subset_in(desired, observed, false)
+}
+
+fn subset_in(desired: &Value, observed: &Value, quantities: bool) -> bool {
     match (desired, observed) {
         (Value::Null, _) => true,
-        (Value::Object(d), Value::Object(o)) => d
-            .iter()
-            .all(|(k, dv)| dv.is_null() || o.get(k).is_some_and(|ov| is_subset(dv, ov))),
+        (Value::Object(d), Value::Object(o)) => d.iter().all(|(k, dv)| {
+            // Inside `requests`/`limits` every value is a quantity.
+            let q = quantities || k == "requests" || k == "limits";
+            dv.is_null() || o.get(k).is_some_and(|ov| subset_in(dv, ov, q))
+        }),
         (Value::Array(d), Value::Array(o)) => {
             d.len() == o.len() && d.iter().zip(o).all(|(dv, ov)| is_subset(dv, ov))
         }
         (Value::Number(d), Value::Number(o)) => d.as_f64() == o.as_f64(),
+        (Value::String(d), Value::String(o)) if quantities && d != o => {
+            matches!((parse_quantity(d), parse_quantity(o)), (Some(a), Some(b)) if (a - b).abs() <= a.abs() * 1e-9)
+        }
         (d, o) => d == o,
     }
+}
+
+/// Value of a Kubernetes quantity (`500m`, `1.5Gi`, `2e3`), or `None` if it is not one.
+pub fn parse_quantity(text: &str) -> Option<f64> {
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let factor = match suffix {
+        "" => 1.0,
+        "n" => 1e-9,
+        "u" => 1e-6,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0_f64.powi(2),
+        "Gi" => 1024.0_f64.powi(3),
+        "Ti" => 1024.0_f64.powi(4),
+        "Pi" => 1024.0_f64.powi(5),
+        "Ei" => 1024.0_f64.powi(6),
+        exp if exp.starts_with(['e', 'E']) => 10f64.powi(exp[1..].parse().ok()?),
+        _ => return None,
+    };
+    Some(number * factor)
 }
 
 /// Hash of an object's desired JSON (without the hash annotation itself).
@@ -265,5 +306,27 @@ mod tests {
         let desired = json!({"args": ["serve", "--config", "x"]});
         assert!(!is_subset(&desired, &json!({"args": ["serve"]})));
         assert!(!is_subset(&json!({"a": 1}), &json!({})));
+    }
+
+    #[test]
+    fn canonicalized_quantities_are_not_drift_but_other_strings_are() {
+        let desired = json!({"resources": {"requests": {"cpu": "0.5", "memory": "1024Mi"}}});
+        let observed = json!({"resources": {"requests": {"cpu": "500m", "memory": "1Gi"}}});
+        assert!(is_subset(&desired, &observed));
+        let bigger = json!({"resources": {"requests": {"cpu": "600m", "memory": "1Gi"}}});
+        assert!(!is_subset(&desired, &bigger));
+        assert!(!is_subset(
+            &json!({"image": "0.5"}),
+            &json!({"image": "500m"})
+        ));
+    }
+
+    #[test]
+    fn quantities_parse_with_all_suffixes() {
+        assert_eq!(parse_quantity("250m"), Some(0.25));
+        assert_eq!(parse_quantity("2Ki"), Some(2048.0));
+        assert_eq!(parse_quantity("1e3"), Some(1000.0));
+        assert_eq!(parse_quantity("1Gb"), None);
+        assert_eq!(parse_quantity("abc"), None);
     }
 }
