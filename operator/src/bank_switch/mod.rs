@@ -332,7 +332,8 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
         && validated.spec.store_and_forward.drainers.max_replicas > 0;
     let mut saf = None;
     let mut drainer_replicas = validated.spec.store_and_forward.drainers.min_replicas;
-    if drainers_managed {
+    // Paused: no scaling either, so status never shows a replica count that was not applied.
+    if drainers_managed && !validated.spec.paused {
         let observed_drainer =
             deployments
                 .get_opt(&names::drainer(&name))
