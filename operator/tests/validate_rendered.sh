@@ -63,5 +63,18 @@ sys.exit(1 if errors else 0)
 PY
 done
 
+for fixture in operator/tests/fixtures/keyrotation/*.yaml; do
+  base="$(basename "$fixture" .yaml)"
+  check "KeyRotation fixture $base against the CRD schema" "$py" - "$fixture" crds/keyrotations.switchyard.io.yaml <<'PY'
+import sys, yaml, jsonschema
+cr = yaml.safe_load(open(sys.argv[1]))
+schema = yaml.safe_load(open(sys.argv[2]))["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+errors = list(jsonschema.Draft7Validator(schema).iter_errors(cr))
+for e in errors:
+    print(f"  {'/'.join(map(str, e.path))}: {e.message}")
+sys.exit(1 if errors else 0)
+PY
+done
+
 echo "$passed passed, $failed failed"
 [[ $failed -eq 0 ]]

@@ -2,6 +2,7 @@
 
 pub mod bank_switch;
 pub mod condition;
+pub mod key_rotation;
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +10,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 pub use bank_switch::{BankSwitch, BankSwitchSpec, BankSwitchStatus};
+pub use key_rotation::{KeyRotation, KeyRotationSpec, KeyRotationStatus};
 
 /// Failure while writing CRD YAML.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +37,7 @@ pub enum CrdError {
 
 /// Every CRD the operator serves, in a stable order.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![BankSwitch::crd()]
+    vec![BankSwitch::crd(), KeyRotation::crd()]
 }
 
 /// The file name CI and the chart expect for a CRD: `<plural>.<group>.yaml`.
