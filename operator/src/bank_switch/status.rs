@@ -214,6 +214,13 @@ pub fn compute_status(
             "Paused",
             "spec.paused is true: no changes are applied",
         )
+    } else if matches!(observed.migration, MigrationState::Failed { .. }) {
+        DesiredCondition::new(
+            PROGRESSING,
+            false,
+            "MigrationFailed",
+            "rollout held until the migration succeeds",
+        )
     } else if rolling {
         DesiredCondition::new(
             PROGRESSING,
