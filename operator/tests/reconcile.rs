@@ -314,7 +314,11 @@ async fn failed_migration_holds_the_rollout_and_says_so() {
             .contains("backoff limit")
     );
     assert_eq!(h.condition("Degraded")["status"], "True");
-    assert_eq!(h.condition("Progressing")["reason"], "MigrationFailed", "rollout is held");
+    assert_eq!(
+        h.condition("Progressing")["reason"],
+        "MigrationFailed",
+        "rollout is held"
+    );
     assert!(
         h.event_reasons().contains(&"MigrationFailed".to_owned()),
         "events: {:?}",

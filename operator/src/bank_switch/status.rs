@@ -397,3 +397,148 @@ pub async fn write_status(
     .await?;
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bank_switch::scaling::ScalingReason;
+    use crate::bank_switch::validate::validate;
+    use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentStatus};
+    use k8s_openapi::jiff::Timestamp;
+
+    fn validated(replicas: i32, database: bool) -> ValidatedBankSwitch {
+        let mut yaml = format!(
+            "apiVersion: switchyard.io/v1alpha1\nkind: BankSwitch\nmetadata: {{name: atm, namespace: ns, generation: 4}}\n\
+             spec:\n  image: img:1\n  replicas: {replicas}\n  keys: {{lmkSecretRef: {{name: k, key: l}}, kekSecretRef: {{name: k, key: k}}}}\n  \
+             admin: {{tokenSecretRef: {{name: a, key: t}}}}\n"
+        );
+        if database {
+            yaml.push_str("  database: {urlSecretRef: {name: db, key: url}}\n");
+        }
+        validate(&serde_yaml::from_str(&yaml).expect("parses")).expect("valid")
+    }
+
+    fn deployment(replicas: i32, ready: i32, stuck: bool) -> Deployment {
+        Deployment {
+            metadata: kube::api::ObjectMeta {
+                generation: Some(2),
+                ..Default::default()
+            },
+            spec: None,
+            status: Some(DeploymentStatus {
+                observed_generation: Some(2),
+                replicas: Some(replicas),
+                ready_replicas: Some(ready),
+                updated_replicas: Some(replicas),
+                conditions: stuck.then(|| {
+                    vec![DeploymentCondition {
+                        type_: "Progressing".into(),
+                        status: "False".into(),
+                        reason: Some("ProgressDeadlineExceeded".into()),
+                        ..Default::default()
+                    }]
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn now() -> Time {
+        Time(Timestamp::from_second(1_800_000_000).expect("valid"))
+    }
+
+    fn cond<'a>(s: &'a BankSwitchStatus, t: &str) -> &'a condition::Condition {
+        condition::find(&s.conditions, t).expect("condition present")
+    }
+
+    #[test]
+    fn all_ready_is_ready_and_not_progressing() {
+        let bs = validated(3, true);
+        let dep = deployment(3, 3, false);
+        let observed = Observed {
+            bs: &bs,
+            switch_deployment: Some(&dep),
+            migration: MigrationState::Succeeded { job: "j".into() },
+            monitoring: MonitoringState::NotRequested,
+            saf: None,
+            migrated_image: None,
+        };
+        let s = compute_status(None, &observed, &now());
+        assert_eq!(cond(&s, READY).status, ConditionStatus::True);
+        assert_eq!(cond(&s, PROGRESSING).reason, "Complete");
+        assert_eq!(cond(&s, DEGRADED).status, ConditionStatus::False);
+        assert_eq!((s.replicas, s.ready_replicas), (3, 3));
+        assert_eq!(s.migrated_image.as_deref(), Some("img:1"));
+        assert_eq!(s.observed_generation, Some(4));
+    }
+
+    #[test]
+    fn stuck_rollout_is_degraded_and_not_ready() {
+        let bs = validated(3, true);
+        let dep = deployment(3, 1, true);
+        let observed = Observed {
+            bs: &bs,
+            switch_deployment: Some(&dep),
+            migration: MigrationState::Succeeded { job: "j".into() },
+            monitoring: MonitoringState::NotRequested,
+            saf: None,
+            migrated_image: None,
+        };
+        let s = compute_status(None, &observed, &now());
+        assert_eq!(cond(&s, DEGRADED).reason, "RolloutStuck");
+        assert_eq!(cond(&s, READY).status, ConditionStatus::False);
+    }
+
+    #[test]
+    fn unreachable_switch_keeps_the_last_known_saf_figures() {
+        let bs = validated(2, true);
+        let dep = deployment(2, 2, false);
+        let previous = BankSwitchStatus {
+            store_and_forward: Some(StoreAndForwardStatus {
+                backlog: 70,
+                dead_letters: 2,
+                drainer_replicas: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let decision = ScalingDecision {
+            replicas: 1,
+            reason: ScalingReason::SwitchUnreachable("timeout".into()),
+        };
+        let observed = Observed {
+            bs: &bs,
+            switch_deployment: Some(&dep),
+            migration: MigrationState::Succeeded { job: "j".into() },
+            monitoring: MonitoringState::NotRequested,
+            saf: Some((None, decision)),
+            migrated_image: None,
+        };
+        let s = compute_status(Some(&previous), &observed, &now());
+        let saf = s.store_and_forward.expect("saf");
+        assert_eq!(
+            (saf.backlog, saf.dead_letters, saf.drainer_replicas),
+            (70, 2, 1)
+        );
+        assert!(saf.scaling_reason.contains("timeout"));
+    }
+
+    #[test]
+    fn job_outcome_is_read_from_its_conditions() {
+        let job: Job = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "m"},
+            "status": {"conditions": [{"type": "Failed", "status": "True", "message": "boom"}]}
+        }))
+        .expect("job");
+        assert_eq!(
+            MigrationState::from_job(&job),
+            MigrationState::Failed {
+                job: "m".into(),
+                message: "boom".into()
+            }
+        );
+        let running: Job =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "m"}})).expect("job");
+        assert!(!MigrationState::from_job(&running).allows_rollout());
+    }
+}
