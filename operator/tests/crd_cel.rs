@@ -37,6 +37,9 @@ fn key_rotation(edit: impl FnOnce(&mut Value)) -> Value {
     value
 }
 
+/// One change to a valid object.
+type Edit = Box<dyn FnOnce(&mut Value)>;
+
 fn errors(schema: &Value, object: &Value) -> String {
     match Validator::new().validate(schema, object, None) {
         Ok(()) => String::new(),
@@ -69,7 +72,7 @@ fn valid_objects_pass_every_rule() {
 #[test]
 fn bank_switch_rules_reject_what_cannot_work() {
     let s = schema("bankswitches.switchyard.io.yaml");
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Value)>)> = vec![
+    let cases: Vec<(&str, Edit)> = vec![
         (
             "replicas > 1 needs spec.database",
             Box::new(|v: &mut Value| {
