@@ -1,0 +1,392 @@
+//! Validation of a `BankSwitch` spec beyond what the CRD schema can express; pure, no client.
+//!
+//! The schema (patterns, ranges, CEL rules) stops most mistakes at `kubectl apply`. This step
+//! repeats the cross-field rules (so `render` catches them offline and an older CRD in the cluster
+//! cannot let them through) and parses durations into values the builders and the scaler use.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Resource;
+
+use crate::crd::bank_switch::{BankSwitch, BankSwitchSpec};
+
+/// Longest BankSwitch name: leaves room for `-migrate-<hash>` inside a 63-character DNS label.
+pub const MAX_NAME_LEN: usize = 40;
+
+/// One thing wrong with a spec, with the field path a user would look at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpecProblem {
+    /// Field path, e.g. `spec.replicas`.
+    pub field: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl std::fmt::Display for SpecProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// A spec the operator cannot act on.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ValidationError {
+    /// The object has no `metadata.name`.
+    #[error("failed to validate BankSwitch: metadata.name is missing")]
+    MissingName,
+    /// The object has no namespace (BankSwitch is namespaced).
+    #[error("failed to validate BankSwitch {name}: metadata.namespace is missing")]
+    MissingNamespace {
+        /// Object name.
+        name: String,
+    },
+    /// One or more spec fields are unusable.
+    #[error("failed to validate BankSwitch spec: {}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    InvalidSpec {
+        /// Every problem found, so a user fixes them in one edit.
+        problems: Vec<SpecProblem>,
+    },
+}
+
+/// Where the switch keeps its data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StorageMode {
+    /// Embedded SQLite on a PVC: one replica, not for production.
+    EmbeddedSqlite,
+    /// Shared PostgreSQL from `spec.database`.
+    Postgres,
+}
+
+/// Durations from the spec, parsed once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParsedDurations {
+    /// `spec.storeAndForward.drainers.pollInterval`.
+    pub drainer_poll_interval: Duration,
+    /// `spec.storeAndForward.drainers.cooldown`.
+    pub drainer_cooldown: Duration,
+}
+
+/// A spec that passed validation, with the identity the builders need.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidatedBankSwitch {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace`.
+    pub namespace: String,
+    /// `metadata.generation` (absent for offline renders).
+    pub generation: Option<i64>,
+    /// Controller owner reference for every built object (absent when the object has no uid yet,
+    /// e.g. in an offline render of a file that was never applied).
+    pub owner: Option<OwnerReference>,
+    /// The spec as written (defaults applied by serde).
+    pub spec: BankSwitchSpec,
+    /// Embedded SQLite or PostgreSQL.
+    pub storage_mode: StorageMode,
+    /// Parsed durations.
+    pub durations: ParsedDurations,
+}
+
+/// Parses a Go-style duration (`90s`, `5m`, `1h30m`, `250ms`) that must be positive.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let parsed: kube::core::Duration = value
+        .parse()
+        .map_err(|e| format!("`{value}` is not a duration like 30s, 5m or 1h30m ({e})"))?;
+    if parsed.is_negative() {
+        return Err(format!("`{value}` is negative"));
+    }
+    let std: Duration = parsed.into();
+    if std.is_zero() {
+        return Err(format!("`{value}` must be longer than zero"));
+    }
+    Ok(std)
+}
+
+/// Renders a duration the way the switch's config parser (humantime) reads it: whole seconds
+/// when possible, else milliseconds, so `1h30m` in the CRD becomes `5400s` in the TOML.
+pub fn format_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// Validates the object and returns what the builders need.
+pub fn validate(bs: &BankSwitch) -> Result<ValidatedBankSwitch, ValidationError> {
+    let name = bs
+        .metadata
+        .name
+        .clone()
+        .ok_or(ValidationError::MissingName)?;
+    let namespace = bs
+        .metadata
+        .namespace
+        .clone()
+        .ok_or_else(|| ValidationError::MissingNamespace { name: name.clone() })?;
+    let spec = &bs.spec;
+    let mut problems = Vec::new();
+    let mut problem = |field: &str, message: String| {
+        problems.push(SpecProblem {
+            field: field.to_owned(),
+            message,
+        })
+    };
+
+    if name.len() > MAX_NAME_LEN {
+        problem(
+            "metadata.name",
+            format!("must be at most {MAX_NAME_LEN} characters so derived object names fit 63"),
+        );
+    }
+    if spec.image.trim().is_empty() {
+        problem("spec.image", "must name the switchyard-switch image".into());
+    }
+    if spec.replicas < 0 {
+        problem("spec.replicas", "must not be negative".into());
+    }
+    if spec.replicas > 1 && spec.database.is_none() {
+        problem(
+            "spec.replicas",
+            format!(
+                "{} replicas need spec.database (PostgreSQL); embedded SQLite runs exactly one",
+                spec.replicas
+            ),
+        );
+    }
+
+    let mut durations = Vec::new();
+    let mut check_duration = |field: &str, value: &str| match parse_duration(value) {
+        Ok(d) => Some(d),
+        Err(message) => {
+            durations.push(SpecProblem {
+                field: field.to_owned(),
+                message,
+            });
+            None
+        }
+    };
+    check_duration("spec.iso8583.idleTimeout", &spec.iso8583.idle_timeout);
+    check_duration("spec.keys.grace", &spec.keys.grace);
+    let saf = &spec.store_and_forward;
+    check_duration("spec.storeAndForward.lease", &saf.lease);
+    let backoff_initial =
+        check_duration("spec.storeAndForward.backoff.initial", &saf.backoff.initial);
+    let backoff_max = check_duration("spec.storeAndForward.backoff.max", &saf.backoff.max);
+    let poll = check_duration(
+        "spec.storeAndForward.drainers.pollInterval",
+        &saf.drainers.poll_interval,
+    );
+    let cooldown = check_duration(
+        "spec.storeAndForward.drainers.cooldown",
+        &saf.drainers.cooldown,
+    );
+    check_duration(
+        "spec.monitoring.serviceMonitor.interval",
+        &spec.monitoring.service_monitor.interval,
+    );
+    for (i, up) in spec.routing.upstreams.iter().enumerate() {
+        let base = format!("spec.routing.upstreams[{i}]");
+        check_duration(&format!("{base}.heartbeatInterval"), &up.heartbeat_interval);
+        check_duration(&format!("{base}.timeout"), &up.timeout);
+        check_duration(
+            &format!("{base}.circuitBreaker.window"),
+            &up.circuit_breaker.window,
+        );
+        check_duration(
+            &format!("{base}.circuitBreaker.resetTimeout"),
+            &up.circuit_breaker.reset_timeout,
+        );
+    }
+    problems.extend(durations);
+    let mut problem = |field: &str, message: String| {
+        problems.push(SpecProblem {
+            field: field.to_owned(),
+            message,
+        })
+    };
+
+    if let (Some(initial), Some(max)) = (backoff_initial, backoff_max)
+        && initial > max
+    {
+        problem(
+            "spec.storeAndForward.backoff",
+            "initial must not exceed max".into(),
+        );
+    }
+    let drainers = &saf.drainers;
+    if drainers.min_replicas < 0 || drainers.max_replicas < 0 {
+        problem(
+            "spec.storeAndForward.drainers",
+            "replica bounds must not be negative".into(),
+        );
+    }
+    if drainers.min_replicas > drainers.max_replicas {
+        problem(
+            "spec.storeAndForward.drainers",
+            format!(
+                "minReplicas {} exceeds maxReplicas {}",
+                drainers.min_replicas, drainers.max_replicas
+            ),
+        );
+    }
+    if drainers.target_backlog_per_replica < 1 {
+        problem(
+            "spec.storeAndForward.drainers.targetBacklogPerReplica",
+            "must be at least 1".into(),
+        );
+    }
+    if spec.termination.pre_stop_delay_seconds >= spec.termination.grace_period_seconds {
+        problem(
+            "spec.termination.preStopDelaySeconds",
+            "must be shorter than gracePeriodSeconds, or SIGTERM never comes in time to drain"
+                .into(),
+        );
+    }
+
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, up) in spec.routing.upstreams.iter().enumerate() {
+        if !seen.insert(up.name.as_str()) {
+            problem(
+                &format!("spec.routing.upstreams[{i}].name"),
+                format!("upstream `{}` is listed twice", up.name),
+            );
+        }
+        if up.endpoints.is_empty() {
+            problem(
+                &format!("spec.routing.upstreams[{i}].endpoints"),
+                "needs at least one host:port".into(),
+            );
+        }
+    }
+    for (i, route) in spec.routing.routes.iter().enumerate() {
+        if !seen.contains(route.upstream.as_str()) {
+            problem(
+                &format!("spec.routing.routes[{i}].upstream"),
+                format!(
+                    "names `{}`, which is not in spec.routing.upstreams",
+                    route.upstream
+                ),
+            );
+        }
+    }
+
+    if !problems.is_empty() {
+        return Err(ValidationError::InvalidSpec { problems });
+    }
+    let (Some(drainer_poll_interval), Some(drainer_cooldown)) = (poll, cooldown) else {
+        // Unreachable in practice: a failed parse above pushed a problem and returned.
+        return Err(ValidationError::InvalidSpec { problems: vec![] });
+    };
+    Ok(ValidatedBankSwitch {
+        name,
+        namespace,
+        generation: bs.metadata.generation,
+        owner: bs.controller_owner_ref(&()),
+        spec: spec.clone(),
+        storage_mode: if spec.database.is_some() {
+            StorageMode::Postgres
+        } else {
+            StorageMode::EmbeddedSqlite
+        },
+        durations: ParsedDurations {
+            drainer_poll_interval,
+            drainer_cooldown,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::bank_switch::{DatabaseSpec, RouteSpec, SecretKeyRef};
+    use rstest::rstest;
+
+    pub(crate) fn minimal() -> BankSwitch {
+        serde_yaml::from_str(
+            r#"
+apiVersion: switchyard.io/v1alpha1
+kind: BankSwitch
+metadata: {name: atm-switch, namespace: payments}
+spec:
+  image: registry.example/switchyard:1.0.0
+  keys:
+    lmkSecretRef: {name: switch-keys, key: lmk}
+    kekSecretRef: {name: switch-keys, key: kek}
+  admin:
+    tokenSecretRef: {name: switch-admin, key: tokens}
+"#,
+        )
+        .expect("minimal BankSwitch parses")
+    }
+
+    #[test]
+    fn minimal_spec_is_embedded_sqlite_with_defaults() {
+        let v = validate(&minimal()).expect("valid");
+        assert_eq!(v.storage_mode, StorageMode::EmbeddedSqlite);
+        assert_eq!(v.spec.replicas, 1);
+        assert_eq!(v.durations.drainer_cooldown, Duration::from_secs(300));
+        assert!(v.owner.is_none(), "no uid, so no owner reference");
+    }
+
+    #[test]
+    fn several_replicas_without_database_are_refused_with_the_field_named() {
+        let mut bs = minimal();
+        bs.spec.replicas = 3;
+        let err = validate(&bs).expect_err("invalid");
+        assert!(err.to_string().contains("spec.replicas"), "{err}");
+        assert!(err.to_string().contains("spec.database"), "{err}");
+        bs.spec.database = Some(DatabaseSpec {
+            url_secret_ref: SecretKeyRef {
+                name: "db".into(),
+                key: "url".into(),
+            },
+        });
+        assert_eq!(
+            validate(&bs).expect("valid").storage_mode,
+            StorageMode::Postgres
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let mut bs = minimal();
+        bs.spec.store_and_forward.drainers.min_replicas = 5;
+        bs.spec.store_and_forward.drainers.max_replicas = 2;
+        bs.spec.iso8583.idle_timeout = "soon".into();
+        bs.spec.routing.routes.push(RouteSpec {
+            prefix: "4111".into(),
+            upstream: "issuer-x".into(),
+        });
+        let Err(ValidationError::InvalidSpec { problems }) = validate(&bs) else {
+            panic!("expected InvalidSpec");
+        };
+        let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.iso8583.idleTimeout",
+                "spec.storeAndForward.drainers",
+                "spec.routing.routes[0].upstream"
+            ]
+        );
+    }
+
+    #[rstest]
+    #[case("90s", Some(90_000))]
+    #[case("1h30m", Some(5_400_000))]
+    #[case("250ms", Some(250))]
+    #[case("0s", None)]
+    #[case("-5s", None)]
+    #[case("5", None)]
+    fn durations_parse_like_kubernetes(#[case] input: &str, #[case] millis: Option<u128>) {
+        assert_eq!(parse_duration(input).ok().map(|d| d.as_millis()), millis);
+    }
+
+    #[rstest]
+    #[case(Duration::from_secs(5400), "5400s")]
+    #[case(Duration::from_millis(1500), "1500ms")]
+    fn durations_render_for_the_switch(#[case] d: Duration, #[case] text: &str) {
+        assert_eq!(format_duration(d), text);
+    }
+}

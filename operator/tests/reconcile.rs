@@ -1,0 +1,533 @@
+//! Reconcile tests against an in-process fake API server: create, change, removal, failed
+//! migration, invalid spec, drainer scaling, and the steady state that must make no writes.
+
+mod fake_api;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use fake_api::{FakeApi, JobOutcome, Write};
+use serde_json::{Value, json};
+use switchyard_operator::bank_switch::dereference::{SafStats, SafStatsError, SafStatsSource};
+use switchyard_operator::bank_switch::validate::ValidatedBankSwitch;
+use switchyard_operator::bank_switch::{Context, reconcile};
+use switchyard_operator::crd::BankSwitch;
+use switchyard_operator::metrics::Metrics;
+
+const NS: &str = "payments";
+
+struct FixedSaf(Option<SafStats>);
+
+#[async_trait]
+impl SafStatsSource for FixedSaf {
+    async fn fetch(
+        &self,
+        _: &kube::Client,
+        _: &ValidatedBankSwitch,
+    ) -> Result<SafStats, SafStatsError> {
+        self.0.clone().ok_or_else(|| SafStatsError::NoViewerToken {
+            secret: "test".into(),
+            key: "token".into(),
+        })
+    }
+}
+
+fn bs_path(name: &str) -> String {
+    format!("/apis/switchyard.io/v1alpha1/namespaces/{NS}/bankswitches/{name}")
+}
+fn deploy_path(name: &str) -> String {
+    format!("/apis/apps/v1/namespaces/{NS}/deployments/{name}")
+}
+fn pdb_path(name: &str) -> String {
+    format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/{name}")
+}
+
+fn fixture(name: &str) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    let yaml: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("yaml");
+    serde_json::to_value(yaml).expect("json")
+}
+
+struct Harness {
+    fake: FakeApi,
+    ctx: Arc<Context>,
+    name: String,
+}
+
+impl Harness {
+    fn new(
+        fixture_name: &str,
+        outcome: JobOutcome,
+        monitoring_api: bool,
+        saf: Option<SafStats>,
+    ) -> Self {
+        let fake = FakeApi::new(outcome, monitoring_api);
+        let obj = fixture(fixture_name);
+        let name = obj["metadata"]["name"].as_str().expect("name").to_owned();
+        fake.insert(&bs_path(&name), obj);
+        let ctx = Arc::new(Context::new(
+            fake.client(),
+            Arc::new(Metrics::default()),
+            Arc::new(FixedSaf(saf)),
+            Some("test".into()),
+        ));
+        Self { fake, ctx, name }
+    }
+
+    /// The BankSwitch as the API server holds it now.
+    fn current(&self) -> BankSwitch {
+        serde_json::from_value(self.fake.get(&bs_path(&self.name)).expect("stored"))
+            .expect("BankSwitch")
+    }
+
+    /// Edits the stored BankSwitch spec like `kubectl apply` would (bumping generation).
+    fn edit(&self, f: impl FnOnce(&mut Value)) {
+        let mut obj = self.fake.get(&bs_path(&self.name)).expect("stored");
+        f(&mut obj["spec"]);
+        let generation = obj["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
+        obj["metadata"]["generation"] = json!(generation);
+        self.fake.insert(&bs_path(&self.name), obj);
+    }
+
+    async fn reconcile(&self) -> Vec<Write> {
+        self.fake.clear_writes();
+        reconcile(Arc::new(self.current()), Arc::clone(&self.ctx))
+            .await
+            .expect("reconcile succeeds");
+        self.fake.writes()
+    }
+
+    fn condition(&self, type_: &str) -> Value {
+        let obj = self.fake.get(&bs_path(&self.name)).expect("stored");
+        obj["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == type_).cloned())
+            .unwrap_or(Value::Null)
+    }
+
+    fn event_reasons(&self) -> Vec<String> {
+        let prefix = format!("/apis/events.k8s.io/v1/namespaces/{NS}/events/");
+        self.fake
+            .names_under(&prefix)
+            .iter()
+            .filter_map(|n| self.fake.get(&format!("{prefix}{n}")))
+            .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+fn patched(writes: &[Write], path: &str) -> bool {
+    writes.iter().any(|w| w.method == "PATCH" && w.path == path)
+}
+
+#[tokio::test]
+async fn create_applies_every_object_and_reports_ready() {
+    let h = Harness::new("embedded-minimal.yaml", JobOutcome::Complete, false, None);
+    let writes = h.reconcile().await;
+    for path in [
+        format!("/api/v1/namespaces/{NS}/configmaps/demo-config"),
+        format!("/api/v1/namespaces/{NS}/persistentvolumeclaims/demo-data"),
+        format!("/api/v1/namespaces/{NS}/services/demo-iso"),
+        format!("/api/v1/namespaces/{NS}/services/demo-admin"),
+        deploy_path("demo-switch"),
+        format!("{}/status", bs_path("demo")),
+    ] {
+        assert!(
+            patched(&writes, &path),
+            "expected an apply of {path}; writes: {writes:?}"
+        );
+    }
+    let dep = h.fake.get(&deploy_path("demo-switch")).expect("deployment");
+    assert_eq!(
+        dep["metadata"]["ownerReferences"][0]["uid"],
+        "6f1c2a9e-0000-4000-8000-000000000001"
+    );
+    assert_eq!(h.condition("Ready")["status"], "True");
+    assert_eq!(h.condition("DatabaseMigrated")["reason"], "MigratesOnStart");
+    assert!(
+        h.condition("Ready")["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not for production"),
+        "embedded mode must say it is not for production"
+    );
+    let status = h.current().status.expect("status");
+    assert_eq!(status.ready_replicas, 1);
+    assert_eq!(status.observed_generation, Some(1));
+    assert_eq!(
+        status.endpoints.expect("endpoints").iso8583,
+        "demo-iso.payments.svc:8583"
+    );
+}
+
+#[tokio::test]
+async fn second_pass_of_an_unchanged_object_makes_no_writes() {
+    let h = Harness::new("embedded-minimal.yaml", JobOutcome::Complete, false, None);
+    assert!(!h.reconcile().await.is_empty());
+    let ready_since = h.condition("Ready")["lastTransitionTime"].clone();
+    let writes = h.reconcile().await;
+    assert_eq!(writes, vec![], "steady state must not write");
+    assert_eq!(h.condition("Ready")["lastTransitionTime"], ready_since);
+}
+
+#[tokio::test]
+async fn postgres_steady_state_with_drainers_and_monitoring_makes_no_writes() {
+    let saf = SafStats {
+        backlog: 450,
+        in_flight: 2,
+        oldest_age_seconds: 30,
+        dead_letters: 0,
+    };
+    let h = Harness::new("postgres-full.yaml", JobOutcome::Complete, true, Some(saf));
+    h.reconcile().await;
+    // The first pass saw no ready switch yet (the Deployment was created in it); the second
+    // reads the backlog and scales the drainers; the third must be quiet.
+    h.reconcile().await;
+    let writes = h.reconcile().await;
+    assert_eq!(writes, vec![], "steady state must not write");
+}
+
+#[tokio::test]
+async fn spec_change_patches_the_config_and_rolls_the_deployment() {
+    let h = Harness::new("embedded-minimal.yaml", JobOutcome::Complete, false, None);
+    h.reconcile().await;
+    let hash_before = h.fake.get(&deploy_path("demo-switch")).expect("dep")["spec"]["template"]
+        ["metadata"]["annotations"]["switchyard.io/config-hash"]
+        .clone();
+    h.edit(|spec| spec["storeAndForward"] = json!({"maxAttempts": 25}));
+    let writes = h.reconcile().await;
+    assert!(patched(
+        &writes,
+        &format!("/api/v1/namespaces/{NS}/configmaps/demo-config")
+    ));
+    assert!(patched(&writes, &deploy_path("demo-switch")));
+    assert!(
+        !patched(
+            &writes,
+            &format!("/api/v1/namespaces/{NS}/services/demo-iso")
+        ),
+        "unchanged objects are not re-applied"
+    );
+    let dep = h.fake.get(&deploy_path("demo-switch")).expect("dep");
+    assert_ne!(
+        dep["spec"]["template"]["metadata"]["annotations"]["switchyard.io/config-hash"],
+        hash_before
+    );
+    let config = h
+        .fake
+        .get(&format!("/api/v1/namespaces/{NS}/configmaps/demo-config"))
+        .expect("cm");
+    assert!(
+        config["data"]["switch.toml"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("max_attempts = 25")
+    );
+    assert_eq!(
+        h.current().status.expect("status").observed_generation,
+        Some(2)
+    );
+}
+
+#[tokio::test]
+async fn removed_feature_deletes_our_object_but_never_a_foreign_one() {
+    let h = Harness::new("postgres-full.yaml", JobOutcome::Complete, true, None);
+    h.reconcile().await;
+    assert!(
+        h.fake.get(&pdb_path("acquirer-switch")).is_some(),
+        "3 replicas get a PDB"
+    );
+    assert!(
+        h.fake
+            .get(&format!(
+                "/apis/monitoring.coreos.com/v1/namespaces/{NS}/servicemonitors/acquirer"
+            ))
+            .is_some()
+    );
+
+    h.edit(|spec| {
+        spec["replicas"] = json!(1);
+        spec["monitoring"]["serviceMonitor"]["enabled"] = json!(false);
+    });
+    let writes = h.reconcile().await;
+    assert!(
+        writes
+            .iter()
+            .any(|w| w.method == "DELETE" && w.path == pdb_path("acquirer-switch"))
+    );
+    assert!(h.fake.get(&pdb_path("acquirer-switch")).is_none());
+    assert!(
+        h.fake
+            .get(&format!(
+                "/apis/monitoring.coreos.com/v1/namespaces/{NS}/servicemonitors/acquirer"
+            ))
+            .is_none()
+    );
+
+    // Someone else's ServiceMonitor with the same name is left alone.
+    let foreign = json!({"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
+        "metadata": {"name": "acquirer", "namespace": NS, "labels": {"team": "observability"}},
+        "spec": {"endpoints": []}});
+    h.fake.insert(
+        &format!("/apis/monitoring.coreos.com/v1/namespaces/{NS}/servicemonitors/acquirer"),
+        foreign,
+    );
+    let writes = h.reconcile().await;
+    assert!(
+        !writes.iter().any(|w| w.method == "DELETE"),
+        "foreign object deleted: {writes:?}"
+    );
+    assert!(
+        h.fake
+            .get(&format!(
+                "/apis/monitoring.coreos.com/v1/namespaces/{NS}/servicemonitors/acquirer"
+            ))
+            .is_some()
+    );
+}
+
+#[tokio::test]
+async fn failed_migration_holds_the_rollout_and_says_so() {
+    let h = Harness::new("postgres-full.yaml", JobOutcome::Failed, true, None);
+    let writes = h.reconcile().await;
+    assert!(
+        writes
+            .iter()
+            .any(|w| w.path.contains("/jobs/acquirer-migrate-")),
+        "Job applied"
+    );
+    assert!(
+        h.fake.get(&deploy_path("acquirer-switch")).is_none(),
+        "no rollout before migration"
+    );
+    let migrated = h.condition("DatabaseMigrated");
+    assert_eq!(migrated["status"], "False");
+    assert_eq!(migrated["reason"], "MigrationFailed");
+    assert!(
+        migrated["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("backoff limit")
+    );
+    assert_eq!(h.condition("Degraded")["status"], "True");
+    assert_eq!(
+        h.condition("Progressing")["reason"],
+        "MigrationFailed",
+        "rollout is held"
+    );
+    assert!(
+        h.event_reasons().contains(&"MigrationFailed".to_owned()),
+        "events: {:?}",
+        h.event_reasons()
+    );
+    // And it does not hot-loop: nothing changes on the next pass.
+    assert_eq!(h.reconcile().await, vec![]);
+}
+
+#[tokio::test]
+async fn running_migration_waits_then_rolls_out_after_success() {
+    let h = Harness::new("postgres-full.yaml", JobOutcome::Running, true, None);
+    h.reconcile().await;
+    assert!(h.fake.get(&deploy_path("acquirer-switch")).is_none());
+    assert_eq!(
+        h.condition("DatabaseMigrated")["reason"],
+        "MigrationRunning"
+    );
+    assert_eq!(h.condition("Progressing")["status"], "True");
+    // The Job controller finishes the Job.
+    let prefix = format!("/apis/batch/v1/namespaces/{NS}/jobs/");
+    let job = h.fake.names_under(&prefix).pop().expect("a job");
+    let mut obj = h.fake.get(&format!("{prefix}{job}")).expect("job");
+    obj["status"] = json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]});
+    h.fake.insert(&format!("{prefix}{job}"), obj);
+    h.reconcile().await;
+    assert!(h.fake.get(&deploy_path("acquirer-switch")).is_some());
+    assert_eq!(h.condition("DatabaseMigrated")["status"], "True");
+    assert_eq!(
+        h.current()
+            .status
+            .expect("status")
+            .migrated_image
+            .as_deref(),
+        Some("registry.example/switchyard/switch:1.4.2")
+    );
+}
+
+#[tokio::test]
+async fn invalid_spec_gets_a_condition_and_an_event_and_nothing_else() {
+    let h = Harness::new("embedded-minimal.yaml", JobOutcome::Complete, false, None);
+    h.edit(|spec| spec["replicas"] = json!(3));
+    let writes = h.reconcile().await;
+    assert!(
+        writes
+            .iter()
+            .all(|w| w.path.ends_with("/status") || w.path.contains("/events")),
+        "{writes:?}"
+    );
+    let degraded = h.condition("Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "InvalidSpec");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("spec.database")
+    );
+    assert!(h.event_reasons().contains(&"InvalidSpec".to_owned()));
+    assert_eq!(
+        h.reconcile().await,
+        vec![],
+        "waits for a change, no hot loop"
+    );
+}
+
+#[tokio::test]
+async fn drainers_scale_from_the_backlog() {
+    let saf = SafStats {
+        backlog: 450,
+        in_flight: 0,
+        oldest_age_seconds: 12,
+        dead_letters: 1,
+    };
+    let h = Harness::new("postgres-full.yaml", JobOutcome::Complete, true, Some(saf));
+    h.reconcile().await; // creates the switch; no ready pod to ask yet → minReplicas
+    let drainer = h
+        .fake
+        .get(&deploy_path("acquirer-drainer"))
+        .expect("drainer");
+    assert_eq!(drainer["spec"]["replicas"], 1);
+    h.reconcile().await;
+    let drainer = h
+        .fake
+        .get(&deploy_path("acquirer-drainer"))
+        .expect("drainer");
+    assert_eq!(drainer["spec"]["replicas"], 3, "ceil(450 / 200) = 3");
+    let saf = h
+        .current()
+        .status
+        .expect("status")
+        .store_and_forward
+        .expect("saf");
+    assert_eq!(
+        (saf.backlog, saf.dead_letters, saf.drainer_replicas),
+        (450, 1, 3)
+    );
+}
+
+#[tokio::test]
+async fn unreachable_switch_keeps_drainers_and_says_why() {
+    let h = Harness::new("postgres-full.yaml", JobOutcome::Complete, true, None);
+    h.reconcile().await;
+    h.reconcile().await;
+    let saf = h
+        .current()
+        .status
+        .expect("status")
+        .store_and_forward
+        .expect("saf");
+    assert_eq!(saf.drainer_replicas, 1);
+    assert!(
+        saf.scaling_reason.contains("switch unreachable"),
+        "{}",
+        saf.scaling_reason
+    );
+}
+
+#[tokio::test]
+async fn monitoring_without_the_api_is_a_condition_not_an_error() {
+    let h = Harness::new("postgres-full.yaml", JobOutcome::Complete, false, None);
+    let writes = h.reconcile().await;
+    assert!(
+        !writes
+            .iter()
+            .any(|w| w.path.contains("monitoring.coreos.com"))
+    );
+    let cond = h.condition("MonitoringConfigured");
+    assert_eq!(cond["status"], "False");
+    assert_eq!(cond["reason"], "MonitoringApiNotServed");
+}
+
+#[tokio::test]
+async fn paused_object_gets_no_changes() {
+    let h = Harness::new("embedded-minimal.yaml", JobOutcome::Complete, false, None);
+    h.reconcile().await;
+    h.edit(|spec| {
+        spec["paused"] = json!(true);
+        spec["image"] = json!("registry.example/switchyard/switch:9.9.9");
+    });
+    let writes = h.reconcile().await;
+    assert!(
+        writes
+            .iter()
+            .all(|w| w.path.ends_with("/status") || w.path.contains("/events")),
+        "{writes:?}"
+    );
+    let dep = h.fake.get(&deploy_path("demo-switch")).expect("dep");
+    assert_eq!(
+        dep["spec"]["template"]["spec"]["containers"][0]["image"],
+        "registry.example/switchyard/switch:0.1.0"
+    );
+    assert_eq!(h.condition("Progressing")["reason"], "Paused");
+}
+
+#[tokio::test]
+async fn turning_all_monitoring_off_deletes_both_objects() {
+    let h = Harness::new("postgres-full.yaml", JobOutcome::Complete, true, None);
+    h.reconcile().await;
+    let sm = format!("/apis/monitoring.coreos.com/v1/namespaces/{NS}/servicemonitors/acquirer");
+    let pr = format!("/apis/monitoring.coreos.com/v1/namespaces/{NS}/prometheusrules/acquirer");
+    assert!(h.fake.get(&sm).is_some() && h.fake.get(&pr).is_some());
+    h.edit(|spec| spec["monitoring"] = json!({}));
+    let writes = h.reconcile().await;
+    let deleted: Vec<_> = writes
+        .iter()
+        .filter(|w| w.method == "DELETE")
+        .map(|w| w.path.clone())
+        .collect();
+    assert_eq!(deleted, vec![sm.clone(), pr.clone()]);
+    assert_eq!(
+        h.condition("MonitoringConfigured")["reason"],
+        "NotRequested"
+    );
+}
+
+#[tokio::test]
+async fn failing_api_calls_are_visible_in_status_and_clear_on_success() {
+    let h = Harness::new("embedded-minimal.yaml", JobOutcome::Complete, false, None);
+    h.fake.fail_writes_to(Some("/configmaps/"));
+    for attempt in 1..=2 {
+        let err = reconcile(Arc::new(h.current()), Arc::clone(&h.ctx))
+            .await
+            .expect_err("apply fails");
+        assert!(
+            err.to_string()
+                .contains("failed to apply ConfigMap demo-config"),
+            "{err}"
+        );
+        let retry = h
+            .current()
+            .status
+            .expect("status")
+            .retry
+            .expect("retry info");
+        assert_eq!(retry.failed_attempts, attempt);
+        assert!(
+            retry.last_failure.contains("etcdserver: request timed out"),
+            "{}",
+            retry.last_failure
+        );
+        assert!(retry.next_retry_time.is_some());
+    }
+    assert!(h.event_reasons().contains(&"ReconcileFailed".to_owned()));
+    h.fake.fail_writes_to(None);
+    h.reconcile().await;
+    assert_eq!(
+        h.current().status.expect("status").retry,
+        None,
+        "success clears the retry info"
+    );
+}
