@@ -55,6 +55,10 @@ const MARK_REVERSED: &str = "UPDATE journal SET reversed = 1 WHERE id = $1";
 /// The SQLite store. `Debug` shows the database path only.
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// One connection for write transactions. SQLite has a single writer; queueing writers
+    /// here (the pool hands out its connection in FIFO order) replaces SQLite's busy-handler
+    /// sleeps, which under many concurrent writers gave unfair waits of seconds and `96`s.
+    writer: SqlitePool,
     url: String,
 }
 
@@ -82,18 +86,30 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(opts.max_connections.max(1))
             .acquire_timeout(opts.acquire_timeout)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(StoreError::from)?;
+        // An in-memory database exists per connection: readers and the writer must share it.
+        let writer = if url.contains(":memory:") || url.contains("mode=memory") {
+            pool.clone()
+        } else {
+            SqlitePoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(opts.acquire_timeout)
+                .connect_with(options)
+                .await
+                .map_err(StoreError::from)?
+        };
         Ok(Self {
             pool,
+            writer,
             url: redact_url(url),
         })
     }
 
     /// A write transaction holding the database write lock from its first statement.
     async fn begin(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
 }
 
@@ -418,6 +434,7 @@ impl Database for SqliteStore {
     }
 
     async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 
