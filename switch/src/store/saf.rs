@@ -103,7 +103,7 @@ impl AdviceStatus {
 /// bytes: each attempt is re-packed by the sender because the MTI changes to 0221/0421 from the
 /// second attempt and the MAC must be computed under the link's TAK current at send time (keys
 /// rotate while an advice waits). JSON also lets operators read a dead letter through the API.
-/// It must never hold a PIN block or track data; advices carry neither.
+/// Track data and the PIN block (fields 35, 36, 45, 52) are refused: advices carry neither.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewAdvice {
     /// Upstream name (`[[upstreams]].name`).
@@ -278,6 +278,10 @@ pub struct SafStats {
 // ---------------------------------------------------------------------------------------------
 // pure rules
 
+/// ISO 8583 fields an advice may never hold: track 2 (35), track 3 (36), track 1 (45) and the
+/// PIN block (52).
+const FORBIDDEN_FIELDS: [&str; 4] = ["35", "36", "45", "52"];
+
 /// Longest reason kept with a failure; upstream text is not ours to store unbounded.
 const REASON_MAX: usize = 500;
 
@@ -325,10 +329,17 @@ pub(crate) fn validate_new_advice(a: &NewAdvice) -> Result<(), StoreError> {
             "idempotencyKey: must be 1 to 128 printable characters",
         ));
     }
-    if !a.payload.is_object() {
+    let Some(fields) = a.payload.as_object() else {
         return Err(StoreError::invalid(
             "payload: must be a JSON object of ISO 8583 fields",
         ));
+    };
+    // an advice waits in the database for days and is listed by the admin API: it must not
+    // carry what PCI DSS forbids storing after authorization
+    if let Some(f) = FORBIDDEN_FIELDS.iter().find(|f| fields.contains_key(**f)) {
+        return Err(StoreError::invalid(format!(
+            "payload: field {f} (track data or PIN block) must not be stored in an advice"
+        )));
     }
     Ok(())
 }
@@ -491,6 +502,12 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("payload"));
+        let err = validate_new_advice(&NewAdvice {
+            payload: serde_json::json!({"11": "000123", "52": "0123456789ABCDEF"}),
+            ..ok.clone()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("field 52"), "{err}");
         let err = validate_new_advice(&NewAdvice {
             destination: String::new(),
             ..ok
