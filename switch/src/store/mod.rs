@@ -208,7 +208,7 @@ pub trait Database: Send + Sync + std::fmt::Debug {
     /// Queues an advice for an upstream. A second enqueue with the same idempotency key stores
     /// nothing and answers `AlreadyQueued` with the first advice's id, whatever its status.
     async fn saf_enqueue(&self, a: &NewAdvice) -> Result<EnqueueOutcome, StoreError>;
-    /// Leases up to `limit` advices due at `now` (for one destination or all) to `holder` until
+    /// Leases up to `limit` (at most 1000) advices due at `now` (for one destination or all) to `holder` until
     /// `now + lease`, in delivery order: priority, then creation time, then id. An advice under
     /// a lease that has not ended is never handed out again; one whose lease ended is. Each
     /// lease starts an attempt (`attempts + 1`), so [`Advice::send_mti`] is right even after a
