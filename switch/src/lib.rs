@@ -11,6 +11,7 @@ pub mod health;
 pub mod iso8583;
 pub mod metrics;
 pub mod net;
+pub mod routing;
 pub mod settings;
 pub mod store;
 pub mod telemetry;

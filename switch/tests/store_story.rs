@@ -126,6 +126,14 @@ stories!(
     reversal_racing_its_original_nets_to_zero,
     audit_and_idempotency_round_trip,
     migration_status_is_current_after_migrate,
+    saf_delivers_fifo_within_priority,
+    saf_enqueue_is_idempotent,
+    saf_concurrent_leasers_never_share_a_message,
+    saf_expired_lease_moves_to_another_drainer,
+    saf_failures_back_off_exponentially,
+    saf_poison_advice_dead_letters_and_the_rest_flow,
+    saf_operator_retry_cancel_requeue,
+    saf_stats_are_exact,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1615,4 +1623,724 @@ async fn unreachable_postgres_reports_unavailable() {
     let err = store.ping().await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
     assert!(!format!("{store:?}").contains("pw@"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// store-and-forward stories
+
+const LEASE: Duration = Duration::from_secs(30);
+
+fn secs(n: i64) -> chrono::Duration {
+    chrono::Duration::seconds(n)
+}
+
+fn advice(dest: &str, priority: u8, key: &str, created_at: DateTime<Utc>) -> NewAdvice {
+    NewAdvice {
+        destination: dest.into(),
+        priority,
+        mti: AdviceMti::Advice0220,
+        idempotency_key: key.into(),
+        payload: serde_json::json!({"2": "411111******1111", "4": "000000050000", "11": key}),
+        reference: Some(format!("journal-{key}")),
+        created_at,
+    }
+}
+
+async fn enqueue(store: &Store, a: NewAdvice) -> AdviceId {
+    match store.saf_enqueue(&a).await.unwrap() {
+        EnqueueOutcome::Enqueued(id) => id,
+        other => panic!("expected a new advice, got {other:?}"),
+    }
+}
+
+fn policy(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts,
+        backoff_initial: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(60),
+    }
+}
+
+fn failure(reason: &str, permanent: bool) -> AdviceFailure {
+    AdviceFailure {
+        reason: reason.into(),
+        permanent,
+    }
+}
+
+fn keys_of(advices: &[Advice]) -> Vec<&str> {
+    advices.iter().map(|a| a.idempotency_key.as_str()).collect()
+}
+
+async fn saf_delivers_fifo_within_priority(store: Store) {
+    let t = t0();
+    // enqueued out of order on purpose: priority first, then creation time
+    enqueue(&store, advice("issuer-b", 1, "b-low-2", t - secs(10))).await;
+    enqueue(&store, advice("issuer-b", 0, "b-high-2", t - secs(20))).await;
+    enqueue(&store, advice("issuer-b", 1, "b-low-1", t - secs(50))).await;
+    enqueue(&store, advice("issuer-b", 0, "b-high-1", t - secs(30))).await;
+    enqueue(&store, advice("issuer-c", 0, "c-1", t - secs(40))).await;
+    // not due yet: created in the future (clock skew between replicas)
+    enqueue(&store, advice("issuer-b", 0, "b-later", t + secs(60))).await;
+
+    // leases long enough to outlive this story
+    let long = Duration::from_secs(3600);
+    let b = store
+        .saf_lease(Some("issuer-b"), "drainer-1", long, 10, t)
+        .await
+        .unwrap();
+    assert_eq!(keys_of(&b), ["b-high-1", "b-high-2", "b-low-1", "b-low-2"]);
+    assert!(
+        b.iter()
+            .all(|a| a.lease_holder.as_deref() == Some("drainer-1")
+                && a.lease_until == Some(t + secs(3600))
+                && a.attempts == 1
+                && a.send_mti() == "0220")
+    );
+    assert_eq!(b[0].payload["11"], "b-high-1");
+    assert_eq!(b[0].reference.as_deref(), Some("journal-b-high-1"));
+
+    // any destination: only what is left and due
+    let rest = store
+        .saf_lease(None, "drainer-2", long, 10, t)
+        .await
+        .unwrap();
+    assert_eq!(keys_of(&rest), ["c-1"]);
+    let later = store
+        .saf_lease(None, "drainer-2", LEASE, 10, t + secs(61))
+        .await
+        .unwrap();
+    assert_eq!(keys_of(&later), ["b-later"]);
+
+    // the limit is honoured and takes the head of the queue
+    enqueue(&store, advice("issuer-d", 0, "d-1", t)).await;
+    enqueue(&store, advice("issuer-d", 0, "d-2", t + secs(1))).await;
+    let one = store
+        .saf_lease(Some("issuer-d"), "drainer-3", LEASE, 1, t + secs(2))
+        .await
+        .unwrap();
+    assert_eq!(keys_of(&one), ["d-1"]);
+    assert!(
+        store
+            .saf_lease(Some("issuer-d"), "drainer-3", LEASE, 0, t + secs(2))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn saf_enqueue_is_idempotent(store: Store) {
+    let t = t0();
+    let first = enqueue(&store, advice("issuer-b", 0, "ACQ001:000123:1122153045", t)).await;
+    // a retransmitted stand-in approval produces the same advice again
+    let mut again = advice("issuer-b", 0, "ACQ001:000123:1122153045", t + secs(5));
+    again.payload = serde_json::json!({"11": "different"});
+    assert_eq!(
+        store.saf_enqueue(&again).await.unwrap(),
+        EnqueueOutcome::AlreadyQueued(first)
+    );
+    let all = store
+        .saf_list(&SafFilter::default(), Page::default())
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].payload["11"], "ACQ001:000123:1122153045");
+
+    // still a duplicate once delivered: the issuer must not book it twice
+    let leased = store
+        .saf_lease(None, "drainer-1", LEASE, 10, t)
+        .await
+        .unwrap();
+    store
+        .saf_complete(leased[0].id, "drainer-1", t)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.saf_enqueue(&again).await.unwrap(),
+        EnqueueOutcome::AlreadyQueued(first)
+    );
+    assert!(
+        store
+            .saf_lease(None, "drainer-1", LEASE, 10, t + secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // bad input is refused with the field named
+    let mut bad = advice("", 0, "k", t);
+    let err = store.saf_enqueue(&bad).await.unwrap_err();
+    assert!(err.to_string().contains("destination"), "{err}");
+    bad = advice("issuer-b", 0, "k", t);
+    bad.payload = serde_json::json!([1, 2]);
+    let err = store.saf_enqueue(&bad).await.unwrap_err();
+    assert!(err.to_string().contains("payload"), "{err}");
+}
+
+async fn saf_concurrent_leasers_never_share_a_message(store: Store) {
+    let t = t0();
+    for i in 0..60 {
+        enqueue(
+            &store,
+            advice(
+                ["issuer-b", "issuer-c"][i % 2],
+                (i % 3) as u8,
+                &format!("k{i:03}"),
+                t - secs(i as i64),
+            ),
+        )
+        .await;
+    }
+    let mut tasks = Vec::new();
+    for d in 0..3 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let holder = format!("drainer-{d}");
+            let mut got = Vec::new();
+            loop {
+                let batch = store
+                    .saf_lease(None, &holder, LEASE, 4, t)
+                    .await
+                    .expect("lease");
+                if batch.is_empty() {
+                    return got;
+                }
+                for a in batch {
+                    assert_eq!(a.lease_holder.as_deref(), Some(holder.as_str()));
+                    got.push(a.id);
+                }
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    let mut per_holder = Vec::new();
+    for task in tasks {
+        let got = task.await.unwrap();
+        per_holder.push(got.len());
+        all.extend(got);
+    }
+    let total = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(
+        all.len(),
+        total,
+        "an advice was leased twice: {per_holder:?}"
+    );
+    assert_eq!(total, 60);
+    let stats = store.saf_stats(t).await.unwrap();
+    assert_eq!(stats.in_flight, 60);
+    // every advice's stored holder is the one that received it, and it was leased once
+    let listed = store
+        .saf_list(
+            &SafFilter::default(),
+            Page {
+                after: None,
+                limit: 100,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        listed
+            .iter()
+            .all(|a| a.attempts == 1 && a.lease_holder.is_some())
+    );
+}
+
+async fn saf_expired_lease_moves_to_another_drainer(store: Store) {
+    let t = t0();
+    let id = enqueue(&store, advice("issuer-b", 0, "k1", t)).await;
+    let first = store
+        .saf_lease(None, "drainer-1", LEASE, 10, t)
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    // while the lease holds nobody else gets it
+    assert!(
+        store
+            .saf_lease(None, "drainer-2", LEASE, 10, t + secs(29))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // drainer-1 died mid-send; after the lease ends drainer-2 takes over, as a repeat
+    let second = store
+        .saf_lease(None, "drainer-2", LEASE, 10, t + secs(30))
+        .await
+        .unwrap();
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].id, id);
+    assert_eq!(second[0].attempts, 2);
+    assert_eq!(second[0].send_mti(), "0221");
+
+    // the old holder comes back: refused, nothing changed
+    let err = store
+        .saf_complete(id, "drainer-1", t + secs(31))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::LeaseLost { .. }), "{err:?}");
+    assert!(err.to_string().contains("drainer-2"), "{err}");
+    let err = store
+        .saf_fail(
+            id,
+            "drainer-1",
+            &failure("timeout", false),
+            &policy(10),
+            t + secs(31),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::LeaseLost { .. }), "{err:?}");
+    let a = store.saf_get(id).await.unwrap().unwrap();
+    assert_eq!(a.status, AdviceStatus::Queued);
+    assert_eq!(a.lease_holder.as_deref(), Some("drainer-2"));
+    assert_eq!(a.attempts, 2);
+
+    store
+        .saf_complete(id, "drainer-2", t + secs(32))
+        .await
+        .unwrap();
+    let a = store.saf_get(id).await.unwrap().unwrap();
+    assert_eq!(a.status, AdviceStatus::Delivered);
+    assert_eq!(a.settled_at, Some(t + secs(32)));
+    assert_eq!(a.lease_holder, None);
+    // a second completion is refused too: the advice is settled
+    let err = store
+        .saf_complete(id, "drainer-2", t + secs(33))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::LeaseLost { .. }), "{err:?}");
+    let err = store
+        .saf_complete(AdviceId(999_999), "drainer-2", t)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound { .. }), "{err:?}");
+}
+
+async fn saf_failures_back_off_exponentially(store: Store) {
+    let t = t0();
+    let id = enqueue(&store, advice("issuer-b", 0, "k1", t)).await;
+    let p = RetryPolicy {
+        max_attempts: 20,
+        backoff_initial: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(10),
+    };
+    let mut now = t;
+    let mut delays = Vec::new();
+    let mut mtis = Vec::new();
+    for n in 1..=6u32 {
+        let leased = store
+            .saf_lease(None, "drainer-1", LEASE, 1, now)
+            .await
+            .unwrap();
+        assert_eq!(leased.len(), 1, "attempt {n} not offered at {now}");
+        assert_eq!(leased[0].attempts, n);
+        mtis.push(leased[0].send_mti());
+        let outcome = store
+            .saf_fail(
+                id,
+                "drainer-1",
+                &failure("response code 91", false),
+                &p,
+                now,
+            )
+            .await
+            .unwrap();
+        let FailOutcome::Retrying {
+            attempts,
+            next_attempt_at,
+        } = outcome
+        else {
+            panic!("attempt {n}: expected a retry, got {outcome:?}");
+        };
+        assert_eq!(attempts, n);
+        // not offered a moment before it is due
+        assert!(
+            store
+                .saf_lease(
+                    None,
+                    "drainer-1",
+                    LEASE,
+                    1,
+                    next_attempt_at - chrono::Duration::milliseconds(1)
+                )
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        delays.push((next_attempt_at - now).num_seconds());
+        now = next_attempt_at;
+    }
+    assert_eq!(delays, [1, 2, 4, 8, 10, 10]);
+    assert_eq!(mtis, ["0220", "0221", "0221", "0221", "0221", "0221"]);
+    let a = store.saf_get(id).await.unwrap().unwrap();
+    assert_eq!(a.last_error.as_deref(), Some("response code 91"));
+    assert_eq!(a.lease_holder, None);
+}
+
+async fn saf_poison_advice_dead_letters_and_the_rest_flow(store: Store) {
+    let t = t0();
+    let poison = enqueue(&store, advice("issuer-b", 0, "poison", t - secs(10))).await;
+    let refused = enqueue(&store, advice("issuer-b", 0, "refused", t - secs(9))).await;
+    for i in 0..4 {
+        enqueue(
+            &store,
+            advice("issuer-b", 0, &format!("good-{i}"), t - secs(5 - i)),
+        )
+        .await;
+    }
+    let p = policy(3);
+    let mut now = t;
+    let mut delivered = Vec::new();
+    let mut dead = Vec::new();
+    for _round in 0..10 {
+        let batch = store
+            .saf_lease(Some("issuer-b"), "drainer-1", LEASE, 2, now)
+            .await
+            .unwrap();
+        for a in batch {
+            if a.id == poison {
+                let out = store
+                    .saf_fail(a.id, "drainer-1", &failure("format error", false), &p, now)
+                    .await
+                    .unwrap();
+                if matches!(out, FailOutcome::DeadLettered { .. }) {
+                    dead.push((a.idempotency_key.clone(), out));
+                }
+            } else if a.id == refused {
+                let out = store
+                    .saf_fail(
+                        a.id,
+                        "drainer-1",
+                        &failure("response code 12: invalid transaction", true),
+                        &p,
+                        now,
+                    )
+                    .await
+                    .unwrap();
+                dead.push((a.idempotency_key.clone(), out));
+            } else {
+                store.saf_complete(a.id, "drainer-1", now).await.unwrap();
+                delivered.push(a.idempotency_key.clone());
+            }
+        }
+        now += secs(5);
+    }
+    assert_eq!(delivered, ["good-0", "good-1", "good-2", "good-3"]);
+    assert_eq!(
+        dead,
+        [
+            (
+                "refused".to_string(),
+                FailOutcome::DeadLettered { attempts: 1 }
+            ),
+            (
+                "poison".to_string(),
+                FailOutcome::DeadLettered { attempts: 3 }
+            ),
+        ]
+    );
+    let letters = store
+        .saf_list(
+            &SafFilter {
+                status: Some(AdviceStatus::DeadLetter),
+                destination: Some("issuer-b".into()),
+            },
+            Page::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(keys_of(&letters), ["poison", "refused"]);
+    assert_eq!(letters[0].last_error.as_deref(), Some("format error"));
+    assert_eq!(
+        letters[1].last_error.as_deref(),
+        Some("response code 12: invalid transaction")
+    );
+    // dead letters are not offered again
+    assert!(
+        store
+            .saf_lease(None, "drainer-1", LEASE, 10, now + secs(3600))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let stats = store.saf_stats(now).await.unwrap();
+    assert_eq!((stats.dead_letters, stats.delivered_total), (2, 4));
+    assert!(stats.backlog.is_empty());
+    let audit = store.list_audit(t - secs(3600), 100).await.unwrap();
+    let dead_audits: Vec<&str> = audit
+        .iter()
+        .filter(|r| r.action == "saf.dead-letter")
+        .map(|r| r.target.as_str())
+        .collect();
+    assert_eq!(dead_audits, [refused.to_string(), poison.to_string()]);
+}
+
+async fn saf_operator_retry_cancel_requeue(store: Store) {
+    let t = t0();
+    let p = policy(1);
+    let a = enqueue(&store, advice("issuer-b", 0, "a", t)).await;
+    let b = enqueue(&store, advice("issuer-b", 0, "b", t + secs(1))).await;
+    let c = enqueue(&store, advice("issuer-b", 0, "c", t + secs(2))).await;
+
+    // a: one attempt is the whole budget -> dead letter
+    let leased = store
+        .saf_lease(None, "drainer-1", LEASE, 1, t + secs(2))
+        .await
+        .unwrap();
+    assert_eq!(leased[0].id, a);
+    store
+        .saf_fail(a, "drainer-1", &failure("timeout", false), &p, t + secs(2))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.saf_get(a).await.unwrap().unwrap().status,
+        AdviceStatus::DeadLetter
+    );
+
+    // requeue: due now, fresh budget, still sent as a repeat
+    let err = store
+        .saf_requeue_dead_letter(b, "ops", t + secs(3))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::AdviceState { .. }), "{err:?}");
+    let requeued = store
+        .saf_requeue_dead_letter(a, "ops", t + secs(3))
+        .await
+        .unwrap();
+    assert_eq!(requeued.status, AdviceStatus::Queued);
+    assert_eq!(requeued.next_attempt_at, t + secs(3));
+    assert_eq!(requeued.settled_at, None);
+    let again = store
+        .saf_lease(None, "drainer-1", LEASE, 1, t + secs(3))
+        .await
+        .unwrap();
+    assert_eq!(again[0].id, a);
+    assert_eq!(again[0].attempts, 2);
+    assert_eq!(again[0].send_mti(), "0221");
+    // the fresh budget (one attempt) is spent by this failure, not before it
+    let out = store
+        .saf_fail(a, "drainer-1", &failure("timeout", false), &p, t + secs(3))
+        .await
+        .unwrap();
+    assert_eq!(out, FailOutcome::DeadLettered { attempts: 2 });
+
+    // retry: a backing-off advice becomes due now
+    let leased = store
+        .saf_lease(None, "drainer-1", LEASE, 1, t + secs(4))
+        .await
+        .unwrap();
+    assert_eq!(leased[0].id, b);
+    let out = store
+        .saf_fail(
+            b,
+            "drainer-1",
+            &failure("timeout", false),
+            &policy(5),
+            t + secs(4),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(out, FailOutcome::Retrying { .. }));
+    let retried = store.saf_retry(b, "ops", t + secs(4)).await.unwrap();
+    assert_eq!(retried.next_attempt_at, t + secs(4));
+
+    // cancel: refused while a drainer is sending it, allowed once it is back in the queue
+    let leased = store
+        .saf_lease(None, "drainer-1", LEASE, 1, t + secs(4))
+        .await
+        .unwrap();
+    assert_eq!(leased[0].id, b);
+    let err = store.saf_cancel(b, "ops", t + secs(5)).await.unwrap_err();
+    assert!(matches!(err, StoreError::AdviceState { .. }), "{err:?}");
+    assert!(err.to_string().contains("drainer-1"), "{err}");
+    store
+        .saf_fail(
+            b,
+            "drainer-1",
+            &failure("timeout", false),
+            &policy(5),
+            t + secs(5),
+        )
+        .await
+        .unwrap();
+    let cancelled = store.saf_cancel(b, "ops", t + secs(6)).await.unwrap();
+    assert_eq!(cancelled.status, AdviceStatus::Cancelled);
+    // a dead letter can be cancelled too
+    assert_eq!(
+        store
+            .saf_cancel(a, "ops", t + secs(6))
+            .await
+            .unwrap()
+            .status,
+        AdviceStatus::Cancelled
+    );
+    // settled advices refuse every operator action
+    let leased = store
+        .saf_lease(None, "drainer-1", LEASE, 10, t + secs(60))
+        .await
+        .unwrap();
+    assert_eq!(keys_of(&leased), ["c"], "cancelled advices are never sent");
+    store
+        .saf_complete(c, "drainer-1", t + secs(60))
+        .await
+        .unwrap();
+    for err in [
+        store.saf_retry(c, "ops", t + secs(61)).await.unwrap_err(),
+        store.saf_cancel(c, "ops", t + secs(61)).await.unwrap_err(),
+        store.saf_retry(b, "ops", t + secs(61)).await.unwrap_err(),
+        store
+            .saf_requeue_dead_letter(c, "ops", t + secs(61))
+            .await
+            .unwrap_err(),
+    ] {
+        assert!(matches!(err, StoreError::AdviceState { .. }), "{err:?}");
+    }
+    assert!(matches!(
+        store
+            .saf_retry(AdviceId(424_242), "ops", t)
+            .await
+            .unwrap_err(),
+        StoreError::NotFound { .. }
+    ));
+
+    let audit = store.list_audit(t - secs(3600), 100).await.unwrap();
+    let ops: Vec<(String, String)> = audit
+        .iter()
+        .filter(|r| r.actor == "ops")
+        .map(|r| (r.action.clone(), r.target.clone()))
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            ("saf.requeue".to_string(), a.to_string()),
+            ("saf.retry".to_string(), b.to_string()),
+            ("saf.cancel".to_string(), b.to_string()),
+            ("saf.cancel".to_string(), a.to_string()),
+        ]
+    );
+
+    // paging by id, filtered
+    let first = store
+        .saf_list(
+            &SafFilter::default(),
+            Page {
+                after: None,
+                limit: 2,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(keys_of(&first), ["a", "b"]);
+    let next = store
+        .saf_list(
+            &SafFilter::default(),
+            Page {
+                after: Some(first[1].id.to_string()),
+                limit: 2,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(keys_of(&next), ["c"]);
+    let cancelled = store
+        .saf_list(
+            &SafFilter {
+                status: Some(AdviceStatus::Cancelled),
+                destination: None,
+            },
+            Page::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(keys_of(&cancelled), ["a", "b"]);
+    let err = store
+        .saf_list(
+            &SafFilter::default(),
+            Page {
+                after: Some("x".into()),
+                limit: 2,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("after"), "{err}");
+}
+
+async fn saf_stats_are_exact(store: Store) {
+    let t = t0();
+    let empty = store.saf_stats(t).await.unwrap();
+    assert_eq!(empty, SafStats::default());
+
+    // issuer-b: 3 at priority 0, 2 at priority 1; issuer-c: 1 at priority 0
+    for i in 0..3 {
+        enqueue(
+            &store,
+            advice("issuer-b", 0, &format!("b0-{i}"), t - secs(100 - i)),
+        )
+        .await;
+    }
+    for i in 0..2 {
+        enqueue(
+            &store,
+            advice("issuer-b", 1, &format!("b1-{i}"), t - secs(50 - i)),
+        )
+        .await;
+    }
+    let c = enqueue(&store, advice("issuer-c", 0, "c0-0", t - secs(400))).await;
+    // lease the two oldest of issuer-b, deliver one
+    let leased = store
+        .saf_lease(Some("issuer-b"), "drainer-1", LEASE, 2, t)
+        .await
+        .unwrap();
+    assert_eq!(keys_of(&leased), ["b0-0", "b0-1"]);
+    store
+        .saf_complete(leased[0].id, "drainer-1", t)
+        .await
+        .unwrap();
+    // issuer-c's only advice is refused for good
+    store
+        .saf_lease(Some("issuer-c"), "drainer-1", LEASE, 1, t)
+        .await
+        .unwrap();
+    store
+        .saf_fail(
+            c,
+            "drainer-1",
+            &failure("response code 30", true),
+            &policy(10),
+            t,
+        )
+        .await
+        .unwrap();
+
+    let stats = store.saf_stats(t + secs(10)).await.unwrap();
+    assert_eq!(
+        stats,
+        SafStats {
+            backlog: vec![
+                SafBacklog {
+                    destination: "issuer-b".into(),
+                    priority: 0,
+                    count: 2
+                },
+                SafBacklog {
+                    destination: "issuer-b".into(),
+                    priority: 1,
+                    count: 2
+                },
+            ],
+            in_flight: 1,
+            // b0-1 was created at t - 99 s
+            oldest_age_seconds: 109,
+            dead_letters: 1,
+            delivered_total: 1,
+        }
+    );
+    // once the lease ends the advice is backlog but no longer in flight
+    let later = store.saf_stats(t + secs(31)).await.unwrap();
+    assert_eq!(later.in_flight, 0);
+    assert_eq!(later.oldest_age_seconds, 130);
 }

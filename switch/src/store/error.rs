@@ -35,6 +35,19 @@ pub enum StoreError {
         /// What is wrong, naming the field.
         what: String,
     },
+    /// A SAF drainer tried to settle an advice it no longer holds: its lease ended and another
+    /// drainer took it, or an operator settled it. Drop the message; its new owner delivers it.
+    #[error("failed to settle {what}; list the SAF queue to see who holds it")]
+    LeaseLost {
+        /// The advice and who holds it now, e.g. "advice 7: it is leased by drainer-2".
+        what: String,
+    },
+    /// An operator action on an advice that its current status does not allow.
+    #[error("failed to {what}")]
+    AdviceState {
+        /// The action and why it cannot happen, e.g. "retry advice 7: it is delivered".
+        what: String,
+    },
     /// The database URL or options could not be used (the URL itself is never repeated here).
     #[error("failed to configure the database connection: {what}")]
     Config {

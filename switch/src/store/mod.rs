@@ -20,11 +20,16 @@ use crate::domain::{KeyState, KeyType, ResponseCode, TerminalId};
 mod error;
 mod models;
 mod postgres;
+mod saf;
 mod sqlite;
 
 pub use error::StoreError;
 pub use models::*;
 pub use postgres::PostgresStore;
+pub use saf::{
+    Advice, AdviceFailure, AdviceId, AdviceMti, AdviceStatus, EnqueueOutcome, FailOutcome,
+    NewAdvice, RetryPolicy, SafBacklog, SafFilter, SafStats, saf_backoff,
+};
 pub use sqlite::SqliteStore;
 
 /// The store as the rest of the switch holds it.
@@ -199,6 +204,75 @@ pub trait Database: Send + Sync + std::fmt::Debug {
         actor: &str,
         r: &StoredResponse,
     ) -> Result<(), StoreError>;
+
+    /// Queues an advice for an upstream. A second enqueue with the same idempotency key stores
+    /// nothing and answers `AlreadyQueued` with the first advice's id, whatever its status.
+    async fn saf_enqueue(&self, a: &NewAdvice) -> Result<EnqueueOutcome, StoreError>;
+    /// Leases up to `limit` (at most 1000) advices due at `now` (for one destination or all) to `holder` until
+    /// `now + lease`, in delivery order: priority, then creation time, then id. An advice under
+    /// a lease that has not ended is never handed out again; one whose lease ended is. Each
+    /// lease starts an attempt (`attempts + 1`), so [`Advice::send_mti`] is right even after a
+    /// drainer died mid-send. On
+    /// PostgreSQL concurrent drainers skip each other's rows (`FOR UPDATE SKIP LOCKED`); on
+    /// SQLite the write lock serializes them. `holder` must be unique per drainer instance.
+    async fn saf_lease(
+        &self,
+        destination: Option<&str>,
+        holder: &str,
+        lease: Duration,
+        limit: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Advice>, StoreError>;
+    /// Marks a leased advice delivered. `LeaseLost` (and nothing changed) unless `holder` still
+    /// holds it; an ended lease nobody re-took still counts, since the delivery happened.
+    async fn saf_complete(
+        &self,
+        id: AdviceId,
+        holder: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// Records that the leased attempt failed: retried after exponential backoff, or a dead
+    /// letter (audited) when refused for good or when the attempts since the last requeue
+    /// reach `policy.max_attempts`. `LeaseLost` unless
+    /// `holder` still holds it.
+    async fn saf_fail(
+        &self,
+        id: AdviceId,
+        holder: &str,
+        failure: &AdviceFailure,
+        policy: &RetryPolicy,
+        now: DateTime<Utc>,
+    ) -> Result<FailOutcome, StoreError>;
+    /// One advice.
+    async fn saf_get(&self, id: AdviceId) -> Result<Option<Advice>, StoreError>;
+    /// Advices by id, keyset-paged (`page.after` is an advice id).
+    async fn saf_list(&self, filter: &SafFilter, page: Page) -> Result<Vec<Advice>, StoreError>;
+    /// Backlog, in-flight, oldest age, dead letters and deliveries at `now`.
+    async fn saf_stats(&self, now: DateTime<Utc>) -> Result<SafStats, StoreError>;
+    /// Makes a queued advice due now (an operator's "retry now"); a current lease is left to
+    /// finish. `AdviceState` for a settled advice. Audited.
+    async fn saf_retry(
+        &self,
+        id: AdviceId,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Advice, StoreError>;
+    /// Withdraws a queued or dead-lettered advice for good. `AdviceState` while a drainer holds
+    /// it (it may be on the wire) or once delivered. Audited.
+    async fn saf_cancel(
+        &self,
+        id: AdviceId,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Advice, StoreError>;
+    /// Puts a dead letter back in the queue, due now, with a fresh attempt budget (repeats
+    /// still go out as 0221/0421). `AdviceState` unless it is a dead letter. Audited.
+    async fn saf_requeue_dead_letter(
+        &self,
+        id: AdviceId,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Advice, StoreError>;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -213,18 +287,32 @@ struct EmbeddedMigration {
 
 /// `migrations/sqlite/`, in version order. A unit test checks this list against the folder so
 /// a new file cannot be forgotten here.
-const SQLITE_MIGRATIONS: &[EmbeddedMigration] = &[EmbeddedMigration {
-    version: 20261122020000,
-    description: "initial",
-    sql: include_str!("../../../migrations/sqlite/20261122020000_initial.sql"),
-}];
+const SQLITE_MIGRATIONS: &[EmbeddedMigration] = &[
+    EmbeddedMigration {
+        version: 20261122020000,
+        description: "initial",
+        sql: include_str!("../../../migrations/sqlite/20261122020000_initial.sql"),
+    },
+    EmbeddedMigration {
+        version: 20261122030000,
+        description: "saf",
+        sql: include_str!("../../../migrations/sqlite/20261122030000_saf.sql"),
+    },
+];
 
 /// `migrations/postgres/`, in version order (checked like [`SQLITE_MIGRATIONS`]).
-const POSTGRES_MIGRATIONS: &[EmbeddedMigration] = &[EmbeddedMigration {
-    version: 20261122020000,
-    description: "initial",
-    sql: include_str!("../../../migrations/postgres/20261122020000_initial.sql"),
-}];
+const POSTGRES_MIGRATIONS: &[EmbeddedMigration] = &[
+    EmbeddedMigration {
+        version: 20261122020000,
+        description: "initial",
+        sql: include_str!("../../../migrations/postgres/20261122020000_initial.sql"),
+    },
+    EmbeddedMigration {
+        version: 20261122030000,
+        description: "saf",
+        sql: include_str!("../../../migrations/postgres/20261122030000_saf.sql"),
+    },
+];
 
 /// Builds a sqlx migrator from embedded files. `sqlx::migrate!` would do the same but needs the
 /// `sqlx-macros` proc-macro, which compiles a second copy of SQLite, ring and both drivers for the

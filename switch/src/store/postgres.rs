@@ -18,6 +18,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRo
 use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
 
 use super::error::is_foreign_key_violation;
+use super::saf;
 use super::*;
 use crate::domain::{KeyState, KeyType, ResponseCode, TerminalId, WrappedKey};
 
@@ -46,6 +47,29 @@ macro_rules! journal_cols {
     () => {
         "id, terminal_id, stan, transmission, digest, mti, kind, amount, currency, response_code, \
          rrn, auth_code, ledger_balance, available_balance, reversed, created_at"
+    };
+}
+
+macro_rules! advice_cols {
+    () => {
+        "id, destination, priority, mti, idempotency_key, payload::text AS payload, reference, \
+         status, attempts, next_attempt_at, lease_holder, lease_until, last_error, created_at, \
+         settled_at"
+    };
+}
+
+/// Ends `tx` with an explicit ROLLBACK before returning an error: a dropped transaction is only
+/// rolled back when its connection is next used, and until then its locks would make other
+/// drainers skip (PostgreSQL) or wait for (SQLite) rows nobody is changing.
+macro_rules! or_rollback {
+    ($tx:ident, $result:expr) => {
+        match $result {
+            Ok(v) => v,
+            Err(err) => {
+                let _ = $tx.rollback().await;
+                return Err(err);
+            }
+        }
     };
 }
 
@@ -208,6 +232,57 @@ fn audit_from_row(row: &PgRow) -> Result<AuditRecord, StoreError> {
         result: row.try_get("result")?,
         detail: serde_json::from_str(&detail).map_err(|_| StoreError::corrupt("audit.detail"))?,
     })
+}
+
+fn advice_from_row(row: &PgRow) -> Result<Advice, StoreError> {
+    let mti: String = row.try_get("mti")?;
+    let status: String = row.try_get("status")?;
+    let payload: String = row.try_get("payload")?;
+    Ok(Advice {
+        id: AdviceId(row.try_get("id")?),
+        destination: row.try_get("destination")?,
+        priority: saf::advice_priority(i64::from(row.try_get::<i16, _>("priority")?))?,
+        mti: saf::advice_mti(&mti)?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        payload: saf::advice_payload(&payload)?,
+        reference: row.try_get("reference")?,
+        status: saf::advice_status(&status)?,
+        attempts: saf::advice_count(
+            i64::from(row.try_get::<i32, _>("attempts")?),
+            "saf_messages.attempts",
+        )?,
+        next_attempt_at: ts(row, "next_attempt_at")?,
+        lease_holder: row.try_get("lease_holder")?,
+        lease_until: opt_ts(row, "lease_until")?,
+        last_error: row.try_get("last_error")?,
+        created_at: ts(row, "created_at")?,
+        settled_at: opt_ts(row, "settled_at")?,
+    })
+}
+
+/// Loads an advice and locks its row until the transaction ends.
+async fn load_advice(conn: &mut PgConnection, id: AdviceId) -> Result<Advice, StoreError> {
+    sqlx::query(concat!(
+        "SELECT ",
+        advice_cols!(),
+        " FROM saf_messages WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id.0)
+    .fetch_optional(&mut *conn)
+    .await?
+    .as_ref()
+    .map(advice_from_row)
+    .transpose()?
+    .ok_or_else(|| StoreError::not_found(format!("advice {id}")))
+}
+
+/// Checks that `holder` still holds a queued advice; the error says who does instead.
+fn check_holder(a: &Advice, holder: &str) -> Result<(), StoreError> {
+    if a.status == AdviceStatus::Queued && a.lease_holder.as_deref() == Some(holder) {
+        Ok(())
+    } else {
+        Err(saf::lease_lost(a.id, a.status, a.lease_holder.as_deref()))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1554,5 +1629,349 @@ impl Database for PostgresStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn saf_enqueue(&self, a: &NewAdvice) -> Result<EnqueueOutcome, StoreError> {
+        saf::validate_new_advice(a)?;
+        let created = enc(micros(a.created_at));
+        let mut tx = self.begin().await?;
+        let inserted: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO saf_messages (destination, priority, mti, idempotency_key, payload, \
+             reference, next_attempt_at, created_at) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $7) \
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+        )
+        .bind(&a.destination)
+        .bind(i16::from(a.priority))
+        .bind(a.mti.mti())
+        .bind(&a.idempotency_key)
+        .bind(a.payload.to_string())
+        .bind(a.reference.as_deref())
+        .bind(created)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let outcome = match inserted {
+            Some(id) => EnqueueOutcome::Enqueued(AdviceId(id)),
+            None => {
+                let id: i64 =
+                    sqlx::query_scalar("SELECT id FROM saf_messages WHERE idempotency_key = $1")
+                        .bind(&a.idempotency_key)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                EnqueueOutcome::AlreadyQueued(AdviceId(id))
+            }
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn saf_lease(
+        &self,
+        destination: Option<&str>,
+        holder: &str,
+        lease: Duration,
+        limit: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Advice>, StoreError> {
+        saf::validate_holder(holder)?;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let now = micros(now);
+        let until = saf::after(now, lease)?;
+        // SKIP LOCKED: concurrent drainers pass over rows another one is leasing right now
+        // instead of waiting for it and then taking the same row; the CTE is evaluated once
+        let mut tx = self.begin().await?;
+        let mut leased = sqlx::query(concat!(
+            "WITH picked AS (SELECT id FROM saf_messages WHERE status = 'queued' \
+             AND next_attempt_at <= $3 AND (lease_until IS NULL OR lease_until <= $3) \
+             AND ($4::text IS NULL OR destination = $4) \
+             ORDER BY priority, created_at, id LIMIT $5 FOR UPDATE SKIP LOCKED) \
+             UPDATE saf_messages SET lease_holder = $1, lease_until = $2, \
+             attempts = attempts + 1 \
+             WHERE id IN (SELECT id FROM picked) RETURNING ",
+            advice_cols!()
+        ))
+        .bind(holder)
+        .bind(enc(until))
+        .bind(enc(now))
+        .bind(destination)
+        .bind(i64::from(limit.min(1000)))
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(advice_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+        tx.commit().await?;
+        // RETURNING has no defined order
+        leased.sort_by_key(|a| (a.priority, a.created_at, a.id));
+        Ok(leased)
+    }
+
+    async fn saf_complete(
+        &self,
+        id: AdviceId,
+        holder: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        let advice = or_rollback!(tx, load_advice(&mut tx, id).await);
+        or_rollback!(tx, check_holder(&advice, holder));
+        sqlx::query(
+            "UPDATE saf_messages SET status = 'delivered', settled_at = $2, \
+             lease_holder = NULL, lease_until = NULL WHERE id = $1",
+        )
+        .bind(id.0)
+        .bind(enc(micros(now)))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn saf_fail(
+        &self,
+        id: AdviceId,
+        holder: &str,
+        failure: &AdviceFailure,
+        policy: &RetryPolicy,
+        now: DateTime<Utc>,
+    ) -> Result<FailOutcome, StoreError> {
+        let now = micros(now);
+        let reason = saf::clean_reason(&failure.reason);
+        let mut tx = self.begin().await?;
+        let advice = or_rollback!(tx, load_advice(&mut tx, id).await);
+        or_rollback!(tx, check_holder(&advice, holder));
+        let at_requeue: i32 =
+            sqlx::query_scalar("SELECT attempts_at_requeue FROM saf_messages WHERE id = $1")
+                .bind(id.0)
+                .fetch_one(&mut *tx)
+                .await?;
+        // the lease already counted this attempt (a drainer that crashed mid-send made one too)
+        let attempts = advice.attempts;
+        let failures = attempts
+            .saturating_sub(saf::advice_count(
+                i64::from(at_requeue),
+                "saf_messages.attempts_at_requeue",
+            )?)
+            .max(1);
+        let outcome = if saf::is_dead_letter(policy, failures, failure.permanent) {
+            sqlx::query(
+                "UPDATE saf_messages SET status = 'dead', last_error = $2, settled_at = $3, \
+                 lease_holder = NULL, lease_until = NULL WHERE id = $1",
+            )
+            .bind(id.0)
+            .bind(&reason)
+            .bind(enc(now))
+            .execute(&mut *tx)
+            .await?;
+            let detail = serde_json::json!({"destination": advice.destination,
+                "attempts": attempts, "permanent": failure.permanent, "reason": reason});
+            write_audit(
+                &mut tx,
+                now,
+                &audit(holder, "saf.dead-letter", &id.to_string(), detail),
+            )
+            .await?;
+            FailOutcome::DeadLettered { attempts }
+        } else {
+            let next = saf::after(now, saf_backoff(policy, failures))?;
+            sqlx::query(
+                "UPDATE saf_messages SET last_error = $2, next_attempt_at = $3, \
+                 lease_holder = NULL, lease_until = NULL WHERE id = $1",
+            )
+            .bind(id.0)
+            .bind(&reason)
+            .bind(enc(next))
+            .execute(&mut *tx)
+            .await?;
+            FailOutcome::Retrying {
+                attempts,
+                next_attempt_at: next,
+            }
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn saf_get(&self, id: AdviceId) -> Result<Option<Advice>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            advice_cols!(),
+            " FROM saf_messages WHERE id = $1"
+        ))
+        .bind(id.0)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(advice_from_row)
+        .transpose()
+    }
+
+    async fn saf_list(&self, filter: &SafFilter, page: Page) -> Result<Vec<Advice>, StoreError> {
+        let after = saf::parse_advice_after(page.after.as_deref())?;
+        sqlx::query(concat!(
+            "SELECT ",
+            advice_cols!(),
+            " FROM saf_messages WHERE id > $1 AND ($2::text IS NULL OR status = $2) \
+             AND ($3::text IS NULL OR destination = $3) ORDER BY id LIMIT $4"
+        ))
+        .bind(after)
+        .bind(filter.status.map(AdviceStatus::as_str))
+        .bind(filter.destination.as_deref())
+        .bind(page.effective_limit())
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(advice_from_row)
+        .collect()
+    }
+
+    async fn saf_stats(&self, now: DateTime<Utc>) -> Result<SafStats, StoreError> {
+        let now = micros(now);
+        // one snapshot: the figures describe the same instant
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let backlog = sqlx::query_as::<_, (String, i16, i64)>(
+            "SELECT destination, priority, COUNT(*) FROM saf_messages WHERE status = 'queued' \
+             GROUP BY destination, priority ORDER BY destination, priority",
+        )
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|(destination, priority, count)| {
+            Ok(SafBacklog {
+                destination,
+                priority: saf::advice_priority(i64::from(priority))?,
+                count: count.max(0) as u64,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+        let (in_flight, dead, delivered, oldest): (i64, i64, i64, Option<DateTime<Utc>>) =
+            sqlx::query_as(
+                "SELECT \
+             COALESCE(SUM(CASE WHEN status = 'queued' AND lease_until > $1 THEN 1 ELSE 0 END), 0), \
+             COALESCE(SUM(CASE WHEN status = 'dead' THEN 1 ELSE 0 END), 0), \
+             COALESCE(SUM(CASE WHEN status = 'delivered' THEN 1 ELSE 0 END), 0), \
+             MIN(CASE WHEN status = 'queued' THEN created_at END) FROM saf_messages",
+            )
+            .bind(enc(now))
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(SafStats {
+            backlog,
+            in_flight: in_flight.max(0) as u64,
+            oldest_age_seconds: saf::age_seconds(oldest, now),
+            dead_letters: dead.max(0) as u64,
+            delivered_total: delivered.max(0) as u64,
+        })
+    }
+
+    async fn saf_retry(
+        &self,
+        id: AdviceId,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Advice, StoreError> {
+        let now = micros(now);
+        let mut tx = self.begin().await?;
+        let advice = or_rollback!(tx, load_advice(&mut tx, id).await);
+        if advice.status != AdviceStatus::Queued {
+            let _ = tx.rollback().await;
+            return Err(StoreError::AdviceState {
+                what: format!(
+                    "retry advice {id}: it is {}; only queued advices are retried \
+                     (requeue a dead letter instead)",
+                    advice.status.as_str()
+                ),
+            });
+        }
+        sqlx::query("UPDATE saf_messages SET next_attempt_at = $2 WHERE id = $1")
+            .bind(id.0)
+            .bind(enc(now))
+            .execute(&mut *tx)
+            .await?;
+        let detail = serde_json::json!({"destination": advice.destination});
+        write_audit(
+            &mut tx,
+            now,
+            &audit(actor, "saf.retry", &id.to_string(), detail),
+        )
+        .await?;
+        let advice = load_advice(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(advice)
+    }
+
+    async fn saf_cancel(
+        &self,
+        id: AdviceId,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Advice, StoreError> {
+        let now = micros(now);
+        let mut tx = self.begin().await?;
+        let advice = or_rollback!(tx, load_advice(&mut tx, id).await);
+        or_rollback!(tx, saf::check_cancel(&advice, now));
+        sqlx::query(
+            "UPDATE saf_messages SET status = 'cancelled', settled_at = $2, \
+             lease_holder = NULL, lease_until = NULL WHERE id = $1",
+        )
+        .bind(id.0)
+        .bind(enc(now))
+        .execute(&mut *tx)
+        .await?;
+        let detail = serde_json::json!({"destination": advice.destination,
+            "from": advice.status.as_str()});
+        write_audit(
+            &mut tx,
+            now,
+            &audit(actor, "saf.cancel", &id.to_string(), detail),
+        )
+        .await?;
+        let advice = load_advice(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(advice)
+    }
+
+    async fn saf_requeue_dead_letter(
+        &self,
+        id: AdviceId,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Advice, StoreError> {
+        let now = micros(now);
+        let mut tx = self.begin().await?;
+        let advice = or_rollback!(tx, load_advice(&mut tx, id).await);
+        if advice.status != AdviceStatus::DeadLetter {
+            let _ = tx.rollback().await;
+            return Err(StoreError::AdviceState {
+                what: format!(
+                    "requeue advice {id}: it is {}, not a dead letter",
+                    advice.status.as_str()
+                ),
+            });
+        }
+        sqlx::query(
+            "UPDATE saf_messages SET status = 'queued', attempts_at_requeue = attempts, \
+             next_attempt_at = $2, settled_at = NULL WHERE id = $1",
+        )
+        .bind(id.0)
+        .bind(enc(now))
+        .execute(&mut *tx)
+        .await?;
+        let detail = serde_json::json!({"destination": advice.destination,
+            "attempts": advice.attempts, "lastError": advice.last_error});
+        write_audit(
+            &mut tx,
+            now,
+            &audit(actor, "saf.requeue", &id.to_string(), detail),
+        )
+        .await?;
+        let advice = load_advice(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(advice)
     }
 }
