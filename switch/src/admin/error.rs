@@ -124,6 +124,10 @@ impl From<StoreError> for ApiError {
             StoreError::InvalidTransition { from, to } => ApiError::Conflict(format!(
                 "a key in state {from} cannot become {to}; list the terminal's keys to see their states"
             )),
+            StoreError::LeaseLost { .. } | StoreError::AdviceState { .. } => {
+                ApiError::Conflict(err.to_string())
+            }
+            StoreError::Invalid { what } => ApiError::BadRequest(format!("invalid input: {what}")),
             StoreError::Unavailable(source) => {
                 tracing::warn!(error = %source, "admin request failed: store unavailable");
                 ApiError::Unavailable
