@@ -360,10 +360,12 @@ impl Settings {
         // figment's `Env` provider reads the process environment; translating the variables
         // ourselves keeps tests hermetic and lets `DATABASE_URL` sit between file and overrides.
         for (key, value) in &env {
+            // Only `SWITCHYARD_<SECTION>__<KEY>` is configuration; other SWITCHYARD_ variables
+            // (SWITCHYARD_CONFIG for --config, test harness variables) are not ours to parse.
             let Some(rest) = key.strip_prefix("SWITCHYARD_") else {
                 continue;
             };
-            if rest.starts_with("TEST_") {
+            if !rest.contains("__") {
                 continue;
             }
             let path = rest.to_ascii_lowercase().replace("__", ".");
@@ -533,6 +535,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.database.url.as_deref(), Some("sqlite://b.db"));
+    }
+
+    #[test]
+    fn only_section_key_variables_are_configuration() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("SWITCHYARD_CONFIG", "/etc/switchyard/switch.toml"),
+                ("SWITCHYARD_BIN", "/usr/local/bin/switchyard-switch"),
+                ("SWITCHYARD_TEST_DATABASE_URL", "postgres://x"),
+                ("SWITCHYARD_METRICS__LISTEN", "127.0.0.1:19090"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.metrics.listen.port(), 19090);
     }
 
     #[test]
