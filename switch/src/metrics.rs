@@ -49,6 +49,15 @@ pub struct KeyLabels {
     pub state: String,
 }
 
+/// Labels of `switchyard_saf_backlog`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SafLabels {
+    /// Upstream the advices go to.
+    pub destination: String,
+    /// Queue priority (0 highest).
+    pub priority: String,
+}
+
 /// All switch metrics, registered once per process (tests make their own).
 #[derive(Debug)]
 pub struct SwitchMetrics {
@@ -75,6 +84,16 @@ pub struct SwitchMetrics {
     pub key_age_seconds: Family<TypeLabel, Gauge>,
     /// `switchyard_db_pool_connections{state}`: `open` and `idle`, refreshed at scrape time.
     pub db_pool_connections: Family<StateLabel, Gauge>,
+    /// `switchyard_saf_backlog{destination,priority}`, refreshed at scrape time.
+    pub saf_backlog: Family<SafLabels, Gauge>,
+    /// `switchyard_saf_oldest_age_seconds`, refreshed at scrape time.
+    pub saf_oldest_age_seconds: Gauge,
+    /// `switchyard_saf_delivered_total`: advanced to the store's delivered count at scrape time.
+    pub saf_delivered: Counter,
+    /// `switchyard_saf_dead_letters`, refreshed at scrape time.
+    pub saf_dead_letters: Gauge,
+    /// Backlog label sets set so far, so a destination that emptied drops to zero.
+    saf_known: std::sync::Mutex<std::collections::HashSet<SafLabels>>,
 }
 
 /// Seconds buckets for transaction latency: 0.5 ms to 10 s.
@@ -160,6 +179,30 @@ impl SwitchMetrics {
             "Database pool connections by state (open, idle)",
             db_pool_connections.clone(),
         );
+        let saf_backlog = Family::<SafLabels, Gauge>::default();
+        registry.register(
+            "switchyard_saf_backlog",
+            "Store-and-forward advices waiting for delivery, by destination and priority",
+            saf_backlog.clone(),
+        );
+        let saf_oldest_age_seconds = Gauge::default();
+        registry.register(
+            "switchyard_saf_oldest_age_seconds",
+            "Age of the oldest advice waiting for delivery, in seconds",
+            saf_oldest_age_seconds.clone(),
+        );
+        let saf_delivered = Counter::default();
+        registry.register(
+            "switchyard_saf_delivered",
+            "Store-and-forward advices delivered (acknowledged by the upstream)",
+            saf_delivered.clone(),
+        );
+        let saf_dead_letters = Gauge::default();
+        registry.register(
+            "switchyard_saf_dead_letters",
+            "Advices in the dead-letter list, waiting for an operator",
+            saf_dead_letters.clone(),
+        );
         for state in ["connected", "signed_on"] {
             connections
                 .get_or_create(&StateLabel {
@@ -180,6 +223,39 @@ impl SwitchMetrics {
             keys,
             key_age_seconds,
             db_pool_connections,
+            saf_backlog,
+            saf_oldest_age_seconds,
+            saf_delivered,
+            saf_dead_letters,
+            saf_known: Default::default(),
+        }
+    }
+
+    /// Sets the SAF gauges from the store's figures. The delivered counter is advanced to the
+    /// store's total (delivered rows are never deleted, so it only grows); a destination whose
+    /// backlog emptied drops to zero rather than keep its last value.
+    pub fn set_saf(&self, stats: &crate::store::SafStats) {
+        let mut known = self.saf_known.lock().unwrap_or_else(|p| p.into_inner());
+        for labels in known.iter() {
+            self.saf_backlog.get_or_create(labels).set(0);
+        }
+        for b in &stats.backlog {
+            let labels = SafLabels {
+                destination: b.destination.clone(),
+                priority: b.priority.to_string(),
+            };
+            self.saf_backlog
+                .get_or_create(&labels)
+                .set(i64::try_from(b.count).unwrap_or(i64::MAX));
+            known.insert(labels);
+        }
+        self.saf_oldest_age_seconds
+            .set(i64::try_from(stats.oldest_age_seconds).unwrap_or(i64::MAX));
+        self.saf_dead_letters
+            .set(i64::try_from(stats.dead_letters).unwrap_or(i64::MAX));
+        let counted = self.saf_delivered.get();
+        if stats.delivered_total > counted {
+            self.saf_delivered.inc_by(stats.delivered_total - counted);
         }
     }
 

@@ -65,6 +65,14 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/cards/{id}", get(handlers::cards::get_one))
         .route("/v1/cards/{id}/pin-reset", post(handlers::cards::pin_reset))
         .route("/v1/audit", get(handlers::audit::list))
+        .route("/v1/saf", get(handlers::saf::list))
+        .route("/v1/saf/stats", get(handlers::saf::stats))
+        .route("/v1/saf/{id}/retry", post(handlers::saf::retry))
+        .route("/v1/saf/{id}/cancel", post(handlers::saf::cancel))
+        .route(
+            "/v1/saf/dead-letters/{id}/requeue",
+            post(handlers::saf::requeue),
+        )
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/v1/openapi.json", get(openapi_json))
@@ -279,6 +287,11 @@ impl Modify for BearerAuth {
         handlers::cards::get_one,
         handlers::cards::pin_reset,
         handlers::audit::list,
+        handlers::saf::list,
+        handlers::saf::stats,
+        handlers::saf::retry,
+        handlers::saf::cancel,
+        handlers::saf::requeue,
     ),
     components(schemas(error::Problem)),
     modifiers(&BearerAuth),

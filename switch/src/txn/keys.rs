@@ -146,13 +146,16 @@ pub async fn activation_loop(ctx: Arc<SwitchContext>, interval: Duration, stop: 
     }
 }
 
-/// Refreshes `switchyard_keys{type,state}` and `switchyard_key_age_seconds{type}` from the
-/// store when Prometheus scrapes (a count per scrape is cheap; keeping gauges in sync with every
+/// Refreshes `switchyard_keys{type,state}`, `switchyard_key_age_seconds{type}` and the SAF
+/// gauges from the store when Prometheus scrapes (a count per scrape is cheap; keeping gauges in sync with every
 /// transition across replicas would not be).
 pub fn scrape_refresh(ctx: Arc<SwitchContext>) -> ScrapeRefresh {
     Arc::new(move || {
         let ctx = ctx.clone();
         Box::pin(async move {
+            if let Ok(saf) = ctx.store.saf_stats(Utc::now()).await {
+                ctx.metrics.set_saf(&saf);
+            }
             let Ok(stats) = ctx.store.key_stats().await else {
                 return;
             };

@@ -4,6 +4,7 @@ pub mod accounts;
 pub mod audit;
 pub mod cards;
 pub mod keys;
+pub mod saf;
 pub mod terminals;
 
 use super::error::ApiError;
