@@ -223,14 +223,35 @@ fn advice_id(raw: &str) -> Result<AdviceId, ApiError> {
         })
 }
 
-async fn existing(state: &AdminState, id: AdviceId) -> Result<(), ApiError> {
-    match state.ctx.store.saf_get(id).await? {
-        Some(_) => Ok(()),
-        None => Err(ApiError::NotFound(format!(
+/// The three operator repairs; each is audited by the store.
+#[derive(Debug, Clone, Copy)]
+enum Repair {
+    Retry,
+    Cancel,
+    Requeue,
+}
+
+async fn repair(
+    state: &AdminState,
+    caller: &Caller,
+    id: &str,
+    action: Repair,
+) -> Result<axum::Json<AdviceView>, ApiError> {
+    let id = advice_id(id)?;
+    let store = &state.ctx.store;
+    if store.saf_get(id).await?.is_none() {
+        return Err(ApiError::NotFound(format!(
             "advice {} does not exist",
             id.0
-        ))),
+        )));
     }
+    let (actor, now) = (caller.name.as_str(), Utc::now());
+    let advice = match action {
+        Repair::Retry => store.saf_retry(id, actor, now).await?,
+        Repair::Cancel => store.saf_cancel(id, actor, now).await?,
+        Repair::Requeue => store.saf_requeue_dead_letter(id, actor, now).await?,
+    };
+    Ok(axum::Json(AdviceView::from(&advice)))
 }
 
 /// Makes a queued advice due now.
@@ -241,14 +262,7 @@ pub async fn retry(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<AdviceView>, ApiError> {
-    let id = advice_id(&id)?;
-    existing(&state, id).await?;
-    let advice = state
-        .ctx
-        .store
-        .saf_retry(id, &caller.name, Utc::now())
-        .await?;
-    Ok(axum::Json(AdviceView::from(&advice)))
+    repair(&state, &caller, &id, Repair::Retry).await
 }
 
 /// Withdraws a queued or dead-lettered advice for good (not while a drainer holds it).
@@ -259,14 +273,7 @@ pub async fn cancel(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<AdviceView>, ApiError> {
-    let id = advice_id(&id)?;
-    existing(&state, id).await?;
-    let advice = state
-        .ctx
-        .store
-        .saf_cancel(id, &caller.name, Utc::now())
-        .await?;
-    Ok(axum::Json(AdviceView::from(&advice)))
+    repair(&state, &caller, &id, Repair::Cancel).await
 }
 
 /// Puts a dead letter back in the queue with a fresh attempt budget.
@@ -277,14 +284,7 @@ pub async fn requeue(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<AdviceView>, ApiError> {
-    let id = advice_id(&id)?;
-    existing(&state, id).await?;
-    let advice = state
-        .ctx
-        .store
-        .saf_requeue_dead_letter(id, &caller.name, Utc::now())
-        .await?;
-    Ok(axum::Json(AdviceView::from(&advice)))
+    repair(&state, &caller, &id, Repair::Requeue).await
 }
 
 #[cfg(test)]
