@@ -225,9 +225,6 @@ pub struct RotationRun {
     /// Key types not started yet, in order; the first is started next.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remaining_key_types: Vec<RotatedKeyType>,
-    /// `Failed` once any rotation of this run ended with terminals not on the new key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<String>,
 }
 
 /// One fleet rotation on the switch.
