@@ -527,10 +527,10 @@ pub fn record_started(
     rotation_id: String,
     now: Timestamp,
 ) -> KeyRotationStatus {
-    if let Some(run) = st.current_run.as_mut() {
-        if let Some(pos) = run.remaining_key_types.iter().position(|k| *k == key_type) {
-            run.remaining_key_types.remove(pos);
-        }
+    if let Some(run) = st.current_run.as_mut()
+        && let Some(pos) = run.remaining_key_types.iter().position(|k| *k == key_type)
+    {
+        run.remaining_key_types.remove(pos);
     }
     st.current_rotation = Some(RotationRecord {
         id: rotation_id,
