@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use sha2::{Digest, Sha256};
 
 use super::schedule::Schedule;
 use crate::bank_switch::retry_delay;
@@ -232,13 +233,7 @@ fn decide(
         if st.current_run.is_none() {
             // A trigger set while suspended is kept for when the object is resumed.
             if !spec.suspend {
-                begin_run(
-                    spec,
-                    st,
-                    StartReason::Manual,
-                    format!("manual-{value}"),
-                    now,
-                );
+                begin_run(spec, st, StartReason::Manual, manual_run_id(&value), now);
                 st.last_rotate_now = Some(value);
                 clear_backoff(st);
             }
@@ -350,6 +345,13 @@ fn decide(
         now,
     );
     decide(spec, st, None, created_at, now, invalid)
+}
+
+/// Run id for a manual trigger: a digest of the annotation value, because the value is free text
+/// (newlines, any length) and the id ends up in the `Idempotency-Key` header.
+fn manual_run_id(value: &str) -> String {
+    let digest = Sha256::digest(value.as_bytes());
+    format!("manual-{}", hex::encode(&digest[..8]))
 }
 
 fn invalid_spec(invalid: &mut Option<String>, message: String) -> Action {
@@ -1069,7 +1071,7 @@ mod tests {
             Action::Start {
                 key_type: RotatedKeyType::Tpk,
                 reason: StartReason::Manual,
-                idempotency_key: "manual-2026-01-10-TPK".into(),
+                idempotency_key: format!("{}-TPK", manual_run_id("2026-01-10")),
             }
         );
         assert_eq!(p.status.last_rotate_now.as_deref(), Some("2026-01-10"));
@@ -1096,6 +1098,30 @@ mod tests {
             "{:?}",
             p.action
         );
+    }
+
+    #[test]
+    fn manual_trigger_value_never_reaches_the_idempotency_header_raw() {
+        let s = spec(every("720h"));
+        let value = "rotate\r\nX-Injected: 1 because auditors asked";
+        let p = plan(
+            &object(s, &KeyRotationStatus::default(), Some(value)),
+            t("2026-01-10T00:00:00Z"),
+        );
+        let Action::Start {
+            idempotency_key, ..
+        } = &p.action
+        else {
+            panic!("expected Start, got {:?}", p.action)
+        };
+        assert!(
+            idempotency_key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+            "{idempotency_key}"
+        );
+        assert_ne!(manual_run_id("a"), manual_run_id("b"));
+        assert_eq!(p.status.last_rotate_now.as_deref(), Some(value));
     }
 
     #[test]
@@ -1128,7 +1154,7 @@ mod tests {
             Action::Start {
                 key_type: RotatedKeyType::Tpk,
                 reason: StartReason::Manual,
-                idempotency_key: "manual-now-TPK".into(),
+                idempotency_key: format!("{}-TPK", manual_run_id("now")),
             }
         );
     }
