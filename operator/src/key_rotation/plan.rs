@@ -233,7 +233,13 @@ fn decide(
         if st.current_run.is_none() {
             // A trigger set while suspended is kept for when the object is resumed.
             if !spec.suspend {
-                begin_run(spec, st, StartReason::Manual, manual_run_id(&value), now);
+                let anchor = st
+                    .last_run_started_at
+                    .as_ref()
+                    .map(ts)
+                    .unwrap_or(created_at);
+                let id = manual_run_id(&value, anchor);
+                begin_run(spec, st, StartReason::Manual, id, now);
                 st.last_rotate_now = Some(value);
                 clear_backoff(st);
             }
@@ -348,9 +354,15 @@ fn decide(
 }
 
 /// Run id for a manual trigger: a digest of the annotation value, because the value is free text
-/// (newlines, any length) and the id ends up in the `Idempotency-Key` header.
-fn manual_run_id(value: &str) -> String {
-    let digest = Sha256::digest(value.as_bytes());
+/// (newlines, any length) and the id ends up in the `Idempotency-Key` header. The previous run's
+/// start is mixed in so a value reused months later is a new run, while a start retried after a
+/// lost status write (same anchor) keeps its key.
+fn manual_run_id(value: &str, previous_run: Timestamp) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(previous_run.to_string().as_bytes());
+    hasher.update([0]);
+    hasher.update(value.as_bytes());
+    let digest = hasher.finalize();
     format!("manual-{}", hex::encode(&digest[..8]))
 }
 
@@ -1071,7 +1083,7 @@ mod tests {
             Action::Start {
                 key_type: RotatedKeyType::Tpk,
                 reason: StartReason::Manual,
-                idempotency_key: format!("{}-TPK", manual_run_id("2026-01-10")),
+                idempotency_key: format!("{}-TPK", manual_run_id("2026-01-10", t(CREATED))),
             }
         );
         assert_eq!(p.status.last_rotate_now.as_deref(), Some("2026-01-10"));
@@ -1120,8 +1132,33 @@ mod tests {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-'),
             "{idempotency_key}"
         );
-        assert_ne!(manual_run_id("a"), manual_run_id("b"));
+        assert_ne!(
+            manual_run_id("a", t(CREATED)),
+            manual_run_id("b", t(CREATED))
+        );
+        assert_ne!(
+            manual_run_id("a", t(CREATED)),
+            manual_run_id("a", t("2026-02-01T00:00:00Z")),
+            "a value reused after another run is a new run"
+        );
         assert_eq!(p.status.last_rotate_now.as_deref(), Some(value));
+    }
+
+    #[test]
+    fn manual_start_retried_after_a_lost_status_write_keeps_its_key() {
+        let s = spec(every("720h"));
+        let st = KeyRotationStatus::default();
+        let first = plan(
+            &object(s.clone(), &st, Some("go")),
+            t("2026-01-10T00:00:00Z"),
+        );
+        let again = plan(&object(s, &st, Some("go")), t("2026-01-10T00:03:00Z"));
+        assert!(
+            matches!(first.action, Action::Start { .. }),
+            "{:?}",
+            first.action
+        );
+        assert_eq!(again.action, first.action);
     }
 
     #[test]
@@ -1154,7 +1191,7 @@ mod tests {
             Action::Start {
                 key_type: RotatedKeyType::Tpk,
                 reason: StartReason::Manual,
-                idempotency_key: format!("{}-TPK", manual_run_id("now")),
+                idempotency_key: format!("{}-TPK", manual_run_id("now", start)),
             }
         );
     }
