@@ -1,5 +1,5 @@
 //! The `KeyRotation` custom resource (SPEC §7): scheduled terminal-key rotation for the terminals
-//! of one BankSwitch. Only the API type lives here; its controller is a later issue.
+//! of one BankSwitch. Only the API type lives here; the controller core is `crate::key_rotation`.
 
 use std::collections::BTreeMap;
 
