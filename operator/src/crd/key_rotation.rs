@@ -1,5 +1,5 @@
 //! The `KeyRotation` custom resource (SPEC §7): scheduled terminal-key rotation for the terminals
-//! of one BankSwitch. Only the API type lives here; its controller is a later issue.
+//! of one BankSwitch. Only the API type lives here; the controller core is `crate::key_rotation`.
 
 use std::collections::BTreeMap;
 
@@ -169,9 +169,27 @@ pub struct KeyRotationStatus {
     /// The `metadata.generation` last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Idle, Rotating, Suspended or Failed.
+    /// Idle, Scheduled, Rotating, Succeeded, Failed or Suspended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
+    /// The run in progress: one fleet rotation per key type of `keyTypes`, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_run: Option<RotationRun>,
+    /// When the current or most recent run started; the schedule counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run_started_at: Option<Time>,
+    /// The last `switchyard.io/rotate-now` annotation value acted on, so each value triggers once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotate_now: Option<String>,
+    /// Consecutive failed calls to the switch; reset by a success or a new manual trigger.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failed_attempts: i32,
+    /// When the last call to the switch failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_time: Option<Time>,
+    /// When the operator calls the switch again after a failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_retry_time: Option<Time>,
     /// The rotation in progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_rotation: Option<RotationRecord>,
@@ -187,6 +205,26 @@ pub struct KeyRotationStatus {
     /// Ready, Progressing, Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+
+/// A run: every key type of `keyTypes` rotated once, one after the other.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationRun {
+    /// Stable id of the run (`scheduled-<time>` or `manual-<annotation value>`); with the key type
+    /// it forms the `Idempotency-Key`, so a retried start never creates a second rotation.
+    pub id: String,
+    /// `Scheduled` or `Manual`.
+    pub reason: String,
+    /// When the run started.
+    pub started_at: Time,
+    /// Key types not started yet, in order; the first is started next.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remaining_key_types: Vec<RotatedKeyType>,
 }
 
 /// One fleet rotation on the switch.
@@ -206,6 +244,16 @@ pub struct RotationRecord {
     /// Terminal keys by state (PENDING, ACTIVE, EXPIRED, REVOKED, FAILED).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub totals: BTreeMap<String, i64>,
+    /// When no new key was PENDING any more, or `pendingTimeout` passed; `gracePeriod` counts
+    /// from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled_at: Option<Time>,
+    /// When `expire-previous` was called on the switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_expired_at: Option<Time>,
+    /// `Succeeded` (every selected terminal on the new key) or `Failed`; set when finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
 }
 
 #[cfg(test)]
