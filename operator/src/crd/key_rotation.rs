@@ -25,6 +25,7 @@ use super::condition::Condition;
     printcolumn = r#"{"name":"BankSwitch","type":"string","jsonPath":".spec.bankSwitchRef.name"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Next","type":"date","jsonPath":".status.nextRotationAt","description":"When the next rotation starts"}"#,
+    printcolumn = r#"{"name":"Last","type":"date","jsonPath":".status.lastRotation.finishedAt","description":"When the last rotation finished"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
