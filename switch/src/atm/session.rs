@@ -48,15 +48,12 @@ fn step<E: std::fmt::Display>(name: &'static str) -> impl FnOnce(E) -> StepError
     }
 }
 
+/// The available balance of field 54 (second entry, minor units), as `5000.00`.
 fn balance_of(m: &crate::iso8583::Message) -> String {
     m.get_str(54)
-        .and_then(|f| f.get(20..40))
-        .and_then(|avail| {
-            avail
-                .get(8..)
-                .map(|a| a.trim_start_matches('0').to_string())
-        })
-        .map(|a| if a.is_empty() { "0".into() } else { a })
+        .and_then(|f| f.get(28..40))
+        .and_then(|amount| amount.parse::<i64>().ok())
+        .map(|minor| format!("{}.{:02}", minor / 100, minor % 100))
         .unwrap_or_else(|| "?".into())
 }
 
