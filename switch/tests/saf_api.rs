@@ -59,6 +59,10 @@ async fn saf_admin(backend: Backend) {
         .await
         .unwrap();
     let dead = leased[0].id;
+    assert!(
+        !format!("{:?}", leased[0]).contains("4111111111111111"),
+        "an advice's Debug never shows the PAN"
+    );
     store
         .saf_fail(
             dead,

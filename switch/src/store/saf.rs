@@ -104,7 +104,7 @@ impl AdviceStatus {
 /// second attempt and the MAC must be computed under the link's TAK current at send time (keys
 /// rotate while an advice waits). JSON also lets operators read a dead letter through the API.
 /// Track data and the PIN block (fields 35, 36, 45, 52) are refused: advices carry neither.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct NewAdvice {
     /// Upstream name (`[[upstreams]].name`).
     pub destination: String,
@@ -121,6 +121,24 @@ pub struct NewAdvice {
     pub reference: Option<String>,
     /// When the advice was created; FIFO order within a priority.
     pub created_at: DateTime<Utc>,
+}
+
+/// The payload holds card data (field 2): `Debug` shows only which fields it carries.
+impl std::fmt::Debug for NewAdvice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let fields: Vec<&String> = self
+            .payload
+            .as_object()
+            .map(|o| o.keys().collect())
+            .unwrap_or_default();
+        f.debug_struct("NewAdvice")
+            .field("destination", &self.destination)
+            .field("priority", &self.priority)
+            .field("mti", &self.mti)
+            .field("idempotency_key", &self.idempotency_key)
+            .field("payload_fields", &fields)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What [`super::Database::saf_enqueue`] did.
@@ -142,7 +160,7 @@ impl EnqueueOutcome {
 }
 
 /// A stored advice, as the admin API lists it and as a drainer receives it from a lease.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Advice {
     /// Queue id.
@@ -177,6 +195,24 @@ pub struct Advice {
     pub created_at: DateTime<Utc>,
     /// When it was delivered, dead-lettered or cancelled.
     pub settled_at: Option<DateTime<Utc>>,
+}
+
+/// The payload holds card data (field 2): `Debug` shows only which fields it carries.
+impl std::fmt::Debug for Advice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let fields: Vec<&String> = self
+            .payload
+            .as_object()
+            .map(|o| o.keys().collect())
+            .unwrap_or_default();
+        f.debug_struct("Advice")
+            .field("destination", &self.destination)
+            .field("priority", &self.priority)
+            .field("mti", &self.mti)
+            .field("idempotency_key", &self.idempotency_key)
+            .field("payload_fields", &fields)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Advice {

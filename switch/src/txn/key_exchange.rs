@@ -268,12 +268,7 @@ pub async fn push_pending(ctx: &SwitchContext, terminal: &TerminalId) {
 }
 
 /// The terminal's 0810 to a server-initiated 0800/161: 39 = `00` and 122 = the KCV it computed.
-pub async fn on_terminal_answer(
-    ctx: &SwitchContext,
-    conn: &ConnState,
-    answer: &Message,
-    _raw: &[u8],
-) {
+pub async fn on_terminal_answer(ctx: &SwitchContext, conn: &ConnState, answer: &Message) {
     let Some(terminal) = &conn.terminal else {
         return;
     };

@@ -75,7 +75,7 @@ pub async fn handle_frame(
     let reply = match mti.as_str() {
         "0800" => network::handle(ctx, conn, &request).await,
         "0810" => {
-            key_exchange::on_terminal_answer(ctx, conn, &request, frame).await;
+            key_exchange::on_terminal_answer(ctx, conn, &request).await;
             return None;
         }
         "0200" => match signed_on_terminal(conn, &request) {

@@ -288,14 +288,7 @@ pub async fn create_rotation(
             &caller.name,
         )
         .await
-        .map_err(|e| match e {
-            RotationError::NoTerminals => ApiError::Unprocessable(e.to_string()),
-            RotationError::Hsm(_) => {
-                tracing::error!(error = %e, "fleet rotation failed");
-                ApiError::Internal
-            }
-            RotationError::Store(s) => ApiError::from(s),
-        })?;
+        .map_err(ApiError::from)?;
         let body = serde_json::to_value(RotationCreated {
             id: id.to_string(),
             terminals,
@@ -401,7 +394,10 @@ impl From<RotationError> for ApiError {
     fn from(e: RotationError) -> Self {
         match e {
             RotationError::NoTerminals => ApiError::Unprocessable(e.to_string()),
-            RotationError::Hsm(_) => ApiError::Internal,
+            RotationError::Hsm(_) => {
+                tracing::error!(error = %e, "fleet rotation failed");
+                ApiError::Internal
+            }
             RotationError::Store(s) => ApiError::from(s),
         }
     }
