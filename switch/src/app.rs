@@ -20,6 +20,8 @@ use crate::health::{self, Health};
 use crate::iso8583::Packager;
 use crate::metrics::{Metrics, SwitchMetrics};
 use crate::net::{server, session::SessionRegistry};
+use crate::routing::drainer::Drainer;
+use crate::routing::{LinkDeps, Upstreams};
 use crate::settings::Settings;
 use crate::store::{self, ConnectOptions, NewAudit, Store};
 
@@ -40,6 +42,8 @@ pub struct SwitchContext {
     pub metrics: Metrics,
     /// Probe state.
     pub health: Arc<Health>,
+    /// Links to the issuer hosts of `[[upstreams]]`.
+    pub upstreams: Arc<Upstreams>,
 }
 
 impl SwitchContext {
@@ -85,6 +89,9 @@ pub enum StartError {
     /// The packager name.
     #[error("invalid iso8583.packager: {0}")]
     Packager(String),
+    /// An `[[upstreams]]` entry.
+    #[error(transparent)]
+    Upstream(#[from] crate::routing::LinkConfigError),
 }
 
 /// The secrets a switch needs, loaded from the files its settings name.
@@ -203,6 +210,15 @@ pub async fn start(
         .map_err(|e| StartError::Packager(e.to_string()))?;
     let metrics: Metrics = Arc::new(SwitchMetrics::new());
     let health = Arc::new(Health::default());
+    let upstreams = Arc::new(Upstreams::new(
+        &settings.upstreams,
+        &LinkDeps {
+            packager,
+            hsm: secrets.hsm.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+        },
+    )?);
     let ctx = Arc::new(SwitchContext {
         settings,
         packager,
@@ -211,6 +227,7 @@ pub async fn start(
         sessions: SessionRegistry::new(metrics.clone()),
         metrics: metrics.clone(),
         health: health.clone(),
+        upstreams,
     });
     let addr = |l: &TcpListener| {
         l.local_addr().map_err(|source| StartError::Bind {
@@ -271,6 +288,20 @@ async fn run(
         Duration::from_secs(1),
         stop_background.clone(),
     ));
+    let stop_links = CancellationToken::new();
+    let links = ctx.upstreams.spawn(&stop_links);
+    let stop_drainer = CancellationToken::new();
+    let drainer = in_process_drainer(&ctx).then(|| {
+        tokio::spawn(
+            Drainer::new(
+                ctx.store.clone(),
+                ctx.upstreams.clone(),
+                ctx.settings.saf.clone(),
+                Drainer::holder_name(),
+            )
+            .run(stop_drainer.clone()),
+        )
+    });
     let refresh = crate::txn::keys::scrape_refresh(ctx.clone());
     let probes = health::router(ctx.health.clone(), ctx.metrics.clone(), Some(refresh));
     let metrics_server = tokio::spawn(serve_http(listeners.metrics, probes, stop_http.clone()));
@@ -294,6 +325,8 @@ async fn run(
     info!("shutdown: readiness false, no longer accepting ISO 8583 connections");
     ctx.health.set_draining();
     stop_accepting.cancel();
+    // no new work to upstreams: the drainer settles the batch it holds and stops
+    stop_drainer.cancel();
     let _ = iso_server.await;
     tracker.close();
     let grace = ctx.settings.iso8583.shutdown_timeout;
@@ -304,6 +337,14 @@ async fn run(
         );
     }
     ctx.sessions.close_all();
+    if let Some(drainer) = drainer {
+        let _ = drainer.await;
+    }
+    // in-flight routed requests are answered (or timed out) by now: sign off the links
+    stop_links.cancel();
+    for link in links {
+        let _ = link.await;
+    }
     stop_http.cancel();
     stop_background.cancel();
     let _ = admin_server.await;
@@ -312,6 +353,103 @@ async fn run(
     let _ = activations.await;
     ctx.store.close().await;
     info!("shutdown complete");
+}
+
+/// Whether `serve` runs a drainer itself: as configured, else only on the embedded SQLite store.
+fn in_process_drainer(ctx: &SwitchContext) -> bool {
+    !ctx.upstreams.is_empty()
+        && ctx
+            .settings
+            .saf
+            .in_process_drainer
+            .unwrap_or(ctx.store.backend() == store::Backend::Sqlite)
+}
+
+/// `switchyard-switch drain`: a SAF drainer process. Opens the links (signing on as the
+/// station), serves `/metrics` and the probes, drains until SIGTERM, then settles its batch and
+/// exits. Needs the LMK (link keys, MACs) but no admin tokens and no ISO 8583 listener.
+pub async fn drain(settings: Settings) -> Result<(), StartError> {
+    let packager = Packager::by_name(&settings.iso8583.packager)
+        .map_err(|e| StartError::Packager(e.to_string()))?;
+    let lmk_file = settings.keys.lmk_file.as_ref().ok_or_else(|| {
+        crate::settings::SettingsError::Value(
+            "keys.lmk_file is required: the drainer MACs advices under keys wrapped by the LMK"
+                .into(),
+        )
+    })?;
+    let hsm: Arc<dyn Hsm> = Arc::new(SoftHsm::new(Lmk::from_hex_file(lmk_file)?, None));
+    let store = open_store(&settings).await?;
+    let metrics: Metrics = Arc::new(SwitchMetrics::new());
+    let health = Arc::new(Health::default());
+    let upstreams = Arc::new(Upstreams::new(
+        &settings.upstreams,
+        &LinkDeps {
+            packager,
+            hsm,
+            store: store.clone(),
+            metrics: metrics.clone(),
+        },
+    )?);
+    if upstreams.is_empty() {
+        warn!("no [[upstreams]] configured: this drainer has nothing to deliver to");
+    }
+    let verdict = health::check_store(&store).await;
+    health.set_store(verdict.is_ok(), verdict.err());
+    let listener = TcpListener::bind(settings.metrics.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: settings.metrics.listen,
+            source,
+        })?;
+    let stop_background = CancellationToken::new();
+    let watcher = tokio::spawn(health::watch_store(
+        store.clone(),
+        health.clone(),
+        metrics.clone(),
+        Duration::from_secs(2),
+        stop_background.clone(),
+    ));
+    let refresh: health::ScrapeRefresh = {
+        let (store, metrics) = (store.clone(), metrics.clone());
+        Arc::new(move || {
+            let (store, metrics) = (store.clone(), metrics.clone());
+            Box::pin(async move {
+                if let Ok(saf) = store.saf_stats(chrono::Utc::now()).await {
+                    metrics.set_saf(&saf);
+                }
+            })
+        })
+    };
+    let stop_http = CancellationToken::new();
+    let probes = tokio::spawn(serve_http(
+        listener,
+        health::router(health.clone(), metrics, Some(refresh)),
+        stop_http.clone(),
+    ));
+    let stop_links = CancellationToken::new();
+    let links = upstreams.spawn(&stop_links);
+    let stop_drainer = CancellationToken::new();
+    let holder = Drainer::holder_name();
+    info!(%holder, upstreams = upstreams.iter().count(), "drainer started");
+    let drainer = tokio::spawn(
+        Drainer::new(store.clone(), upstreams, settings.saf.clone(), holder).run(stop_drainer.clone()),
+    );
+    health.set_started();
+    wait_for_signal().await;
+    health.set_draining();
+    stop_drainer.cancel();
+    let _ = drainer.await;
+    stop_links.cancel();
+    for link in links {
+        let _ = link.await;
+    }
+    stop_background.cancel();
+    stop_http.cancel();
+    let _ = watcher.await;
+    let _ = probes.await;
+    store.close().await;
+    info!("drainer stopped");
+    Ok(())
 }
 
 /// The connection tasks watch the same token as accept; cancelling it makes every connection

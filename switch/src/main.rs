@@ -97,8 +97,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Drain => anyhow::bail!(
-            "the store-and-forward drainer is not part of this build yet; run without drainer replicas"
-        ),
+        Command::Drain => {
+            let settings = Settings::load(cli.config.as_deref())?;
+            app::drain(settings).await?;
+            Ok(())
+        }
     }
 }

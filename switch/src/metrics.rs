@@ -49,6 +49,13 @@ pub struct KeyLabels {
     pub state: String,
 }
 
+/// Label of the per-upstream gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabel {
+    /// `[[upstreams]].name`.
+    pub upstream: String,
+}
+
 /// Labels of `switchyard_saf_backlog`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SafLabels {
@@ -92,6 +99,12 @@ pub struct SwitchMetrics {
     pub saf_delivered: Counter,
     /// `switchyard_saf_dead_letters`, refreshed at scrape time.
     pub saf_dead_letters: Gauge,
+    /// `switchyard_upstream_up{upstream}`: 1 while the link is signed on with keys.
+    pub upstream_up: Family<UpstreamLabel, Gauge>,
+    /// `switchyard_circuit_state{upstream}`: 0 closed, 1 half-open, 2 open.
+    pub circuit_state: Family<UpstreamLabel, Gauge>,
+    /// `switchyard_standin_total`: withdrawals approved in stand-in.
+    pub standin: Counter,
     /// Backlog label sets set so far, so a destination that emptied drops to zero.
     saf_known: std::sync::Mutex<std::collections::HashSet<SafLabels>>,
 }
@@ -203,6 +216,24 @@ impl SwitchMetrics {
             "Advices in the dead-letter list, waiting for an operator",
             saf_dead_letters.clone(),
         );
+        let upstream_up = Family::<UpstreamLabel, Gauge>::default();
+        registry.register(
+            "switchyard_upstream_up",
+            "1 while the link to the upstream is connected, signed on and holds keys",
+            upstream_up.clone(),
+        );
+        let circuit_state = Family::<UpstreamLabel, Gauge>::default();
+        registry.register(
+            "switchyard_circuit_state",
+            "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open",
+            circuit_state.clone(),
+        );
+        let standin = Counter::default();
+        registry.register(
+            "switchyard_standin",
+            "Withdrawals approved in stand-in while their issuer was unavailable",
+            standin.clone(),
+        );
         for state in ["connected", "signed_on"] {
             connections
                 .get_or_create(&StateLabel {
@@ -227,8 +258,20 @@ impl SwitchMetrics {
             saf_oldest_age_seconds,
             saf_delivered,
             saf_dead_letters,
+            upstream_up,
+            circuit_state,
+            standin,
             saf_known: Default::default(),
         }
+    }
+
+    /// Sets an upstream's link and breaker gauges.
+    pub fn set_upstream(&self, upstream: &str, up: i64, circuit_state: i64) {
+        let labels = UpstreamLabel {
+            upstream: upstream.to_string(),
+        };
+        self.upstream_up.get_or_create(&labels).set(up);
+        self.circuit_state.get_or_create(&labels).set(circuit_state);
     }
 
     /// Sets the SAF gauges from the store's figures. The delivered counter is advanced to the

@@ -315,6 +315,14 @@ pub struct SafSettings {
     /// How long a drainer owns a message before another may take it.
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
+    /// Advices a drainer leases and sends at once per upstream (1 to 1000).
+    pub batch_size: u32,
+    /// How long an idle drainer waits before looking for due advices again.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Run a drainer inside `serve`. Unset: yes with the embedded SQLite store (one process owns
+    /// it), no with PostgreSQL (run `switchyard-switch drain` processes instead).
+    pub in_process_drainer: Option<bool>,
 }
 
 impl Default for SafSettings {
@@ -324,6 +332,9 @@ impl Default for SafSettings {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             lease: Duration::from_secs(30),
+            batch_size: 100,
+            poll_interval: crate::routing::drainer::DEFAULT_POLL_INTERVAL,
+            in_process_drainer: None,
         }
     }
 }
@@ -393,6 +404,38 @@ impl Settings {
             return Err(SettingsError::Value(
                 "iso8583.max_connections must be at least 1".into(),
             ));
+        }
+        if self.saf.batch_size == 0 || self.saf.batch_size > 1000 {
+            return Err(SettingsError::Value(
+                "saf.batch_size must be between 1 and 1000".into(),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for u in &self.upstreams {
+            if !names.insert(u.name.as_str()) {
+                return Err(SettingsError::Value(format!(
+                    "upstreams: name {:?} is configured twice",
+                    u.name
+                )));
+            }
+            if u.endpoints.is_empty() {
+                return Err(SettingsError::Value(format!(
+                    "upstreams {:?}: endpoints must list at least one host:port",
+                    u.name
+                )));
+            }
+            if u.tmk_file.is_none() {
+                return Err(SettingsError::Value(format!(
+                    "upstreams {:?}: tmk_file is required (the TMK shared with the issuer, hex)",
+                    u.name
+                )));
+            }
+            if u.timeout.is_zero() || u.heartbeat_interval.is_zero() {
+                return Err(SettingsError::Value(format!(
+                    "upstreams {:?}: timeout and heartbeat_interval must be above zero",
+                    u.name
+                )));
+            }
         }
         for route in &self.routing.routes {
             if !self.upstreams.iter().any(|u| u.name == route.upstream) {

@@ -114,6 +114,15 @@ impl CircuitBreaker {
         }
     }
 
+    /// Whether [`CircuitBreaker::try_acquire`] could let a request through at `now`, without
+    /// taking a probe slot: CLOSED, HALF_OPEN, or OPEN with its reset timeout passed.
+    pub fn would_allow(&self, now: Instant) -> bool {
+        match self.inner {
+            Inner::Open { until } => now >= until,
+            _ => true,
+        }
+    }
+
     /// Whether a request may go to the upstream at `now`. `false` means fail fast (answer `91`
     /// or stand in). In HALF_OPEN a `true` hands out a probe slot: report its outcome.
     pub fn try_acquire(&mut self, now: Instant) -> bool {
@@ -312,6 +321,8 @@ mod tests {
         let mut b = opened(t0);
         // the circuit opened on the fifth failure, 400 ms after t0
         let opened_at = t0 + ms(400);
+        assert_eq!(b.would_allow(opened_at + ms(elapsed_ms)), allowed);
+        assert_eq!(b.state(), BreakerState::Open, "asking takes no probe slot");
         assert_eq!(b.try_acquire(opened_at + ms(elapsed_ms)), allowed);
         assert_eq!(b.state(), expected);
     }

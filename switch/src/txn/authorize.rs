@@ -195,9 +195,9 @@ pub async fn handle(
     let decline = match route_for(&ctx.settings, &pan) {
         Route::OnUs => check_card_and_pin(ctx, terminal, request, &pan, &expiry, &mut auth).await,
         Route::Unroutable => Err(ResponseCode::InvalidCard),
-        // Upstream routing, stand-in and store-and-forward are not in this build yet: the
-        // issuer cannot be reached, which is exactly what `91` says.
-        Route::Upstream(_) => Err(ResponseCode::IssuerUnavailable),
+        Route::Upstream(name) => {
+            super::routed::authorize(ctx, terminal, request, &pan, &expiry, &mut auth, &name).await
+        }
     };
     match decline {
         Ok(()) => {}
@@ -206,12 +206,17 @@ pub async fn handle(
     }
 
     match ctx.store.authorize(&auth).await {
-        Ok(AuthOutcome::Done(entry)) | Ok(AuthOutcome::Duplicate(entry)) => {
-            if entry.response_code == "00" && op == Operation::Withdrawal {
-                info!(%terminal, stan = %entry.identity.stan, amount, "withdrawal approved");
+        Ok(AuthOutcome::Done(entry)) => {
+            if entry.approved() && op == Operation::Withdrawal {
+                let stand_in = auth.advice.is_some();
+                if stand_in {
+                    ctx.metrics.standin.inc();
+                }
+                info!(%terminal, stan = %entry.identity.stan, amount, stand_in, "withdrawal approved");
             }
             answer(&entry)
         }
+        Ok(AuthOutcome::Duplicate(entry)) => answer(&entry),
         Ok(AuthOutcome::ContentMismatch) => coded(ResponseCode::Duplicate),
         Err(err) => {
             warn!(%terminal, error = %err, "authorization failed in the store");
@@ -248,7 +253,9 @@ async fn check_card_and_pin(
     verify_pin(ctx, terminal, request, pan, &card).await
 }
 
-async fn verify_pin(
+/// Verifies the PIN block of field 123 against the card's PVV under the terminal's TPK (or one
+/// in its grace window); counts failures, the third blocking the card (`75`).
+pub(crate) async fn verify_pin(
     ctx: &SwitchContext,
     terminal: &TerminalId,
     request: &Message,

@@ -10,6 +10,7 @@ pub mod key_exchange;
 pub mod keys;
 pub mod network;
 pub mod reversal;
+pub mod routed;
 
 use std::time::Instant;
 

@@ -1,0 +1,243 @@
+//! The store-and-forward drainer (SPEC §6): leases queued advices for every upstream whose link
+//! is available, sends each (0220/0420 first, 0221/0421 on repeats) and settles it — delivered,
+//! retried after backoff, or dead-lettered when the issuer refuses it for good.
+//!
+//! It runs in `switchyard-switch drain` processes (many against one PostgreSQL: leases use
+//! `FOR UPDATE SKIP LOCKED`) and inside `serve` with the embedded SQLite store. Delivery is
+//! at-least-once; the issuer applies an advice once by its identity (station, STAN, transmission
+//! time), so a drainer that dies between sending and settling costs a repeat, never a second
+//! effect. A batch is sent concurrently over the link (answers are matched by STAN), then settled.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::future::join_all;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{LinkError, UpstreamLink, Upstreams};
+use crate::iso8583::{Message, Mti};
+use crate::settings::SafSettings;
+use crate::store::{Advice, AdviceFailure, AdviceMti, RetryPolicy, Store, StoreError};
+
+/// What became of one delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The issuer acknowledged it (`00`; `21` for a reversal whose original it never booked).
+    Delivered,
+    /// Try again later, or dead-letter it now when `permanent`.
+    Failed(AdviceFailure),
+}
+
+/// A drainer: one lease holder.
+#[derive(Debug, Clone)]
+pub struct Drainer {
+    store: Store,
+    upstreams: Arc<Upstreams>,
+    settings: SafSettings,
+    holder: String,
+}
+
+impl Drainer {
+    /// A drainer leasing as `holder` (unique per process: host name and a random suffix).
+    pub fn new(
+        store: Store,
+        upstreams: Arc<Upstreams>,
+        settings: SafSettings,
+        holder: String,
+    ) -> Self {
+        Self {
+            store,
+            upstreams,
+            settings,
+            holder,
+        }
+    }
+
+    /// A lease holder name unique to this process.
+    pub fn holder_name() -> String {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "drainer".into());
+        format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+    }
+
+    /// Drains until `stop`: a batch in flight when `stop` comes is sent and settled first.
+    pub async fn run(self, stop: CancellationToken) {
+        info!(holder = %self.holder, "SAF drainer started");
+        let policy = RetryPolicy::from(&self.settings);
+        while !stop.is_cancelled() {
+            let mut busy = false;
+            for link in self.upstreams.iter() {
+                if stop.is_cancelled() {
+                    break;
+                }
+                if !link.is_available() {
+                    continue;
+                }
+                match self.drain_batch(link, &policy).await {
+                    Ok(n) => busy |= n > 0,
+                    Err(err) => {
+                        warn!(upstream = %link.name(), error = %err, "SAF lease failed");
+                    }
+                }
+            }
+            if !busy {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                }
+            }
+        }
+        info!(holder = %self.holder, "SAF drainer stopped");
+    }
+
+    /// Leases one batch for `link`, sends it, settles it. Returns how many were leased.
+    pub async fn drain_batch(
+        &self,
+        link: &Arc<UpstreamLink>,
+        policy: &RetryPolicy,
+    ) -> Result<usize, StoreError> {
+        let batch = self
+            .store
+            .saf_lease(
+                Some(link.name()),
+                &self.holder,
+                self.settings.lease,
+                self.settings.batch_size,
+                Utc::now(),
+            )
+            .await?;
+        let leased = batch.len();
+        if leased == 0 {
+            return Ok(0);
+        }
+        debug!(upstream = %link.name(), leased, "sending advices");
+        let outcomes = join_all(batch.iter().map(|advice| deliver(link, advice))).await;
+        for (advice, outcome) in batch.iter().zip(outcomes) {
+            let settled = match &outcome {
+                Delivery::Delivered => self
+                    .store
+                    .saf_complete(advice.id, &self.holder, Utc::now())
+                    .await
+                    .map(|_| ()),
+                Delivery::Failed(failure) => self
+                    .store
+                    .saf_fail(advice.id, &self.holder, failure, policy, Utc::now())
+                    .await
+                    .map(|result| {
+                        debug!(id = %advice.id, ?result, reason = %failure.reason, "advice not delivered")
+                    }),
+            };
+            match settled {
+                Ok(()) => {}
+                Err(StoreError::LeaseLost { what }) => {
+                    // our lease ran out and another drainer took it: it will settle it
+                    warn!(id = %advice.id, %what, "advice settled by another drainer");
+                }
+                Err(err) => {
+                    // the lease expires and the advice is sent again as a repeat
+                    warn!(id = %advice.id, error = %err, "failed to settle an advice");
+                }
+            }
+        }
+        Ok(leased)
+    }
+}
+
+/// The message to send for a leased advice: its stored fields under the MTI of this attempt.
+pub fn advice_message(advice: &Advice) -> Result<Message, String> {
+    let mti = Mti::parse(advice.send_mti()).map_err(|e| e.to_string())?;
+    let fields = advice
+        .payload
+        .as_object()
+        .ok_or("payload is not a JSON object of fields")?;
+    let mut m = Message::new(mti);
+    for (key, value) in fields {
+        let n: u8 = key
+            .parse()
+            .map_err(|_| format!("payload key {key:?} is not a field number"))?;
+        let text = value
+            .as_str()
+            .ok_or_else(|| format!("payload field {n} is not text"))?;
+        if n == 1 || n == 64 || n == 128 {
+            continue; // bitmaps and MACs are made at send time
+        }
+        m.set_str(n, text);
+    }
+    Ok(m)
+}
+
+/// Sends one advice and judges the answer.
+pub async fn deliver(link: &UpstreamLink, advice: &Advice) -> Delivery {
+    let fail = |reason: String, permanent: bool| Delivery::Failed(AdviceFailure { reason, permanent });
+    let message = match advice_message(advice) {
+        Ok(m) => m,
+        Err(e) => return fail(format!("cannot build the advice: {e}"), true),
+    };
+    match link.request(message).await {
+        Ok(answer) => match (answer.code(), advice.mti) {
+            ("00", _) => Delivery::Delivered,
+            // the issuer never booked the original: nothing to reverse is the right outcome
+            ("21", AdviceMti::Reversal0420) => Delivery::Delivered,
+            (code @ ("91" | "96" | "63"), _) => {
+                fail(format!("issuer answered {code} (temporary)"), false)
+            }
+            ("", _) => fail("issuer answered without field 39".into(), true),
+            (code, _) => fail(format!("issuer refused the advice with {code}"), true),
+        },
+        Err(err @ (LinkError::CircuitOpen(_) | LinkError::Down(_))) => {
+            fail(format!("not sent: {err}"), false)
+        }
+        Err(err) => fail(err.to_string(), false),
+    }
+}
+
+/// How long an idle drainer waits before looking again (also `[saf].poll_interval`'s default).
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{AdviceId, AdviceStatus};
+
+    fn advice(attempts: u32) -> Advice {
+        Advice {
+            id: AdviceId(7),
+            destination: "issuer-b".into(),
+            priority: 1,
+            mti: AdviceMti::Advice0220,
+            idempotency_key: "ACQ001:000042:1122153045".into(),
+            payload: serde_json::json!({"3": "010000", "4": "000000005000", "11": "000042", "64": "x"}),
+            reference: None,
+            status: AdviceStatus::Queued,
+            attempts,
+            next_attempt_at: Utc::now(),
+            lease_holder: None,
+            lease_until: None,
+            last_error: None,
+            created_at: Utc::now(),
+            settled_at: None,
+        }
+    }
+
+    #[test]
+    fn first_attempt_is_0220_then_0221() {
+        let m = advice_message(&advice(1)).unwrap();
+        assert_eq!(m.mti().as_str(), "0220");
+        assert_eq!(m.get_str(4), Some("000000005000"));
+        assert!(!m.has(64), "the stored MAC is never replayed");
+        assert_eq!(advice_message(&advice(2)).unwrap().mti().as_str(), "0221");
+    }
+
+    #[test]
+    fn malformed_payloads_are_refused() {
+        let mut a = advice(1);
+        a.payload = serde_json::json!({"x": "1"});
+        assert!(advice_message(&a).unwrap_err().contains("field number"));
+        a.payload = serde_json::json!({"4": 5});
+        assert!(advice_message(&a).unwrap_err().contains("not text"));
+    }
+}

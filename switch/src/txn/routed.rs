@@ -1,0 +1,344 @@
+//! Financial requests for cards of another issuer (SPEC §6): forwarded over the upstream link,
+//! or approved in stand-in while the issuer is unavailable.
+//!
+//! The terminal's request was already checked (format, MAC, duplicate) by
+//! [`super::authorize`]; this module decides what to journal and fills the [`AuthRequest`]:
+//! - the issuer answered: its answer, journaled as given (`issuer_answer`), nothing local moves;
+//! - the issuer is unavailable (link down, circuit open, answered `91`/`96`): stand-in, if
+//!   enabled for the upstream, for withdrawals up to `stand_in.max_amount`, for cards whose
+//!   stand-in data (PVV, account) the issuer shared, with the PIN verified here; the debit of
+//!   the stand-in account and the 0220 advice for the issuer commit in one transaction;
+//! - the request was sent but its answer never came (timeout, lost connection, untrustworthy
+//!   answer): a withdrawal gets a 0420 reversal advice for what was sent, then stand-in as above.
+//!
+//! The PIN block is translated from the terminal's TPK to the link's TPK inside the HSM and the
+//! message is MACed under the link's TAK by the link itself.
+
+use chrono::{DateTime, Utc};
+use tracing::{error, info, warn};
+
+use super::authorize::{is_expired, verify_pin};
+use crate::app::SwitchContext;
+use crate::domain::{KeyType, ResponseCode, TerminalId};
+use crate::iso8583::{Message, Mti};
+use crate::routing::{LinkAnswer, LinkError, UpstreamLink};
+use crate::store::{AdviceMti, AuthKind, AuthRequest, IssuerAnswer, NewAdvice};
+
+/// Fields of the terminal's request that travel to the issuer as they are.
+const FORWARDED: &[u8] = &[2, 3, 4, 12, 13, 14, 22, 49];
+
+/// Priority of reversal advices: delivered before stand-in advices, so the issuer never sees a
+/// stand-in debit while an uncertain one is still unreversed.
+const REVERSAL_PRIORITY: u8 = 0;
+/// Priority of stand-in advices.
+const STAND_IN_PRIORITY: u8 = 1;
+
+/// Fills `auth` for a card routed to `upstream`. `Err(code)` is a decline to journal (`96` is
+/// not journaled by the caller).
+pub(crate) async fn authorize(
+    ctx: &SwitchContext,
+    terminal: &TerminalId,
+    request: &Message,
+    pan: &str,
+    expiry: &str,
+    auth: &mut AuthRequest,
+    upstream: &str,
+) -> Result<(), ResponseCode> {
+    let Some(link) = ctx.upstreams.get(upstream) else {
+        // settings validation makes this unreachable; answer as for an unreachable issuer
+        return Err(ResponseCode::IssuerUnavailable);
+    };
+    let sent = forward(ctx, link, terminal, request, pan, auth).await?;
+    match sent.result {
+        Ok(answer) if !matches!(answer.code(), "91" | "96" | "63") => {
+            auth.issuer_answer = Some(issuer_answer(&answer));
+            Ok(())
+        }
+        Ok(answer) => {
+            info!(upstream, code = answer.code(), "issuer unavailable; trying stand-in");
+            stand_in(ctx, link, terminal, request, pan, expiry, auth).await
+        }
+        Err(err) if err.maybe_delivered() => {
+            warn!(upstream, error = %err, "no answer from the issuer");
+            if matches!(auth.kind, AuthKind::Withdrawal { .. })
+                && let Some(message) = sent.message
+            {
+                queue_reversal(ctx, link, &message).await?;
+            }
+            stand_in(ctx, link, terminal, request, pan, expiry, auth).await
+        }
+        Err(err) => {
+            info!(upstream, error = %err, "issuer unavailable; trying stand-in");
+            stand_in(ctx, link, terminal, request, pan, expiry, auth).await
+        }
+    }
+}
+
+/// What was sent (if anything) and what came back.
+struct Sent {
+    message: Option<Message>,
+    result: Result<LinkAnswer, LinkError>,
+}
+
+/// Translates the PIN, builds the issuer's 0200 and sends it. `Err` only for a PIN block that
+/// no key of the terminal deciphers (`55`) or a store failure (`96`).
+async fn forward(
+    ctx: &SwitchContext,
+    link: &UpstreamLink,
+    terminal: &TerminalId,
+    request: &Message,
+    pan: &str,
+    auth: &AuthRequest,
+) -> Result<Sent, ResponseCode> {
+    let not_sent = |err| {
+        Ok(Sent {
+            message: None,
+            result: Err(err),
+        })
+    };
+    if !link.is_up() {
+        return not_sent(LinkError::Down(link.name().to_string()));
+    }
+    let Some(block) = pin_block(request) else {
+        return Err(ResponseCode::IncorrectPin);
+    };
+    let keys = ctx
+        .store
+        .keys_for_use(terminal, KeyType::Tpk, Utc::now())
+        .await
+        .map_err(|_| ResponseCode::SystemMalfunction)?;
+    let mut translated = None;
+    for key in keys.active.iter().chain(keys.in_grace.iter()) {
+        match link.translate_pin(&key.wrapped, pan, &block) {
+            Ok(out) => {
+                translated = Some(out);
+                break;
+            }
+            Err(err @ LinkError::Down(_)) => return not_sent(err),
+            Err(_) => {}
+        }
+    }
+    let Some(translated) = translated else {
+        // not a format 4 block under any key the terminal holds: the issuer could only say 55
+        ctx.metrics.pin_failures.inc();
+        return Err(ResponseCode::IncorrectPin);
+    };
+    let mut message = Message::new(Mti::parse("0200").map_err(|_| ResponseCode::SystemMalfunction)?);
+    for &f in FORWARDED {
+        if let Some(v) = request.get(f) {
+            message.set(f, v);
+        }
+    }
+    if !message.has(2) {
+        // track 2 only: the issuer gets PAN and expiry, never the track
+        message.set_str(2, pan);
+    }
+    if let Some((_, expiry)) = super::authorize::card_data(request) {
+        message.set_str(14, &expiry);
+    }
+    message.set_str(37, &auth.rrn);
+    message.set_str(123, &hex::encode_upper(translated));
+    let stan = match link.next_stan().await {
+        Ok(s) => s,
+        Err(err) => return not_sent(err),
+    };
+    message.set_str(7, &transmission_time(Utc::now()));
+    message.set_str(11, &stan);
+    let result = link.request(message.clone()).await;
+    Ok(Sent {
+        message: Some(message),
+        result,
+    })
+}
+
+/// The issuer's answer as the journal keeps it. A code outside the profile is `05`.
+fn issuer_answer(answer: &LinkAnswer) -> IssuerAnswer {
+    let code = ResponseCode::parse(answer.code()).unwrap_or(ResponseCode::DoNotHonour);
+    let (ledger, available) = answer
+        .message
+        .get_str(54)
+        .map(parse_balances)
+        .unwrap_or((None, None));
+    let approved = code == ResponseCode::Approved;
+    IssuerAnswer {
+        response_code: code,
+        auth_code: approved
+            .then(|| answer.message.get_str(38).map(str::to_string))
+            .flatten(),
+        ledger_balance: approved.then_some(ledger).flatten(),
+        available_balance: approved.then_some(available).flatten(),
+    }
+}
+
+/// Field 54 entries (20 characters: account type 2, amount type 2, currency 3, sign, amount 12):
+/// `01` ledger and `02` available.
+fn parse_balances(field: &str) -> (Option<i64>, Option<i64>) {
+    let mut ledger = None;
+    let mut available = None;
+    let bytes = field.as_bytes();
+    for entry in bytes.chunks(20).filter(|c| c.len() == 20) {
+        let Ok(text) = std::str::from_utf8(entry) else {
+            continue;
+        };
+        let Ok(amount) = text[8..].parse::<i64>() else {
+            continue;
+        };
+        let amount = if &text[7..8] == "D" { -amount } else { amount };
+        match &text[2..4] {
+            "01" => ledger = Some(amount),
+            "02" => available = Some(amount),
+            _ => {}
+        }
+    }
+    (ledger, available)
+}
+
+/// Stand-in processing for an unavailable issuer.
+async fn stand_in(
+    ctx: &SwitchContext,
+    link: &UpstreamLink,
+    terminal: &TerminalId,
+    request: &Message,
+    pan: &str,
+    expiry: &str,
+    auth: &mut AuthRequest,
+) -> Result<(), ResponseCode> {
+    let policy = &link.settings().stand_in;
+    let AuthKind::Withdrawal { amount } = auth.kind else {
+        // no balance to tell on the issuer's behalf
+        return Err(ResponseCode::IssuerUnavailable);
+    };
+    if !policy.enabled || amount > policy.max_amount {
+        return Err(ResponseCode::IssuerUnavailable);
+    }
+    let card = match ctx.store.find_card(&ctx.hsm.pan_token(pan)).await {
+        Ok(Some(card)) if card.upstream.as_deref() == Some(link.name()) => card,
+        // no stand-in data shared for this card: stand-in never skips the PIN
+        Ok(_) => return Err(ResponseCode::IssuerUnavailable),
+        Err(_) => return Err(ResponseCode::SystemMalfunction),
+    };
+    auth.card_id = Some(card.id.clone());
+    auth.account_id = Some(card.account_id.clone());
+    if card.expiry != expiry || is_expired(&card.expiry, auth.now) {
+        return Err(ResponseCode::ExpiredCard);
+    }
+    if card.pin_blocked {
+        return Err(ResponseCode::PinTriesExceeded);
+    }
+    verify_pin(ctx, terminal, request, pan, &card).await?;
+    let stan = link
+        .next_stan()
+        .await
+        .map_err(|_| ResponseCode::SystemMalfunction)?;
+    let mut advice = Message::new(Mti::parse("0220").map_err(|_| ResponseCode::SystemMalfunction)?);
+    for &f in FORWARDED {
+        if let Some(v) = request.get(f) {
+            advice.set(f, v);
+        }
+    }
+    advice.set_str(2, pan);
+    advice.set_str(14, expiry);
+    advice.set_str(7, &transmission_time(auth.now));
+    advice.set_str(11, &stan);
+    advice.set_str(37, &auth.rrn);
+    advice.set_str(38, &auth.auth_code);
+    advice.set_str(41, &link.station().to_field41());
+    auth.advice = Some(new_advice(
+        link,
+        AdviceMti::Advice0220,
+        STAND_IN_PRIORITY,
+        &advice,
+        auth.now,
+    ));
+    Ok(())
+}
+
+/// Queues a 0420 for a withdrawal the issuer may have booked without our hearing the answer.
+async fn queue_reversal(
+    ctx: &SwitchContext,
+    link: &UpstreamLink,
+    sent: &Message,
+) -> Result<(), ResponseCode> {
+    let now = Utc::now();
+    let stan = link
+        .next_stan()
+        .await
+        .map_err(|_| ResponseCode::SystemMalfunction)?;
+    let mut reversal =
+        Message::new(Mti::parse("0420").map_err(|_| ResponseCode::SystemMalfunction)?);
+    for f in [2u8, 3, 4, 12, 13, 14, 22, 37, 49] {
+        if let Some(v) = sent.get(f) {
+            reversal.set(f, v);
+        }
+    }
+    reversal.set_str(7, &transmission_time(now));
+    reversal.set_str(11, &stan);
+    reversal.set_str(41, &link.station().to_field41());
+    reversal.set_str(90, &crate::atm::original_data_elements(sent));
+    let advice = new_advice(link, AdviceMti::Reversal0420, REVERSAL_PRIORITY, &reversal, now);
+    match ctx.store.saf_enqueue(&advice).await {
+        Ok(_) => Ok(()),
+        Err(err) => {
+            // The issuer may hold a debit we cannot reverse now: refuse to stand in on top of
+            // it, and say so loudly; the terminal's own reversal or a retry will follow.
+            error!(upstream = %link.name(), error = %err, "failed to queue a reversal advice for an unanswered withdrawal");
+            Err(ResponseCode::SystemMalfunction)
+        }
+    }
+}
+
+/// An advice carrying `message`'s fields, identified like the issuer will identify it.
+fn new_advice(
+    link: &UpstreamLink,
+    mti: AdviceMti,
+    priority: u8,
+    message: &Message,
+    now: DateTime<Utc>,
+) -> NewAdvice {
+    let payload: serde_json::Map<String, serde_json::Value> = message
+        .fields()
+        .filter_map(|(n, v)| {
+            std::str::from_utf8(v)
+                .ok()
+                .map(|s| (n.to_string(), serde_json::Value::String(s.to_string())))
+        })
+        .collect();
+    NewAdvice {
+        destination: link.name().to_string(),
+        priority,
+        mti,
+        idempotency_key: format!(
+            "{}:{}:{}",
+            link.station(),
+            message.get_str(11).unwrap_or_default(),
+            message.get_str(7).unwrap_or_default()
+        ),
+        payload: serde_json::Value::Object(payload),
+        reference: None,
+        created_at: now,
+    }
+}
+
+fn pin_block(request: &Message) -> Option<[u8; 16]> {
+    request
+        .get_str(123)
+        .and_then(|h| hex::decode(h).ok())
+        .and_then(|b| <[u8; 16]>::try_from(b).ok())
+}
+
+fn transmission_time(now: DateTime<Utc>) -> String {
+    now.format("%m%d%H%M%S").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn balances_are_read_from_field_54() {
+        let f = super::super::authorize::additional_amounts("00", "360", 500_000, -25);
+        assert_eq!(parse_balances(&f), (Some(500_000), Some(-25)));
+        assert_eq!(parse_balances("garbage"), (None, None));
+        assert_eq!(parse_balances(""), (None, None));
+    }
+}

@@ -1,0 +1,466 @@
+//! The reliability drills of SPEC §9 that need two switches: an acquirer routing BIN 4111 to an
+//! issuer, where that BIN is on-us. Both are real `switchyard-switch` processes, killed and
+//! restarted like in production; the drainers are real `switchyard-switch drain` processes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use switchyard_switch::atm::provision::AdminClient;
+use switchyard_switch::atm::{AtmClient, CardInput};
+use switchyard_switch::crypto::{ClearKey, Kek, TerminalKeys};
+use switchyard_switch::domain::{KeyType, TerminalId};
+use switchyard_switch::iso8583::Packager;
+use switchyard_switch::store::{self, AdviceMti, ConnectOptions, NewAdvice};
+
+use common::{Backend, TestDb, sample};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard-switch");
+const ISSUER_PAN: &str = "4111111111111111";
+const UNKNOWN_AT_ISSUER_PAN: &str = "4111999999999999";
+const ISSUER_START: i64 = 1_000_000;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn random_hex(bytes: usize) -> String {
+    hex::encode((0..bytes).map(|_| rand::random::<u8>()).collect::<Vec<u8>>())
+}
+
+/// One switch process: its files, ports, admin client, and the child while it runs.
+struct Node {
+    name: &'static str,
+    dir: PathBuf,
+    config: PathBuf,
+    iso: String,
+    metrics: String,
+    admin: AdminClient,
+    kek: Vec<u8>,
+    child: Option<Child>,
+}
+
+impl Node {
+    /// Writes secrets and a config (`extra` is appended TOML) into `dir/name`.
+    fn new(root: &Path, name: &'static str, database_url: &str, extra: &str) -> Node {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let kek_hex = random_hex(32);
+        std::fs::write(dir.join("lmk.hex"), random_hex(32)).unwrap();
+        std::fs::write(dir.join("kek.hex"), &kek_hex).unwrap();
+        let token = format!("adm{}", random_hex(12));
+        std::fs::write(dir.join("tokens"), format!("admin:{token}\n")).unwrap();
+        let (iso, admin, metrics) = (free_port(), free_port(), free_port());
+        let config = dir.join("switch.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[iso8583]\nlisten = \"127.0.0.1:{iso}\"\n\
+                 [admin]\nlisten = \"127.0.0.1:{admin}\"\ntokens_file = \"{d}/tokens\"\n\
+                 [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\
+                 [database]\nurl = \"{database_url}\"\n\
+                 [keys]\nlmk_file = \"{d}/lmk.hex\"\nkek_file = \"{d}/kek.hex\"\n{extra}",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        Node {
+            name,
+            dir,
+            config,
+            iso: format!("127.0.0.1:{iso}"),
+            metrics: format!("http://127.0.0.1:{metrics}"),
+            admin: AdminClient::new(format!("http://127.0.0.1:{admin}"), token),
+            kek: hex::decode(kek_hex).unwrap(),
+            child: None,
+        }
+    }
+
+    fn spawn(&self, args: &[&str], env: &[(&str, String)], log: &str) -> Child {
+        let log = std::fs::File::create(self.dir.join(log)).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("--log-format")
+            .arg("text")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().expect("spawn switchyard-switch")
+    }
+
+    async fn start(&mut self) {
+        assert!(self.child.is_none(), "{} already runs", self.name);
+        self.child = Some(self.spawn(&["serve", "--migrate"], &[], "serve.log"));
+        let url = format!("{}/readyz", self.metrics);
+        eventually(&format!("{} ready", self.name), 30, || {
+            let url = url.clone();
+            async move {
+                matches!(reqwest::get(&url).await, Ok(r) if r.status().is_success()).then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// SIGKILL: no goodbye, nothing flushed beyond what was committed.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.metrics))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        sample(&text, name)
+    }
+
+    async fn balance(&self, account: &str) -> i64 {
+        self.admin.get(&format!("/v1/accounts/{account}")).await.unwrap()["balance"]
+            .as_i64()
+            .unwrap()
+    }
+
+    async fn saf_stats(&self) -> Value {
+        self.admin.get("/v1/saf/stats").await.unwrap()
+    }
+
+    fn log(&self, file: &str) -> String {
+        std::fs::read_to_string(self.dir.join(file)).unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `check` every 100 ms until it gives a value, for at most `secs` seconds.
+async fn eventually<T, F, Fut>(what: &str, secs: u64, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn backlog(stats: &Value) -> u64 {
+    stats["backlog"].as_u64().expect("backlog in /v1/saf/stats")
+}
+
+const ACQUIRER_ROUTING: &str = r#"
+[routing]
+on_us = ["6011"]
+[[routing.routes]]
+prefix = "4111"
+upstream = "issuer-b"
+"#;
+
+fn upstream_config(issuer_iso: &str, tmk_file: &Path) -> String {
+    format!(
+        r#"
+[[upstreams]]
+name = "issuer-b"
+endpoints = ["{issuer_iso}"]
+station_id = "ACQ001"
+tmk_file = "{}"
+heartbeat_interval = "1s"
+timeout = "2s"
+[upstreams.circuit_breaker]
+failure_rate = 0.5
+min_volume = 3
+window = "10s"
+reset_timeout = "2s"
+[upstreams.stand_in]
+enabled = true
+max_amount = 100000
+"#,
+        tmk_file.display()
+    )
+}
+
+const FAST_SAF: &str = r#"
+[saf]
+max_attempts = 5
+backoff_initial = "200ms"
+backoff_max = "1s"
+lease = "3s"
+poll_interval = "100ms"
+"#;
+
+/// The issuer knows the acquirer as station ACQ001 with a TMK; returns the TMK's file for the
+/// acquirer's `[[upstreams]].tmk_file`.
+async fn register_station(issuer: &Node, root: &Path) -> PathBuf {
+    let tmk_hex = random_hex(16);
+    let keys = TerminalKeys::new(ClearKey::from_hex(&tmk_hex).unwrap());
+    let kek = Kek::from_key(ClearKey::new(&issuer.kek).unwrap()).unwrap();
+    let (block, kcv) = keys.wrap_tmk_under_kek(&kek).unwrap();
+    issuer
+        .admin
+        .post(
+            "/v1/terminals",
+            &json!({"id": "ACQ001", "group": "stations", "kind": "station",
+                    "tmk": {"keyBlock": block, "kcv": kcv.to_string()}}),
+        )
+        .await
+        .unwrap();
+    let path = root.join("station.tmk");
+    std::fs::write(&path, tmk_hex).unwrap();
+    path
+}
+
+async fn seed_issuer(issuer: &Node) {
+    issuer
+        .admin
+        .create_account("ISS-1", "360", ISSUER_START, 100_000_000)
+        .await
+        .unwrap();
+    issuer
+        .admin
+        .create_card(ISSUER_PAN, "2812", "ISS-1", "1234")
+        .await
+        .unwrap();
+}
+
+/// Stand-in data the issuer shared: the card's PVV (from its PIN) on an acquirer account that
+/// caps what stand-in pays out.
+async fn seed_stand_in(acquirer: &Node, cap: i64) {
+    acquirer
+        .admin
+        .create_account("STIP-B", "360", cap, cap)
+        .await
+        .unwrap();
+    acquirer
+        .admin
+        .post(
+            "/v1/cards",
+            &json!({"pan": ISSUER_PAN, "expiry": "2812", "accountId": "STIP-B",
+                    "pin": "1234", "upstream": "issuer-b"}),
+        )
+        .await
+        .unwrap();
+}
+
+async fn atm(acquirer: &Node, id: &str) -> AtmClient {
+    let tid = TerminalId::new(id).unwrap();
+    let keys = acquirer
+        .admin
+        .register_terminal(&acquirer.kek, &tid, "it")
+        .await
+        .unwrap();
+    let mut atm = AtmClient::connect(&acquirer.iso, tid, keys, Packager::ascii())
+        .await
+        .unwrap();
+    assert_eq!(atm.network("001").await.unwrap().get_str(39), Some("00"));
+    atm.exchange_key(KeyType::Tpk).await.unwrap();
+    atm.exchange_key(KeyType::Tak).await.unwrap();
+    atm
+}
+
+fn card() -> CardInput {
+    CardInput {
+        pan: ISSUER_PAN.into(),
+        expiry: "2812".into(),
+        pin: "1234".into(),
+        currency: "360".into(),
+    }
+}
+
+async fn withdraw(atm: &mut AtmClient, amount: i64) -> String {
+    let (_, answer) = atm.withdraw(&card(), amount).await.unwrap();
+    answer.get_str(39).unwrap_or_default().to_string()
+}
+
+const UP: &str = "switchyard_upstream_up{upstream=\"issuer-b\"}";
+const CIRCUIT: &str = "switchyard_circuit_state{upstream=\"issuer-b\"}";
+
+async fn wait_link_up(acquirer: &Node) {
+    eventually("the acquirer's link to be up", 40, || async {
+        (acquirer.metric(UP).await == Some(1.0)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issuer_outage_stands_in_and_every_advice_lands_once() {
+    let root = tempfile::tempdir().unwrap();
+    let db = |name: &str| format!("sqlite://{}", root.path().join(name).display());
+    let mut issuer = Node::new(root.path(), "issuer", &db("issuer.db"), "[routing]\non_us = [\"4111\"]\n");
+    issuer.start().await;
+    seed_issuer(&issuer).await;
+    let tmk = register_station(&issuer, root.path()).await;
+
+    let extra = format!("{ACQUIRER_ROUTING}{}{FAST_SAF}", upstream_config(&issuer.iso, &tmk));
+    let mut acquirer = Node::new(root.path(), "acquirer", &db("acquirer.db"), &extra);
+    acquirer.start().await;
+    seed_stand_in(&acquirer, 500_000).await;
+    wait_link_up(&acquirer).await;
+    let mut atm = atm(&acquirer, "ATM00001").await;
+
+    // routed: the issuer answers, the issuer's ledger moves
+    assert_eq!(withdraw(&mut atm, 10_000).await, "00");
+    let balance = atm.balance(&card()).await.unwrap();
+    assert_eq!(balance.get_str(39), Some("00"));
+    assert!(balance.get_str(54).unwrap().contains("000000990000"));
+    assert_eq!(issuer.balance("ISS-1").await, ISSUER_START - 10_000);
+    assert_eq!(acquirer.balance("STIP-B").await, 500_000, "routed: no stand-in money moved");
+
+    // issuer killed: stand-in up to the limit, 91 above it and for balance inquiries
+    issuer.kill();
+    for _ in 0..3 {
+        assert_eq!(withdraw(&mut atm, 20_000).await, "00");
+    }
+    assert_eq!(withdraw(&mut atm, 200_000).await, "91");
+    assert_eq!(atm.balance(&card()).await.unwrap().get_str(39), Some("91"));
+    assert_eq!(acquirer.metric("switchyard_standin_total").await, Some(3.0));
+    assert_eq!(acquirer.balance("STIP-B").await, 500_000 - 60_000);
+    assert_eq!(backlog(&acquirer.saf_stats().await), 3);
+    // the failures opened the circuit
+    eventually("the circuit to open", 10, || async {
+        (acquirer.metric(CIRCUIT).await == Some(2.0)).then_some(())
+    })
+    .await;
+
+    // issuer back: every advice is applied once, the circuit closes
+    issuer.start().await;
+    eventually("the backlog to drain", 60, || async {
+        let stats = acquirer.saf_stats().await;
+        (backlog(&stats) == 0 && stats["deliveredTotal"] == 3).then_some(())
+    })
+    .await;
+    assert_eq!(issuer.balance("ISS-1").await, ISSUER_START - 10_000 - 60_000);
+    eventually("the circuit to close", 20, || async {
+        (acquirer.metric(CIRCUIT).await == Some(0.0)).then_some(())
+    })
+    .await;
+    assert_eq!(withdraw(&mut atm, 5_000).await, "00");
+    assert_eq!(issuer.balance("ISS-1").await, ISSUER_START - 75_000);
+    assert_eq!(acquirer.metric(UP).await, Some(1.0));
+    assert_eq!(acquirer.saf_stats().await["deadLetters"], 0);
+}
+
+/// Queues an advice straight into the acquirer's queue, as stand-in would (used for a poison
+/// advice the issuer can never apply).
+fn poison_advice() -> NewAdvice {
+    let now = chrono::Utc::now();
+    NewAdvice {
+        destination: "issuer-b".into(),
+        priority: 1,
+        mti: AdviceMti::Advice0220,
+        idempotency_key: "ACQ001:999001:poison".into(),
+        payload: json!({
+            "2": UNKNOWN_AT_ISSUER_PAN, "3": "010000", "4": "000000001000",
+            "7": now.format("%m%d%H%M%S").to_string(), "11": "999001", "14": "2812",
+            "41": "ACQ001  ", "49": "360"
+        }),
+        reference: None,
+        created_at: now,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_drainers_on_one_postgres_apply_each_advice_once() {
+    let Some(acq_db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let issuer_db = format!("sqlite://{}", root.path().join("issuer.db").display());
+    let mut issuer = Node::new(root.path(), "issuer", &issuer_db, "[routing]\non_us = [\"4111\"]\n");
+    issuer.start().await;
+    seed_issuer(&issuer).await;
+    let tmk = register_station(&issuer, root.path()).await;
+    issuer.kill();
+
+    let extra = format!("{ACQUIRER_ROUTING}{}{FAST_SAF}", upstream_config(&issuer.iso, &tmk));
+    let mut acquirer = Node::new(root.path(), "acquirer", &acq_db.url, &extra);
+    acquirer.start().await;
+    seed_stand_in(&acquirer, 10_000_000).await;
+    let mut atm = atm(&acquirer, "ATM00001").await;
+
+    // the issuer is down from the start: every withdrawal stands in
+    const N: i64 = 150;
+    for _ in 0..N {
+        assert_eq!(withdraw(&mut atm, 1_000).await, "00");
+    }
+    let store = store::connect(
+        &acq_db.url,
+        &ConnectOptions {
+            max_connections: 2,
+            acquire_timeout: Duration::from_secs(10),
+        },
+    )
+    .await
+    .unwrap();
+    store.saf_enqueue(&poison_advice()).await.unwrap();
+    // a drainer that leased ten advices and died before settling them
+    let crashed = store
+        .saf_lease(Some("issuer-b"), "crashed-drainer", Duration::from_secs(2), 10, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(crashed.len(), 10);
+    assert_eq!(backlog(&acquirer.saf_stats().await), N as u64 + 1);
+
+    issuer.start().await;
+    let drainer_env = || vec![("SWITCHYARD_METRICS__LISTEN", format!("127.0.0.1:{}", free_port()))];
+    let mut drainers: Vec<Child> = (0..3)
+        .map(|i| acquirer.spawn(&["drain"], &drainer_env(), &format!("drain-{i}.log")))
+        .collect();
+    // kill one drainer as soon as deliveries are under way
+    eventually("deliveries to start", 60, || async {
+        let stats = acquirer.saf_stats().await;
+        (stats["deliveredTotal"].as_u64().unwrap_or(0) > 0).then_some(())
+    })
+    .await;
+    let _ = drainers[0].kill();
+    let _ = drainers[0].wait();
+
+    let stats = eventually("every advice to be settled", 90, || async {
+        let stats = acquirer.saf_stats().await;
+        (backlog(&stats) == 0).then_some(stats)
+    })
+    .await;
+    assert_eq!(stats["deliveredTotal"], N, "{stats}");
+    assert_eq!(stats["deadLetters"], 1, "{stats}");
+    let dead = acquirer.admin.get("/v1/saf?status=deadLetter").await.unwrap();
+    let reason = dead[0]["lastError"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("14"), "dead letter reason: {reason} ({dead})");
+    // exactly once in effect at the issuer, whatever was sent twice
+    assert_eq!(issuer.balance("ISS-1").await, ISSUER_START - N * 1_000);
+    let repeats: usize = (0..3)
+        .map(|i| acquirer.log(&format!("drain-{i}.log")))
+        .map(|l| l.matches("advice settled by another drainer").count())
+        .sum();
+    eprintln!("lease conflicts seen by drainers: {repeats}");
+
+    for d in drainers.iter_mut() {
+        let _ = d.kill();
+        let _ = d.wait();
+    }
+    drop(acquirer);
+    drop(issuer);
+    store.close().await;
+    acq_db.cleanup().await;
+}
