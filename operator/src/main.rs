@@ -12,6 +12,7 @@ use kube_lease_manager::LeaseManagerBuilder;
 use switchyard_operator::bank_switch::{self, Context, dereference::HttpSafStats};
 use switchyard_operator::metrics::Metrics;
 use switchyard_operator::render::{RenderOptions, render};
+use switchyard_operator::switch_admin::{AdminEndpoint, SwitchAdmin};
 use switchyard_operator::{crd, http, telemetry};
 
 /// Switchyard Kubernetes operator.
@@ -150,7 +151,9 @@ async fn run(
     let client = kube::Client::try_default()
         .await
         .context("failed to build a Kubernetes client (in-cluster or kubeconfig)")?;
-    let saf = Arc::new(HttpSafStats::new().context("failed to build the HTTP client")?);
+    let admin = SwitchAdmin::new(AdminEndpoint::ClusterService)
+        .context("failed to build the HTTP client")?;
+    let saf = Arc::new(HttpSafStats::new(admin));
     let ctx = Arc::new(Context::new(client.clone(), metrics, saf, identity.clone()));
 
     let mut lease =
