@@ -1,4 +1,5 @@
-//! Switchyard operator library: CRD types, the BankSwitch reconciler and the operator process.
+//! Switchyard operator library: CRD types, the BankSwitch and KeyRotation reconcilers,
+//! the switch admin API client and the operator process.
 #![forbid(unsafe_code)]
 
 pub mod bank_switch;
@@ -7,4 +8,5 @@ pub mod http;
 pub mod key_rotation;
 pub mod metrics;
 pub mod render;
+pub mod switch_admin;
 pub mod telemetry;

@@ -8,10 +8,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use futures::FutureExt as _;
 use kube_lease_manager::LeaseManagerBuilder;
 use switchyard_operator::bank_switch::{self, Context, dereference::HttpSafStats};
+use switchyard_operator::key_rotation::controller as key_rotation;
 use switchyard_operator::metrics::Metrics;
 use switchyard_operator::render::{RenderOptions, render};
+use switchyard_operator::switch_admin::{AdminEndpoint, SwitchAdmin};
 use switchyard_operator::{crd, http, telemetry};
 
 /// Switchyard Kubernetes operator.
@@ -150,8 +153,22 @@ async fn run(
     let client = kube::Client::try_default()
         .await
         .context("failed to build a Kubernetes client (in-cluster or kubeconfig)")?;
-    let saf = Arc::new(HttpSafStats::new().context("failed to build the HTTP client")?);
-    let ctx = Arc::new(Context::new(client.clone(), metrics, saf, identity.clone()));
+    // One HTTP client for every switch admin API call (SAF figures and key rotations).
+    let admin = SwitchAdmin::new(AdminEndpoint::ClusterService)
+        .context("failed to build the HTTP client")?;
+    let saf = Arc::new(HttpSafStats::new(admin.clone()));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Arc::clone(&metrics),
+        saf,
+        identity.clone(),
+    ));
+    let kr_ctx = Arc::new(key_rotation::Context::new(
+        client.clone(),
+        metrics,
+        admin,
+        identity.clone(),
+    ));
 
     let mut lease =
         LeaseManagerBuilder::new(client, "switchyard-operator").with_namespace(lease_namespace);
@@ -202,7 +219,12 @@ async fn run(
             }
         }
     };
-    bank_switch::run(ctx, stop_or_lost).await;
+    // Both controllers stop together, on shutdown or on a lost Lease.
+    let stop_or_lost = stop_or_lost.shared();
+    tokio::join!(
+        bank_switch::run(ctx, stop_or_lost.clone()),
+        key_rotation::run(kr_ctx, stop_or_lost),
+    );
     // Dropping the receiver ends the lease task, which releases the Lease for a fast failover.
     drop(leader);
     let _ = lease_task.await;

@@ -1,6 +1,7 @@
 //! Operator metrics (SPEC §8 names), exposed on `/metrics` in the OpenMetrics text format.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -42,6 +43,23 @@ pub struct BankSwitchLabels {
     pub bankswitch: String,
 }
 
+/// `{result}` of a finished key rotation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RotationResultLabels {
+    /// `succeeded` or `failed`.
+    pub result: String,
+}
+
+/// `{keyrotation}` as `namespace/name`.
+///
+/// Not `namespace` and `name`: Prometheus sets `namespace` from the scraped operator pod, and a
+/// metric label of the same name would be renamed to `exported_namespace`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyRotationLabels {
+    /// `namespace/name`.
+    pub keyrotation: String,
+}
+
 type HistogramFamily = Family<ControllerLabels, Histogram, fn() -> Histogram>;
 
 fn duration_histogram() -> Histogram {
@@ -57,6 +75,10 @@ pub struct Metrics {
     reconcile_duration: HistogramFamily,
     reconcile_errors: Family<ErrorLabels, Counter>,
     drainer_replicas: Family<BankSwitchLabels, Gauge>,
+    key_rotations: Family<RotationResultLabels, Counter>,
+    next_rotation: Family<KeyRotationLabels, Gauge>,
+    /// Series of `next_rotation` that exist, so deleted KeyRotations can be dropped.
+    next_rotation_keys: Mutex<BTreeSet<String>>,
 }
 
 impl Default for Metrics {
@@ -66,6 +88,8 @@ impl Default for Metrics {
         let reconcile_duration = HistogramFamily::new_with_constructor(duration_histogram);
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
         let drainer_replicas = Family::<BankSwitchLabels, Gauge>::default();
+        let key_rotations = Family::<RotationResultLabels, Counter>::default();
+        let next_rotation = Family::<KeyRotationLabels, Gauge>::default();
         // Counter names get their `_total` suffix from the encoder.
         registry.register(
             "switchyard_operator_reconcile",
@@ -87,12 +111,25 @@ impl Default for Metrics {
             "SAF drainer replicas set per BankSwitch",
             drainer_replicas.clone(),
         );
+        registry.register(
+            "switchyard_operator_key_rotations",
+            "Finished fleet key rotations (one per key type of a run) by result",
+            key_rotations.clone(),
+        );
+        registry.register(
+            "switchyard_operator_next_rotation_timestamp_seconds",
+            "When the next scheduled rotation of a KeyRotation starts (Unix seconds); absent while one runs or it is suspended",
+            next_rotation.clone(),
+        );
         Self {
             registry,
             reconcile_total,
             reconcile_duration,
             reconcile_errors,
             drainer_replicas,
+            key_rotations,
+            next_rotation,
+            next_rotation_keys: Mutex::default(),
         }
     }
 }
@@ -115,6 +152,54 @@ impl Metrics {
                 bankswitch: format!("{namespace}/{name}"),
             })
             .set(i64::from(replicas));
+    }
+
+    /// Counts one finished fleet rotation; `result` is `succeeded` or `failed`.
+    pub fn inc_key_rotations(&self, result: &str) {
+        self.key_rotations
+            .get_or_create(&RotationResultLabels {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Sets (or, with `None`, removes) the next-rotation time of one KeyRotation.
+    pub fn set_next_rotation(&self, namespace: &str, name: &str, at_unix_seconds: Option<i64>) {
+        let key = format!("{namespace}/{name}");
+        let labels = KeyRotationLabels {
+            keyrotation: key.clone(),
+        };
+        let Ok(mut keys) = self.next_rotation_keys.lock() else {
+            return;
+        };
+        match at_unix_seconds {
+            Some(at) => {
+                self.next_rotation.get_or_create(&labels).set(at);
+                keys.insert(key);
+            }
+            None => {
+                self.next_rotation.remove(&labels);
+                keys.remove(&key);
+            }
+        }
+    }
+
+    /// Drops the next-rotation series of KeyRotations for which `exists(namespace, name)` is
+    /// false (deleted objects, which are never reconciled again).
+    pub fn retain_next_rotations(&self, exists: impl Fn(&str, &str) -> bool) {
+        let Ok(mut keys) = self.next_rotation_keys.lock() else {
+            return;
+        };
+        keys.retain(|key| {
+            let (namespace, name) = key.split_once('/').unwrap_or(("", key));
+            let keep = exists(namespace, name);
+            if !keep {
+                self.next_rotation.remove(&KeyRotationLabels {
+                    keyrotation: key.clone(),
+                });
+            }
+            keep
+        });
     }
 
     /// OpenMetrics text of every metric.
@@ -186,6 +271,9 @@ mod tests {
         failed.fail("apply");
         drop(failed);
         metrics.set_drainer_replicas("payments", "atm", 3);
+        drop(metrics.reconcile_timer("keyrotation"));
+        metrics.inc_key_rotations("succeeded");
+        metrics.set_next_rotation("payments", "monthly", Some(1_767_225_600));
         let text = metrics.encode().expect("encodes");
         for needle in [
             r#"switchyard_operator_reconcile_total{controller="bankswitch",result="success"} 1"#,
@@ -193,8 +281,28 @@ mod tests {
             r#"switchyard_operator_reconcile_errors_total{controller="bankswitch",reason="apply"} 1"#,
             r#"switchyard_operator_reconcile_duration_seconds_count{controller="bankswitch"} 2"#,
             r#"switchyard_operator_drainer_replicas{bankswitch="payments/atm"} 3"#,
+            r#"switchyard_operator_reconcile_total{controller="keyrotation",result="success"} 1"#,
+            r#"switchyard_operator_key_rotations_total{result="succeeded"} 1"#,
+            r#"switchyard_operator_next_rotation_timestamp_seconds{keyrotation="payments/monthly"} 1767225600"#,
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
+    }
+
+    #[test]
+    fn next_rotation_series_go_away_with_their_keyrotation() {
+        let metrics = Metrics::default();
+        metrics.set_next_rotation("payments", "monthly", Some(100));
+        metrics.set_next_rotation("payments", "weekly", Some(200));
+        metrics.set_next_rotation("payments", "weekly", None);
+        metrics.set_next_rotation("cards", "daily", Some(300));
+        metrics.retain_next_rotations(|ns, name| ns == "payments" && name == "monthly");
+        let text = metrics.encode().expect("encodes");
+        assert!(
+            text.contains(r#"{keyrotation="payments/monthly"} 100"#),
+            "{text}"
+        );
+        assert!(!text.contains("payments/weekly"), "{text}");
+        assert!(!text.contains("cards/daily"), "{text}");
     }
 }

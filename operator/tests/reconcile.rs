@@ -26,9 +26,10 @@ impl SafStatsSource for FixedSaf {
         _: &kube::Client,
         _: &ValidatedBankSwitch,
     ) -> Result<SafStats, SafStatsError> {
-        self.0.clone().ok_or_else(|| SafStatsError::NoViewerToken {
+        self.0.clone().ok_or_else(|| SafStatsError::NoToken {
             secret: "test".into(),
             key: "token".into(),
+            role: "viewer",
         })
     }
 }

@@ -1,7 +1,9 @@
-//! KeyRotation controller core: schedule computation and the pure "what to do next" planner.
+//! The KeyRotation controller: schedule computation and the pure "what to do next" planner, and
+//! the reconcile shell that performs the planned action against the switch admin API.
 //!
-//! The reconcile loop, the switch admin API client and the controller wiring build on these; they
-//! hold no I/O so every decision is unit-tested with explicit times.
+//! `schedule` and `plan` hold no I/O, so every decision is unit-tested with explicit times;
+//! `controller` reads, calls the switch, writes status and requeues at the next transition.
 
+pub mod controller;
 pub mod plan;
 pub mod schedule;

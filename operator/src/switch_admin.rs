@@ -1,0 +1,471 @@
+//! The operator's one client for the switch's admin REST API (SPEC §5): bearer tokens read from
+//! the BankSwitch's Secrets, SAF figures for drainer scaling, and fleet key rotations.
+//!
+//! Tokens never reach logs, errors or `Debug` output; error messages carry the URL, the HTTP
+//! status and the switch's problem `detail` (which the switch keeps free of secrets).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::bank_switch::build::{ADMIN_PORT, names};
+use crate::crd::bank_switch::SecretKeyRef;
+
+/// How long one admin API call may take: a slow switch must not stall the reconcile loop.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest problem `detail` kept from an error answer.
+const MAX_DETAIL: usize = 300;
+
+/// A call to the switch admin API (or reading the token for it) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchAdminError {
+    /// The token Secret could not be read.
+    #[error("failed to read admin token Secret {secret}")]
+    ReadSecret {
+        /// Secret name.
+        secret: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// The Secret lacks the key, or the tokens file has no line for the role.
+    #[error(
+        "failed to find a {role} token in Secret {secret} key {key}; add a `{role}:<token>` line"
+    )]
+    NoToken {
+        /// Secret name.
+        secret: String,
+        /// Key looked at.
+        key: String,
+        /// Role wanted (`viewer` or `admin`).
+        role: &'static str,
+    },
+    /// The request did not get an answer (connect, timeout, reading the body).
+    #[error("failed to reach the switch admin API at {url}")]
+    Request {
+        /// URL asked.
+        url: String,
+        /// Cause.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The switch answered with an error status.
+    #[error("the switch admin API answered {status} to {method} {url}: {detail}")]
+    Status {
+        /// HTTP method.
+        method: &'static str,
+        /// URL asked.
+        url: String,
+        /// HTTP status code.
+        status: u16,
+        /// The problem document's `detail`, or the status text.
+        detail: String,
+    },
+    /// The answer was not the JSON shape expected.
+    #[error("failed to decode the switch admin API answer from {url}")]
+    Decode {
+        /// URL asked.
+        url: String,
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// A bearer token; its `Debug` never shows the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BearerToken(String);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(<redacted>)")
+    }
+}
+
+/// How a token is stored in its Secret key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenFormat {
+    /// The whole value is the token (`spec.admin.viewerTokenSecretRef`).
+    Bare,
+    /// A tokens file with `role:token` lines (`spec.admin.tokenSecretRef`); the first line of the
+    /// role is used.
+    TokensFile {
+        /// `viewer` or `admin`.
+        role: &'static str,
+    },
+}
+
+impl TokenFormat {
+    fn role(self) -> &'static str {
+        match self {
+            Self::Bare => "viewer",
+            Self::TokensFile { role } => role,
+        }
+    }
+}
+
+impl BearerToken {
+    /// Takes a token out of a Secret value.
+    pub fn parse(contents: &str, format: TokenFormat) -> Option<Self> {
+        match format {
+            TokenFormat::TokensFile { role } => contents
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix(role)?.strip_prefix(':'))
+                .map(str::trim)
+                .find(|t| !t.is_empty())
+                .map(|t| Self(t.to_owned())),
+            TokenFormat::Bare => {
+                let t = contents.trim();
+                (!t.is_empty()).then(|| Self(t.to_owned()))
+            }
+        }
+    }
+
+    /// The token value, for the `Authorization` header only.
+    fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Reads a token from `secret_ref` in `namespace`.
+pub async fn read_token(
+    client: &Client,
+    namespace: &str,
+    secret_ref: &SecretKeyRef,
+    format: TokenFormat,
+) -> Result<BearerToken, SwitchAdminError> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret =
+        secrets
+            .get(&secret_ref.name)
+            .await
+            .map_err(|source| SwitchAdminError::ReadSecret {
+                secret: secret_ref.name.clone(),
+                source,
+            })?;
+    let no_token = || SwitchAdminError::NoToken {
+        secret: secret_ref.name.clone(),
+        key: secret_ref.key.clone(),
+        role: format.role(),
+    };
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&secret_ref.key))
+        .ok_or_else(no_token)?;
+    let text = std::str::from_utf8(&bytes.0).map_err(|_| no_token())?;
+    BearerToken::parse(text, format).ok_or_else(no_token)
+}
+
+/// Where the admin API of a BankSwitch is reached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminEndpoint {
+    /// `http://<name>-admin.<namespace>.svc:8080`, the Service the operator builds.
+    ClusterService,
+    /// One base URL for every BankSwitch (tests, or an operator run outside the cluster through
+    /// a port-forward).
+    Fixed(String),
+}
+
+/// `GET /v1/saf/stats` answer (the fields the operator uses; others are ignored).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SafStats {
+    /// Messages waiting for delivery.
+    #[serde(default)]
+    pub backlog: i64,
+    /// Messages leased by a drainer right now.
+    #[serde(default)]
+    pub in_flight: i64,
+    /// Age of the oldest waiting message.
+    #[serde(default)]
+    pub oldest_age_seconds: i64,
+    /// Messages in the dead-letter list.
+    #[serde(default)]
+    pub dead_letters: i64,
+}
+
+/// `POST /v1/key-rotations` body. Field order is fixed, so a retried start sends the same bytes
+/// and the switch replays its first answer for the same `Idempotency-Key`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateRotation {
+    /// `TPK` or `TAK`.
+    pub key_type: String,
+    /// `"all"`, `{"ids": […]}` or `{"groups": […]}`.
+    pub terminals: serde_json::Value,
+    /// `onConfirm` or `atTime`.
+    pub activation: String,
+    /// With `atTime`: when the new keys become ACTIVE (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activate_at: Option<String>,
+    /// How long replaced keys keep verifying.
+    pub grace_seconds: u64,
+}
+
+/// `POST /v1/key-rotations` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationCreated {
+    /// Rotation id.
+    pub id: String,
+    /// Terminals in the rotation.
+    #[serde(default)]
+    pub terminals: u64,
+}
+
+/// `GET /v1/key-rotations/{id}` answer (the fields the operator uses).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationProgress {
+    /// Rotation id.
+    pub id: String,
+    /// Terminals in the rotation.
+    #[serde(default)]
+    pub terminals: u64,
+    /// The rotation's keys by state (`PENDING`, `ACTIVE`, `EXPIRED`, `REVOKED`, …).
+    #[serde(default)]
+    pub totals: BTreeMap<String, u64>,
+}
+
+/// `POST /v1/key-rotations/{id}/expire-previous` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreviousExpired {
+    /// Rotation id.
+    pub id: String,
+    /// Previous keys whose grace window ended now.
+    #[serde(default)]
+    pub expired: u64,
+}
+
+/// Problem document (RFC 9457); only `detail` is shown.
+#[derive(Deserialize)]
+struct Problem {
+    #[serde(default)]
+    detail: String,
+}
+
+/// The HTTP client for every switch admin API call the operator makes.
+#[derive(Clone, Debug)]
+pub struct SwitchAdmin {
+    http: reqwest::Client,
+    endpoint: AdminEndpoint,
+}
+
+impl SwitchAdmin {
+    /// A client with a short per-request timeout.
+    pub fn new(endpoint: AdminEndpoint) -> Result<Self, reqwest::Error> {
+        Ok(Self {
+            http: reqwest::Client::builder()
+                .timeout(REQUEST_TIMEOUT)
+                .build()?,
+            endpoint,
+        })
+    }
+
+    /// Base URL of the admin API of BankSwitch `name` in `namespace`.
+    pub fn base_url(&self, namespace: &str, name: &str) -> String {
+        match &self.endpoint {
+            AdminEndpoint::ClusterService => format!(
+                "http://{}.{namespace}.svc:{ADMIN_PORT}",
+                names::admin_service(name)
+            ),
+            AdminEndpoint::Fixed(url) => url.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    /// `GET /v1/saf/stats` (viewer token).
+    pub async fn saf_stats(
+        &self,
+        base: &str,
+        token: &BearerToken,
+    ) -> Result<SafStats, SwitchAdminError> {
+        let url = format!("{base}/v1/saf/stats");
+        self.send("GET", self.http.get(&url), url, token).await
+    }
+
+    /// `POST /v1/key-rotations` with an `Idempotency-Key` (admin token).
+    pub async fn create_rotation(
+        &self,
+        base: &str,
+        token: &BearerToken,
+        body: &CreateRotation,
+        idempotency_key: &str,
+    ) -> Result<RotationCreated, SwitchAdminError> {
+        let url = format!("{base}/v1/key-rotations");
+        let request = self
+            .http
+            .post(&url)
+            .header("Idempotency-Key", idempotency_key)
+            .json(body);
+        self.send("POST", request, url, token).await
+    }
+
+    /// `GET /v1/key-rotations/{id}`.
+    pub async fn rotation(
+        &self,
+        base: &str,
+        token: &BearerToken,
+        id: &str,
+    ) -> Result<RotationProgress, SwitchAdminError> {
+        let url = format!("{base}/v1/key-rotations/{}", path_segment(id));
+        self.send("GET", self.http.get(&url), url, token).await
+    }
+
+    /// `POST /v1/key-rotations/{id}/expire-previous` (admin token).
+    pub async fn expire_previous(
+        &self,
+        base: &str,
+        token: &BearerToken,
+        id: &str,
+    ) -> Result<PreviousExpired, SwitchAdminError> {
+        let url = format!(
+            "{base}/v1/key-rotations/{}/expire-previous",
+            path_segment(id)
+        );
+        self.send("POST", self.http.post(&url), url, token).await
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        method: &'static str,
+        request: reqwest::RequestBuilder,
+        url: String,
+        token: &BearerToken,
+    ) -> Result<T, SwitchAdminError> {
+        let request_err = |source| SwitchAdminError::Request {
+            url: url.clone(),
+            source,
+        };
+        let response = request
+            .bearer_auth(token.expose())
+            .send()
+            .await
+            .map_err(request_err)?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(request_err)?;
+        if !status.is_success() {
+            let detail = serde_json::from_slice::<Problem>(&body)
+                .ok()
+                .map(|p| p.detail)
+                .filter(|d| !d.is_empty())
+                .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_owned());
+            return Err(SwitchAdminError::Status {
+                method,
+                url,
+                status: status.as_u16(),
+                detail: detail.chars().take(MAX_DETAIL).collect(),
+            });
+        }
+        serde_json::from_slice(&body).map_err(|source| SwitchAdminError::Decode { url, source })
+    }
+}
+
+/// A rotation id comes from the switch; keep it to one path segment whatever it contains.
+fn path_segment(id: &str) -> String {
+    id.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_come_from_the_line_of_the_wanted_role_only() {
+        let file = "admin:s3cret-admin\nviewer: v1ewer \nadministrator:nope\n";
+        let viewer = TokenFormat::TokensFile { role: "viewer" };
+        let admin = TokenFormat::TokensFile { role: "admin" };
+        assert_eq!(
+            BearerToken::parse(file, viewer).map(|t| t.0),
+            Some("v1ewer".into())
+        );
+        assert_eq!(
+            BearerToken::parse(file, admin).map(|t| t.0),
+            Some("s3cret-admin".into())
+        );
+        assert!(BearerToken::parse("admin:only\n", viewer).is_none());
+        assert!(BearerToken::parse("administrator:x\n", admin).is_none());
+        assert_eq!(
+            BearerToken::parse(" bare\n", TokenFormat::Bare).map(|t| t.0),
+            Some("bare".into())
+        );
+    }
+
+    #[test]
+    fn token_debug_is_redacted() {
+        let token = BearerToken::parse(
+            "viewer:topsecret",
+            TokenFormat::TokensFile { role: "viewer" },
+        )
+        .expect("token");
+        assert!(!format!("{token:?}").contains("topsecret"));
+    }
+
+    #[test]
+    fn stats_json_shape_parses() {
+        let stats: SafStats = serde_json::from_str(
+            r#"{"backlog":250,"inFlight":3,"oldestAgeSeconds":42,"deadLetters":1,"byDestination":[]}"#,
+        )
+        .expect("parses");
+        assert_eq!(
+            stats,
+            SafStats {
+                backlog: 250,
+                in_flight: 3,
+                oldest_age_seconds: 42,
+                dead_letters: 1
+            }
+        );
+    }
+
+    #[test]
+    fn rotation_shapes_match_the_switch() {
+        let view: RotationProgress = serde_json::from_str(
+            r#"{"id":"r-1","keyType":"TPK","activation":"onConfirm","createdAt":"2026-01-01T00:00:00Z",
+                "terminals":3,"totals":{"ACTIVE":2,"EXPIRED":0,"PENDING":1,"REVOKED":0}}"#,
+        )
+        .expect("parses");
+        assert_eq!(view.totals.get("PENDING"), Some(&1));
+        let body = CreateRotation {
+            key_type: "TAK".into(),
+            terminals: serde_json::json!("all"),
+            activation: "onConfirm".into(),
+            activate_at: None,
+            grace_seconds: 300,
+        };
+        assert_eq!(
+            serde_json::to_string(&body).expect("serializes"),
+            r#"{"keyType":"TAK","terminals":"all","activation":"onConfirm","graceSeconds":300}"#
+        );
+    }
+
+    #[test]
+    fn rotation_ids_stay_one_path_segment() {
+        assert_eq!(path_segment("rot-01_a.b~"), "rot-01_a.b~");
+        assert_eq!(path_segment("../x y"), "..%2Fx%20y");
+    }
+
+    #[test]
+    fn cluster_and_fixed_endpoints() {
+        let admin = SwitchAdmin::new(AdminEndpoint::ClusterService).expect("client");
+        assert_eq!(
+            admin.base_url("payments", "atm"),
+            "http://atm-admin.payments.svc:8080"
+        );
+        let admin =
+            SwitchAdmin::new(AdminEndpoint::Fixed("http://127.0.0.1:1/".into())).expect("client");
+        assert_eq!(admin.base_url("payments", "atm"), "http://127.0.0.1:1");
+    }
+}
