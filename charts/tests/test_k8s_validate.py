@@ -211,8 +211,8 @@ def test_examples_shape_matches_the_brief():
     assert len(pg["routing"]["upstreams"]) == 1
     assert pg["routing"]["routes"][0]["upstream"] == pg["routing"]["upstreams"][0]["name"]
     d = pg["storeAndForward"]["drainers"]
-    # floor 0 until the switch ships its drainer (README "Not built yet")
-    assert (d["minReplicas"], d["maxReplicas"]) == (0, 5)
+    # one drainer always on, more from the backlog
+    assert (d["minReplicas"], d["maxReplicas"]) == (1, 5)
     assert (
         pg["monitoring"]["serviceMonitor"]["enabled"]
         and pg["monitoring"]["prometheusRule"]["enabled"]

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use switchyard_switch::atm::provision::AdminClient;
 use switchyard_switch::atm::{AtmClient, CardInput};
-use switchyard_switch::crypto::{ClearKey, Kek, TerminalKeys};
 use switchyard_switch::domain::{KeyType, TerminalId};
 use switchyard_switch::iso8583::Packager;
 use switchyard_switch::store::{self, AdviceMti, ConnectOptions, NewAdvice};
@@ -214,21 +213,13 @@ poll_interval = "100ms"
 /// The issuer knows the acquirer as station ACQ001 with a TMK; returns the TMK's file for the
 /// acquirer's `[[upstreams]].tmk_file`.
 async fn register_station(issuer: &Node, root: &Path) -> PathBuf {
-    let tmk_hex = random_hex(16);
-    let keys = TerminalKeys::new(ClearKey::from_hex(&tmk_hex).unwrap());
-    let kek = Kek::from_key(ClearKey::new(&issuer.kek).unwrap()).unwrap();
-    let (block, kcv) = keys.wrap_tmk_under_kek(&kek).unwrap();
-    issuer
+    let tmk = issuer
         .admin
-        .post(
-            "/v1/terminals",
-            &json!({"id": "ACQ001", "group": "stations", "kind": "station",
-                    "tmk": {"keyBlock": block, "kcv": kcv.to_string()}}),
-        )
+        .provision_station(&issuer.kek, &TerminalId::new("ACQ001").unwrap())
         .await
         .unwrap();
     let path = root.join("station.tmk");
-    std::fs::write(&path, tmk_hex).unwrap();
+    std::fs::write(&path, tmk.as_bytes()).unwrap();
     path
 }
 
@@ -442,9 +433,9 @@ async fn three_drainers_on_one_postgres_apply_each_advice_once() {
         (backlog(&stats) == 0).then_some(stats)
     })
     .await;
-    assert_eq!(stats["deliveredTotal"], N, "{stats}");
-    assert_eq!(stats["deadLetters"], 1, "{stats}");
     let dead = acquirer.admin.get("/v1/saf?status=deadLetter").await.unwrap();
+    assert_eq!(stats["deliveredTotal"], N, "{stats} {dead}");
+    assert_eq!(stats["deadLetters"], 1, "{stats} {dead}");
     let reason = dead[0]["lastError"].as_str().unwrap_or_default().to_string();
     assert!(reason.contains("14"), "dead letter reason: {reason} ({dead})");
     // exactly once in effect at the issuer, whatever was sent twice

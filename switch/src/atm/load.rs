@@ -42,8 +42,11 @@ pub struct LoadOptions {
     pub scenario: Scenario,
     /// Wire profile of the switch.
     pub packager: &'static Packager,
-    /// On-us BIN for the generated cards.
+    /// BIN of the generated cards.
     pub bin: String,
+    /// Where the cards and accounts are created: the issuer's admin API when the BIN is routed
+    /// to an upstream (routed-latency runs); `None` creates them on `admin`'s switch.
+    pub card_admin: Option<AdminClient>,
 }
 
 /// Results.
@@ -153,7 +156,8 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         })?;
         let card = if needs_card {
             let account = format!("LOAD-{run_tag}-{i}");
-            opts.admin
+            let issuer = opts.card_admin.as_ref().unwrap_or(&opts.admin);
+            issuer
                 .create_account(&account, "360", 1_000_000_000_000, 1_000_000_000_000)
                 .await?;
             let pan = format!(
@@ -168,7 +172,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
                 pin: "1234".into(),
                 currency: "360".into(),
             };
-            opts.admin
+            issuer
                 .create_card(&card.pan, &card.expiry, &account, &card.pin)
                 .await?;
             Some(card)

@@ -56,6 +56,16 @@ enum Command {
         #[arg(long, default_value = "ACC-2")]
         account: String,
     },
+    /// Registers an acquiring switch as a station on this (issuer) switch with a fresh TMK, and
+    /// writes the clear TMK (hex) for the acquirer's `[[upstreams]].tmk_file`.
+    Station {
+        /// Station id (the acquirer's `station_id`).
+        #[arg(long)]
+        id: String,
+        /// File to write the TMK to (created with mode 0600).
+        #[arg(long)]
+        tmk_out: PathBuf,
+    },
     /// Many terminals at once; prints throughput and latency percentiles.
     Load {
         /// Connections, one provisioned terminal each.
@@ -70,9 +80,16 @@ enum Command {
         /// What to send.
         #[arg(long, value_enum, default_value = "balance")]
         scenario: Scenario,
-        /// On-us BIN for the generated cards.
+        /// BIN of the generated cards.
         #[arg(long, default_value = "6011")]
         bin: String,
+        /// Create the cards and accounts on this admin API instead (the issuer's, when `--bin`
+        /// is routed to an upstream).
+        #[arg(long, requires = "card_token_file")]
+        card_admin: Option<String>,
+        /// Admin token file for `--card-admin`.
+        #[arg(long)]
+        card_token_file: Option<PathBuf>,
     },
 }
 
@@ -135,13 +152,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .await?;
         }
+        Command::Station { id, tmk_out } => {
+            let id = TerminalId::new(id)?;
+            let tmk = admin.provision_station(&kek, &id).await?;
+            write_private(&tmk_out, tmk.as_bytes())?;
+            println!("station {id} registered; TMK written to {}", tmk_out.display());
+        }
         Command::Load {
             connections,
             duration,
             rate,
             scenario,
             bin,
+            card_admin,
+            card_token_file,
         } => {
+            let card_admin = match (card_admin, card_token_file) {
+                (Some(url), Some(file)) => Some(AdminClient::new(url, read_token(&file)?)),
+                _ => None,
+            };
             println!(
                 "provisioning {connections} terminals, then {scenario:?} for {duration:?}{}",
                 rate.map(|r| format!(" at {r}/s")).unwrap_or_default()
@@ -156,6 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 scenario,
                 packager,
                 bin,
+                card_admin,
             })
             .await?;
             println!("{report}");
@@ -164,6 +194,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Writes a secret file readable by its owner only.
+fn write_private(path: &PathBuf, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("failed to create {}", path.display()))?;
+    file.write_all(bytes)
+        .with_context(|| format!("failed to write {}", path.display()))?;
     Ok(())
 }
 

@@ -4,6 +4,11 @@
 //! semaphore caps connections; the cap is enforced at accept by closing the surplus socket at
 //! once, so an overload never queues unbounded work. Shutdown: the listener stops accepting,
 //! every connection finishes the transaction it is processing, writes its answer, and closes.
+//!
+//! A terminal's requests are processed one after the other, in order. An acquirer station
+//! multiplexes the requests and advices of many ATMs on one link and matches answers by STAN,
+//! so its financial messages are processed concurrently (up to [`STATION_PIPELINE`] at once,
+//! which also bounds what one link can make us queue), and answered as each one finishes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -21,9 +26,13 @@ use super::ConnState;
 use super::connection::{Connection, ReadError};
 use crate::app::SwitchContext;
 use crate::iso8583::FrameError;
+use crate::store::TerminalKind;
 use crate::txn;
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Financial messages of one station connection processed at once.
+pub const STATION_PIPELINE: usize = 128;
 
 /// Accepts connections until `shutdown` is cancelled, then returns; connection tasks are spawned
 /// on `tracker` so the caller can wait for them to finish.
@@ -77,11 +86,13 @@ async fn handle_connection(
     debug!(conn_id, %remote, "connection opened");
 
     let mut conn = Connection::new(stream, ctx.settings.iso8583.max_frame_bytes);
-    let (outbound_tx, mut outbound_rx) = mpsc::channel(16);
+    let (outbound_tx, mut outbound_rx) = mpsc::channel(64);
+    let pipeline = Arc::new(Semaphore::new(STATION_PIPELINE));
     let mut state = ConnState {
         conn_id,
         remote,
         terminal: None,
+        terminal_kind: None,
         last_seen: Arc::new(AtomicI64::new(Utc::now().timestamp_millis())),
         outbound: outbound_tx,
         close: CancellationToken::new(),
@@ -110,6 +121,19 @@ async fn handle_connection(
                 Ok(Some(frame)) => {
                     idle_deadline = Instant::now() + idle;
                     state.last_seen.store(Utc::now().timestamp_millis(), Ordering::Relaxed);
+                    if state.terminal_kind == Some(TerminalKind::Station) && txn::is_financial(&frame) {
+                        // waits (and stops reading) while the pipeline is full
+                        let Ok(permit) = pipeline.clone().acquire_owned().await else { break };
+                        let mut view = state.view();
+                        let (ctx, out) = (ctx.clone(), state.outbound.clone());
+                        tokio::spawn(async move {
+                            if let Some(reply) = txn::handle_frame(&ctx, &mut view, &frame).await {
+                                let _ = out.send(reply).await;
+                            }
+                            drop(permit);
+                        });
+                        continue;
+                    }
                     // The transaction runs to completion even if shutdown starts meanwhile:
                     // it is not part of the select, so it cannot be dropped half-way.
                     let reply = txn::handle_frame(&ctx, &mut state, &frame).await;
@@ -145,6 +169,25 @@ async fn handle_connection(
         }
     }
 
+    // A station's transactions still running finish and are answered before the close.
+    let all = u32::try_from(STATION_PIPELINE).unwrap_or(u32::MAX);
+    let finished = pipeline.acquire_many(all);
+    tokio::pin!(finished);
+    loop {
+        tokio::select! {
+            _ = &mut finished => break,
+            Some(frame) = outbound_rx.recv() => {
+                if conn.write_frame(&frame).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    while let Ok(frame) = outbound_rx.try_recv() {
+        if conn.write_frame(&frame).await.is_err() {
+            break;
+        }
+    }
     conn.shutdown().await;
     if let Some(terminal) = state.terminal.take()
         && ctx.sessions.remove(&terminal, conn_id)

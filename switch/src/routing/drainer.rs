@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use super::{LinkError, UpstreamLink, Upstreams};
 use crate::iso8583::{Message, Mti};
 use crate::settings::SafSettings;
-use crate::store::{Advice, AdviceFailure, AdviceMti, RetryPolicy, Store, StoreError};
+use crate::store::{Advice, AdviceFailure, RetryPolicy, Store, StoreError};
 
 /// What became of one delivery attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,15 +178,16 @@ pub async fn deliver(link: &UpstreamLink, advice: &Advice) -> Delivery {
         Err(e) => return fail(format!("cannot build the advice: {e}"), true),
     };
     match link.request(message).await {
-        Ok(answer) => match (answer.code(), advice.mti) {
-            ("00", _) => Delivery::Delivered,
-            // the issuer never booked the original: nothing to reverse is the right outcome
-            ("21", AdviceMti::Reversal0420) => Delivery::Delivered,
-            (code @ ("91" | "96" | "63"), _) => {
+        Ok(answer) => match answer.code() {
+            "00" => Delivery::Delivered,
+            // nothing to do: a reversal whose original the issuer never booked, or a stand-in
+            // advice whose reversal reached the issuer first
+            "21" => Delivery::Delivered,
+            code @ ("91" | "96" | "63" | "58") => {
                 fail(format!("issuer answered {code} (temporary)"), false)
             }
-            ("", _) => fail("issuer answered without field 39".into(), true),
-            (code, _) => fail(format!("issuer refused the advice with {code}"), true),
+            "" => fail("issuer answered without field 39".into(), true),
+            code => fail(format!("issuer refused the advice with {code}"), true),
         },
         Err(err @ (LinkError::CircuitOpen(_) | LinkError::Down(_))) => {
             fail(format!("not sent: {err}"), false)
@@ -201,7 +202,7 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{AdviceId, AdviceStatus};
+    use crate::store::{AdviceId, AdviceMti, AdviceStatus};
 
     fn advice(attempts: u32) -> Advice {
         Advice {

@@ -155,6 +155,8 @@ pub struct UpstreamLink {
     live: RwLock<Option<Arc<Live>>>,
     stans: tokio::sync::Mutex<StanBlock>,
     rekey: AtomicBool,
+    /// When the keys this process uses last were exchanged (by it or another process).
+    keys_exchanged_at: Mutex<Option<chrono::DateTime<Utc>>>,
 }
 
 impl std::fmt::Debug for UpstreamLink {
@@ -199,6 +201,7 @@ impl UpstreamLink {
             live: RwLock::new(None),
             stans: tokio::sync::Mutex::new(StanBlock::default()),
             rekey: AtomicBool::new(false),
+            keys_exchanged_at: Mutex::new(None),
             settings,
             deps,
         });
@@ -302,10 +305,18 @@ impl UpstreamLink {
             None => Err(LinkError::Down(self.name.clone())),
         };
         let failed = match &result {
-            Ok(answer) => matches!(answer.code(), "91" | "96" | "63"),
+            Ok(answer) => matches!(answer.code(), "91" | "96" | "63" | "58"),
             Err(LinkError::Local(..)) => false,
             Err(_) => true,
         };
+        if matches!(&result, Ok(a) if a.code() == "58") {
+            // the issuer no longer knows our session (it restarted, or an operator signed us
+            // off): reconnect and sign on again
+            if let Some(live) = self.current() {
+                warn!(upstream = %self.name, "issuer says we are not signed on; signing on again");
+                live.lost.cancel();
+            }
+        }
         if matches!(&result, Ok(a) if a.code() == "63") || matches!(&result, Err(LinkError::BadMac(_)))
         {
             self.request_rekey();
@@ -320,6 +331,19 @@ impl UpstreamLink {
         }
         self.publish_state();
         result
+    }
+
+    /// Counts a request that found the link down (before anything could be sent) as a failure
+    /// in the breaker, as [`UpstreamLink::request`] would: a down link must open the circuit.
+    pub fn report_down(&self) {
+        {
+            let mut breaker = self.lock_breaker();
+            let now = Instant::now();
+            if breaker.try_acquire(now) {
+                breaker.record_failure(now);
+            }
+        }
+        self.publish_state();
     }
 
     /// Makes the next connect exchange keys, and drops the current connection to get there.
@@ -380,7 +404,8 @@ impl UpstreamLink {
                 return Err(LinkError::Timeout(self.name.clone(), timeout));
             }
         };
-        if mac && answer.code() != "63" && !self.answer_mac_ok(live, &answer.message) {
+        if mac && !matches!(answer.code(), "63" | "58") && !self.answer_mac_ok(live, &answer.message)
+        {
             return Err(LinkError::BadMac(self.name.clone()));
         }
         Ok(answer)
@@ -391,7 +416,8 @@ impl UpstreamLink {
     fn answer_mac_ok(&self, live: &Live, answer: &Message) -> bool {
         let field = if answer.has(128) { 128 } else { 64 };
         let Some(mac) = answer.get(field).map(<[u8]>::to_vec) else {
-            return matches!(answer.get_str(39), Some("30" | "12"));
+            // answers to what the issuer could not authenticate or place carry no MAC
+            return matches!(answer.get_str(39), Some("30" | "12" | "58"));
         };
         let mut unsigned = answer.clone();
         unsigned.set(field, vec![0u8; 8]);
@@ -542,13 +568,25 @@ impl UpstreamLink {
 
     /// The link keys: the ones this switch's processes share in the store when fresh, else a
     /// key exchange (161 + 162 per key type, as a terminal does) whose result is stored.
+    ///
+    /// After the issuer refused our MAC (`rekey`), keys another process stored since ours were
+    /// obtained are tried first: several processes exchanging at once settle on the newest pair
+    /// instead of taking turns replacing each other's keys.
     async fn keys(&self, live: &Live) -> Result<LinkKeys, String> {
         let forced = self.rekey.swap(false, Ordering::SeqCst);
-        if !forced {
-            match self.deps.store.link_keys(&self.name).await {
-                Ok(Some(keys)) if Utc::now() - keys.exchanged_at < KEY_REFRESH => return Ok(keys),
-                Ok(_) => {}
-                Err(e) => return Err(format!("read link keys: {e}")),
+        let ours = *lock(&self.keys_exchanged_at);
+        let stored = self
+            .deps
+            .store
+            .link_keys(&self.name)
+            .await
+            .map_err(|e| format!("read link keys: {e}"))?;
+        if let Some(keys) = stored {
+            let fresh = Utc::now() - keys.exchanged_at < KEY_REFRESH;
+            let newer = ours.is_none_or(|at| keys.exchanged_at > at);
+            if fresh && (!forced || newer) {
+                *lock(&self.keys_exchanged_at) = Some(keys.exchanged_at);
+                return Ok(keys);
             }
         }
         let tpk = self.exchange_key(live, KeyType::Tpk).await?;
@@ -564,6 +602,7 @@ impl UpstreamLink {
             .await
             .map_err(|e| format!("store link keys: {e}"))?;
         info!(upstream = %self.name, "link keys exchanged");
+        *lock(&self.keys_exchanged_at) = Some(keys.exchanged_at);
         Ok(keys)
     }
 

@@ -22,13 +22,13 @@ use crate::store::{
 
 /// What a processing code asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Operation {
+pub(crate) enum Operation {
     Balance,
     Withdrawal,
 }
 
 /// Account type from processing code positions 3–4 (`00` default, `10` savings, `20` checking).
-fn parse_processing_code(code: &str) -> Option<(Operation, &str)> {
+pub(crate) fn parse_processing_code(code: &str) -> Option<(Operation, &str)> {
     if code.len() != 6 || !code.bytes().all(|b| b.is_ascii_digit()) || &code[4..] != "00" {
         return None;
     }
@@ -190,6 +190,9 @@ pub async fn handle(
         auth_code: new_auth_code(),
         decline: None,
         now,
+        advice: None,
+        issuer_answer: None,
+        force_post: false,
     };
 
     let decline = match route_for(&ctx.settings, &pan) {
@@ -313,16 +316,22 @@ pub(crate) async fn verify_pin(
 
 /// Sets 37, 38, 39 and (for approvals with balances) 54 from the journal entry.
 fn fill_from_journal(m: &mut Message, entry: &JournalEntry, account_type: &str) {
-    m.set_str(39, &entry.response_code);
-    m.set_str(37, &entry.rrn);
-    if let Some(code) = &entry.auth_code {
-        m.set_str(38, code);
-    }
+    fill_outcome(m, entry);
     if let (Some(ledger), Some(available)) = (entry.ledger_balance, entry.available_balance) {
         m.set_str(
             54,
             &additional_amounts(account_type, &entry.currency, ledger, available),
         );
+    }
+}
+
+/// Sets 39, 37 and (when approved) 38 from the journal entry: what every answer to a
+/// journaled request repeats byte for byte.
+pub(crate) fn fill_outcome(m: &mut Message, entry: &JournalEntry) {
+    m.set_str(39, &entry.response_code);
+    m.set_str(37, &entry.rrn);
+    if let Some(code) = &entry.auth_code {
+        m.set_str(38, code);
     }
 }
 
@@ -355,7 +364,7 @@ pub(crate) fn new_auth_code() -> String {
     format!("{n:06}")
 }
 
-async fn audit_mac_failure(ctx: &SwitchContext, terminal: &TerminalId, request: &Message) {
+pub(crate) async fn audit_mac_failure(ctx: &SwitchContext, terminal: &TerminalId, request: &Message) {
     warn!(%terminal, mti = %request.mti().as_str(), "MAC verification failed");
     let entry = crate::store::NewAudit {
         actor: format!("terminal:{terminal}"),

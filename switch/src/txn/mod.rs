@@ -1,10 +1,12 @@
 //! The transaction layer: one ISO 8583 request in, at most one answer out.
 //!
 //! Dispatch by MTI; network management (0800), key exchange (0800/161, 162 and the terminal's
-//! 0810 to a server-initiated 161), financial requests (0200), reversals (0400, 0420/0421).
+//! 0810 to a server-initiated 161), financial requests (0200), advices from acquirer stations
+//! (0220/0221), reversals (0400, 0420/0421).
 //! Every path ends in an answer with a documented response code or a closed connection; nothing
 //! here panics on network input.
 
+pub mod advice;
 pub mod authorize;
 pub mod key_exchange;
 pub mod keys;
@@ -20,6 +22,7 @@ use crate::app::SwitchContext;
 use crate::domain::{ResponseCode, TerminalId, WrappedKey};
 use crate::iso8583::{Message, Mti, UnpackError};
 use crate::net::ConnState;
+use crate::store::TerminalKind;
 
 /// An answer, and the TAK to MAC it under when it must carry a MAC.
 #[derive(Debug)]
@@ -82,6 +85,14 @@ pub async fn handle_frame(
         "0200" => match signed_on_terminal(conn, &request) {
             Ok(tid) => authorize::handle(ctx, &tid, &request, frame).await,
             Err(code) => refuse(&request, code, "financial"),
+        },
+        "0220" | "0221" => match signed_on_terminal(conn, &request) {
+            // Only an acquiring switch books cash it paid out on our behalf.
+            Ok(tid) if conn.terminal_kind == Some(TerminalKind::Station) => {
+                advice::handle(ctx, &tid, &request, frame).await
+            }
+            Ok(_) => refuse(&request, ResponseCode::InvalidTransaction, "advice"),
+            Err(code) => refuse(&request, code, "advice"),
         },
         "0400" | "0420" | "0421" => match signed_on_terminal(conn, &request) {
             Ok(tid) => reversal::handle(ctx, &tid, &request, frame).await,
@@ -174,14 +185,26 @@ fn format_error(ctx: &SwitchContext, conn: &mut ConnState, err: UnpackError) -> 
     }
 }
 
+/// Whether a frame is a financial request or advice (by its ASCII MTI, which both packagers
+/// share): what a station's connection may process concurrently.
+pub fn is_financial(frame: &[u8]) -> bool {
+    matches!(
+        frame.get(..4),
+        Some(b"0200" | b"0220" | b"0221" | b"0400" | b"0420" | b"0421")
+    )
+}
+
 fn is_request(mti: Mti) -> bool {
-    matches!(mti.as_str(), "0800" | "0200" | "0400" | "0420" | "0421")
+    matches!(
+        mti.as_str(),
+        "0800" | "0200" | "0220" | "0221" | "0400" | "0420" | "0421"
+    )
 }
 
 /// Outcome of checking a request's MAC.
 #[derive(Debug)]
 pub enum MacCheck {
-    /// Verified; answer under this (ACTIVE) TAK.
+    /// Verified; answer under this TAK (the one that verified the request).
     Valid(Option<WrappedKey>),
     /// Missing, malformed, or no key verifies it: `63`.
     Invalid,
@@ -221,7 +244,9 @@ pub async fn verify_request_mac(
     let candidates = keys.active.iter().chain(keys.in_grace.iter());
     for key in candidates {
         if let Ok(true) = ctx.hsm.verify_mac(&key.wrapped, input, mac) {
-            return MacCheck::Valid(keys.active.as_ref().map(|k| k.wrapped.clone()));
+            // answer under the key the sender used: inside the grace window it may not hold
+            // the new one yet (an acquirer's other processes, an ATM mid-rotation)
+            return MacCheck::Valid(Some(key.wrapped.clone()));
         }
     }
     MacCheck::Invalid

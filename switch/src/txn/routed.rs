@@ -50,7 +50,7 @@ pub(crate) async fn authorize(
     };
     let sent = forward(ctx, link, terminal, request, pan, auth).await?;
     match sent.result {
-        Ok(answer) if !matches!(answer.code(), "91" | "96" | "63") => {
+        Ok(answer) if !matches!(answer.code(), "91" | "96" | "63" | "58") => {
             auth.issuer_answer = Some(issuer_answer(&answer));
             Ok(())
         }
@@ -97,6 +97,7 @@ async fn forward(
         })
     };
     if !link.is_up() {
+        link.report_down();
         return not_sent(LinkError::Down(link.name().to_string()));
     }
     let Some(block) = pin_block(request) else {
@@ -114,7 +115,10 @@ async fn forward(
                 translated = Some(out);
                 break;
             }
-            Err(err @ LinkError::Down(_)) => return not_sent(err),
+            Err(err @ LinkError::Down(_)) => {
+                link.report_down();
+                return not_sent(err);
+            }
             Err(_) => {}
         }
     }
