@@ -134,6 +134,11 @@ stories!(
     saf_poison_advice_dead_letters_and_the_rest_flow,
     saf_operator_retry_cancel_requeue,
     saf_stats_are_exact,
+    stan_blocks_never_overlap_and_wrap,
+    link_keys_round_trip_and_keep_the_newer,
+    stand_in_approval_queues_its_advice_in_the_same_transaction,
+    issuer_answer_is_journaled_without_touching_the_ledger,
+    forced_post_books_past_balance_and_limit,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -197,6 +202,9 @@ fn withdrawal(acc: &AccountId, terminal: &str, stan: u32, amount: i64) -> AuthRe
         auth_code: format!("A{stan:05}"),
         decline: None,
         now: t0(),
+        advice: None,
+        issuer_answer: None,
+        force_post: false,
     }
 }
 
@@ -298,22 +306,27 @@ async fn terminals_register_conflict_and_page(store: Store) {
         ]
     );
 
+    // fleet selectors leave stations out (their keys are the acquirer's to exchange); naming a
+    // station by id still covers it
     let all = store.terminals_in(&TerminalSelector::All).await.unwrap();
-    assert_eq!(all.len(), 6);
+    assert_eq!(all.len(), 5);
+    assert!(!all.contains(&tid("ACQ001")));
     let ids = store
         .terminals_in(&TerminalSelector::Ids(vec![
             tid("ATM00004"),
             tid("GHOST"),
             tid("ATM00001"),
             tid("ATM00004"),
+            tid("ACQ001"),
         ]))
         .await
         .unwrap();
-    assert_eq!(ids, vec![tid("ATM00001"), tid("ATM00004")]);
+    assert_eq!(ids, vec![tid("ACQ001"), tid("ATM00001"), tid("ATM00004")]);
     let groups = store
         .terminals_in(&TerminalSelector::Groups(vec![
             "bandung".into(),
             "surabaya".into(),
+            "stations".into(),
         ]))
         .await
         .unwrap();
@@ -2343,4 +2356,323 @@ async fn saf_stats_are_exact(store: Store) {
     let later = store.saf_stats(t + secs(31)).await.unwrap();
     assert_eq!(later.in_flight, 0);
     assert_eq!(later.oldest_age_seconds, 130);
+}
+
+// ---------------------------------------------------------------------------------------------
+// upstream routing: STANs, link keys, stand-in advices, issuer answers, forced posts
+
+/// The i-th STAN of a block starting at `first`.
+fn stan_of_block(first: u32, i: u32) -> u32 {
+    (first - 1 + i) % 999_999 + 1
+}
+
+async fn stan_blocks_never_overlap_and_wrap(store: Store) {
+    // a new station starts at 1
+    assert_eq!(store.reserve_stans("ACQ001", 10).await.unwrap(), 1);
+    assert_eq!(store.reserve_stans("ACQ001", 1).await.unwrap(), 11);
+    assert_eq!(store.reserve_stans("ACQ002", 5).await.unwrap(), 1);
+    for bad in [0, 100_001] {
+        assert!(matches!(
+            store.reserve_stans("ACQ001", bad).await,
+            Err(StoreError::Invalid { .. })
+        ));
+    }
+
+    // 8 processes × 50 reservations of 7 STANs each: every STAN handed out once
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut stans = Vec::new();
+                for _ in 0..50 {
+                    let first = store.reserve_stans("ACQ003", 7).await.unwrap();
+                    stans.extend((0..7).map(|i| stan_of_block(first, i)));
+                }
+                stans
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort_unstable();
+    assert_eq!(all, (1..=8 * 50 * 7).collect::<Vec<u32>>());
+
+    // blocks wrap after 999,999 to 1 (000000 is never used)
+    for i in 0..9 {
+        assert_eq!(
+            store.reserve_stans("ACQ004", 100_000).await.unwrap(),
+            1 + i * 100_000
+        );
+    }
+    assert_eq!(
+        store.reserve_stans("ACQ004", 99_989).await.unwrap(),
+        900_001
+    );
+    let first = store.reserve_stans("ACQ004", 20).await.unwrap();
+    assert_eq!(first, 999_990);
+    assert_eq!(stan_of_block(first, 9), 999_999);
+    assert_eq!(stan_of_block(first, 10), 1);
+    assert_eq!(store.reserve_stans("ACQ004", 1).await.unwrap(), 11);
+}
+
+async fn link_keys_round_trip_and_keep_the_newer(store: Store) {
+    assert_eq!(store.link_keys("issuer-b").await.unwrap(), None);
+    let keys = |tag: &str, at: DateTime<Utc>| LinkKeys {
+        tpk: WrappedKey(format!("TPK-{tag}")),
+        tak: WrappedKey(format!("TAK-{tag}")),
+        exchanged_at: at,
+    };
+    let first = keys("1", t0());
+    store.save_link_keys("issuer-b", &first).await.unwrap();
+    assert_eq!(
+        store.link_keys("issuer-b").await.unwrap(),
+        Some(first.clone())
+    );
+
+    let newer = keys("2", t0() + secs(60));
+    store.save_link_keys("issuer-b", &newer).await.unwrap();
+    assert_eq!(
+        store.link_keys("issuer-b").await.unwrap(),
+        Some(newer.clone())
+    );
+
+    // a process that finished an older exchange late does not overwrite the newer pair
+    store
+        .save_link_keys("issuer-b", &keys("late", t0() + secs(30)))
+        .await
+        .unwrap();
+    assert_eq!(store.link_keys("issuer-b").await.unwrap(), Some(newer));
+    assert_eq!(store.link_keys("issuer-c").await.unwrap(), None);
+
+    let empty = LinkKeys {
+        tak: WrappedKey(String::new()),
+        ..first
+    };
+    assert!(matches!(
+        store.save_link_keys("issuer-c", &empty).await,
+        Err(StoreError::Invalid { .. })
+    ));
+}
+
+fn stand_in_advice(key: &str) -> NewAdvice {
+    NewAdvice {
+        reference: None,
+        ..advice("issuer-b", 0, key, t0())
+    }
+}
+
+async fn queued_advices(store: &Store) -> Vec<Advice> {
+    store
+        .saf_list(&SafFilter::default(), Page::default())
+        .await
+        .unwrap()
+}
+
+async fn stand_in_approval_queues_its_advice_in_the_same_transaction(store: Store) {
+    let acc = account(&store, "ACC-S", 10_000, 100_000).await;
+    let stood_in = AuthRequest {
+        advice: Some(stand_in_advice("ACQ001:000001:1122100000")),
+        ..withdrawal(&acc, "ATM1", 1, 1_000)
+    };
+    let entry = done(store.authorize(&stood_in).await.unwrap());
+    assert!(entry.approved());
+    let queued = queued_advices(&store).await;
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].idempotency_key, "ACQ001:000001:1122100000");
+    assert_eq!(queued[0].reference.as_deref(), Some(entry.id.as_str()));
+
+    // the ATM's retransmission gets the same answer and queues nothing more
+    let again = store.authorize(&stood_in).await.unwrap();
+    assert_eq!(again, AuthOutcome::Duplicate(entry));
+    assert_eq!(queued_advices(&store).await.len(), 1);
+
+    // a decline never queues an advice, whether the caller or the ledger declined
+    let wrong_pin = AuthRequest {
+        decline: Some(ResponseCode::IncorrectPin),
+        advice: Some(stand_in_advice("ACQ001:000002:1122100000")),
+        ..withdrawal(&acc, "ATM1", 2, 1_000)
+    };
+    assert_eq!(
+        done(store.authorize(&wrong_pin).await.unwrap()).response_code,
+        "55"
+    );
+    let too_much = AuthRequest {
+        advice: Some(stand_in_advice("ACQ001:000003:1122100000")),
+        ..withdrawal(&acc, "ATM1", 3, 50_000)
+    };
+    assert_eq!(
+        done(store.authorize(&too_much).await.unwrap()).response_code,
+        "51"
+    );
+    assert_eq!(queued_advices(&store).await.len(), 1);
+
+    // an advice already queued under its key (say, by an earlier attempt) is no error
+    let requeued = AuthRequest {
+        advice: Some(stand_in_advice("ACQ001:000001:1122100000")),
+        ..withdrawal(&acc, "ATM1", 4, 1_000)
+    };
+    assert!(done(store.authorize(&requeued).await.unwrap()).approved());
+    assert_eq!(queued_advices(&store).await.len(), 1);
+    assert_eq!(balance(&store, &acc).await, 8_000);
+
+    // an advice the queue refuses (it carries the PIN block) undoes the debit and the journal
+    let mut payload = stand_in_advice("ACQ001:000005:1122100000");
+    payload.payload["123"] = serde_json::json!("0123456789ABCDEF0123456789ABCDEF");
+    let poisoned = AuthRequest {
+        advice: Some(payload),
+        ..withdrawal(&acc, "ATM1", 5, 1_000)
+    };
+    assert!(matches!(
+        store.authorize(&poisoned).await,
+        Err(StoreError::Invalid { .. })
+    ));
+    assert_eq!(balance(&store, &acc).await, 8_000);
+    assert_eq!(store.find_request(&poisoned.identity).await.unwrap(), None);
+    assert_eq!(queued_advices(&store).await.len(), 1);
+
+    // stand-in, issuer answer and forced post exclude each other
+    let confused = AuthRequest {
+        advice: Some(stand_in_advice("ACQ001:000006:1122100000")),
+        force_post: true,
+        ..withdrawal(&acc, "ATM1", 6, 1_000)
+    };
+    assert!(matches!(
+        store.authorize(&confused).await,
+        Err(StoreError::Invalid { .. })
+    ));
+    assert_eq!(store.find_request(&confused.identity).await.unwrap(), None);
+}
+
+async fn issuer_answer_is_journaled_without_touching_the_ledger(store: Store) {
+    let acc = account(&store, "ACC-I", 10_000, 100_000).await;
+    let answered = AuthRequest {
+        account_id: None,
+        issuer_answer: Some(IssuerAnswer {
+            response_code: ResponseCode::Approved,
+            auth_code: Some("ISS123".into()),
+            ledger_balance: Some(900_000),
+            available_balance: Some(850_000),
+        }),
+        ..withdrawal(&acc, "ATM1", 1, 5_000)
+    };
+    let entry = done(store.authorize(&answered).await.unwrap());
+    assert_eq!(
+        (
+            entry.response_code.as_str(),
+            entry.auth_code.as_deref(),
+            entry.ledger_balance,
+            entry.available_balance,
+            entry.amount
+        ),
+        (
+            "00",
+            Some("ISS123"),
+            Some(900_000),
+            Some(850_000),
+            Some(5_000)
+        )
+    );
+    assert_eq!(balance(&store, &acc).await, 10_000);
+    assert_eq!(
+        store.authorize(&answered).await.unwrap(),
+        AuthOutcome::Duplicate(entry)
+    );
+
+    let declined = AuthRequest {
+        issuer_answer: Some(IssuerAnswer {
+            response_code: ResponseCode::InsufficientFunds,
+            auth_code: None,
+            ledger_balance: None,
+            available_balance: None,
+        }),
+        ..answered.clone()
+    };
+    let declined = AuthRequest {
+        identity: identity("ATM1", 2),
+        ..declined
+    };
+    let entry = done(store.authorize(&declined).await.unwrap());
+    assert_eq!(
+        (
+            entry.response_code.as_str(),
+            entry.auth_code,
+            entry.ledger_balance
+        ),
+        ("51", None, None)
+    );
+    // the same identity with other content is still `94`
+    let altered = AuthRequest {
+        digest: "other".into(),
+        ..declined
+    };
+    assert_eq!(
+        store.authorize(&altered).await.unwrap(),
+        AuthOutcome::ContentMismatch
+    );
+    assert_eq!(balance(&store, &acc).await, 10_000);
+}
+
+async fn forced_post_books_past_balance_and_limit(store: Store) {
+    let acc = account(&store, "ACC-F", 1_000, 2_000).await;
+    let advice = |stan: u32, amount: i64| AuthRequest {
+        mti: "0220".into(),
+        force_post: true,
+        ..withdrawal(&acc, "ACQ001", stan, amount)
+    };
+    // past the balance: the acquirer already paid the cash out
+    let e = done(store.authorize(&advice(1, 1_500)).await.unwrap());
+    assert_eq!(
+        (e.response_code.as_str(), e.ledger_balance),
+        ("00", Some(-500))
+    );
+    assert_eq!(balance(&store, &acc).await, -500);
+    // delivered again: booked once
+    assert!(matches!(
+        store.authorize(&advice(1, 1_500)).await.unwrap(),
+        AuthOutcome::Duplicate(_)
+    ));
+    assert_eq!(balance(&store, &acc).await, -500);
+    // past the daily limit too, and it counts toward the day's total
+    assert!(done(store.authorize(&advice(2, 1_000)).await.unwrap()).approved());
+    assert_eq!(balance(&store, &acc).await, -1_500);
+    let ordinary = withdrawal(&acc, "ATM1", 3, 1);
+    assert_eq!(
+        done(store.authorize(&ordinary).await.unwrap()).response_code,
+        "61"
+    );
+
+    // an ordinary withdrawal still never overdraws
+    let other = account(&store, "ACC-G", 1_000, 100_000).await;
+    let e = done(
+        store
+            .authorize(&withdrawal(&other, "ATM1", 4, 1_001))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(e.response_code, "51");
+
+    // nonsense amounts and currencies are still refused, and nothing is booked
+    assert_eq!(
+        done(store.authorize(&advice(5, 0)).await.unwrap()).response_code,
+        "13"
+    );
+    let usd = AuthRequest {
+        currency: "840".into(),
+        ..advice(6, 100)
+    };
+    assert_eq!(
+        done(store.authorize(&usd).await.unwrap()).response_code,
+        "12"
+    );
+    assert_eq!(balance(&store, &acc).await, -1_500);
+
+    // a reversal of a forced post restores it, as any withdrawal
+    let rev = ReversalRequest {
+        mti: "0420".into(),
+        ..reversal("ACQ001", 7, 2)
+    };
+    assert!(done(store.reverse(&rev).await.unwrap()).approved());
+    assert_eq!(balance(&store, &acc).await, -500);
 }

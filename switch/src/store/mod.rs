@@ -101,7 +101,9 @@ pub trait Database: Send + Sync + std::fmt::Debug {
     async fn get_terminal(&self, id: &TerminalId) -> Result<Option<Terminal>, StoreError>;
     /// Terminals ordered by id, keyset-paged.
     async fn list_terminals(&self, page: Page) -> Result<Vec<Terminal>, StoreError>;
-    /// Ids of the registered terminals a selector covers, ordered, without duplicates.
+    /// Ids of the registered terminals a selector covers, ordered, without duplicates. `All`
+    /// and `Groups` leave acquirer stations out: a station's keys are exchanged by the acquirer
+    /// itself, never pushed by a fleet rotation; `Ids` covers whatever it names.
     async fn terminals_in(&self, sel: &TerminalSelector) -> Result<Vec<TerminalId>, StoreError>;
 
     /// Stores a key with version = previous max + 1 for its (terminal, type). `Active` (TMK
@@ -176,10 +178,23 @@ pub trait Database: Send + Sync + std::fmt::Debug {
 
     /// The journal entry of a request identity.
     async fn find_request(&self, id: &RequestIdentity) -> Result<Option<JournalEntry>, StoreError>;
-    /// Authorizes a balance inquiry or withdrawal against the ledger (one transaction).
+    /// Authorizes a balance inquiry or withdrawal against the ledger, journals an issuer's
+    /// answer, or force-posts an issuer-side advice; queues a stand-in advice with an approval.
+    /// One transaction: the journal row, the debit and the advice commit or vanish together.
     async fn authorize(&self, req: &AuthRequest) -> Result<AuthOutcome, StoreError>;
     /// Applies a reversal exactly once (one transaction).
     async fn reverse(&self, req: &ReversalRequest) -> Result<AuthOutcome, StoreError>;
+
+    /// Reserves `count` (1..=100,000) consecutive STANs for an acquirer station and returns the
+    /// first. STANs run 1..=999,999 and wrap, and so may a block: its i-th STAN is
+    /// `((first - 1 + i) % 999_999) + 1`. A new station starts at 1. One statement, so
+    /// processes sharing a PostgreSQL store never get overlapping blocks.
+    async fn reserve_stans(&self, station: &str, count: u32) -> Result<u32, StoreError>;
+    /// The working keys an acquirer process last exchanged with this upstream, if any.
+    async fn link_keys(&self, upstream: &str) -> Result<Option<LinkKeys>, StoreError>;
+    /// Stores an upstream's working keys, unless keys exchanged later are stored already (two
+    /// processes exchanging at once keep the newer pair).
+    async fn save_link_keys(&self, upstream: &str, keys: &LinkKeys) -> Result<(), StoreError>;
 
     /// Appends an audit record.
     async fn append_audit(&self, e: &NewAudit) -> Result<(), StoreError>;
@@ -298,6 +313,11 @@ const SQLITE_MIGRATIONS: &[EmbeddedMigration] = &[
         description: "saf",
         sql: include_str!("../../../migrations/sqlite/20261122030000_saf.sql"),
     },
+    EmbeddedMigration {
+        version: 20261123010000,
+        description: "upstream_links",
+        sql: include_str!("../../../migrations/sqlite/20261123010000_upstream_links.sql"),
+    },
 ];
 
 /// `migrations/postgres/`, in version order (checked like [`SQLITE_MIGRATIONS`]).
@@ -311,6 +331,11 @@ const POSTGRES_MIGRATIONS: &[EmbeddedMigration] = &[
         version: 20261122030000,
         description: "saf",
         sql: include_str!("../../../migrations/postgres/20261122030000_saf.sql"),
+    },
+    EmbeddedMigration {
+        version: 20261123010000,
+        description: "upstream_links",
+        sql: include_str!("../../../migrations/postgres/20261123010000_upstream_links.sql"),
     },
 ];
 
@@ -367,15 +392,19 @@ fn check_transition(from: KeyState, to: KeyTransition) -> Result<(), StoreError>
 }
 
 /// The answer to a withdrawal, checked in the order the ATM holder should hear about it:
-/// a nonsensical amount, then the daily limit, then the balance.
+/// a nonsensical amount, then the daily limit, then the balance. A forced post (an issuer
+/// booking a 0220 advice) skips limit and balance: the cash is already out.
 fn withdrawal_decision(
     amount: i64,
     balance: i64,
     withdrawn_today: i64,
     limit: i64,
+    force_post: bool,
 ) -> ResponseCode {
     if amount <= 0 {
         ResponseCode::InvalidAmount
+    } else if force_post {
+        ResponseCode::Approved
     } else if withdrawn_today
         .checked_add(amount)
         .is_none_or(|total| total > limit)
@@ -423,8 +452,10 @@ fn reversal_plan(
 struct Answer<'a> {
     /// Field 38, approved requests only.
     auth_code: Option<&'a str>,
-    /// Ledger (and available) balance after the request.
+    /// Ledger balance after the request.
     ledger: Option<i64>,
+    /// Available balance after the request (the ledger one, except in an issuer's answer).
+    available: Option<i64>,
     /// UTC day whose withdrawal total the request added to.
     business_day: Option<&'a str>,
     /// Amount, for a reversal: the original's.
@@ -433,6 +464,70 @@ struct Answer<'a> {
     currency: Option<&'a str>,
     /// The journal row a reversal reversed.
     original_id: Option<&'a str>,
+}
+
+/// Refuses contradictory options before a transaction starts. A decline may come with any of
+/// them (it wins: nothing is applied, nothing queued).
+fn validate_auth_request(req: &AuthRequest) -> Result<(), StoreError> {
+    let conflict = match (&req.advice, &req.issuer_answer, req.force_post) {
+        (Some(_), Some(_), _) => Some("advice and issuerAnswer"),
+        (Some(_), _, true) => Some("advice and forcePost"),
+        (_, Some(_), true) => Some("issuerAnswer and forcePost"),
+        _ => None,
+    };
+    match conflict {
+        Some(both) => Err(StoreError::invalid(format!(
+            "{both}: a request is stood in for at the acquirer, answered by its issuer, or \
+             force-posted at the issuer, never two of these"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// How an issuer's answer is journaled: as given, with no business day (no debit here).
+fn issuer_journal_answer(answer: &IssuerAnswer) -> (ResponseCode, Answer<'_>) {
+    (
+        answer.response_code,
+        Answer {
+            auth_code: answer.auth_code.as_deref(),
+            ledger: answer.ledger_balance,
+            available: answer.available_balance,
+            ..Answer::default()
+        },
+    )
+}
+
+/// Highest STAN; field 11 has six digits and `000000` is not used, so STANs wrap to 1.
+const STAN_MAX: u32 = 999_999;
+
+/// Most STANs one [`Database::reserve_stans`] call reserves.
+const STAN_BLOCK_MAX: u32 = 100_000;
+
+fn validate_stan_reservation(station: &str, count: u32) -> Result<(), StoreError> {
+    validate_printable("station", station)?;
+    if !(1..=STAN_BLOCK_MAX).contains(&count) {
+        return Err(StoreError::invalid(format!(
+            "count {count}: reserve between 1 and {STAN_BLOCK_MAX} STANs at a time"
+        )));
+    }
+    Ok(())
+}
+
+/// The first STAN of a block of `count` once the station's counter moved on to `next`.
+fn stan_block_first(next: i64, count: u32) -> Result<u32, StoreError> {
+    let next = u32::try_from(next)
+        .ok()
+        .filter(|n| (1..=STAN_MAX).contains(n))
+        .ok_or_else(|| StoreError::corrupt("stan_counters.next_stan"))?;
+    Ok((next - 1 + STAN_MAX - count % STAN_MAX) % STAN_MAX + 1)
+}
+
+fn validate_link_keys(upstream: &str, keys: &LinkKeys) -> Result<(), StoreError> {
+    validate_printable("upstream", upstream)?;
+    if keys.tpk.0.is_empty() || keys.tak.0.is_empty() {
+        return Err(StoreError::invalid("link keys: a wrapped key is empty"));
+    }
+    Ok(())
 }
 
 /// Business day of the withdrawal limit: the UTC date of `now`.
@@ -501,10 +596,15 @@ fn validate_new_key(k: &NewKey) -> Result<(), StoreError> {
 }
 
 fn validate_group(group: &str) -> Result<(), StoreError> {
-    if group.is_empty() || group.len() > 64 || group.chars().any(char::is_control) {
-        return Err(StoreError::invalid(
-            "group: must be 1 to 64 printable characters",
-        ));
+    validate_printable("group", group)
+}
+
+/// A name (group, station, upstream): 1 to 64 characters, none of them a control character.
+fn validate_printable(what: &str, value: &str) -> Result<(), StoreError> {
+    if value.is_empty() || value.len() > 64 || value.chars().any(char::is_control) {
+        return Err(StoreError::invalid(format!(
+            "{what}: must be 1 to 64 printable characters"
+        )));
     }
     Ok(())
 }
@@ -684,26 +784,57 @@ mod tests {
     #[test]
     fn withdrawal_checks_amount_then_limit_then_balance() {
         assert_eq!(
-            withdrawal_decision(0, 100, 0, 100),
+            withdrawal_decision(0, 100, 0, 100, false),
             ResponseCode::InvalidAmount
         );
         assert_eq!(
-            withdrawal_decision(-5, 100, 0, 100),
+            withdrawal_decision(-5, 100, 0, 100, false),
             ResponseCode::InvalidAmount
         );
         assert_eq!(
-            withdrawal_decision(60, 10, 50, 100),
+            withdrawal_decision(60, 10, 50, 100, false),
             ResponseCode::ExceedsWithdrawalLimit
         );
         assert_eq!(
-            withdrawal_decision(60, 59, 40, 100),
+            withdrawal_decision(60, 59, 40, 100, false),
             ResponseCode::InsufficientFunds
         );
-        assert_eq!(withdrawal_decision(60, 60, 40, 100), ResponseCode::Approved);
         assert_eq!(
-            withdrawal_decision(i64::MAX, i64::MAX, 1, i64::MAX),
+            withdrawal_decision(60, 60, 40, 100, false),
+            ResponseCode::Approved
+        );
+        assert_eq!(
+            withdrawal_decision(i64::MAX, i64::MAX, 1, i64::MAX, false),
             ResponseCode::ExceedsWithdrawalLimit
         );
+    }
+
+    #[test]
+    fn forced_post_skips_limit_and_balance_but_not_the_amount() {
+        assert_eq!(
+            withdrawal_decision(60, 10, 50, 100, true),
+            ResponseCode::Approved
+        );
+        assert_eq!(
+            withdrawal_decision(0, 100, 0, 100, true),
+            ResponseCode::InvalidAmount
+        );
+    }
+
+    #[test]
+    fn stan_blocks_start_where_the_counter_was_and_wrap() {
+        // a new station: the counter moved from 1 to 51
+        assert_eq!(stan_block_first(51, 50).unwrap(), 1);
+        // 999,990..=999,999 then 1..=10: the counter stands at 11
+        assert_eq!(stan_block_first(11, 20).unwrap(), 999_990);
+        // a block ending exactly at 999,999 leaves the counter at 1
+        assert_eq!(stan_block_first(1, 10).unwrap(), 999_990);
+        assert!(stan_block_first(0, 1).is_err());
+        assert!(stan_block_first(1_000_000, 1).is_err());
+        assert!(validate_stan_reservation("ACQ001", 0).is_err());
+        assert!(validate_stan_reservation("ACQ001", STAN_BLOCK_MAX + 1).is_err());
+        assert!(validate_stan_reservation("", 1).is_err());
+        assert!(validate_stan_reservation("ACQ001", STAN_BLOCK_MAX).is_ok());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Records the store reads and writes: terminals, keys, rotations, accounts, cards, the financial
-//! journal, audit records and admin idempotency entries.
+//! journal, upstream link keys, audit records and admin idempotency entries.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -8,6 +8,7 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::NewAdvice;
 use crate::domain::{InvalidValue, KeyState, KeyType, ResponseCode, TerminalId, WrappedKey};
 
 /// Defines an id newtype over `String`: 1–64 characters of `[A-Za-z0-9-_.:]`, so ids are safe
@@ -557,7 +558,7 @@ pub enum AuthKind {
 }
 
 /// A financial request to authorize against the local ledger, in one database transaction.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AuthRequest {
     /// Duplicate-detection identity.
     pub identity: RequestIdentity,
@@ -581,6 +582,53 @@ pub struct AuthRequest {
     pub decline: Option<ResponseCode>,
     /// Business time; its UTC day is the day of the withdrawal limit.
     pub now: DateTime<Utc>,
+    /// Stand-in: enqueue this advice in the same database transaction iff the request is
+    /// approved now (response `00`, processed now — not a duplicate). Never enqueued for a
+    /// decline. An advice whose idempotency key is already queued is left as it is; one without
+    /// a `reference` gets the journal id.
+    pub advice: Option<NewAdvice>,
+    /// Routed to an issuer: journal this answer (code, auth code, balances) as the response and
+    /// touch no account; `account_id` may be None.
+    pub issuer_answer: Option<IssuerAnswer>,
+    /// An issuer posting a 0220 advice: approve without the balance and daily-limit checks (the
+    /// acquirer already paid the cash out; the debit still counts toward the day's total and
+    /// may take the balance below zero). Currency mismatch still declines `12`; unknown account
+    /// is an error as today.
+    pub force_post: bool,
+}
+
+/// What an issuer answered to a request routed to it, journaled as the response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuerAnswer {
+    /// Field 39 from the issuer.
+    pub response_code: ResponseCode,
+    /// Field 38 from the issuer.
+    pub auth_code: Option<String>,
+    /// Ledger balance from the issuer's field 54.
+    pub ledger_balance: Option<i64>,
+    /// Available balance from the issuer's field 54.
+    pub available_balance: Option<i64>,
+}
+
+/// An upstream link's working keys, wrapped under the LMK. Debug redacts the keys.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LinkKeys {
+    /// PIN key of the link.
+    pub tpk: WrappedKey,
+    /// MAC key of the link.
+    pub tak: WrappedKey,
+    /// When the acquirer finished exchanging them; the newer pair wins.
+    pub exchanged_at: DateTime<Utc>,
+}
+
+impl fmt::Debug for LinkKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LinkKeys")
+            .field("tpk", &"<redacted>")
+            .field("tak", &"<redacted>")
+            .field("exchanged_at", &self.exchanged_at)
+            .finish()
+    }
 }
 
 /// What a journal row records.
@@ -794,6 +842,21 @@ mod tests {
         let json = serde_json::to_string(&key).unwrap();
         assert!(!json.contains("DEADBEEFWRAPPED"));
         assert!(json.contains("\"type\":\"TPK\""));
+    }
+
+    #[test]
+    fn link_keys_debug_hides_the_keys() {
+        let keys = LinkKeys {
+            tpk: WrappedKey("WRAPPEDTPKBYTES".into()),
+            tak: WrappedKey("WRAPPEDTAKBYTES".into()),
+            exchanged_at: Utc::now(),
+        };
+        let shown = format!("{keys:?}");
+        assert!(!shown.contains("WRAPPEDTPKBYTES") && !shown.contains("WRAPPEDTAKBYTES"));
+        assert!(
+            !shown.contains("chars"),
+            "not even the wrapped length: {shown}"
+        );
     }
 
     #[test]

@@ -433,7 +433,7 @@ async fn finish_journal(
 ) -> Result<JournalEntry, StoreError> {
     sqlx::query(
         "UPDATE journal SET response_code = $2, auth_code = $3, ledger_balance = $4, \
-         available_balance = $4, business_day = $5, amount = COALESCE($6, amount), \
+         available_balance = $9, business_day = $5, amount = COALESCE($6, amount), \
          currency = COALESCE($7, currency), original_id = $8 WHERE id = $1",
     )
     .bind(journal_id)
@@ -444,6 +444,7 @@ async fn finish_journal(
     .bind(answer.amount)
     .bind(answer.currency)
     .bind(answer.original_id)
+    .bind(answer.available)
     .execute(&mut *conn)
     .await?;
     let row = sqlx::query(concat!(
@@ -455,6 +456,42 @@ async fn finish_journal(
     .fetch_one(&mut *conn)
     .await?;
     Ok(journal_from_row(&row)?.1)
+}
+
+/// Queues an advice inside the caller's transaction (validated here, so every path that queues
+/// one applies the same rules).
+async fn insert_advice(
+    conn: &mut PgConnection,
+    a: &NewAdvice,
+) -> Result<EnqueueOutcome, StoreError> {
+    saf::validate_new_advice(a)?;
+    let inserted: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO saf_messages (destination, priority, mti, idempotency_key, payload, \
+         reference, next_attempt_at, created_at) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $7) \
+         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+    )
+    .bind(&a.destination)
+    .bind(i16::from(a.priority))
+    .bind(a.mti.mti())
+    .bind(&a.idempotency_key)
+    .bind(a.payload.to_string())
+    .bind(a.reference.as_deref())
+    .bind(enc(micros(a.created_at)))
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(match inserted {
+        Some(id) => EnqueueOutcome::Enqueued(AdviceId(id)),
+        None => {
+            // ON CONFLICT waited for the transaction that inserted the key to commit; this
+            // statement's fresh READ COMMITTED snapshot sees its row
+            let id: i64 =
+                sqlx::query_scalar("SELECT id FROM saf_messages WHERE idempotency_key = $1")
+                    .bind(&a.idempotency_key)
+                    .fetch_one(&mut *conn)
+                    .await?;
+            EnqueueOutcome::AlreadyQueued(AdviceId(id))
+        }
+    })
 }
 
 #[async_trait]
@@ -615,9 +652,11 @@ impl Database for PostgresStore {
     async fn terminals_in(&self, sel: &TerminalSelector) -> Result<Vec<TerminalId>, StoreError> {
         let (sql, wanted): (&'static str, Vec<String>) = match sel {
             TerminalSelector::All => {
-                let rows: Vec<String> = sqlx::query_scalar("SELECT id FROM terminals ORDER BY id")
-                    .fetch_all(&self.pool)
-                    .await?;
+                let rows: Vec<String> = sqlx::query_scalar(
+                    "SELECT id FROM terminals WHERE kind <> 'station' ORDER BY id",
+                )
+                .fetch_all(&self.pool)
+                .await?;
                 return rows
                     .into_iter()
                     .map(|id| parse_terminal_id(id, "terminals.id"))
@@ -628,7 +667,7 @@ impl Database for PostgresStore {
                 ids.iter().map(|i| i.as_str().to_string()).collect(),
             ),
             TerminalSelector::Groups(groups) => (
-                "SELECT id FROM terminals WHERE grp = ANY($1)",
+                "SELECT id FROM terminals WHERE grp = ANY($1) AND kind <> 'station'",
                 groups.clone(),
             ),
         };
@@ -1319,6 +1358,7 @@ impl Database for PostgresStore {
     }
 
     async fn authorize(&self, req: &AuthRequest) -> Result<AuthOutcome, StoreError> {
+        validate_auth_request(req)?;
         let now = micros(req.now);
         let (kind, amount) = match req.kind {
             AuthKind::Balance => (JournalKind::Balance, None),
@@ -1378,6 +1418,13 @@ impl Database for PostgresStore {
             return Ok(AuthOutcome::Done(entry));
         }
 
+        if let Some(issuer) = &req.issuer_answer {
+            let (code, answer) = issuer_journal_answer(issuer);
+            let entry = finish_journal(&mut tx, &journal_id, code, &answer).await?;
+            tx.commit().await?;
+            return Ok(AuthOutcome::Done(entry));
+        }
+
         let account_id = req
             .account_id
             .as_ref()
@@ -1411,14 +1458,16 @@ impl Database for PostgresStore {
                     .bind(&day)
                     .fetch_one(&mut *tx)
                     .await?;
-                    match withdrawal_decision(amount, balance, withdrawn, limit) {
+                    match withdrawal_decision(amount, balance, withdrawn, limit, req.force_post) {
                         ResponseCode::Approved => {
+                            // a forced post may overdraw; anything else never does
                             let new_balance: Option<i64> = sqlx::query_scalar(
                                 "UPDATE accounts SET balance = balance - $2 \
-                                 WHERE id = $1 AND balance >= $2 RETURNING balance",
+                                 WHERE id = $1 AND ($3 OR balance >= $2) RETURNING balance",
                             )
                             .bind(account_id.as_str())
                             .bind(amount)
+                            .bind(req.force_post)
                             .fetch_optional(&mut *tx)
                             .await?;
                             match new_balance {
@@ -1452,11 +1501,22 @@ impl Database for PostgresStore {
             &Answer {
                 auth_code,
                 ledger,
+                available: ledger,
                 business_day: day.as_deref(),
                 ..Answer::default()
             },
         )
         .await?;
+        if let Some(advice) = req.advice.as_ref().filter(|_| entry.approved()) {
+            let advice = NewAdvice {
+                reference: advice
+                    .reference
+                    .clone()
+                    .or_else(|| Some(journal_id.clone())),
+                ..advice.clone()
+            };
+            or_rollback!(tx, insert_advice(&mut tx, &advice).await);
+        }
         tx.commit().await?;
         Ok(AuthOutcome::Done(entry))
     }
@@ -1551,6 +1611,7 @@ impl Database for PostgresStore {
             code,
             &Answer {
                 ledger,
+                available: ledger,
                 amount,
                 currency: Some(&currency),
                 original_id: Some(&original_id),
@@ -1560,6 +1621,54 @@ impl Database for PostgresStore {
         .await?;
         tx.commit().await?;
         Ok(AuthOutcome::Done(entry))
+    }
+
+    async fn reserve_stans(&self, station: &str, count: u32) -> Result<u32, StoreError> {
+        validate_stan_reservation(station, count)?;
+        // one statement: the row lock (or SQLite's write lock) makes read-and-advance atomic
+        let next: i64 = sqlx::query_scalar(
+            "INSERT INTO stan_counters (station, next_stan) VALUES ($1, $2 % 999999 + 1) \
+             ON CONFLICT (station) DO UPDATE \
+             SET next_stan = (stan_counters.next_stan - 1 + $2) % 999999 + 1 \
+             RETURNING next_stan::BIGINT",
+        )
+        .bind(station)
+        .bind(i64::from(count))
+        .fetch_one(&self.pool)
+        .await?;
+        stan_block_first(next, count)
+    }
+
+    async fn link_keys(&self, upstream: &str) -> Result<Option<LinkKeys>, StoreError> {
+        let row = sqlx::query("SELECT tpk, tak, exchanged_at FROM link_keys WHERE upstream = $1")
+            .bind(upstream)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(LinkKeys {
+                tpk: WrappedKey(r.try_get("tpk")?),
+                tak: WrappedKey(r.try_get("tak")?),
+                exchanged_at: ts(&r, "exchanged_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn save_link_keys(&self, upstream: &str, keys: &LinkKeys) -> Result<(), StoreError> {
+        validate_link_keys(upstream, keys)?;
+        sqlx::query(
+            "INSERT INTO link_keys (upstream, tpk, tak, exchanged_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (upstream) DO UPDATE \
+             SET tpk = excluded.tpk, tak = excluded.tak, exchanged_at = excluded.exchanged_at \
+             WHERE link_keys.exchanged_at < excluded.exchanged_at",
+        )
+        .bind(upstream)
+        .bind(&keys.tpk.0)
+        .bind(&keys.tak.0)
+        .bind(enc(micros(keys.exchanged_at)))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn append_audit(&self, e: &NewAudit) -> Result<(), StoreError> {
@@ -1632,34 +1741,8 @@ impl Database for PostgresStore {
     }
 
     async fn saf_enqueue(&self, a: &NewAdvice) -> Result<EnqueueOutcome, StoreError> {
-        saf::validate_new_advice(a)?;
-        let created = enc(micros(a.created_at));
         let mut tx = self.begin().await?;
-        let inserted: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO saf_messages (destination, priority, mti, idempotency_key, payload, \
-             reference, next_attempt_at, created_at) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $7) \
-             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
-        )
-        .bind(&a.destination)
-        .bind(i16::from(a.priority))
-        .bind(a.mti.mti())
-        .bind(&a.idempotency_key)
-        .bind(a.payload.to_string())
-        .bind(a.reference.as_deref())
-        .bind(created)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let outcome = match inserted {
-            Some(id) => EnqueueOutcome::Enqueued(AdviceId(id)),
-            None => {
-                let id: i64 =
-                    sqlx::query_scalar("SELECT id FROM saf_messages WHERE idempotency_key = $1")
-                        .bind(&a.idempotency_key)
-                        .fetch_one(&mut *tx)
-                        .await?;
-                EnqueueOutcome::AlreadyQueued(AdviceId(id))
-            }
-        };
+        let outcome = or_rollback!(tx, insert_advice(&mut tx, a).await);
         tx.commit().await?;
         Ok(outcome)
     }

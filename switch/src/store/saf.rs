@@ -103,7 +103,8 @@ impl AdviceStatus {
 /// bytes: each attempt is re-packed by the sender because the MTI changes to 0221/0421 from the
 /// second attempt and the MAC must be computed under the link's TAK current at send time (keys
 /// rotate while an advice waits). JSON also lets operators read a dead letter through the API.
-/// Track data and the PIN block (fields 35, 36, 45, 52) are refused: advices carry neither.
+/// Track data and PIN blocks (fields 35, 36, 45, and 52 or this profile's 123) are refused:
+/// advices carry neither.
 #[derive(Clone, PartialEq)]
 pub struct NewAdvice {
     /// Upstream name (`[[upstreams]].name`).
@@ -315,8 +316,8 @@ pub struct SafStats {
 // pure rules
 
 /// ISO 8583 fields an advice may never hold: track 2 (35), track 3 (36), track 1 (45) and the
-/// PIN block (52).
-const FORBIDDEN_FIELDS: [&str; 4] = ["35", "36", "45", "52"];
+/// PIN block (52 in ISO 8583:1987, 123 in the Switchyard profile).
+const FORBIDDEN_FIELDS: [&str; 5] = ["35", "36", "45", "52", "123"];
 
 /// Longest reason kept with a failure; upstream text is not ours to store unbounded.
 const REASON_MAX: usize = 500;
@@ -544,6 +545,13 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("field 52"), "{err}");
+        // this profile carries the PIN block in field 123
+        let err = validate_new_advice(&NewAdvice {
+            payload: serde_json::json!({"11": "000123", "123": "0123456789ABCDEF0123456789ABCDEF"}),
+            ..ok.clone()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("field 123"), "{err}");
         let err = validate_new_advice(&NewAdvice {
             destination: String::new(),
             ..ok

@@ -190,6 +190,9 @@ pub async fn handle(
         auth_code: new_auth_code(),
         decline: None,
         now,
+        advice: None,
+        issuer_answer: None,
+        force_post: false,
     };
 
     let decline = match route_for(&ctx.settings, &pan) {
