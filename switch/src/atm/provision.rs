@@ -5,6 +5,7 @@ use serde_json::{Value, json};
 
 use crate::crypto::{ClearKey, Kek, TerminalKeys};
 use crate::domain::TerminalId;
+use crate::store::TerminalKind;
 
 /// Failures talking to the admin API.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +91,27 @@ impl AdminClient {
         id: &TerminalId,
         group: &str,
     ) -> Result<TerminalKeys, AdminClientError> {
+        self.register(kek, id, group, TerminalKind::Atm).await
+    }
+
+    /// Registers an acquiring switch as a station (SPEC §6) with a fresh random TMK and returns
+    /// the keys its processes share.
+    pub async fn register_station(
+        &self,
+        kek: &[u8],
+        id: &TerminalId,
+        group: &str,
+    ) -> Result<TerminalKeys, AdminClientError> {
+        self.register(kek, id, group, TerminalKind::Station).await
+    }
+
+    async fn register(
+        &self,
+        kek: &[u8],
+        id: &TerminalId,
+        group: &str,
+        kind: TerminalKind,
+    ) -> Result<TerminalKeys, AdminClientError> {
         let keys = TerminalKeys::generate(&mut rand::rng());
         let kek = ClearKey::new(kek)
             .and_then(Kek::from_key)
@@ -100,7 +122,8 @@ impl AdminClient {
         let kcv = kcv.to_string();
         self.post(
             "/v1/terminals",
-            &json!({"id": id.as_str(), "group": group, "tmk": {"keyBlock": block, "kcv": kcv}}),
+            &json!({"id": id.as_str(), "group": group, "kind": kind.as_str(),
+                "tmk": {"keyBlock": block, "kcv": kcv}}),
         )
         .await?;
         Ok(keys)

@@ -62,7 +62,9 @@ pub enum TerminalError {
     Wrap(#[source] Tr31Error),
 }
 
-/// A terminal's clear keys: its TMK and, once delivered, its TPK and TAK.
+/// A terminal's clear keys: its TMK and, once delivered, its TPK and TAK. Cloned when the
+/// processes of one acquirer station share its keys (every copy is wiped on drop).
+#[derive(Clone)]
 pub struct TerminalKeys {
     tmk: ClearKey,
     tpk: Option<ClearKey>,

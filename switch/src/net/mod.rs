@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::TerminalId;
+use crate::store::TerminalKind;
 use session::OutboundFrame;
 
 /// What the transaction layer knows about the connection a frame came in on.
@@ -23,6 +24,8 @@ pub struct ConnState {
     pub remote: SocketAddr,
     /// The terminal signed on over this connection, if any.
     pub terminal: Option<TerminalId>,
+    /// What `terminal` is (an ATM or an acquirer station), recorded at sign-on.
+    pub terminal_kind: Option<TerminalKind>,
     /// Unix milliseconds of the last frame received (shared with the session registry).
     pub last_seen: Arc<AtomicI64>,
     /// Sender for server-initiated frames on this connection.

@@ -82,6 +82,7 @@ async fn handle_connection(
         conn_id,
         remote,
         terminal: None,
+        terminal_kind: None,
         last_seen: Arc::new(AtomicI64::new(Utc::now().timestamp_millis())),
         outbound: outbound_tx,
         close: CancellationToken::new(),

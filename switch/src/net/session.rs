@@ -1,8 +1,12 @@
-//! The registry of live sessions: at most one signed-on connection per terminal or station.
+//! The registry of live sessions: one signed-on connection per ATM, any number per acquirer
+//! station.
 //!
-//! A new sign-on replaces the old connection (it is told to close); a disconnect removes the
-//! session only if it is still the one registered, so a late close of a replaced connection can
-//! never remove its successor. Gauges are updated here, in one place, so they cannot drift.
+//! An ATM's new sign-on replaces its old connection (which is told to close). A station is
+//! every replica and SAF drainer of an acquiring switch signing on with the same station id, so
+//! its sign-ons add sessions side by side. A disconnect removes only the session of its own
+//! connection, so a late close of a replaced connection can never remove its successor. Gauges
+//! are updated here, in one place, so they cannot drift: a terminal or station counts once
+//! while it has at least one session.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::TerminalId;
 use crate::metrics::Metrics;
+use crate::store::TerminalKind;
 
 /// A frame the switch sends on a terminal's connection on its own initiative (e.g. a key push).
 pub type OutboundFrame = Vec<u8>;
@@ -51,7 +56,8 @@ pub struct SessionInfo {
 /// Live sessions of this process.
 #[derive(Debug)]
 pub struct SessionRegistry {
-    sessions: Mutex<HashMap<TerminalId, SessionHandle>>,
+    /// Per terminal or station, its sessions oldest first; never an empty list.
+    sessions: Mutex<HashMap<TerminalId, Vec<SessionHandle>>>,
     metrics: Metrics,
 }
 
@@ -64,7 +70,7 @@ impl SessionRegistry {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TerminalId, SessionHandle>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TerminalId, Vec<SessionHandle>>> {
         // A panic while holding this lock would be a bug in this file; recover the map rather
         // than take every connection down with a poisoned lock.
         self.sessions
@@ -72,72 +78,97 @@ impl SessionRegistry {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Registers `handle` as the terminal's session and returns the one it replaced, which has
-    /// already been told to close.
-    pub fn sign_on(&self, terminal: TerminalId, handle: SessionHandle) -> Option<SessionHandle> {
+    /// Registers `handle` as a session of `terminal`. An ATM's earlier session on another
+    /// connection is replaced: it is returned, already told to close. A station keeps its
+    /// other sessions. A repeated sign-on on the same connection returns the handle it
+    /// supersedes and keeps the connection open.
+    pub fn sign_on(
+        &self,
+        terminal: TerminalId,
+        kind: TerminalKind,
+        handle: SessionHandle,
+    ) -> Option<SessionHandle> {
         let mut sessions = self.lock();
-        let conn_id = handle.conn_id;
-        let replaced = sessions.insert(terminal, handle);
-        if let Some(old) = &replaced {
-            // A repeated sign-on on the same connection keeps it open.
-            if old.conn_id != conn_id {
-                old.close.cancel();
-            }
-        } else {
+        let live = sessions.entry(terminal).or_default();
+        if live.is_empty() {
             self.metrics.terminals_signed_on.inc();
         }
+        let conn_id = handle.conn_id;
+        let replaced = match kind {
+            // an ATM has at most one session
+            TerminalKind::Atm => std::mem::take(live).pop(),
+            TerminalKind::Station => live
+                .iter()
+                .position(|h| h.conn_id == conn_id)
+                .map(|i| live.remove(i)),
+        };
+        if let Some(old) = replaced.as_ref().filter(|old| old.conn_id != conn_id) {
+            old.close.cancel();
+        }
+        live.push(handle);
         replaced
     }
 
-    /// Removes the terminal's session if connection `conn_id` still owns it.
+    /// Removes the session of connection `conn_id`, if it still holds one of the terminal's.
     pub fn remove(&self, terminal: &TerminalId, conn_id: u64) -> bool {
         let mut sessions = self.lock();
-        match sessions.get(terminal) {
-            Some(handle) if handle.conn_id == conn_id => {
-                sessions.remove(terminal);
-                self.metrics.terminals_signed_on.dec();
-                true
-            }
-            _ => false,
+        let Some(live) = sessions.get_mut(terminal) else {
+            return false;
+        };
+        let Some(i) = live.iter().position(|h| h.conn_id == conn_id) else {
+            return false;
+        };
+        live.remove(i);
+        if live.is_empty() {
+            sessions.remove(terminal);
+            self.metrics.terminals_signed_on.dec();
         }
+        true
     }
 
-    /// Closes the terminal's session (admin sign-off). Returns whether there was one.
+    /// Closes every session of the terminal or station (admin sign-off). Returns whether there
+    /// was one.
     pub fn force_sign_off(&self, terminal: &TerminalId) -> bool {
-        let handle = self.lock().get(terminal).cloned();
-        match handle {
-            Some(handle) => {
-                handle.close.cancel();
-                // The connection task removes the entry when it ends; remove it now too so the
-                // API shows the terminal signed off as soon as the call returns.
-                self.remove(terminal, handle.conn_id)
-            }
-            None => false,
+        // The connection tasks remove their entries when they end; remove them now too so the
+        // API shows the terminal signed off as soon as the call returns.
+        let Some(live) = self.lock().remove(terminal) else {
+            return false;
+        };
+        self.metrics.terminals_signed_on.dec();
+        for handle in live {
+            handle.close.cancel();
         }
+        true
     }
 
-    /// Whether connection `conn_id` holds the terminal's live session.
+    /// Whether connection `conn_id` holds a live session of the terminal.
     pub fn is_current(&self, terminal: &TerminalId, conn_id: u64) -> bool {
         self.lock()
             .get(terminal)
-            .is_some_and(|h| h.conn_id == conn_id)
+            .is_some_and(|live| live.iter().any(|h| h.conn_id == conn_id))
     }
 
-    /// The handle of a live session (to push a server-initiated message).
+    /// The handle of the newest live session (to push a server-initiated message).
     pub fn handle(&self, terminal: &TerminalId) -> Option<SessionHandle> {
-        self.lock().get(terminal).cloned()
+        self.lock()
+            .get(terminal)
+            .and_then(|live| live.last())
+            .cloned()
     }
 
-    /// What the admin API shows of a session.
+    /// What the admin API shows of the newest session.
     pub fn info(&self, terminal: &TerminalId) -> Option<SessionInfo> {
-        self.lock().get(terminal).map(|h| SessionInfo {
-            remote: h.remote,
-            signed_on_at: h.signed_on_at,
-            last_seen: DateTime::from_timestamp_millis(h.last_seen.load(Ordering::Relaxed)),
-        })
+        self.lock()
+            .get(terminal)
+            .and_then(|live| live.last())
+            .map(|h| SessionInfo {
+                remote: h.remote,
+                signed_on_at: h.signed_on_at,
+                last_seen: DateTime::from_timestamp_millis(h.last_seen.load(Ordering::Relaxed)),
+            })
     }
 
-    /// Number of live sessions.
+    /// Number of terminals and stations with a live session.
     pub fn len(&self) -> usize {
         self.lock().len()
     }
@@ -149,7 +180,7 @@ impl SessionRegistry {
 
     /// Every live session's close token (graceful shutdown tells them all).
     pub fn close_all(&self) {
-        for handle in self.lock().values() {
+        for handle in self.lock().values().flatten() {
             handle.close.cancel();
         }
     }
@@ -182,8 +213,13 @@ mod tests {
         let (reg, metrics) = registry();
         let tid = TerminalId::new("ATM1").unwrap();
         let first = handle(1);
-        assert!(reg.sign_on(tid.clone(), first.clone()).is_none());
-        let replaced = reg.sign_on(tid.clone(), handle(2)).unwrap();
+        assert!(
+            reg.sign_on(tid.clone(), TerminalKind::Atm, first.clone())
+                .is_none()
+        );
+        let replaced = reg
+            .sign_on(tid.clone(), TerminalKind::Atm, handle(2))
+            .unwrap();
         assert_eq!(replaced.conn_id, 1);
         assert!(first.close.is_cancelled());
         assert!(reg.is_current(&tid, 2));
@@ -195,8 +231,8 @@ mod tests {
         let (reg, metrics) = registry();
         let tid = TerminalId::new("ATM1").unwrap();
         let h = handle(3);
-        reg.sign_on(tid.clone(), h.clone());
-        reg.sign_on(tid.clone(), h.clone());
+        reg.sign_on(tid.clone(), TerminalKind::Atm, h.clone());
+        reg.sign_on(tid.clone(), TerminalKind::Atm, h.clone());
         assert!(!h.close.is_cancelled());
         assert_eq!(metrics.terminals_signed_on.get(), 1);
     }
@@ -205,8 +241,8 @@ mod tests {
     fn a_late_disconnect_of_the_replaced_connection_keeps_the_new_session() {
         let (reg, metrics) = registry();
         let tid = TerminalId::new("ATM1").unwrap();
-        reg.sign_on(tid.clone(), handle(1));
-        reg.sign_on(tid.clone(), handle(2));
+        reg.sign_on(tid.clone(), TerminalKind::Atm, handle(1));
+        reg.sign_on(tid.clone(), TerminalKind::Atm, handle(2));
         assert!(!reg.remove(&tid, 1));
         assert!(reg.is_current(&tid, 2));
         assert!(reg.remove(&tid, 2));
@@ -216,11 +252,54 @@ mod tests {
     }
 
     #[test]
+    fn a_station_keeps_every_session_and_counts_once() {
+        let (reg, metrics) = registry();
+        let station = TerminalId::new("ACQ001").unwrap();
+        let (first, second) = (handle(1), handle(2));
+        assert!(
+            reg.sign_on(station.clone(), TerminalKind::Station, first.clone())
+                .is_none()
+        );
+        assert!(
+            reg.sign_on(station.clone(), TerminalKind::Station, second.clone())
+                .is_none()
+        );
+        assert!(!first.close.is_cancelled() && !second.close.is_cancelled());
+        assert!(reg.is_current(&station, 1) && reg.is_current(&station, 2));
+        assert_eq!(metrics.terminals_signed_on.get(), 1);
+        // signing on again on the same connection neither closes it nor adds a session
+        let again = reg.sign_on(station.clone(), TerminalKind::Station, handle(2));
+        assert_eq!(again.map(|h| h.conn_id), Some(2));
+        assert!(!second.close.is_cancelled());
+        assert!(reg.remove(&station, 1));
+        assert!(reg.is_current(&station, 2));
+        assert_eq!(metrics.terminals_signed_on.get(), 1);
+        assert!(reg.remove(&station, 2));
+        assert!(reg.is_empty());
+        assert_eq!(metrics.terminals_signed_on.get(), 0);
+    }
+
+    #[test]
+    fn force_sign_off_of_a_station_closes_all_its_sessions() {
+        let (reg, metrics) = registry();
+        let station = TerminalId::new("ACQ001").unwrap();
+        let (first, second) = (handle(1), handle(2));
+        reg.sign_on(station.clone(), TerminalKind::Station, first.clone());
+        reg.sign_on(station.clone(), TerminalKind::Station, second.clone());
+        assert!(reg.force_sign_off(&station));
+        assert!(first.close.is_cancelled() && second.close.is_cancelled());
+        assert_eq!(metrics.terminals_signed_on.get(), 0);
+        // the connections' own late removals change nothing
+        assert!(!reg.remove(&station, 1));
+        assert_eq!(metrics.terminals_signed_on.get(), 0);
+    }
+
+    #[test]
     fn force_sign_off_closes_and_removes() {
         let (reg, metrics) = registry();
         let tid = TerminalId::new("ATM1").unwrap();
         let h = handle(7);
-        reg.sign_on(tid.clone(), h.clone());
+        reg.sign_on(tid.clone(), TerminalKind::Atm, h.clone());
         assert!(reg.force_sign_off(&tid));
         assert!(h.close.is_cancelled());
         assert!(!reg.force_sign_off(&tid));

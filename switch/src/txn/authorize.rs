@@ -11,24 +11,22 @@ use chrono::{Datelike, Utc};
 use rand::RngExt;
 use tracing::{info, warn};
 
-use super::{MacCheck, Reply, request_digest, response_to, verify_request_mac};
+use super::{Reply, authenticate, request_digest, response_to};
 use crate::app::SwitchContext;
 use crate::crypto::{PinCheck, Pvv};
 use crate::domain::{KeyType, ResponseCode, TerminalId};
 use crate::iso8583::Message;
-use crate::store::{
-    AuthKind, AuthOutcome, AuthRequest, Card, JournalEntry, RequestIdentity, StoreError,
-};
+use crate::store::{AuthKind, AuthOutcome, AuthRequest, Card, JournalEntry, RequestIdentity};
 
 /// What a processing code asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Operation {
+pub(crate) enum Operation {
     Balance,
     Withdrawal,
 }
 
 /// Account type from processing code positions 3–4 (`00` default, `10` savings, `20` checking).
-fn parse_processing_code(code: &str) -> Option<(Operation, &str)> {
+pub(crate) fn parse_processing_code(code: &str) -> Option<(Operation, &str)> {
     if code.len() != 6 || !code.bytes().all(|b| b.is_ascii_digit()) || &code[4..] != "00" {
         return None;
     }
@@ -132,14 +130,9 @@ pub async fn handle(
         return plain(ResponseCode::FormatError);
     };
 
-    let tak = match verify_request_mac(ctx, terminal, request, raw).await {
-        MacCheck::Valid(tak) => tak,
-        MacCheck::Invalid => {
-            ctx.metrics.mac_failures.inc();
-            audit_mac_failure(ctx, terminal, request).await;
-            return plain(ResponseCode::SecurityViolation);
-        }
-        MacCheck::Unavailable => return plain(ResponseCode::SystemMalfunction),
+    let tak = match authenticate(ctx, terminal, request, raw).await {
+        Ok(tak) => tak,
+        Err(code) => return plain(code),
     };
     let answer = |entry: &JournalEntry| {
         response_to(request, ResponseCode::Approved).map(|mut m| {
@@ -309,16 +302,22 @@ async fn verify_pin(
 
 /// Sets 37, 38, 39 and (for approvals with balances) 54 from the journal entry.
 fn fill_from_journal(m: &mut Message, entry: &JournalEntry, account_type: &str) {
-    m.set_str(39, &entry.response_code);
-    m.set_str(37, &entry.rrn);
-    if let Some(code) = &entry.auth_code {
-        m.set_str(38, code);
-    }
+    fill_outcome(m, entry);
     if let (Some(ledger), Some(available)) = (entry.ledger_balance, entry.available_balance) {
         m.set_str(
             54,
             &additional_amounts(account_type, &entry.currency, ledger, available),
         );
+    }
+}
+
+/// Sets 39, 37 and (when approved) 38 from the journal entry: what every answer to a
+/// journaled request repeats byte for byte.
+pub(crate) fn fill_outcome(m: &mut Message, entry: &JournalEntry) {
+    m.set_str(39, &entry.response_code);
+    m.set_str(37, &entry.rrn);
+    if let Some(code) = &entry.auth_code {
+        m.set_str(38, code);
     }
 }
 
@@ -349,23 +348,6 @@ pub(crate) fn new_rrn(now: chrono::DateTime<Utc>) -> String {
 pub(crate) fn new_auth_code() -> String {
     let n: u32 = rand::rng().random_range(0..1_000_000);
     format!("{n:06}")
-}
-
-async fn audit_mac_failure(ctx: &SwitchContext, terminal: &TerminalId, request: &Message) {
-    warn!(%terminal, mti = %request.mti().as_str(), "MAC verification failed");
-    let entry = crate::store::NewAudit {
-        actor: format!("terminal:{terminal}"),
-        action: "message.mac".into(),
-        target: terminal.to_string(),
-        result: "refused: MAC does not verify (63)".into(),
-        detail: serde_json::json!({
-            "mti": request.mti().as_str(),
-            "stan": request.get_str(11),
-        }),
-    };
-    if let Err(StoreError::Unavailable(_)) = ctx.store.append_audit(&entry).await {
-        warn!(%terminal, "failed to audit a MAC failure: store unavailable");
-    }
 }
 
 #[cfg(test)]

@@ -1,10 +1,12 @@
 //! The transaction layer: one ISO 8583 request in, at most one answer out.
 //!
 //! Dispatch by MTI; network management (0800), key exchange (0800/161, 162 and the terminal's
-//! 0810 to a server-initiated 161), financial requests (0200), reversals (0400, 0420/0421).
+//! 0810 to a server-initiated 161), financial requests (0200), advices from acquirer stations
+//! (0220/0221), reversals (0400, 0420/0421).
 //! Every path ends in an answer with a documented response code or a closed connection; nothing
 //! here panics on network input.
 
+pub mod advice;
 pub mod authorize;
 pub mod key_exchange;
 pub mod keys;
@@ -19,6 +21,7 @@ use crate::app::SwitchContext;
 use crate::domain::{ResponseCode, TerminalId, WrappedKey};
 use crate::iso8583::{Message, Mti, UnpackError};
 use crate::net::ConnState;
+use crate::store::{StoreError, TerminalKind};
 
 /// An answer, and the TAK to MAC it under when it must carry a MAC.
 #[derive(Debug)]
@@ -81,6 +84,14 @@ pub async fn handle_frame(
         "0200" => match signed_on_terminal(conn, &request) {
             Ok(tid) => authorize::handle(ctx, &tid, &request, frame).await,
             Err(code) => refuse(&request, code, "financial"),
+        },
+        "0220" | "0221" => match signed_on_terminal(conn, &request) {
+            // Only an acquiring switch books cash it paid out on our behalf.
+            Ok(tid) if conn.terminal_kind == Some(TerminalKind::Station) => {
+                advice::handle(ctx, &tid, &request, frame).await
+            }
+            Ok(_) => refuse(&request, ResponseCode::InvalidTransaction, "advice"),
+            Err(code) => refuse(&request, code, "advice"),
         },
         "0400" | "0420" | "0421" => match signed_on_terminal(conn, &request) {
             Ok(tid) => reversal::handle(ctx, &tid, &request, frame).await,
@@ -174,7 +185,10 @@ fn format_error(ctx: &SwitchContext, conn: &mut ConnState, err: UnpackError) -> 
 }
 
 fn is_request(mti: Mti) -> bool {
-    matches!(mti.as_str(), "0800" | "0200" | "0400" | "0420" | "0421")
+    matches!(
+        mti.as_str(),
+        "0800" | "0200" | "0220" | "0221" | "0400" | "0420" | "0421"
+    )
 }
 
 /// Outcome of checking a request's MAC.
@@ -186,6 +200,43 @@ pub enum MacCheck {
     Invalid,
     /// The store failed: `96`.
     Unavailable,
+}
+
+/// Authenticates a received financial message (SPEC §3): `Ok` with the TAK to MAC the answer
+/// under, or the code to answer without a MAC — `63` (counted and audited) when the MAC does
+/// not verify, `96` when the store could not say.
+pub async fn authenticate(
+    ctx: &SwitchContext,
+    terminal: &TerminalId,
+    request: &Message,
+    raw: &[u8],
+) -> Result<Option<WrappedKey>, ResponseCode> {
+    match verify_request_mac(ctx, terminal, request, raw).await {
+        MacCheck::Valid(tak) => Ok(tak),
+        MacCheck::Invalid => {
+            ctx.metrics.mac_failures.inc();
+            audit_mac_failure(ctx, terminal, request).await;
+            Err(ResponseCode::SecurityViolation)
+        }
+        MacCheck::Unavailable => Err(ResponseCode::SystemMalfunction),
+    }
+}
+
+async fn audit_mac_failure(ctx: &SwitchContext, terminal: &TerminalId, request: &Message) {
+    warn!(%terminal, mti = %request.mti().as_str(), "MAC verification failed");
+    let entry = crate::store::NewAudit {
+        actor: format!("terminal:{terminal}"),
+        action: "message.mac".into(),
+        target: terminal.to_string(),
+        result: "refused: MAC does not verify (63)".into(),
+        detail: serde_json::json!({
+            "mti": request.mti().as_str(),
+            "stan": request.get_str(11),
+        }),
+    };
+    if let Err(StoreError::Unavailable(_)) = ctx.store.append_audit(&entry).await {
+        warn!(%terminal, "failed to audit a MAC failure: store unavailable");
+    }
 }
 
 /// Verifies the MAC of a received financial message under the terminal's ACTIVE TAK, or a

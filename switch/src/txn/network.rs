@@ -10,6 +10,7 @@ use crate::domain::{ResponseCode, TerminalId};
 use crate::iso8583::Message;
 use crate::net::ConnState;
 use crate::net::session::SessionHandle;
+use crate::store::TerminalKind;
 
 /// Handles an 0800.
 pub async fn handle(ctx: &SwitchContext, conn: &mut ConnState, request: &Message) -> Option<Reply> {
@@ -24,6 +25,7 @@ pub async fn handle(ctx: &SwitchContext, conn: &mut ConnState, request: &Message
         Some("002") => {
             if conn.terminal.as_ref() == Some(&terminal) {
                 conn.terminal = None;
+                conn.terminal_kind = None;
                 if ctx.sessions.remove(&terminal, conn.conn_id) {
                     ctx.audit_session(&terminal, "session.sign-off", &conn.remote)
                         .await;
@@ -61,8 +63,8 @@ async fn sign_on(
         // Shutting down: let the terminal sign on to another instance.
         return answer(ResponseCode::IssuerUnavailable);
     }
-    match ctx.store.get_terminal(&terminal).await {
-        Ok(Some(_)) => {}
+    let kind = match ctx.store.get_terminal(&terminal).await {
+        Ok(Some(registered)) => registered.kind,
         Ok(None) => {
             info!(%terminal, remote = %conn.remote, "sign-on refused: terminal not registered");
             ctx.audit_session(&terminal, "session.sign-on-refused", &conn.remote)
@@ -70,15 +72,18 @@ async fn sign_on(
             return answer(ResponseCode::NotPermittedToTerminal);
         }
         Err(_) => return answer(ResponseCode::SystemMalfunction),
-    }
+    };
     // The same connection signing on as another terminal gives up its previous session.
     if let Some(previous) = conn.terminal.take()
         && previous != terminal
     {
         ctx.sessions.remove(&previous, conn.conn_id);
     }
+    // An ATM's new sign-on replaces its old connection; a station's replicas and drainers all
+    // sign on with its id, so a station's sessions live side by side.
     let replaced = ctx.sessions.sign_on(
         terminal.clone(),
+        kind,
         SessionHandle {
             conn_id: conn.conn_id,
             remote: conn.remote,
@@ -92,9 +97,14 @@ async fn sign_on(
         info!(%terminal, old = %old.remote, new = %conn.remote, "sign-on replaced an older session");
     }
     conn.terminal = Some(terminal.clone());
+    conn.terminal_kind = Some(kind);
     ctx.audit_session(&terminal, "session.sign-on", &conn.remote)
         .await;
-    // Keys generated while the terminal was away are pushed now, after this answer.
-    key_exchange::push_pending(ctx, &terminal).await;
+    // Keys generated while an ATM was away are pushed now, after this answer. A station
+    // exchanges its keys itself (0800/161 + 162) and shares them among its processes; a key
+    // pushed to one of its sessions would change them behind the others' backs.
+    if kind == TerminalKind::Atm {
+        key_exchange::push_pending(ctx, &terminal).await;
+    }
     answer(ResponseCode::Approved)
 }

@@ -7,7 +7,7 @@
 use chrono::Utc;
 
 use super::authorize::{identity, new_rrn};
-use super::{MacCheck, Reply, request_digest, response_to, verify_request_mac};
+use super::{Reply, authenticate, request_digest, response_to};
 use crate::app::SwitchContext;
 use crate::domain::{ResponseCode, TerminalId};
 use crate::iso8583::Message;
@@ -42,14 +42,9 @@ pub async fn handle(
     ) else {
         return plain(ResponseCode::FormatError);
     };
-    let tak = match verify_request_mac(ctx, terminal, request, raw).await {
-        MacCheck::Valid(tak) => tak,
-        MacCheck::Invalid => {
-            ctx.metrics.mac_failures.inc();
-            tracing::warn!(%terminal, "reversal refused: MAC does not verify");
-            return plain(ResponseCode::SecurityViolation);
-        }
-        MacCheck::Unavailable => return plain(ResponseCode::SystemMalfunction),
+    let tak = match authenticate(ctx, terminal, request, raw).await {
+        Ok(tak) => tak,
+        Err(code) => return plain(code),
     };
     let coded = |code: ResponseCode| {
         response_to(request, code).map(|m| Reply {

@@ -1,0 +1,145 @@
+//! Advices from an acquirer station, 0220/0221 → 0230 (SPEC §6): the acquirer stood in for us,
+//! approved a withdrawal and paid the cash out; we book it here, once however often the advice
+//! is delivered.
+//!
+//! Order of checks, each with its documented answer: format (`30`; `12` for anything but a
+//! cash withdrawal), MAC (`63`, nothing journaled), duplicate (the original answer byte for
+//! byte — a 0221 repeat counts as its 0220 — or `94` for different content), card (`14` unless
+//! on-us and registered here), then the ledger as a forced post (`13`, `12` for a currency
+//! mismatch, else `00`). The identity is (station, STAN, transmission date-time), so every
+//! redelivery by any of the acquirer's drainers finds the first one's journal row.
+//!
+//! Not checked, on purpose: the PIN (an advice carries none; the acquirer verified it when it
+//! stood in), the expiry, the balance and the daily limit (the cash is already out). Refusals
+//! before the ledger are not journaled: once an operator fixed the cause (say, registered the
+//! card), requeueing the dead-lettered advice books it.
+
+use chrono::Utc;
+use tracing::{info, warn};
+
+use super::authorize::{
+    Operation, Route, card_data, fill_outcome, identity, new_auth_code, new_rrn,
+    parse_processing_code, route_for,
+};
+use super::{Reply, authenticate, request_digest, response_to};
+use crate::app::SwitchContext;
+use crate::domain::{ResponseCode, TerminalId};
+use crate::iso8583::Message;
+use crate::store::{AuthKind, AuthOutcome, AuthRequest, JournalEntry};
+
+/// Handles an 0220 or 0221 from a signed-on station.
+pub async fn handle(
+    ctx: &SwitchContext,
+    station: &TerminalId,
+    request: &Message,
+    raw: &[u8],
+) -> Option<Reply> {
+    let plain = |code| response_to(request, code).map(|m| Reply::plain(m, "advice"));
+    match request.get_str(3).map(parse_processing_code) {
+        None => return plain(ResponseCode::FormatError),
+        Some(Some((Operation::Withdrawal, _))) => {}
+        // stand-in approves withdrawals only; nothing else is ever advised
+        Some(_) => return plain(ResponseCode::InvalidTransaction),
+    }
+    let amount = request.get_str(4).and_then(|a| a.parse::<i64>().ok());
+    let (Some(id), Some((pan, _expiry)), Some(amount)) =
+        (identity(station, request), card_data(request), amount)
+    else {
+        return plain(ResponseCode::FormatError);
+    };
+
+    let tak = match authenticate(ctx, station, request, raw).await {
+        Ok(tak) => tak,
+        Err(code) => return plain(code),
+    };
+    let coded = |code: ResponseCode| {
+        response_to(request, code).map(|m| Reply {
+            message: m,
+            mac_key: tak.clone(),
+            kind: "advice",
+        })
+    };
+    let answer = |entry: &JournalEntry| {
+        coded(ResponseCode::Approved).map(|mut reply| {
+            fill_outcome(&mut reply.message, entry);
+            reply
+        })
+    };
+
+    let digest = request_digest(ctx, raw);
+    match ctx.store.find_request(&id).await {
+        Ok(Some(entry)) if entry.digest == digest => return answer(&entry),
+        Ok(Some(_)) => return coded(ResponseCode::Duplicate),
+        Ok(None) => {}
+        Err(_) => return coded(ResponseCode::SystemMalfunction),
+    }
+
+    if route_for(&ctx.settings, &pan) != Route::OnUs {
+        return coded(ResponseCode::InvalidCard);
+    }
+    // stand-in data the acquirer holds for us is no card of ours to book
+    let card = match ctx.store.find_card(&ctx.hsm.pan_token(&pan)).await {
+        Ok(Some(card)) if card.upstream.is_none() => card,
+        Ok(_) => {
+            info!(%station, stan = %id.stan, "advice refused: card not issued here");
+            return coded(ResponseCode::InvalidCard);
+        }
+        Err(_) => return coded(ResponseCode::SystemMalfunction),
+    };
+
+    let now = Utc::now();
+    let auth = AuthRequest {
+        identity: id,
+        digest,
+        mti: request.mti().as_str().to_string(),
+        kind: AuthKind::Withdrawal { amount },
+        card_id: Some(card.id),
+        account_id: Some(card.account_id),
+        currency: request.get_str(49).unwrap_or_default().to_string(),
+        // the acquirer's references are what the cardholder's receipt shows: keep them
+        rrn: reference(request, 37, 12).unwrap_or_else(|| new_rrn(now)),
+        auth_code: reference(request, 38, 6).unwrap_or_else(new_auth_code),
+        decline: None,
+        now,
+        advice: None,
+        issuer_answer: None,
+        force_post: true,
+    };
+    match ctx.store.authorize(&auth).await {
+        Ok(AuthOutcome::Done(entry)) | Ok(AuthOutcome::Duplicate(entry)) => {
+            if entry.approved() {
+                info!(%station, stan = %entry.identity.stan, amount, "advice booked");
+            }
+            answer(&entry)
+        }
+        Ok(AuthOutcome::ContentMismatch) => coded(ResponseCode::Duplicate),
+        Err(err) => {
+            warn!(%station, error = %err, "advice failed in the store");
+            coded(ResponseCode::SystemMalfunction)
+        }
+    }
+}
+
+/// Field `field` when it is `len` letters or digits (37 RRN, 38 authorization code).
+fn reference(request: &Message, field: u8, len: usize) -> Option<String> {
+    request
+        .get_str(field)
+        .filter(|v| v.len() == len && v.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::iso8583::Mti;
+
+    #[test]
+    fn references_are_kept_only_when_well_formed() {
+        let mut m = Message::new(Mti::parse("0220").unwrap());
+        m.set_str(37, "612345678901");
+        m.set_str(38, "12 456");
+        assert_eq!(reference(&m, 37, 12).as_deref(), Some("612345678901"));
+        assert_eq!(reference(&m, 38, 6), None);
+        assert_eq!(reference(&m, 41, 8), None);
+    }
+}
