@@ -432,7 +432,8 @@ pub async fn drain(settings: Settings) -> Result<(), StartError> {
     let holder = Drainer::holder_name();
     info!(%holder, upstreams = upstreams.iter().count(), "drainer started");
     let drainer = tokio::spawn(
-        Drainer::new(store.clone(), upstreams, settings.saf.clone(), holder).run(stop_drainer.clone()),
+        Drainer::new(store.clone(), upstreams, settings.saf.clone(), holder)
+            .run(stop_drainer.clone()),
     );
     health.set_started();
     wait_for_signal().await;

@@ -31,7 +31,11 @@ fn free_port() -> u16 {
 }
 
 fn random_hex(bytes: usize) -> String {
-    hex::encode((0..bytes).map(|_| rand::random::<u8>()).collect::<Vec<u8>>())
+    hex::encode(
+        (0..bytes)
+            .map(|_| rand::random::<u8>())
+            .collect::<Vec<u8>>(),
+    )
 }
 
 /// One switch process: its files, ports, admin client, and the child while it runs.
@@ -130,7 +134,10 @@ impl Node {
     }
 
     async fn balance(&self, account: &str) -> i64 {
-        self.admin.get(&format!("/v1/accounts/{account}")).await.unwrap()["balance"]
+        self.admin
+            .get(&format!("/v1/accounts/{account}"))
+            .await
+            .unwrap()["balance"]
             .as_i64()
             .unwrap()
     }
@@ -299,12 +306,20 @@ async fn wait_link_up(acquirer: &Node) {
 async fn issuer_outage_stands_in_and_every_advice_lands_once() {
     let root = tempfile::tempdir().unwrap();
     let db = |name: &str| format!("sqlite://{}", root.path().join(name).display());
-    let mut issuer = Node::new(root.path(), "issuer", &db("issuer.db"), "[routing]\non_us = [\"4111\"]\n");
+    let mut issuer = Node::new(
+        root.path(),
+        "issuer",
+        &db("issuer.db"),
+        "[routing]\non_us = [\"4111\"]\n",
+    );
     issuer.start().await;
     seed_issuer(&issuer).await;
     let tmk = register_station(&issuer, root.path()).await;
 
-    let extra = format!("{ACQUIRER_ROUTING}{}{FAST_SAF}", upstream_config(&issuer.iso, &tmk));
+    let extra = format!(
+        "{ACQUIRER_ROUTING}{}{FAST_SAF}",
+        upstream_config(&issuer.iso, &tmk)
+    );
     let mut acquirer = Node::new(root.path(), "acquirer", &db("acquirer.db"), &extra);
     acquirer.start().await;
     seed_stand_in(&acquirer, 500_000).await;
@@ -317,18 +332,44 @@ async fn issuer_outage_stands_in_and_every_advice_lands_once() {
     assert_eq!(balance.get_str(39), Some("00"));
     assert!(balance.get_str(54).unwrap().contains("000000990000"));
     assert_eq!(issuer.balance("ISS-1").await, ISSUER_START - 10_000);
-    assert_eq!(acquirer.balance("STIP-B").await, 500_000, "routed: no stand-in money moved");
+    assert_eq!(
+        acquirer.balance("STIP-B").await,
+        500_000,
+        "routed: no stand-in money moved"
+    );
+    // the ATM reverses a routed withdrawal: answered at once, the issuer gets a 0420
+    let (request, answer) = atm.withdraw(&card(), 7_000).await.unwrap();
+    assert_eq!(answer.get_str(39), Some("00"));
+    assert_eq!(atm.reverse(&request).await.unwrap().get_str(39), Some("00"));
+    assert_eq!(
+        atm.reverse(&request).await.unwrap().get_str(39),
+        Some("00"),
+        "repeat"
+    );
+    eventually("the routed reversal to reach the issuer", 20, || async {
+        (issuer.balance("ISS-1").await == ISSUER_START - 10_000).then_some(())
+    })
+    .await;
+    assert_eq!(
+        acquirer.saf_stats().await["deliveredTotal"],
+        1,
+        "one 0420 for two 0400s"
+    );
 
     // issuer killed: stand-in up to the limit, 91 above it and for balance inquiries
     issuer.kill();
     for _ in 0..3 {
         assert_eq!(withdraw(&mut atm, 20_000).await, "00");
     }
+    // a stand-in approval the ATM reverses: its 0420 overtakes its 0220 at the issuer
+    let (request, answer) = atm.withdraw(&card(), 4_000).await.unwrap();
+    assert_eq!(answer.get_str(39), Some("00"));
+    assert_eq!(atm.reverse(&request).await.unwrap().get_str(39), Some("00"));
     assert_eq!(withdraw(&mut atm, 200_000).await, "91");
     assert_eq!(atm.balance(&card()).await.unwrap().get_str(39), Some("91"));
-    assert_eq!(acquirer.metric("switchyard_standin_total").await, Some(3.0));
+    assert_eq!(acquirer.metric("switchyard_standin_total").await, Some(4.0));
     assert_eq!(acquirer.balance("STIP-B").await, 500_000 - 60_000);
-    assert_eq!(backlog(&acquirer.saf_stats().await), 3);
+    assert_eq!(backlog(&acquirer.saf_stats().await), 5);
     // the failures opened the circuit
     eventually("the circuit to open", 10, || async {
         (acquirer.metric(CIRCUIT).await == Some(2.0)).then_some(())
@@ -339,10 +380,13 @@ async fn issuer_outage_stands_in_and_every_advice_lands_once() {
     issuer.start().await;
     eventually("the backlog to drain", 60, || async {
         let stats = acquirer.saf_stats().await;
-        (backlog(&stats) == 0 && stats["deliveredTotal"] == 3).then_some(())
+        (backlog(&stats) == 0 && stats["deliveredTotal"] == 6).then_some(())
     })
     .await;
-    assert_eq!(issuer.balance("ISS-1").await, ISSUER_START - 10_000 - 60_000);
+    assert_eq!(
+        issuer.balance("ISS-1").await,
+        ISSUER_START - 10_000 - 60_000
+    );
     eventually("the circuit to close", 20, || async {
         (acquirer.metric(CIRCUIT).await == Some(0.0)).then_some(())
     })
@@ -379,13 +423,21 @@ async fn three_drainers_on_one_postgres_apply_each_advice_once() {
     };
     let root = tempfile::tempdir().unwrap();
     let issuer_db = format!("sqlite://{}", root.path().join("issuer.db").display());
-    let mut issuer = Node::new(root.path(), "issuer", &issuer_db, "[routing]\non_us = [\"4111\"]\n");
+    let mut issuer = Node::new(
+        root.path(),
+        "issuer",
+        &issuer_db,
+        "[routing]\non_us = [\"4111\"]\n",
+    );
     issuer.start().await;
     seed_issuer(&issuer).await;
     let tmk = register_station(&issuer, root.path()).await;
     issuer.kill();
 
-    let extra = format!("{ACQUIRER_ROUTING}{}{FAST_SAF}", upstream_config(&issuer.iso, &tmk));
+    let extra = format!(
+        "{ACQUIRER_ROUTING}{}{FAST_SAF}",
+        upstream_config(&issuer.iso, &tmk)
+    );
     let mut acquirer = Node::new(root.path(), "acquirer", &acq_db.url, &extra);
     acquirer.start().await;
     seed_stand_in(&acquirer, 10_000_000).await;
@@ -408,14 +460,25 @@ async fn three_drainers_on_one_postgres_apply_each_advice_once() {
     store.saf_enqueue(&poison_advice()).await.unwrap();
     // a drainer that leased ten advices and died before settling them
     let crashed = store
-        .saf_lease(Some("issuer-b"), "crashed-drainer", Duration::from_secs(2), 10, chrono::Utc::now())
+        .saf_lease(
+            Some("issuer-b"),
+            "crashed-drainer",
+            Duration::from_secs(2),
+            10,
+            chrono::Utc::now(),
+        )
         .await
         .unwrap();
     assert_eq!(crashed.len(), 10);
     assert_eq!(backlog(&acquirer.saf_stats().await), N as u64 + 1);
 
     issuer.start().await;
-    let drainer_env = || vec![("SWITCHYARD_METRICS__LISTEN", format!("127.0.0.1:{}", free_port()))];
+    let drainer_env = || {
+        vec![(
+            "SWITCHYARD_METRICS__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )]
+    };
     let mut drainers: Vec<Child> = (0..3)
         .map(|i| acquirer.spawn(&["drain"], &drainer_env(), &format!("drain-{i}.log")))
         .collect();
@@ -433,11 +496,21 @@ async fn three_drainers_on_one_postgres_apply_each_advice_once() {
         (backlog(&stats) == 0).then_some(stats)
     })
     .await;
-    let dead = acquirer.admin.get("/v1/saf?status=deadLetter").await.unwrap();
+    let dead = acquirer
+        .admin
+        .get("/v1/saf?status=deadLetter")
+        .await
+        .unwrap();
     assert_eq!(stats["deliveredTotal"], N, "{stats} {dead}");
     assert_eq!(stats["deadLetters"], 1, "{stats} {dead}");
-    let reason = dead[0]["lastError"].as_str().unwrap_or_default().to_string();
-    assert!(reason.contains("14"), "dead letter reason: {reason} ({dead})");
+    let reason = dead[0]["lastError"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains("14"),
+        "dead letter reason: {reason} ({dead})"
+    );
     // exactly once in effect at the issuer, whatever was sent twice
     assert_eq!(issuer.balance("ISS-1").await, ISSUER_START - N * 1_000);
     let repeats: usize = (0..3)

@@ -205,6 +205,7 @@ fn withdrawal(acc: &AccountId, terminal: &str, stan: u32, amount: i64) -> AuthRe
         advice: None,
         issuer_answer: None,
         force_post: false,
+        upstream_ref: None,
     }
 }
 
@@ -2406,7 +2407,10 @@ async fn stan_blocks_never_overlap_and_wrap(store: Store) {
             1 + i * 100_000
         );
     }
-    assert_eq!(store.reserve_stans("ACQ004", 99_989).await.unwrap(), 900_001);
+    assert_eq!(
+        store.reserve_stans("ACQ004", 99_989).await.unwrap(),
+        900_001
+    );
     let first = store.reserve_stans("ACQ004", 20).await.unwrap();
     assert_eq!(first, 999_990);
     assert_eq!(stan_of_block(first, 9), 999_999);
@@ -2423,11 +2427,17 @@ async fn link_keys_round_trip_and_keep_the_newer(store: Store) {
     };
     let first = keys("1", t0());
     store.save_link_keys("issuer-b", &first).await.unwrap();
-    assert_eq!(store.link_keys("issuer-b").await.unwrap(), Some(first.clone()));
+    assert_eq!(
+        store.link_keys("issuer-b").await.unwrap(),
+        Some(first.clone())
+    );
 
     let newer = keys("2", t0() + secs(60));
     store.save_link_keys("issuer-b", &newer).await.unwrap();
-    assert_eq!(store.link_keys("issuer-b").await.unwrap(), Some(newer.clone()));
+    assert_eq!(
+        store.link_keys("issuer-b").await.unwrap(),
+        Some(newer.clone())
+    );
 
     // a process that finished an older exchange late does not overwrite the newer pair
     store
@@ -2485,12 +2495,18 @@ async fn stand_in_approval_queues_its_advice_in_the_same_transaction(store: Stor
         advice: Some(stand_in_advice("ACQ001:000002:1122100000")),
         ..withdrawal(&acc, "ATM1", 2, 1_000)
     };
-    assert_eq!(done(store.authorize(&wrong_pin).await.unwrap()).response_code, "55");
+    assert_eq!(
+        done(store.authorize(&wrong_pin).await.unwrap()).response_code,
+        "55"
+    );
     let too_much = AuthRequest {
         advice: Some(stand_in_advice("ACQ001:000003:1122100000")),
         ..withdrawal(&acc, "ATM1", 3, 50_000)
     };
-    assert_eq!(done(store.authorize(&too_much).await.unwrap()).response_code, "51");
+    assert_eq!(
+        done(store.authorize(&too_much).await.unwrap()).response_code,
+        "51"
+    );
     assert_eq!(queued_advices(&store).await.len(), 1);
 
     // an advice already queued under its key (say, by an earlier attempt) is no error
@@ -2521,6 +2537,7 @@ async fn stand_in_approval_queues_its_advice_in_the_same_transaction(store: Stor
     let confused = AuthRequest {
         advice: Some(stand_in_advice("ACQ001:000006:1122100000")),
         force_post: true,
+        upstream_ref: None,
         ..withdrawal(&acc, "ATM1", 6, 1_000)
     };
     assert!(matches!(
@@ -2551,7 +2568,13 @@ async fn issuer_answer_is_journaled_without_touching_the_ledger(store: Store) {
             entry.available_balance,
             entry.amount
         ),
-        ("00", Some("ISS123"), Some(900_000), Some(850_000), Some(5_000))
+        (
+            "00",
+            Some("ISS123"),
+            Some(900_000),
+            Some(850_000),
+            Some(5_000)
+        )
     );
     assert_eq!(balance(&store, &acc).await, 10_000);
     assert_eq!(
@@ -2574,7 +2597,11 @@ async fn issuer_answer_is_journaled_without_touching_the_ledger(store: Store) {
     };
     let entry = done(store.authorize(&declined).await.unwrap());
     assert_eq!(
-        (entry.response_code.as_str(), entry.auth_code, entry.ledger_balance),
+        (
+            entry.response_code.as_str(),
+            entry.auth_code,
+            entry.ledger_balance
+        ),
         ("51", None, None)
     );
     // the same identity with other content is still `94`
@@ -2594,11 +2621,15 @@ async fn forced_post_books_past_balance_and_limit(store: Store) {
     let advice = |stan: u32, amount: i64| AuthRequest {
         mti: "0220".into(),
         force_post: true,
+        upstream_ref: None,
         ..withdrawal(&acc, "ACQ001", stan, amount)
     };
     // past the balance: the acquirer already paid the cash out
     let e = done(store.authorize(&advice(1, 1_500)).await.unwrap());
-    assert_eq!((e.response_code.as_str(), e.ledger_balance), ("00", Some(-500)));
+    assert_eq!(
+        (e.response_code.as_str(), e.ledger_balance),
+        ("00", Some(-500))
+    );
     assert_eq!(balance(&store, &acc).await, -500);
     // delivered again: booked once
     assert!(matches!(
@@ -2610,20 +2641,34 @@ async fn forced_post_books_past_balance_and_limit(store: Store) {
     assert!(done(store.authorize(&advice(2, 1_000)).await.unwrap()).approved());
     assert_eq!(balance(&store, &acc).await, -1_500);
     let ordinary = withdrawal(&acc, "ATM1", 3, 1);
-    assert_eq!(done(store.authorize(&ordinary).await.unwrap()).response_code, "61");
+    assert_eq!(
+        done(store.authorize(&ordinary).await.unwrap()).response_code,
+        "61"
+    );
 
     // an ordinary withdrawal still never overdraws
     let other = account(&store, "ACC-G", 1_000, 100_000).await;
-    let e = done(store.authorize(&withdrawal(&other, "ATM1", 4, 1_001)).await.unwrap());
+    let e = done(
+        store
+            .authorize(&withdrawal(&other, "ATM1", 4, 1_001))
+            .await
+            .unwrap(),
+    );
     assert_eq!(e.response_code, "51");
 
     // nonsense amounts and currencies are still refused, and nothing is booked
-    assert_eq!(done(store.authorize(&advice(5, 0)).await.unwrap()).response_code, "13");
+    assert_eq!(
+        done(store.authorize(&advice(5, 0)).await.unwrap()).response_code,
+        "13"
+    );
     let usd = AuthRequest {
         currency: "840".into(),
         ..advice(6, 100)
     };
-    assert_eq!(done(store.authorize(&usd).await.unwrap()).response_code, "12");
+    assert_eq!(
+        done(store.authorize(&usd).await.unwrap()).response_code,
+        "12"
+    );
     assert_eq!(balance(&store, &acc).await, -1_500);
 
     // a reversal of a forced post restores it, as any withdrawal

@@ -7,20 +7,11 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Backend, TestSwitch};
+use common::{Backend, TestSwitch, balance, card};
 use serde_json::json;
 use switchyard_switch::atm::session::{self, SessionOptions};
-use switchyard_switch::atm::{AtmClient, CardInput, expect_code};
+use switchyard_switch::atm::{AtmClient, expect_code};
 use switchyard_switch::domain::{KeyType, TerminalId};
-
-fn card(pan: &str) -> CardInput {
-    CardInput {
-        pan: pan.into(),
-        expiry: "2812".into(),
-        pin: "1234".into(),
-        currency: "360".into(),
-    }
-}
 
 /// A signed-on terminal with TPK and TAK, and an account with a card.
 async fn ready_atm(
@@ -44,15 +35,6 @@ async fn ready_atm(
         .await
         .unwrap();
     atm
-}
-
-async fn balance(sw: &TestSwitch, account: &str) -> i64 {
-    sw.viewer
-        .get(&format!("/v1/accounts/{account}"))
-        .await
-        .unwrap()["balance"]
-        .as_i64()
-        .unwrap()
 }
 
 async fn full_demo_session(backend: Backend) {

@@ -91,7 +91,8 @@ impl AdminClient {
         id: &TerminalId,
         group: &str,
     ) -> Result<TerminalKeys, AdminClientError> {
-        self.register(kek, id, group, TerminalKind::Atm).await
+        let keys = TerminalKeys::generate(&mut rand::rng());
+        self.register(kek, id, group, TerminalKind::Atm, keys).await
     }
 
     /// Registers an acquiring switch as a station (SPEC §6) with a fresh random TMK and returns
@@ -102,7 +103,9 @@ impl AdminClient {
         id: &TerminalId,
         group: &str,
     ) -> Result<TerminalKeys, AdminClientError> {
-        self.register(kek, id, group, TerminalKind::Station).await
+        let keys = TerminalKeys::generate(&mut rand::rng());
+        self.register(kek, id, group, TerminalKind::Station, keys)
+            .await
     }
 
     async fn register(
@@ -111,8 +114,8 @@ impl AdminClient {
         id: &TerminalId,
         group: &str,
         kind: TerminalKind,
+        keys: TerminalKeys,
     ) -> Result<TerminalKeys, AdminClientError> {
-        let keys = TerminalKeys::generate(&mut rand::rng());
         let kek = ClearKey::new(kek)
             .and_then(Kek::from_key)
             .map_err(|e| AdminClientError::Crypto(e.to_string()))?;
@@ -140,18 +143,14 @@ impl AdminClient {
         let mut bytes = zeroize::Zeroizing::new([0u8; 16]);
         rand::fill(&mut bytes[..]);
         let tmk_hex = zeroize::Zeroizing::new(hex::encode(&bytes[..]));
-        let tmk = ClearKey::from_hex(&tmk_hex).map_err(|e| AdminClientError::Crypto(e.to_string()))?;
-        let keys = TerminalKeys::new(tmk);
-        let kek = ClearKey::new(kek)
-            .and_then(Kek::from_key)
-            .map_err(|e| AdminClientError::Crypto(e.to_string()))?;
-        let (block, kcv) = keys
-            .wrap_tmk_under_kek(&kek)
-            .map_err(|e| AdminClientError::Crypto(e.to_string()))?;
-        self.post(
-            "/v1/terminals",
-            &json!({"id": id.as_str(), "group": "stations", "kind": "station",
-                    "tmk": {"keyBlock": block, "kcv": kcv.to_string()}}),
+        let tmk =
+            ClearKey::from_hex(&tmk_hex).map_err(|e| AdminClientError::Crypto(e.to_string()))?;
+        self.register(
+            kek,
+            id,
+            "stations",
+            TerminalKind::Station,
+            TerminalKeys::new(tmk),
         )
         .await?;
         Ok(tmk_hex)

@@ -156,7 +156,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let id = TerminalId::new(id)?;
             let tmk = admin.provision_station(&kek, &id).await?;
             write_private(&tmk_out, tmk.as_bytes())?;
-            println!("station {id} registered; TMK written to {}", tmk_out.display());
+            println!(
+                "station {id} registered; TMK written to {}",
+                tmk_out.display()
+            );
         }
         Command::Load {
             connections,

@@ -95,7 +95,8 @@ impl SessionRegistry {
         }
         let conn_id = handle.conn_id;
         let replaced = match kind {
-            TerminalKind::Atm => live.drain(..).last(),
+            // an ATM has at most one session
+            TerminalKind::Atm => std::mem::take(live).pop(),
             TerminalKind::Station => live
                 .iter()
                 .position(|h| h.conn_id == conn_id)
@@ -149,16 +150,22 @@ impl SessionRegistry {
 
     /// The handle of the newest live session (to push a server-initiated message).
     pub fn handle(&self, terminal: &TerminalId) -> Option<SessionHandle> {
-        self.lock().get(terminal).and_then(|live| live.last()).cloned()
+        self.lock()
+            .get(terminal)
+            .and_then(|live| live.last())
+            .cloned()
     }
 
     /// What the admin API shows of the newest session.
     pub fn info(&self, terminal: &TerminalId) -> Option<SessionInfo> {
-        self.lock().get(terminal).and_then(|live| live.last()).map(|h| SessionInfo {
-            remote: h.remote,
-            signed_on_at: h.signed_on_at,
-            last_seen: DateTime::from_timestamp_millis(h.last_seen.load(Ordering::Relaxed)),
-        })
+        self.lock()
+            .get(terminal)
+            .and_then(|live| live.last())
+            .map(|h| SessionInfo {
+                remote: h.remote,
+                signed_on_at: h.signed_on_at,
+                last_seen: DateTime::from_timestamp_millis(h.last_seen.load(Ordering::Relaxed)),
+            })
     }
 
     /// Number of terminals and stations with a live session.
@@ -206,8 +213,13 @@ mod tests {
         let (reg, metrics) = registry();
         let tid = TerminalId::new("ATM1").unwrap();
         let first = handle(1);
-        assert!(reg.sign_on(tid.clone(), TerminalKind::Atm, first.clone()).is_none());
-        let replaced = reg.sign_on(tid.clone(), TerminalKind::Atm, handle(2)).unwrap();
+        assert!(
+            reg.sign_on(tid.clone(), TerminalKind::Atm, first.clone())
+                .is_none()
+        );
+        let replaced = reg
+            .sign_on(tid.clone(), TerminalKind::Atm, handle(2))
+            .unwrap();
         assert_eq!(replaced.conn_id, 1);
         assert!(first.close.is_cancelled());
         assert!(reg.is_current(&tid, 2));

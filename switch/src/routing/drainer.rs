@@ -172,7 +172,8 @@ pub fn advice_message(advice: &Advice) -> Result<Message, String> {
 
 /// Sends one advice and judges the answer.
 pub async fn deliver(link: &UpstreamLink, advice: &Advice) -> Delivery {
-    let fail = |reason: String, permanent: bool| Delivery::Failed(AdviceFailure { reason, permanent });
+    let fail =
+        |reason: String, permanent: bool| Delivery::Failed(AdviceFailure { reason, permanent });
     let message = match advice_message(advice) {
         Ok(m) => m,
         Err(e) => return fail(format!("cannot build the advice: {e}"), true),

@@ -177,7 +177,9 @@ impl UpstreamLink {
             problem,
         };
         if settings.endpoints.is_empty() {
-            return Err(invalid("endpoints: at least one host:port is required".into()));
+            return Err(invalid(
+                "endpoints: at least one host:port is required".into(),
+            ));
         }
         let station = TerminalId::new(settings.station_id.clone())
             .map_err(|e| invalid(format!("station_id: {e}")))?;
@@ -257,11 +259,9 @@ impl UpstreamLink {
 
     fn publish_state(&self) {
         let up = i64::from(self.is_up());
-        self.deps.metrics.set_upstream(
-            &self.name,
-            up,
-            self.lock_breaker().state().metric_value(),
-        );
+        self.deps
+            .metrics
+            .set_upstream(&self.name, up, self.lock_breaker().state().metric_value());
     }
 
     /// A fresh STAN for a message on this link (also used for advices when they are queued).
@@ -317,7 +317,8 @@ impl UpstreamLink {
                 live.lost.cancel();
             }
         }
-        if matches!(&result, Ok(a) if a.code() == "63") || matches!(&result, Err(LinkError::BadMac(_)))
+        if matches!(&result, Ok(a) if a.code() == "63")
+            || matches!(&result, Err(LinkError::BadMac(_)))
         {
             self.request_rekey();
         }
@@ -404,7 +405,9 @@ impl UpstreamLink {
                 return Err(LinkError::Timeout(self.name.clone(), timeout));
             }
         };
-        if mac && !matches!(answer.code(), "63" | "58") && !self.answer_mac_ok(live, &answer.message)
+        if mac
+            && !matches!(answer.code(), "63" | "58")
+            && !self.answer_mac_ok(live, &answer.message)
         {
             return Err(LinkError::BadMac(self.name.clone()));
         }
@@ -625,7 +628,11 @@ impl UpstreamLink {
             .import_under_tmk(&self.tmk, kt, block, &kcv)
             .map_err(|e| format!("key change 161: {e}"))?;
         let confirm = self
-            .network(live, "162", &[(48, kt.as_str()), (122, &computed.to_string())])
+            .network(
+                live,
+                "162",
+                &[(48, kt.as_str()), (122, &computed.to_string())],
+            )
             .await?;
         expect_approved(&confirm, "key change 162")?;
         Ok(key)

@@ -318,6 +318,11 @@ const SQLITE_MIGRATIONS: &[EmbeddedMigration] = &[
         description: "upstream_links",
         sql: include_str!("../../../migrations/sqlite/20261123010000_upstream_links.sql"),
     },
+    EmbeddedMigration {
+        version: 20261123020000,
+        description: "journal_upstream_ref",
+        sql: include_str!("../../../migrations/sqlite/20261123020000_journal_upstream_ref.sql"),
+    },
 ];
 
 /// `migrations/postgres/`, in version order (checked like [`SQLITE_MIGRATIONS`]).
@@ -336,6 +341,11 @@ const POSTGRES_MIGRATIONS: &[EmbeddedMigration] = &[
         version: 20261123010000,
         description: "upstream_links",
         sql: include_str!("../../../migrations/postgres/20261123010000_upstream_links.sql"),
+    },
+    EmbeddedMigration {
+        version: 20261123020000,
+        description: "journal_upstream_ref",
+        sql: include_str!("../../../migrations/postgres/20261123020000_journal_upstream_ref.sql"),
     },
 ];
 
@@ -464,6 +474,8 @@ struct Answer<'a> {
     currency: Option<&'a str>,
     /// The journal row a reversal reversed.
     original_id: Option<&'a str>,
+    /// For a reversal: the reversed original's `upstream_ref` (the issuer must hear of it).
+    upstream_ref: Option<&'a str>,
 }
 
 /// Refuses contradictory options before a transaction starts. A decline may come with any of

@@ -595,6 +595,9 @@ pub struct AuthRequest {
     /// may take the balance below zero). Currency mismatch still declines `12`; unknown account
     /// is an error as today.
     pub force_post: bool,
+    /// `upstream:MTI:STAN:transmission` of the message sent (or advised) to an issuer for this
+    /// request, kept in the journal so a later reversal can be forwarded.
+    pub upstream_ref: Option<String>,
 }
 
 /// What an issuer answered to a request routed to it, journaled as the response.
@@ -694,6 +697,10 @@ pub struct JournalEntry {
     pub available_balance: Option<i64>,
     /// True once a reversal restored this request's effect.
     pub reversed: bool,
+    /// `upstream:MTI:STAN:transmission` of the message an issuer knows this request by (routed
+    /// or stand-in); on a reversal, its original's, when the reversal reversed it.
+    #[serde(skip)]
+    pub upstream_ref: Option<String>,
     /// When it was answered.
     pub created_at: DateTime<Utc>,
 }
@@ -853,7 +860,10 @@ mod tests {
         };
         let shown = format!("{keys:?}");
         assert!(!shown.contains("WRAPPEDTPKBYTES") && !shown.contains("WRAPPEDTAKBYTES"));
-        assert!(!shown.contains("chars"), "not even the wrapped length: {shown}");
+        assert!(
+            !shown.contains("chars"),
+            "not even the wrapped length: {shown}"
+        );
     }
 
     #[test]

@@ -46,7 +46,7 @@ macro_rules! card_cols {
 macro_rules! journal_cols {
     () => {
         "id, terminal_id, stan, transmission, digest, mti, kind, amount, currency, response_code, \
-         rrn, auth_code, ledger_balance, available_balance, reversed, created_at"
+         rrn, auth_code, ledger_balance, available_balance, reversed, upstream_ref, created_at"
     };
 }
 
@@ -215,6 +215,7 @@ fn journal_from_row(row: &PgRow) -> Result<(String, JournalEntry), StoreError> {
         ledger_balance: row.try_get("ledger_balance")?,
         available_balance: row.try_get("available_balance")?,
         reversed: row.try_get("reversed")?,
+        upstream_ref: row.try_get("upstream_ref")?,
         created_at: ts(row, "created_at")?,
         digest: row.try_get("digest")?,
     };
@@ -362,14 +363,15 @@ async fn claim_identity(
     account: Option<&AccountId>,
     card: Option<&CardId>,
     reversal_of: Option<&RequestIdentity>,
+    upstream_ref: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<Option<String>, StoreError> {
     let id = uuid::Uuid::new_v4().to_string();
     let done = sqlx::query(
         "INSERT INTO journal (id, terminal_id, stan, transmission, digest, mti, kind, amount, \
          currency, response_code, rrn, account_id, card_id, created_at, orig_terminal_id, \
-         orig_stan, orig_transmission) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, '96', $10, $11, $12, $13, $14, $15, $16) \
+         orig_stan, orig_transmission, upstream_ref) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, '96', $10, $11, $12, $13, $14, $15, $16, $17) \
          ON CONFLICT (terminal_id, stan, transmission) DO NOTHING",
     )
     .bind(&id)
@@ -388,6 +390,7 @@ async fn claim_identity(
     .bind(reversal_of.map(|o| o.terminal_id.as_str()))
     .bind(reversal_of.map(|o| o.stan.as_str()))
     .bind(reversal_of.map(|o| o.transmission.as_str()))
+    .bind(upstream_ref)
     .execute(&mut *conn)
     .await?;
     Ok((done.rows_affected() == 1).then_some(id))
@@ -434,7 +437,8 @@ async fn finish_journal(
     sqlx::query(
         "UPDATE journal SET response_code = $2, auth_code = $3, ledger_balance = $4, \
          available_balance = $9, business_day = $5, amount = COALESCE($6, amount), \
-         currency = COALESCE($7, currency), original_id = $8 WHERE id = $1",
+         currency = COALESCE($7, currency), original_id = $8, \
+         upstream_ref = COALESCE($10, upstream_ref) WHERE id = $1",
     )
     .bind(journal_id)
     .bind(code.as_str())
@@ -445,6 +449,7 @@ async fn finish_journal(
     .bind(answer.currency)
     .bind(answer.original_id)
     .bind(answer.available)
+    .bind(answer.upstream_ref)
     .execute(&mut *conn)
     .await?;
     let row = sqlx::query(concat!(
@@ -460,7 +465,10 @@ async fn finish_journal(
 
 /// Queues an advice inside the caller's transaction (validated here, so every path that queues
 /// one applies the same rules).
-async fn insert_advice(conn: &mut PgConnection, a: &NewAdvice) -> Result<EnqueueOutcome, StoreError> {
+async fn insert_advice(
+    conn: &mut PgConnection,
+    a: &NewAdvice,
+) -> Result<EnqueueOutcome, StoreError> {
     saf::validate_new_advice(a)?;
     let inserted: Option<i64> = sqlx::query_scalar(
         "INSERT INTO saf_messages (destination, priority, mti, idempotency_key, payload, \
@@ -652,8 +660,8 @@ impl Database for PostgresStore {
                 let rows: Vec<String> = sqlx::query_scalar(
                     "SELECT id FROM terminals WHERE kind <> 'station' ORDER BY id",
                 )
-                    .fetch_all(&self.pool)
-                    .await?;
+                .fetch_all(&self.pool)
+                .await?;
                 return rows
                     .into_iter()
                     .map(|id| parse_terminal_id(id, "terminals.id"))
@@ -1375,6 +1383,7 @@ impl Database for PostgresStore {
             req.account_id.as_ref(),
             req.card_id.as_ref(),
             None,
+            req.upstream_ref.as_deref(),
             now,
         )
         .await?
@@ -1455,8 +1464,7 @@ impl Database for PostgresStore {
                     .bind(&day)
                     .fetch_one(&mut *tx)
                     .await?;
-                    match withdrawal_decision(amount, balance, withdrawn, limit, req.force_post)
-                    {
+                    match withdrawal_decision(amount, balance, withdrawn, limit, req.force_post) {
                         ResponseCode::Approved => {
                             // a forced post may overdraw; anything else never does
                             let new_balance: Option<i64> = sqlx::query_scalar(
@@ -1507,7 +1515,10 @@ impl Database for PostgresStore {
         .await?;
         if let Some(advice) = req.advice.as_ref().filter(|_| entry.approved()) {
             let advice = NewAdvice {
-                reference: advice.reference.clone().or_else(|| Some(journal_id.clone())),
+                reference: advice
+                    .reference
+                    .clone()
+                    .or_else(|| Some(journal_id.clone())),
                 ..advice.clone()
             };
             or_rollback!(tx, insert_advice(&mut tx, &advice).await);
@@ -1531,6 +1542,7 @@ impl Database for PostgresStore {
             None,
             None,
             Some(&req.original),
+            None,
             now,
         )
         .await?
@@ -1539,7 +1551,8 @@ impl Database for PostgresStore {
         };
         lock_identity(&mut tx, &req.original).await?;
         let original = sqlx::query(
-            "SELECT id, kind, amount, currency, response_code, reversed, account_id, business_day \
+            "SELECT id, kind, amount, currency, response_code, reversed, account_id, business_day, \
+             upstream_ref \
              FROM journal WHERE terminal_id = $1 AND stan = $2 AND transmission = $3 AND id <> $4 \
              FOR NO KEY UPDATE",
         )
@@ -1570,13 +1583,26 @@ impl Database for PostgresStore {
         let reversed: bool = original.try_get("reversed")?;
         let account_id: Option<String> = original.try_get("account_id")?;
         let business_day: Option<String> = original.try_get("business_day")?;
+        let upstream_ref: Option<String> = original.try_get("upstream_ref")?;
+        let mut forwarded = None;
 
         let (code, ledger) = match reversal_plan(kind, &response_code, reversed, amount) {
             ReversalPlan::Refuse => (ResponseCode::InvalidTransaction, None),
             ReversalPlan::NothingToRestore => (ResponseCode::Approved, None),
+            ReversalPlan::Restore(_) if account_id.is_none() && upstream_ref.is_some() => {
+                // routed: the issuer holds the money; the caller forwards the reversal
+                sqlx::query(MARK_REVERSED)
+                    .bind(&original_id)
+                    .execute(&mut *tx)
+                    .await?;
+                forwarded = upstream_ref.as_deref();
+                (ResponseCode::Approved, None)
+            }
             ReversalPlan::Restore(amount) => {
                 let account_id = account_id
                     .ok_or_else(|| StoreError::corrupt("journal.account_id of a withdrawal"))?;
+                // a stand-in approval: the issuer booked (or will book) its advice too
+                forwarded = upstream_ref.as_deref();
                 let new_balance: i64 = sqlx::query_scalar(
                     "UPDATE accounts SET balance = balance + $2 WHERE id = $1 RETURNING balance",
                 )
@@ -1610,6 +1636,7 @@ impl Database for PostgresStore {
                 amount,
                 currency: Some(&currency),
                 original_id: Some(&original_id),
+                upstream_ref: forwarded,
                 ..Answer::default()
             },
         )

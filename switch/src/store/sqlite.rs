@@ -47,7 +47,7 @@ macro_rules! card_cols {
 macro_rules! journal_cols {
     () => {
         "id, terminal_id, stan, transmission, digest, mti, kind, amount, currency, response_code, \
-         rrn, auth_code, ledger_balance, available_balance, reversed, created_at"
+         rrn, auth_code, ledger_balance, available_balance, reversed, upstream_ref, created_at"
     };
 }
 
@@ -241,6 +241,7 @@ fn journal_from_row(row: &SqliteRow) -> Result<(String, JournalEntry), StoreErro
         ledger_balance: row.try_get("ledger_balance")?,
         available_balance: row.try_get("available_balance")?,
         reversed: row.try_get("reversed")?,
+        upstream_ref: row.try_get("upstream_ref")?,
         created_at: ts(row, "created_at")?,
         digest: row.try_get("digest")?,
     };
@@ -384,14 +385,15 @@ async fn claim_identity(
     account: Option<&AccountId>,
     card: Option<&CardId>,
     reversal_of: Option<&RequestIdentity>,
+    upstream_ref: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<Option<String>, StoreError> {
     let id = uuid::Uuid::new_v4().to_string();
     let done = sqlx::query(
         "INSERT INTO journal (id, terminal_id, stan, transmission, digest, mti, kind, amount, \
          currency, response_code, rrn, account_id, card_id, created_at, orig_terminal_id, \
-         orig_stan, orig_transmission) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, '96', $10, $11, $12, $13, $14, $15, $16) \
+         orig_stan, orig_transmission, upstream_ref) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, '96', $10, $11, $12, $13, $14, $15, $16, $17) \
          ON CONFLICT (terminal_id, stan, transmission) DO NOTHING",
     )
     .bind(&id)
@@ -410,6 +412,7 @@ async fn claim_identity(
     .bind(reversal_of.map(|o| o.terminal_id.as_str()))
     .bind(reversal_of.map(|o| o.stan.as_str()))
     .bind(reversal_of.map(|o| o.transmission.as_str()))
+    .bind(upstream_ref)
     .execute(&mut *conn)
     .await?;
     Ok((done.rows_affected() == 1).then_some(id))
@@ -441,7 +444,8 @@ async fn finish_journal(
     sqlx::query(
         "UPDATE journal SET response_code = $2, auth_code = $3, ledger_balance = $4, \
          available_balance = $9, business_day = $5, amount = COALESCE($6, amount), \
-         currency = COALESCE($7, currency), original_id = $8 WHERE id = $1",
+         currency = COALESCE($7, currency), original_id = $8, \
+         upstream_ref = COALESCE($10, upstream_ref) WHERE id = $1",
     )
     .bind(journal_id)
     .bind(code.as_str())
@@ -452,6 +456,7 @@ async fn finish_journal(
     .bind(answer.currency)
     .bind(answer.original_id)
     .bind(answer.available)
+    .bind(answer.upstream_ref)
     .execute(&mut *conn)
     .await?;
     let row = sqlx::query(concat!(
@@ -662,8 +667,8 @@ impl Database for SqliteStore {
                 let rows: Vec<String> = sqlx::query_scalar(
                     "SELECT id FROM terminals WHERE kind <> 'station' ORDER BY id",
                 )
-                    .fetch_all(&self.pool)
-                    .await?;
+                .fetch_all(&self.pool)
+                .await?;
                 return rows
                     .into_iter()
                     .map(|id| parse_terminal_id(id, "terminals.id"))
@@ -1345,6 +1350,7 @@ impl Database for SqliteStore {
             req.account_id.as_ref(),
             req.card_id.as_ref(),
             None,
+            req.upstream_ref.as_deref(),
             now,
         )
         .await?
@@ -1423,8 +1429,7 @@ impl Database for SqliteStore {
                     .bind(&day)
                     .fetch_one(&mut *tx)
                     .await?;
-                    match withdrawal_decision(amount, balance, withdrawn, limit, req.force_post)
-                    {
+                    match withdrawal_decision(amount, balance, withdrawn, limit, req.force_post) {
                         ResponseCode::Approved => {
                             // a forced post may overdraw; anything else never does
                             let new_balance: Option<i64> = sqlx::query_scalar(
@@ -1475,7 +1480,10 @@ impl Database for SqliteStore {
         .await?;
         if let Some(advice) = req.advice.as_ref().filter(|_| entry.approved()) {
             let advice = NewAdvice {
-                reference: advice.reference.clone().or_else(|| Some(journal_id.clone())),
+                reference: advice
+                    .reference
+                    .clone()
+                    .or_else(|| Some(journal_id.clone())),
                 ..advice.clone()
             };
             or_rollback!(tx, insert_advice(&mut tx, &advice).await);
@@ -1499,6 +1507,7 @@ impl Database for SqliteStore {
             None,
             None,
             Some(&req.original),
+            None,
             now,
         )
         .await?
@@ -1506,7 +1515,8 @@ impl Database for SqliteStore {
             return answer_existing(&mut tx, &req.identity, &req.digest).await;
         };
         let original = sqlx::query(
-            "SELECT id, kind, amount, currency, response_code, reversed, account_id, business_day \
+            "SELECT id, kind, amount, currency, response_code, reversed, account_id, business_day, \
+             upstream_ref \
              FROM journal WHERE terminal_id = $1 AND stan = $2 AND transmission = $3 AND id <> $4",
         )
         .bind(req.original.terminal_id.as_str())
@@ -1536,13 +1546,26 @@ impl Database for SqliteStore {
         let reversed: bool = original.try_get("reversed")?;
         let account_id: Option<String> = original.try_get("account_id")?;
         let business_day: Option<String> = original.try_get("business_day")?;
+        let upstream_ref: Option<String> = original.try_get("upstream_ref")?;
+        let mut forwarded = None;
 
         let (code, ledger) = match reversal_plan(kind, &response_code, reversed, amount) {
             ReversalPlan::Refuse => (ResponseCode::InvalidTransaction, None),
             ReversalPlan::NothingToRestore => (ResponseCode::Approved, None),
+            ReversalPlan::Restore(_) if account_id.is_none() && upstream_ref.is_some() => {
+                // routed: the issuer holds the money; the caller forwards the reversal
+                sqlx::query(MARK_REVERSED)
+                    .bind(&original_id)
+                    .execute(&mut *tx)
+                    .await?;
+                forwarded = upstream_ref.as_deref();
+                (ResponseCode::Approved, None)
+            }
             ReversalPlan::Restore(amount) => {
                 let account_id = account_id
                     .ok_or_else(|| StoreError::corrupt("journal.account_id of a withdrawal"))?;
+                // a stand-in approval: the issuer booked (or will book) its advice too
+                forwarded = upstream_ref.as_deref();
                 let new_balance: i64 = sqlx::query_scalar(
                     "UPDATE accounts SET balance = balance + $2 WHERE id = $1 RETURNING balance",
                 )
@@ -1576,6 +1599,7 @@ impl Database for SqliteStore {
                 amount,
                 currency: Some(&currency),
                 original_id: Some(&original_id),
+                upstream_ref: forwarded,
                 ..Answer::default()
             },
         )

@@ -18,10 +18,10 @@ use chrono::Utc;
 use tracing::{info, warn};
 
 use super::authorize::{
-    Operation, Route, audit_mac_failure, card_data, fill_outcome, identity, new_auth_code, new_rrn,
+    Operation, Route, card_data, fill_outcome, identity, new_auth_code, new_rrn,
     parse_processing_code, route_for,
 };
-use super::{MacCheck, Reply, request_digest, response_to, verify_request_mac};
+use super::{Reply, authenticate, request_digest, response_to};
 use crate::app::SwitchContext;
 use crate::domain::{ResponseCode, TerminalId};
 use crate::iso8583::Message;
@@ -48,14 +48,9 @@ pub async fn handle(
         return plain(ResponseCode::FormatError);
     };
 
-    let tak = match verify_request_mac(ctx, station, request, raw).await {
-        MacCheck::Valid(tak) => tak,
-        MacCheck::Invalid => {
-            ctx.metrics.mac_failures.inc();
-            audit_mac_failure(ctx, station, request).await;
-            return plain(ResponseCode::SecurityViolation);
-        }
-        MacCheck::Unavailable => return plain(ResponseCode::SystemMalfunction),
+    let tak = match authenticate(ctx, station, request, raw).await {
+        Ok(tak) => tak,
+        Err(code) => return plain(code),
     };
     let coded = |code: ResponseCode| {
         response_to(request, code).map(|m| Reply {
@@ -109,6 +104,7 @@ pub async fn handle(
         advice: None,
         issuer_answer: None,
         force_post: true,
+        upstream_ref: None,
     };
     match ctx.store.authorize(&auth).await {
         Ok(AuthOutcome::Done(entry)) | Ok(AuthOutcome::Duplicate(entry)) => {

@@ -11,14 +11,12 @@ use chrono::{Datelike, Utc};
 use rand::RngExt;
 use tracing::{info, warn};
 
-use super::{MacCheck, Reply, request_digest, response_to, verify_request_mac};
+use super::{Reply, authenticate, request_digest, response_to};
 use crate::app::SwitchContext;
 use crate::crypto::{PinCheck, Pvv};
 use crate::domain::{KeyType, ResponseCode, TerminalId};
 use crate::iso8583::Message;
-use crate::store::{
-    AuthKind, AuthOutcome, AuthRequest, Card, JournalEntry, RequestIdentity, StoreError,
-};
+use crate::store::{AuthKind, AuthOutcome, AuthRequest, Card, JournalEntry, RequestIdentity};
 
 /// What a processing code asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,14 +130,9 @@ pub async fn handle(
         return plain(ResponseCode::FormatError);
     };
 
-    let tak = match verify_request_mac(ctx, terminal, request, raw).await {
-        MacCheck::Valid(tak) => tak,
-        MacCheck::Invalid => {
-            ctx.metrics.mac_failures.inc();
-            audit_mac_failure(ctx, terminal, request).await;
-            return plain(ResponseCode::SecurityViolation);
-        }
-        MacCheck::Unavailable => return plain(ResponseCode::SystemMalfunction),
+    let tak = match authenticate(ctx, terminal, request, raw).await {
+        Ok(tak) => tak,
+        Err(code) => return plain(code),
     };
     let answer = |entry: &JournalEntry| {
         response_to(request, ResponseCode::Approved).map(|mut m| {
@@ -193,6 +186,7 @@ pub async fn handle(
         advice: None,
         issuer_answer: None,
         force_post: false,
+        upstream_ref: None,
     };
 
     let decline = match route_for(&ctx.settings, &pan) {
@@ -208,7 +202,17 @@ pub async fn handle(
         Err(code) => auth.decline = Some(code),
     }
 
-    match ctx.store.authorize(&auth).await {
+    let outcome = ctx.store.authorize(&auth).await;
+    if let (Some(issuer), Some(reference)) = (&auth.issuer_answer, &auth.upstream_ref)
+        && issuer.response_code == ResponseCode::Approved
+        && !matches!(&outcome, Ok(AuthOutcome::Done(e)) if e.approved())
+    {
+        // The issuer approved a withdrawal we will not pay out: it was reversed before the
+        // answer came, is a concurrent duplicate, or the store failed. The issuer must undo it.
+        warn!(%terminal, reference, "issuer approval not paid out; queuing a reversal for the issuer");
+        let _ = super::routed::forward_reversal(ctx, reference, request).await;
+    }
+    match outcome {
         Ok(AuthOutcome::Done(entry)) => {
             if entry.approved() && op == Operation::Withdrawal {
                 let stand_in = auth.advice.is_some();
@@ -362,23 +366,6 @@ pub(crate) fn new_rrn(now: chrono::DateTime<Utc>) -> String {
 pub(crate) fn new_auth_code() -> String {
     let n: u32 = rand::rng().random_range(0..1_000_000);
     format!("{n:06}")
-}
-
-pub(crate) async fn audit_mac_failure(ctx: &SwitchContext, terminal: &TerminalId, request: &Message) {
-    warn!(%terminal, mti = %request.mti().as_str(), "MAC verification failed");
-    let entry = crate::store::NewAudit {
-        actor: format!("terminal:{terminal}"),
-        action: "message.mac".into(),
-        target: terminal.to_string(),
-        result: "refused: MAC does not verify (63)".into(),
-        detail: serde_json::json!({
-            "mti": request.mti().as_str(),
-            "stan": request.get_str(11),
-        }),
-    };
-    if let Err(StoreError::Unavailable(_)) = ctx.store.append_audit(&entry).await {
-        warn!(%terminal, "failed to audit a MAC failure: store unavailable");
-    }
 }
 
 #[cfg(test)]

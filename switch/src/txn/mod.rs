@@ -22,7 +22,7 @@ use crate::app::SwitchContext;
 use crate::domain::{ResponseCode, TerminalId, WrappedKey};
 use crate::iso8583::{Message, Mti, UnpackError};
 use crate::net::ConnState;
-use crate::store::TerminalKind;
+use crate::store::{StoreError, TerminalKind};
 
 /// An answer, and the TAK to MAC it under when it must carry a MAC.
 #[derive(Debug)]
@@ -210,6 +210,43 @@ pub enum MacCheck {
     Invalid,
     /// The store failed: `96`.
     Unavailable,
+}
+
+/// Authenticates a received financial message (SPEC §3): `Ok` with the TAK to MAC the answer
+/// under, or the code to answer without a MAC — `63` (counted and audited) when the MAC does
+/// not verify, `96` when the store could not say.
+pub async fn authenticate(
+    ctx: &SwitchContext,
+    terminal: &TerminalId,
+    request: &Message,
+    raw: &[u8],
+) -> Result<Option<WrappedKey>, ResponseCode> {
+    match verify_request_mac(ctx, terminal, request, raw).await {
+        MacCheck::Valid(tak) => Ok(tak),
+        MacCheck::Invalid => {
+            ctx.metrics.mac_failures.inc();
+            audit_mac_failure(ctx, terminal, request).await;
+            Err(ResponseCode::SecurityViolation)
+        }
+        MacCheck::Unavailable => Err(ResponseCode::SystemMalfunction),
+    }
+}
+
+async fn audit_mac_failure(ctx: &SwitchContext, terminal: &TerminalId, request: &Message) {
+    warn!(%terminal, mti = %request.mti().as_str(), "MAC verification failed");
+    let entry = crate::store::NewAudit {
+        actor: format!("terminal:{terminal}"),
+        action: "message.mac".into(),
+        target: terminal.to_string(),
+        result: "refused: MAC does not verify (63)".into(),
+        detail: serde_json::json!({
+            "mti": request.mti().as_str(),
+            "stan": request.get_str(11),
+        }),
+    };
+    if let Err(StoreError::Unavailable(_)) = ctx.store.append_audit(&entry).await {
+        warn!(%terminal, "failed to audit a MAC failure: store unavailable");
+    }
 }
 
 /// Verifies the MAC of a received financial message under the terminal's ACTIVE TAK, or a

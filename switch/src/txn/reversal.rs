@@ -7,7 +7,7 @@
 use chrono::Utc;
 
 use super::authorize::{identity, new_rrn};
-use super::{MacCheck, Reply, request_digest, response_to, verify_request_mac};
+use super::{Reply, authenticate, request_digest, response_to};
 use crate::app::SwitchContext;
 use crate::domain::{ResponseCode, TerminalId};
 use crate::iso8583::Message;
@@ -42,14 +42,9 @@ pub async fn handle(
     ) else {
         return plain(ResponseCode::FormatError);
     };
-    let tak = match verify_request_mac(ctx, terminal, request, raw).await {
-        MacCheck::Valid(tak) => tak,
-        MacCheck::Invalid => {
-            ctx.metrics.mac_failures.inc();
-            tracing::warn!(%terminal, "reversal refused: MAC does not verify");
-            return plain(ResponseCode::SecurityViolation);
-        }
-        MacCheck::Unavailable => return plain(ResponseCode::SystemMalfunction),
+    let tak = match authenticate(ctx, terminal, request, raw).await {
+        Ok(tak) => tak,
+        Err(code) => return plain(code),
     };
     let coded = |code: ResponseCode| {
         response_to(request, code).map(|m| Reply {
@@ -72,8 +67,19 @@ pub async fn handle(
         .await;
     match outcome {
         Ok(AuthOutcome::Done(entry)) | Ok(AuthOutcome::Duplicate(entry)) => {
-            let code = ResponseCode::parse(&entry.response_code)
+            let mut code = ResponseCode::parse(&entry.response_code)
                 .unwrap_or(ResponseCode::SystemMalfunction);
+            // A routed or stand-in withdrawal: the issuer reverses it too, through the queue.
+            // A repeat of this reversal queues nothing new (one 0420 per original).
+            if let Some(reference) = &entry.upstream_ref
+                && code == ResponseCode::Approved
+                && super::routed::forward_reversal(ctx, reference, request)
+                    .await
+                    .is_err()
+            {
+                // answered 96 so the terminal repeats it; the repeat tries again
+                code = ResponseCode::SystemMalfunction;
+            }
             coded(code).map(|mut reply| {
                 reply.message.set_str(37, &entry.rrn);
                 reply

@@ -52,18 +52,23 @@ pub(crate) async fn authorize(
     match sent.result {
         Ok(answer) if !matches!(answer.code(), "91" | "96" | "63" | "58") => {
             auth.issuer_answer = Some(issuer_answer(&answer));
+            auth.upstream_ref = sent.message.as_ref().map(|m| upstream_ref(link, m));
             Ok(())
         }
         Ok(answer) => {
-            info!(upstream, code = answer.code(), "issuer unavailable; trying stand-in");
+            info!(
+                upstream,
+                code = answer.code(),
+                "issuer unavailable; trying stand-in"
+            );
             stand_in(ctx, link, terminal, request, pan, expiry, auth).await
         }
         Err(err) if err.maybe_delivered() => {
             warn!(upstream, error = %err, "no answer from the issuer");
             if matches!(auth.kind, AuthKind::Withdrawal { .. })
-                && let Some(message) = sent.message
+                && let Some(message) = &sent.message
             {
-                queue_reversal(ctx, link, &message).await?;
+                queue_reversal(ctx, link, &upstream_ref(link, message), message).await?;
             }
             stand_in(ctx, link, terminal, request, pan, expiry, auth).await
         }
@@ -127,7 +132,8 @@ async fn forward(
         ctx.metrics.pin_failures.inc();
         return Err(ResponseCode::IncorrectPin);
     };
-    let mut message = Message::new(Mti::parse("0200").map_err(|_| ResponseCode::SystemMalfunction)?);
+    let mut message =
+        Message::new(Mti::parse("0200").map_err(|_| ResponseCode::SystemMalfunction)?);
     for &f in FORWARDED {
         if let Some(v) = request.get(f) {
             message.set(f, v);
@@ -247,6 +253,7 @@ async fn stand_in(
     advice.set_str(37, &auth.rrn);
     advice.set_str(38, &auth.auth_code);
     advice.set_str(41, &link.station().to_field41());
+    auth.upstream_ref = Some(upstream_ref(link, &advice));
     auth.advice = Some(new_advice(
         link,
         AdviceMti::Advice0220,
@@ -257,35 +264,85 @@ async fn stand_in(
     Ok(())
 }
 
-/// Queues a 0420 for a withdrawal the issuer may have booked without our hearing the answer.
+/// `upstream:MTI:STAN:transmission`: how the issuer knows a message we sent or advised.
+fn upstream_ref(link: &UpstreamLink, message: &Message) -> String {
+    format!(
+        "{}:{}:{}:{}",
+        link.name(),
+        message.mti().as_str(),
+        message.get_str(11).unwrap_or_default(),
+        message.get_str(7).unwrap_or_default()
+    )
+}
+
+/// Tells the issuer that a request it knows by `reference` (see [`upstream_ref`]) is reversed:
+/// queues a 0420 whose field 90 names it, with the card and amount fields of `source` (the
+/// terminal's reversal, or the request itself). Queued once per original however often this
+/// runs (the idempotency key is the original's identity). Used when a terminal reverses a routed
+/// or stand-in withdrawal, and when a routed withdrawal turns out to have been reversed before
+/// the issuer's approval came back.
+pub(crate) async fn forward_reversal(
+    ctx: &SwitchContext,
+    reference: &str,
+    source: &Message,
+) -> Result<(), ResponseCode> {
+    let Some(link) = reference
+        .rsplitn(4, ':')
+        .nth(3)
+        .and_then(|name| ctx.upstreams.get(name))
+    else {
+        error!(
+            reference,
+            "cannot forward a reversal: its upstream is no longer configured"
+        );
+        return Err(ResponseCode::SystemMalfunction);
+    };
+    queue_reversal(ctx, link, reference, source).await
+}
+
+/// Queues a 0420 for the original the issuer knows by `reference`.
 async fn queue_reversal(
     ctx: &SwitchContext,
     link: &UpstreamLink,
-    sent: &Message,
+    reference: &str,
+    source: &Message,
 ) -> Result<(), ResponseCode> {
+    let mut parts = reference.rsplitn(4, ':');
+    let (Some(f7), Some(stan), Some(mti)) = (parts.next(), parts.next(), parts.next()) else {
+        error!(reference, "unreadable upstream reference");
+        return Err(ResponseCode::SystemMalfunction);
+    };
     let now = Utc::now();
-    let stan = link
+    let stan_new = link
         .next_stan()
         .await
         .map_err(|_| ResponseCode::SystemMalfunction)?;
     let mut reversal =
         Message::new(Mti::parse("0420").map_err(|_| ResponseCode::SystemMalfunction)?);
-    for f in [2u8, 3, 4, 12, 13, 14, 22, 37, 49] {
-        if let Some(v) = sent.get(f) {
+    for f in [2u8, 3, 4, 12, 13, 14, 22, 49] {
+        if let Some(v) = source.get(f) {
             reversal.set(f, v);
         }
     }
     reversal.set_str(7, &transmission_time(now));
-    reversal.set_str(11, &stan);
+    reversal.set_str(11, &stan_new);
     reversal.set_str(41, &link.station().to_field41());
-    reversal.set_str(90, &crate::atm::original_data_elements(sent));
-    let advice = new_advice(link, AdviceMti::Reversal0420, REVERSAL_PRIORITY, &reversal, now);
+    reversal.set_str(90, &format!("{mti}{stan}{f7}{}", "0".repeat(22)));
+    let mut advice = new_advice(
+        link,
+        AdviceMti::Reversal0420,
+        REVERSAL_PRIORITY,
+        &reversal,
+        now,
+    );
+    // one reversal per original, whichever path (timeout, terminal's 0400, its repeats) asks
+    advice.idempotency_key = format!("{}:{stan}:{f7}:reversal", link.station());
     match ctx.store.saf_enqueue(&advice).await {
         Ok(_) => Ok(()),
         Err(err) => {
             // The issuer may hold a debit we cannot reverse now: refuse to stand in on top of
             // it, and say so loudly; the terminal's own reversal or a retry will follow.
-            error!(upstream = %link.name(), error = %err, "failed to queue a reversal advice for an unanswered withdrawal");
+            error!(upstream = %link.name(), error = %err, "failed to queue a reversal advice");
             Err(ResponseCode::SystemMalfunction)
         }
     }

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use switchyard_switch::app::{self, Listeners, RunningSwitch, Secrets};
-use switchyard_switch::atm::AtmClient;
 use switchyard_switch::atm::provision::AdminClient;
+use switchyard_switch::atm::{AtmClient, CardInput};
 use switchyard_switch::domain::TerminalId;
 use switchyard_switch::iso8583::Packager;
 use switchyard_switch::settings::Settings;
@@ -198,6 +198,26 @@ impl TestSwitch {
         self.running.stop().await;
         self.db.cleanup().await;
     }
+}
+
+/// The simulator's view of a card issued with PIN `1234`, expiry `2812`, currency 360.
+pub fn card(pan: &str) -> CardInput {
+    CardInput {
+        pan: pan.into(),
+        expiry: "2812".into(),
+        pin: "1234".into(),
+        currency: "360".into(),
+    }
+}
+
+/// An account's ledger balance, through the admin API.
+pub async fn balance(sw: &TestSwitch, account: &str) -> i64 {
+    sw.viewer
+        .get(&format!("/v1/accounts/{account}"))
+        .await
+        .unwrap()["balance"]
+        .as_i64()
+        .unwrap()
 }
 
 /// Value of a sample line `name{labels} value` in a Prometheus text exposition.

@@ -186,7 +186,8 @@ pub async fn revoke(
 pub struct CreateRotation {
     /// `TPK` or `TAK`.
     pub key_type: String,
-    /// `"all"`, `{"ids": [...]}` or `{"groups": [...]}`.
+    /// `"all"`, `{"ids": [...]}` or `{"groups": [...]}`. `all` and `groups` leave acquirer
+    /// stations out: an acquirer exchanges its station's keys itself.
     #[schema(value_type = Object)]
     pub terminals: serde_json::Value,
     /// `onConfirm` (each key activates when its terminal confirms the KCV) or `atTime`.
