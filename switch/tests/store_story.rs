@@ -130,6 +130,7 @@ stories!(
     saf_enqueue_is_idempotent,
     saf_concurrent_leasers_never_share_a_message,
     saf_expired_lease_moves_to_another_drainer,
+    saf_batch_completion_settles_only_what_the_holder_holds,
     saf_failures_back_off_exponentially,
     saf_poison_advice_dead_letters_and_the_rest_flow,
     saf_operator_retry_cancel_requeue,
@@ -1931,6 +1932,53 @@ async fn saf_expired_lease_moves_to_another_drainer(store: Store) {
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound { .. }), "{err:?}");
+}
+
+async fn saf_batch_completion_settles_only_what_the_holder_holds(store: Store) {
+    let t = t0();
+    let mut ids = Vec::new();
+    for k in ["b1", "b2", "b3", "b4"] {
+        ids.push(enqueue(&store, advice("issuer-b", 0, k, t)).await);
+    }
+    let leased = store
+        .saf_lease(None, "drainer-1", LEASE, 3, t)
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 3);
+    // b4 is not leased by drainer-1; b3's lease ends and drainer-2 takes it
+    let retaken = store
+        .saf_lease(None, "drainer-2", LEASE, 10, t + secs(30))
+        .await
+        .unwrap();
+    assert_eq!(retaken.len(), 4, "the three expired leases and b4");
+    let settled = store
+        .saf_complete_many(&ids[..2], "drainer-2", t + secs(31))
+        .await
+        .unwrap();
+    assert_eq!(settled.len(), 2);
+    // drainer-1 comes back with its whole batch: nothing of it is its own any more
+    let settled = store
+        .saf_complete_many(&ids, "drainer-1", t + secs(32))
+        .await
+        .unwrap();
+    assert!(settled.is_empty(), "{settled:?}");
+    let settled = store
+        .saf_complete_many(&ids, "drainer-2", t + secs(33))
+        .await
+        .unwrap();
+    assert_eq!(settled.len(), 2, "b1 and b2 were settled already");
+    for id in &ids {
+        let a = store.saf_get(*id).await.unwrap().unwrap();
+        assert_eq!(a.status, AdviceStatus::Delivered);
+        assert_eq!(a.lease_holder, None);
+    }
+    assert!(
+        store
+            .saf_complete_many(&[], "drainer-2", t)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn saf_failures_back_off_exponentially(store: Store) {

@@ -116,23 +116,23 @@ impl Drainer {
         }
         debug!(upstream = %link.name(), leased, "sending advices");
         let outcomes = join_all(batch.iter().map(|advice| deliver(link, advice))).await;
+        let mut delivered = Vec::with_capacity(leased);
         for (advice, outcome) in batch.iter().zip(outcomes) {
-            let settled = match &outcome {
-                Delivery::Delivered => self
-                    .store
-                    .saf_complete(advice.id, &self.holder, Utc::now())
-                    .await
-                    .map(|_| ()),
-                Delivery::Failed(failure) => self
-                    .store
-                    .saf_fail(advice.id, &self.holder, failure, policy, Utc::now())
-                    .await
-                    .map(|result| {
-                        debug!(id = %advice.id, ?result, reason = %failure.reason, "advice not delivered")
-                    }),
+            let failure = match outcome {
+                Delivery::Delivered => {
+                    delivered.push(advice.id);
+                    continue;
+                }
+                Delivery::Failed(failure) => failure,
             };
-            match settled {
-                Ok(()) => {}
+            match self
+                .store
+                .saf_fail(advice.id, &self.holder, &failure, policy, Utc::now())
+                .await
+            {
+                Ok(result) => {
+                    debug!(id = %advice.id, ?result, reason = %failure.reason, "advice not delivered")
+                }
                 Err(StoreError::LeaseLost { what }) => {
                     // our lease ran out and another drainer took it: it will settle it
                     warn!(id = %advice.id, %what, "advice settled by another drainer");
@@ -142,6 +142,20 @@ impl Drainer {
                     warn!(id = %advice.id, error = %err, "failed to settle an advice");
                 }
             }
+        }
+        // one statement for every delivery of the batch
+        match self
+            .store
+            .saf_complete_many(&delivered, &self.holder, Utc::now())
+            .await
+        {
+            Ok(settled) if settled.len() < delivered.len() => warn!(
+                lost = delivered.len() - settled.len(),
+                "advices settled by another drainer (our lease had ended)"
+            ),
+            Ok(_) => {}
+            // the leases expire and the advices go out again as repeats, booked once
+            Err(err) => warn!(error = %err, count = delivered.len(), "failed to settle delivered advices"),
         }
         Ok(leased)
     }

@@ -246,6 +246,15 @@ pub trait Database: Send + Sync + std::fmt::Debug {
         holder: &str,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError>;
+    /// [`Database::saf_complete`] for many advices in one statement (what a drainer settles
+    /// after sending a batch). Returns the ids it settled; the others were no longer held by
+    /// `holder` (their lease ended and another drainer took them) and are left unchanged.
+    async fn saf_complete_many(
+        &self,
+        ids: &[AdviceId],
+        holder: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<AdviceId>, StoreError>;
     /// Records that the leased attempt failed: retried after exponential backoff, or a dead
     /// letter (audited) when refused for good or when the attempts since the last requeue
     /// reach `policy.max_attempts`. `LeaseLost` unless

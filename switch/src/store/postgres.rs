@@ -1833,6 +1833,29 @@ impl Database for PostgresStore {
         Ok(())
     }
 
+    async fn saf_complete_many(
+        &self,
+        ids: &[AdviceId],
+        holder: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<AdviceId>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = ids.iter().map(|id| id.0).collect();
+        let settled: Vec<i64> = sqlx::query_scalar(
+            "UPDATE saf_messages SET status = 'delivered', settled_at = $3, \
+             lease_holder = NULL, lease_until = NULL \
+             WHERE id = ANY($1) AND status = 'queued' AND lease_holder = $2 RETURNING id",
+        )
+        .bind(&ids)
+        .bind(holder)
+        .bind(enc(micros(now)))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(settled.into_iter().map(AdviceId).collect())
+    }
+
     async fn saf_fail(
         &self,
         id: AdviceId,

@@ -1795,6 +1795,35 @@ impl Database for SqliteStore {
         Ok(())
     }
 
+    async fn saf_complete_many(
+        &self,
+        ids: &[AdviceId],
+        holder: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<AdviceId>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // SQLite has no array parameters: one placeholder per id (a batch is at most 1000)
+        let list = (3..ids.len() + 3)
+            .map(|n| format!("${n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "UPDATE saf_messages SET status = 'delivered', settled_at = $2, \
+             lease_holder = NULL, lease_until = NULL \
+             WHERE status = 'queued' AND lease_holder = $1 AND id IN ({list}) RETURNING id"
+        );
+        let mut query = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql))
+            .bind(holder)
+            .bind(enc(micros(now)));
+        for id in ids {
+            query = query.bind(id.0);
+        }
+        let settled = query.fetch_all(&self.pool).await?;
+        Ok(settled.into_iter().map(AdviceId).collect())
+    }
+
     async fn saf_fail(
         &self,
         id: AdviceId,
