@@ -6,6 +6,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -527,4 +529,122 @@ async fn three_drainers_on_one_postgres_apply_each_advice_once() {
     drop(issuer);
     store.close().await;
     acq_db.cleanup().await;
+}
+
+/// A TCP relay between the acquirer and the issuer that can lose the issuer's `0200`s on the
+/// way in, or its `0210`s on the way back: a request or an answer that never arrives.
+struct LossyLink {
+    addr: String,
+    lose_requests: Arc<AtomicBool>,
+    lose_answers: Arc<AtomicBool>,
+}
+
+impl LossyLink {
+    async fn start(issuer: String) -> LossyLink {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let lose_requests = Arc::new(AtomicBool::new(false));
+        let lose_answers = Arc::new(AtomicBool::new(false));
+        let (requests, answers) = (lose_requests.clone(), lose_answers.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&issuer).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(relay(cr, sw, b"0200", requests.clone()));
+                tokio::spawn(relay(sr, cw, b"0210", answers.clone()));
+            }
+        });
+        LossyLink {
+            addr,
+            lose_requests,
+            lose_answers,
+        }
+    }
+}
+
+/// Copies length-prefixed frames, dropping those of MTI `lose` while `on` is set.
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    lose: &'static [u8; 4],
+    on: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let mut len = [0u8; 2];
+        if from.read_exact(&mut len).await.is_err() {
+            break;
+        }
+        let mut frame = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        if from.read_exact(&mut frame).await.is_err() {
+            break;
+        }
+        if on.load(Ordering::SeqCst) && frame.starts_with(lose) {
+            continue;
+        }
+        if to.write_all(&len).await.is_err() || to.write_all(&frame).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unanswered_withdrawals_are_reversed_and_stood_in_once() {
+    let root = tempfile::tempdir().unwrap();
+    let db = |name: &str| format!("sqlite://{}", root.path().join(name).display());
+    let mut issuer = Node::new(
+        root.path(),
+        "issuer",
+        &db("issuer.db"),
+        "[routing]\non_us = [\"4111\"]\n",
+    );
+    issuer.start().await;
+    seed_issuer(&issuer).await;
+    let tmk = register_station(&issuer, root.path()).await;
+    let lossy = LossyLink::start(issuer.iso.clone()).await;
+
+    // the primary endpoint is dead: the link must come up on the backup
+    let dead = format!("127.0.0.1:{}", free_port());
+    let upstream = upstream_config(&dead, &tmk).replace(
+        &format!("endpoints = [\"{dead}\"]"),
+        &format!("endpoints = [\"{dead}\", \"{}\"]", lossy.addr),
+    );
+    let extra = format!("{ACQUIRER_ROUTING}{upstream}{FAST_SAF}");
+    let mut acquirer = Node::new(root.path(), "acquirer", &db("acquirer.db"), &extra);
+    acquirer.start().await;
+    seed_stand_in(&acquirer, 500_000).await;
+    wait_link_up(&acquirer).await;
+    let mut atm = atm(&acquirer, "ATM00001").await;
+    assert_eq!(withdraw(&mut atm, 10_000).await, "00");
+    assert_eq!(issuer.balance("ISS-1").await, ISSUER_START - 10_000);
+
+    // the issuer books the withdrawal but its answer is lost: a 0420 undoes the issuer's
+    // debit, stand-in pays the cardholder and books it again with a 0220
+    lossy.lose_answers.store(true, Ordering::SeqCst);
+    assert_eq!(withdraw(&mut atm, 3_000).await, "00");
+    lossy.lose_answers.store(false, Ordering::SeqCst);
+    // the request itself is lost: the 0420 finds nothing to reverse, the 0220 books it
+    lossy.lose_requests.store(true, Ordering::SeqCst);
+    assert_eq!(withdraw(&mut atm, 2_000).await, "00");
+    lossy.lose_requests.store(false, Ordering::SeqCst);
+    assert_eq!(acquirer.metric("switchyard_standin_total").await, Some(2.0));
+
+    let stats = eventually("the advices to be delivered", 60, || async {
+        let stats = acquirer.saf_stats().await;
+        (backlog(&stats) == 0 && stats["deliveredTotal"] == 4).then_some(stats)
+    })
+    .await;
+    assert_eq!(stats["deadLetters"], 0, "{stats}");
+    // every withdrawal the cardholder got cash for is booked once at the issuer, no more
+    assert_eq!(
+        issuer.balance("ISS-1").await,
+        ISSUER_START - 10_000 - 3_000 - 2_000
+    );
+    assert_eq!(acquirer.balance("STIP-B").await, 500_000 - 5_000);
+    // two lost answers are below the breaker's minimum volume: still closed
+    assert_eq!(acquirer.metric(CIRCUIT).await, Some(0.0));
 }

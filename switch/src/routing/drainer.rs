@@ -155,7 +155,9 @@ impl Drainer {
             ),
             Ok(_) => {}
             // the leases expire and the advices go out again as repeats, booked once
-            Err(err) => warn!(error = %err, count = delivered.len(), "failed to settle delivered advices"),
+            Err(err) => {
+                warn!(error = %err, count = delivered.len(), "failed to settle delivered advices")
+            }
         }
         Ok(leased)
     }
