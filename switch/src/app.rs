@@ -288,20 +288,14 @@ async fn run(
         Duration::from_secs(1),
         stop_background.clone(),
     ));
-    let stop_links = CancellationToken::new();
-    let links = ctx.upstreams.spawn(&stop_links);
-    let stop_drainer = CancellationToken::new();
-    let drainer = in_process_drainer(&ctx).then(|| {
-        tokio::spawn(
-            Drainer::new(
-                ctx.store.clone(),
-                ctx.upstreams.clone(),
-                ctx.settings.saf.clone(),
-                Drainer::holder_name(),
-            )
-            .run(stop_drainer.clone()),
+    let mut upstream_tasks = ctx.upstreams.start(in_process_drainer(&ctx).then(|| {
+        Drainer::new(
+            ctx.store.clone(),
+            ctx.upstreams.clone(),
+            ctx.settings.saf.clone(),
+            Drainer::holder_name(),
         )
-    });
+    }));
     let refresh = crate::txn::keys::scrape_refresh(ctx.clone());
     let probes = health::router(ctx.health.clone(), ctx.metrics.clone(), Some(refresh));
     let metrics_server = tokio::spawn(serve_http(listeners.metrics, probes, stop_http.clone()));
@@ -326,7 +320,7 @@ async fn run(
     ctx.health.set_draining();
     stop_accepting.cancel();
     // no new work to upstreams: the drainer settles the batch it holds and stops
-    stop_drainer.cancel();
+    upstream_tasks.stop_drainer().await;
     let _ = iso_server.await;
     tracker.close();
     let grace = ctx.settings.iso8583.shutdown_timeout;
@@ -337,14 +331,8 @@ async fn run(
         );
     }
     ctx.sessions.close_all();
-    if let Some(drainer) = drainer {
-        let _ = drainer.await;
-    }
     // in-flight routed requests are answered (or timed out) by now: sign off the links
-    stop_links.cancel();
-    for link in links {
-        let _ = link.await;
-    }
+    upstream_tasks.stop().await;
     stop_http.cancel();
     stop_background.cancel();
     let _ = admin_server.await;
@@ -426,24 +414,19 @@ pub async fn drain(settings: Settings) -> Result<(), StartError> {
         health::router(health.clone(), metrics, Some(refresh)),
         stop_http.clone(),
     ));
-    let stop_links = CancellationToken::new();
-    let links = upstreams.spawn(&stop_links);
-    let stop_drainer = CancellationToken::new();
     let holder = Drainer::holder_name();
     info!(%holder, upstreams = upstreams.iter().count(), "drainer started");
-    let drainer = tokio::spawn(
-        Drainer::new(store.clone(), upstreams, settings.saf.clone(), holder)
-            .run(stop_drainer.clone()),
+    let drainer = Drainer::new(
+        store.clone(),
+        upstreams.clone(),
+        settings.saf.clone(),
+        holder,
     );
+    let tasks = upstreams.start(Some(drainer));
     health.set_started();
     wait_for_signal().await;
     health.set_draining();
-    stop_drainer.cancel();
-    let _ = drainer.await;
-    stop_links.cancel();
-    for link in links {
-        let _ = link.await;
-    }
+    tasks.stop().await;
     stop_background.cancel();
     stop_http.cancel();
     let _ = watcher.await;

@@ -232,6 +232,21 @@ async fn register_station(issuer: &Node, root: &Path) -> PathBuf {
     path
 }
 
+/// An issuer switch with BIN 4111 on-us, card and account seeded, and station ACQ001
+/// registered; returns it running, with the station's TMK file for the acquirer.
+async fn start_issuer(root: &Path, database_url: &str) -> (Node, PathBuf) {
+    let mut issuer = Node::new(
+        root,
+        "issuer",
+        database_url,
+        "[routing]\non_us = [\"4111\"]\n",
+    );
+    issuer.start().await;
+    seed_issuer(&issuer).await;
+    let tmk = register_station(&issuer, root).await;
+    (issuer, tmk)
+}
+
 async fn seed_issuer(issuer: &Node) {
     issuer
         .admin
@@ -308,15 +323,7 @@ async fn wait_link_up(acquirer: &Node) {
 async fn issuer_outage_stands_in_and_every_advice_lands_once() {
     let root = tempfile::tempdir().unwrap();
     let db = |name: &str| format!("sqlite://{}", root.path().join(name).display());
-    let mut issuer = Node::new(
-        root.path(),
-        "issuer",
-        &db("issuer.db"),
-        "[routing]\non_us = [\"4111\"]\n",
-    );
-    issuer.start().await;
-    seed_issuer(&issuer).await;
-    let tmk = register_station(&issuer, root.path()).await;
+    let (mut issuer, tmk) = start_issuer(root.path(), &db("issuer.db")).await;
 
     let extra = format!(
         "{ACQUIRER_ROUTING}{}{FAST_SAF}",
@@ -425,15 +432,7 @@ async fn three_drainers_on_one_postgres_apply_each_advice_once() {
     };
     let root = tempfile::tempdir().unwrap();
     let issuer_db = format!("sqlite://{}", root.path().join("issuer.db").display());
-    let mut issuer = Node::new(
-        root.path(),
-        "issuer",
-        &issuer_db,
-        "[routing]\non_us = [\"4111\"]\n",
-    );
-    issuer.start().await;
-    seed_issuer(&issuer).await;
-    let tmk = register_station(&issuer, root.path()).await;
+    let (mut issuer, tmk) = start_issuer(root.path(), &issuer_db).await;
     issuer.kill();
 
     let extra = format!(
@@ -596,15 +595,7 @@ async fn relay(
 async fn unanswered_withdrawals_are_reversed_and_stood_in_once() {
     let root = tempfile::tempdir().unwrap();
     let db = |name: &str| format!("sqlite://{}", root.path().join(name).display());
-    let mut issuer = Node::new(
-        root.path(),
-        "issuer",
-        &db("issuer.db"),
-        "[routing]\non_us = [\"4111\"]\n",
-    );
-    issuer.start().await;
-    seed_issuer(&issuer).await;
-    let tmk = register_station(&issuer, root.path()).await;
+    let (issuer, tmk) = start_issuer(root.path(), &db("issuer.db")).await;
     let lossy = LossyLink::start(issuer.iso.clone()).await;
 
     // the primary endpoint is dead: the link must come up on the backup

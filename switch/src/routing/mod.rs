@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 pub use link::{LinkAnswer, LinkConfigError, LinkDeps, LinkError, UpstreamLink};
 
 use crate::settings::UpstreamSettings;
+use drainer::Drainer;
 
 /// Every configured upstream of this switch, by name.
 #[derive(Debug, Default)]
@@ -47,11 +48,49 @@ impl Upstreams {
         self.links.is_empty()
     }
 
-    /// Starts every link's connect/heartbeat/reconnect task until `stop`.
-    pub fn spawn(&self, stop: &CancellationToken) -> Vec<JoinHandle<()>> {
-        self.links
+    /// Starts every link's connect/heartbeat/reconnect task, and `drainer` if given.
+    pub fn start(&self, drainer: Option<Drainer>) -> UpstreamTasks {
+        let stop_links = CancellationToken::new();
+        let links = self
+            .links
             .values()
-            .map(|link| tokio::spawn(link.clone().run(stop.clone())))
-            .collect()
+            .map(|link| tokio::spawn(link.clone().run(stop_links.clone())))
+            .collect();
+        let stop_drainer = CancellationToken::new();
+        let drainer = drainer.map(|d| tokio::spawn(d.run(stop_drainer.clone())));
+        UpstreamTasks {
+            stop_links,
+            links,
+            stop_drainer,
+            drainer,
+        }
+    }
+}
+
+/// The running link tasks (and drainer) of a process, stopped in order at shutdown.
+#[derive(Debug)]
+pub struct UpstreamTasks {
+    stop_links: CancellationToken,
+    links: Vec<JoinHandle<()>>,
+    stop_drainer: CancellationToken,
+    drainer: Option<JoinHandle<()>>,
+}
+
+impl UpstreamTasks {
+    /// No new work to the upstreams: the drainer settles the batch it holds and stops.
+    pub async fn stop_drainer(&mut self) {
+        self.stop_drainer.cancel();
+        if let Some(drainer) = self.drainer.take() {
+            let _ = drainer.await;
+        }
+    }
+
+    /// Stops the drainer, then signs off and closes every link.
+    pub async fn stop(mut self) {
+        self.stop_drainer().await;
+        self.stop_links.cancel();
+        for link in self.links {
+            let _ = link.await;
+        }
     }
 }

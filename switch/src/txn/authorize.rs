@@ -269,11 +269,7 @@ pub(crate) async fn verify_pin(
     pan: &str,
     card: &Card,
 ) -> Result<(), ResponseCode> {
-    let block = request
-        .get_str(123)
-        .and_then(|hex_block| hex::decode(hex_block).ok())
-        .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok());
-    let Some(block) = block else {
+    let Some(block) = pin_block(request) else {
         return Err(ResponseCode::IncorrectPin);
     };
     let keys = ctx
@@ -316,6 +312,14 @@ pub(crate) async fn verify_pin(
     } else {
         Err(ResponseCode::IncorrectPin)
     }
+}
+
+/// The PIN block of field 123 (hex of 16 bytes), if well-formed.
+pub(crate) fn pin_block(request: &Message) -> Option<[u8; 16]> {
+    request
+        .get_str(123)
+        .and_then(|hex_block| hex::decode(hex_block).ok())
+        .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok())
 }
 
 /// Sets 37, 38, 39 and (for approvals with balances) 54 from the journal entry.

@@ -17,7 +17,7 @@
 use chrono::{DateTime, Utc};
 use tracing::{error, info, warn};
 
-use super::authorize::{is_expired, verify_pin};
+use super::authorize::{is_expired, pin_block, verify_pin};
 use crate::app::SwitchContext;
 use crate::domain::{KeyType, ResponseCode, TerminalId};
 use crate::iso8583::{Message, Mti};
@@ -378,13 +378,6 @@ fn new_advice(
         reference: None,
         created_at: now,
     }
-}
-
-fn pin_block(request: &Message) -> Option<[u8; 16]> {
-    request
-        .get_str(123)
-        .and_then(|h| hex::decode(h).ok())
-        .and_then(|b| <[u8; 16]>::try_from(b).ok())
 }
 
 fn transmission_time(now: DateTime<Utc>) -> String {
