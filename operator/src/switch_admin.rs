@@ -205,6 +205,8 @@ pub struct CreateRotation {
     pub activate_at: Option<String>,
     /// How long replaced keys keep verifying.
     pub grace_seconds: u64,
+    /// Terminals between the key push and their answer at once.
+    pub max_concurrent: u32,
 }
 
 /// `POST /v1/key-rotations` answer.
@@ -444,10 +446,11 @@ mod tests {
             activation: "onConfirm".into(),
             activate_at: None,
             grace_seconds: 300,
+            max_concurrent: 50,
         };
         assert_eq!(
             serde_json::to_string(&body).expect("serializes"),
-            r#"{"keyType":"TAK","terminals":"all","activation":"onConfirm","graceSeconds":300}"#
+            r#"{"keyType":"TAK","terminals":"all","activation":"onConfirm","graceSeconds":300,"maxConcurrent":50}"#
         );
     }
 

@@ -259,7 +259,7 @@ async fn scheduled_rotation_runs_at_its_window_and_not_before() {
     );
     assert_eq!(
         posts[0].body,
-        json!({"keyType": "TPK", "terminals": "all", "activation": "onConfirm", "graceSeconds": 300})
+        json!({"keyType": "TPK", "terminals": "all", "activation": "onConfirm", "graceSeconds": 300, "maxConcurrent": 100})
     );
     let status = h.status();
     let current = status.current_rotation.expect("current rotation");

@@ -44,6 +44,8 @@ pub struct SwitchContext {
     pub health: Arc<Health>,
     /// Links to the issuer hosts of `[[upstreams]]`.
     pub upstreams: Arc<Upstreams>,
+    /// Terminals' answers to key pushes that paced rotations wait for.
+    pub key_answers: crate::txn::key_exchange::KeyAnswers,
 }
 
 impl SwitchContext {
@@ -228,6 +230,7 @@ pub async fn start(
         metrics: metrics.clone(),
         health: health.clone(),
         upstreams,
+        key_answers: Default::default(),
     });
     let addr = |l: &TcpListener| {
         l.local_addr().map_err(|source| StartError::Bind {

@@ -417,3 +417,69 @@ async fn fleet_rotation(backend: Backend) {
     sw.stop().await;
 }
 on_both_backends!(fleet_rotation_counts_and_pushes, fleet_rotation);
+
+/// `maxConcurrent: 1`: the next terminal gets its push only once the previous one answered.
+async fn paced_rotation(backend: Backend) {
+    let Some(sw) = TestSwitch::start(backend).await else {
+        return;
+    };
+    let mut atms = Vec::new();
+    for i in 1..=3 {
+        let mut atm = sw.atm(&format!("PACE000{i}")).await;
+        assert_eq!(atm.network("001").await.unwrap().get_str(39), Some("00"));
+        atms.push(atm);
+    }
+    let err = sw
+        .admin
+        .post(
+            "/v1/key-rotations",
+            &json!({"keyType": "TPK", "terminals": "all", "activation": "onConfirm", "maxConcurrent": 0}),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("maxConcurrent"), "{err}");
+    let created = sw
+        .admin
+        .post(
+            "/v1/key-rotations",
+            &json!({"keyType": "TPK", "terminals": "all", "activation": "onConfirm", "maxConcurrent": 1}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created["terminals"], 3);
+    // terminals are pushed in id order; while the first has not answered, nobody else is pushed
+    for (n, waiting) in atms.iter_mut().enumerate().skip(1) {
+        assert!(
+            waiting
+                .wait_for_key_push(Duration::from_millis(600))
+                .await
+                .is_err(),
+            "PACE000{} was pushed before PACE0001 answered",
+            n + 1
+        );
+    }
+    for atm in atms.iter_mut() {
+        assert_eq!(
+            atm.wait_for_key_push(Duration::from_secs(5)).await.unwrap(),
+            KeyType::Tpk
+        );
+    }
+    // the last answer is processed after the ATM sent it
+    let id = created["id"].as_str().unwrap();
+    let mut totals = serde_json::Value::Null;
+    for _ in 0..50 {
+        totals = sw
+            .admin
+            .get(&format!("/v1/key-rotations/{id}"))
+            .await
+            .unwrap();
+        if totals["totals"]["ACTIVE"] == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(totals["totals"]["ACTIVE"], 3, "{totals}");
+    sw.stop().await;
+}
+
+on_both_backends!(rotation_with_max_concurrent_paces_pushes, paced_rotation);

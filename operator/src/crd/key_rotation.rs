@@ -46,7 +46,8 @@ pub struct KeyRotationSpec {
     #[serde(default = "default_grace_period")]
     #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
     pub grace_period: String,
-    /// Terminals rotated at the same time.
+    /// Terminals rotated at the same time: the switch pushes the next terminal's key once one
+    /// of these has answered (or after 30 s without an answer).
     #[serde(default = "default_max_concurrent")]
     #[schemars(range(min = 1, max = 10000))]
     pub max_concurrent: i32,

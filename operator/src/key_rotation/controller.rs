@@ -470,8 +470,8 @@ fn totals_text(totals: &BTreeMap<String, i64>) -> String {
 
 /// The `POST /v1/key-rotations` body for one key type of a run (pure).
 ///
-/// `run_started_at` is the run's recorded start, so a retried start sends the same body. The
-/// switch has no per-request concurrency limit, so `maxConcurrent` is not sent.
+/// `run_started_at` is the run's recorded start, so a retried start sends the same body.
+/// `maxConcurrent` paces the switch's key pushes (terminals between push and answer at once).
 pub fn build_create_rotation(
     spec: &KeyRotationSpec,
     key_type: RotatedKeyType,
@@ -515,6 +515,7 @@ pub fn build_create_rotation(
         activation: activation.to_owned(),
         activate_at,
         grace_seconds: grace.as_secs(),
+        max_concurrent: u32::try_from(spec.max_concurrent.max(1)).unwrap_or(1),
     })
 }
 
@@ -801,7 +802,7 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&body).expect("json"),
             json!({"keyType": "TPK", "terminals": {"ids": ["ATM00001", "ATM00002"]},
-                   "activation": "onConfirm", "graceSeconds": 600})
+                   "activation": "onConfirm", "graceSeconds": 600, "maxConcurrent": 100})
         );
     }
 

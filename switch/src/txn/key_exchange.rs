@@ -10,6 +10,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use chrono::Utc;
+use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use super::{Reply, response_to};
@@ -222,6 +223,47 @@ pub async fn activate_matching(
 
 static PUSH_STAN: AtomicU32 = AtomicU32::new(1);
 
+/// Terminals' answers to server-initiated key changes, for a rotation that paces its pushes
+/// (`maxConcurrent`) and frees a slot when the terminal has answered.
+#[derive(Debug, Default)]
+pub struct KeyAnswers(
+    std::sync::Mutex<std::collections::HashMap<(TerminalId, KeyType), oneshot::Sender<()>>>,
+);
+
+impl KeyAnswers {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<(TerminalId, KeyType), oneshot::Sender<()>>,
+    > {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resolves when the terminal answers its next key change of type `kt`.
+    pub fn wait_for(&self, terminal: &TerminalId, kt: KeyType) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.lock().insert((terminal.clone(), kt), tx);
+        rx
+    }
+
+    /// The terminal answered a key change of type `kt` (accepted or declined).
+    pub fn answered(&self, terminal: &TerminalId, kt: KeyType) {
+        if let Some(tx) = self.lock().remove(&(terminal.clone(), kt)) {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Drops a wait nobody listens to any more (leaves a newer waiter alone).
+    pub fn forget(&self, terminal: &TerminalId, kt: KeyType) {
+        let mut waits = self.lock();
+        let key = (terminal.clone(), kt);
+        if waits.get(&key).is_some_and(|tx| tx.is_closed()) {
+            waits.remove(&key);
+        }
+    }
+}
+
 /// Sends 0800/161 for `key` on the terminal's live session, if it has one. Returns whether it
 /// was queued; a terminal that is offline gets the key when it next signs on.
 pub async fn push_key(ctx: &SwitchContext, terminal: &TerminalId, key: &KeyRecord) -> bool {
@@ -277,6 +319,9 @@ pub async fn on_terminal_answer(ctx: &SwitchContext, conn: &ConnState, answer: &
     }
     if answer.get_str(39) != Some("00") {
         info!(%terminal, code = ?answer.get_str(39), "terminal declined a key change; key stays PENDING");
+        if let Some(kt) = parse_key_type(answer) {
+            ctx.key_answers.answered(terminal, kt);
+        }
         return;
     }
     let Some(kcv) = answer.get_str(122) else {
@@ -284,4 +329,7 @@ pub async fn on_terminal_answer(ctx: &SwitchContext, conn: &ConnState, answer: &
     };
     let kt = parse_key_type(answer);
     activate_matching(ctx, terminal, kt, kcv).await;
+    if let Some(kt) = kt {
+        ctx.key_answers.answered(terminal, kt);
+    }
 }

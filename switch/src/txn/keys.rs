@@ -47,12 +47,14 @@ pub enum RotationError {
 
 /// Starts a fleet rotation: one PENDING key per selected terminal, stored in one transaction,
 /// then pushed in the background to every terminal that is signed on here.
+#[allow(clippy::too_many_arguments)]
 pub async fn start_fleet_rotation(
     ctx: Arc<SwitchContext>,
     kt: KeyType,
     selector: &TerminalSelector,
     activation: Activation,
     grace: Duration,
+    max_concurrent: Option<usize>,
     actor: &str,
 ) -> Result<(RotationId, usize), RotationError> {
     let terminals = ctx.store.terminals_in(selector).await?;
@@ -85,26 +87,68 @@ pub async fn start_fleet_rotation(
     let count = terminals.len();
     let id = rotation.id.clone();
     info!(rotation = %id, key_type = %kt, terminals = count, "fleet rotation started");
-    let pushed_ctx = ctx.clone();
-    tokio::spawn(async move {
-        let mut pushed = 0usize;
-        for terminal in terminals {
-            if pushed_ctx.sessions.handle(&terminal).is_none() {
-                continue;
-            }
-            if let Ok(usable) = pushed_ctx
-                .store
-                .keys_for_use(&terminal, kt, Utc::now())
-                .await
-                && let Some(pending) = usable.pending
-                && push_key(&pushed_ctx, &terminal, &pending).await
-            {
-                pushed += 1;
-            }
-        }
-        info!(rotation = %rotation.id, pushed, "fleet rotation keys pushed to live sessions");
-    });
+    tokio::spawn(push_rotation(
+        ctx,
+        rotation.id,
+        kt,
+        terminals,
+        max_concurrent,
+    ));
     Ok((id, count))
+}
+
+/// How long a pushed key holds one of the rotation's `max_concurrent` slots when its terminal
+/// does not answer; the key stays PENDING (pushed again at its next sign-on).
+const PUSH_ANSWER_WAIT: Duration = Duration::from_secs(30);
+
+/// Pushes a rotation's PENDING keys to the terminals with a live session. With `max_concurrent`,
+/// at most that many terminals are between the push and their answer at any time, so a large
+/// fleet is rotated in a rolling wave rather than all at once.
+async fn push_rotation(
+    ctx: Arc<SwitchContext>,
+    rotation: RotationId,
+    kt: KeyType,
+    terminals: Vec<TerminalId>,
+    max_concurrent: Option<usize>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        max_concurrent.unwrap_or(tokio::sync::Semaphore::MAX_PERMITS),
+    ));
+    let mut pushes = tokio::task::JoinSet::new();
+    let mut pushed = 0usize;
+    for terminal in terminals {
+        if ctx.sessions.handle(&terminal).is_none() {
+            continue;
+        }
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let ctx = ctx.clone();
+        pushes.spawn(async move {
+            let answer = ctx.key_answers.wait_for(&terminal, kt);
+            let pushed = match ctx.store.keys_for_use(&terminal, kt, Utc::now()).await {
+                Ok(usable) => match usable.pending {
+                    Some(pending) => push_key(&ctx, &terminal, &pending).await,
+                    None => false,
+                },
+                Err(_) => false,
+            };
+            if pushed && max_concurrent.is_some() {
+                let _ = tokio::time::timeout(PUSH_ANSWER_WAIT, answer).await;
+            }
+            ctx.key_answers.forget(&terminal, kt);
+            drop(slot);
+            pushed
+        });
+        // collect finished pushes as we go, so a 10,000-terminal rotation holds few tasks
+        while let Some(done) = pushes.try_join_next() {
+            pushed += usize::from(done.unwrap_or(false));
+        }
+    }
+    while let Some(done) = pushes.join_next().await {
+        pushed += usize::from(done.unwrap_or(false));
+    }
+    info!(%rotation, pushed, "fleet rotation keys pushed to live sessions");
 }
 
 /// Activates, at their time, the PENDING keys of rotations with `atTime` activation.

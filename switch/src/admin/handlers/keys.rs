@@ -198,6 +198,10 @@ pub struct CreateRotation {
     /// How long replaced keys keep verifying (default: the switch's `keys.grace`).
     #[serde(default)]
     pub grace_seconds: Option<u64>,
+    /// At most this many terminals between the key push and their answer at once (1 to
+    /// 10,000; default: all at once). A terminal that does not answer within 30 s frees its slot.
+    #[serde(default)]
+    pub max_concurrent: Option<usize>,
 }
 
 /// A rotation's id and size.
@@ -279,6 +283,14 @@ pub async fn create_rotation(
         .grace_seconds
         .map(Duration::from_secs)
         .unwrap_or(state.ctx.settings.keys.grace);
+    if req
+        .max_concurrent
+        .is_some_and(|n| !(1..=10_000).contains(&n))
+    {
+        return Err(ApiError::BadRequest(
+            "maxConcurrent must be 1 to 10000".into(),
+        ));
+    }
     idempotent(&state, &caller, &headers, &body.digest, || async {
         let (id, terminals) = start_fleet_rotation(
             state.ctx.clone(),
@@ -286,6 +298,7 @@ pub async fn create_rotation(
             &selector,
             activation,
             grace,
+            req.max_concurrent,
             &caller.name,
         )
         .await
