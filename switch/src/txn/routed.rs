@@ -13,6 +13,10 @@
 //!
 //! The PIN block is translated from the terminal's TPK to the link's TPK inside the HSM and the
 //! message is MACed under the link's TAK by the link itself.
+//!
+//! The journal keeps how the issuer knows each routed or stand-in request (`upstream_ref`), so
+//! that whatever undoes it here — the terminal's reversal, or an issuer approval that cannot be
+//! paid out — becomes one 0420 advice for the issuer ([`forward_reversal`]).
 
 use chrono::{DateTime, Utc};
 use tracing::{error, info, warn};
