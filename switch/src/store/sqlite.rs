@@ -441,12 +441,14 @@ async fn finish_journal(
     code: ResponseCode,
     answer: &Answer<'_>,
 ) -> Result<JournalEntry, StoreError> {
-    sqlx::query(
+    // one round trip: the row comes back with the update
+    let row = sqlx::query(concat!(
         "UPDATE journal SET response_code = $2, auth_code = $3, ledger_balance = $4, \
          available_balance = $9, business_day = $5, amount = COALESCE($6, amount), \
          currency = COALESCE($7, currency), original_id = $8, \
-         upstream_ref = COALESCE($10, upstream_ref) WHERE id = $1",
-    )
+         upstream_ref = COALESCE($10, upstream_ref) WHERE id = $1 RETURNING ",
+        journal_cols!()
+    ))
     .bind(journal_id)
     .bind(code.as_str())
     .bind(answer.auth_code)
@@ -457,14 +459,6 @@ async fn finish_journal(
     .bind(answer.original_id)
     .bind(answer.available)
     .bind(answer.upstream_ref)
-    .execute(&mut *conn)
-    .await?;
-    let row = sqlx::query(concat!(
-        "SELECT ",
-        journal_cols!(),
-        " FROM journal WHERE id = $1"
-    ))
-    .bind(journal_id)
     .fetch_one(&mut *conn)
     .await?;
     Ok(journal_from_row(&row)?.1)

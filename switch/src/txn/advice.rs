@@ -3,11 +3,13 @@
 //! is delivered.
 //!
 //! Order of checks, each with its documented answer: format (`30`; `12` for anything but a
-//! cash withdrawal), MAC (`63`, nothing journaled), duplicate (the original answer byte for
-//! byte — a 0221 repeat counts as its 0220 — or `94` for different content), card (`14` unless
-//! on-us and registered here), then the ledger as a forced post (`13`, `12` for a currency
-//! mismatch, else `00`). The identity is (station, STAN, transmission date-time), so every
-//! redelivery by any of the acquirer's drainers finds the first one's journal row.
+//! cash withdrawal), MAC (`63`, nothing journaled), card (`14` unless on-us and registered
+//! here), then the ledger as a forced post (`13`, `12` for a currency mismatch, else `00`) in the
+//! store transaction that also recognises a repeat: the original answer byte for byte — a 0221
+//! repeat counts as its 0220 — or `94` for different content. The identity is (station, STAN,
+//! transmission date-time), so every redelivery by any of the acquirer's drainers finds the
+//! first one's journal row. (No separate duplicate look-up first: advices arrive by the
+//! thousand after an outage, and the transaction answers repeats anyway.)
 //!
 //! Not checked, on purpose: the PIN (an advice carries none; the acquirer verified it when it
 //! stood in), the expiry, the balance and the daily limit (the cash is already out). Refusals
@@ -66,13 +68,9 @@ pub async fn handle(
         })
     };
 
+    // A repeat (0221, or 0220 again) is recognised by the store's authorization below, which
+    // answers it from the journal (or `94` for other content) without booking it again.
     let digest = request_digest(ctx, raw);
-    match ctx.store.find_request(&id).await {
-        Ok(Some(entry)) if entry.digest == digest => return answer(&entry),
-        Ok(Some(_)) => return coded(ResponseCode::Duplicate),
-        Ok(None) => {}
-        Err(_) => return coded(ResponseCode::SystemMalfunction),
-    }
 
     if route_for(&ctx.settings, &pan) != Route::OnUs {
         return coded(ResponseCode::InvalidCard);
