@@ -4,6 +4,7 @@
 
 pub mod bank_switch;
 pub mod crd;
+pub mod events;
 pub mod http;
 pub mod key_rotation;
 pub mod metrics;

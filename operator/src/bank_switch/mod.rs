@@ -21,7 +21,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{DeleteParams, ListParams, PropagationPolicy};
 use kube::core::DynamicObject;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::Instrument;
@@ -34,6 +34,7 @@ use self::status::{MigrationState, MonitoringState, Observed};
 use self::validate::{StorageMode, ValidatedBankSwitch};
 use crate::crd::bank_switch::{BankSwitch, BankSwitchStatus};
 use crate::crd::condition::{self, ConditionStatus, DATABASE_MIGRATED, DEGRADED, READY};
+use crate::events::error_chain;
 use crate::metrics::Metrics;
 
 /// Controller name used in metrics and Events.
@@ -218,28 +219,8 @@ pub fn error_policy(bs: Arc<BankSwitch>, _err: &ReconcileError, ctx: Arc<Context
     Action::requeue(retry_delay(attempts))
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 async fn publish(ctx: &Context, bs: &BankSwitch, type_: EventType, reason: &str, note: &str) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &bs.object_ref(&())).await {
-        tracing::warn!(error = %e, reason, "failed to publish Event");
-    }
+    crate::events::publish(&ctx.recorder, &bs.object_ref(&()), type_, reason, note).await;
 }
 
 /// Publishes an Event for every condition whose status changed (or appeared).

@@ -21,7 +21,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action as Requeue, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -42,6 +42,7 @@ use crate::crd::condition::{
 use crate::crd::key_rotation::{
     ActivationMode, KeyRotation, KeyRotationSpec, KeyRotationStatus, RotatedKeyType,
 };
+use crate::events::error_chain;
 use crate::metrics::Metrics;
 use crate::switch_admin::{
     BearerToken, CreateRotation, SwitchAdmin, SwitchAdminError, TokenFormat, read_token,
@@ -653,28 +654,8 @@ impl StatusWriter<'_> {
     }
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 async fn publish(ctx: &Context, kr: &KeyRotation, type_: EventType, reason: &str, note: &str) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &kr.object_ref(&())).await {
-        tracing::warn!(error = %e, reason, "failed to publish Event");
-    }
+    crate::events::publish(&ctx.recorder, &kr.object_ref(&()), type_, reason, note).await;
 }
 
 /// A Warning when Degraded turns True (or changes reason), a Normal `Recovered` when it clears:

@@ -15,7 +15,7 @@
 //! MAC on every financial message) is our core, and no crate speaks this profile.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::backoff::ReconnectBackoff;
-use super::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
+use super::breaker::{BreakerConfig, CircuitBreaker};
 use crate::crypto::{ClearKey, Hsm, KeyCheckValue};
 use crate::domain::{KeyType, TerminalId, WrappedKey};
 use crate::iso8583::{Message, Mti, Packager, decode_frame, encode_frame};
@@ -155,6 +155,8 @@ pub struct UpstreamLink {
     live: RwLock<Option<Arc<Live>>>,
     stans: tokio::sync::Mutex<StanBlock>,
     rekey: AtomicBool,
+    /// Last published `up * 4 + circuit state`, so the gauges are set only on a change.
+    published: AtomicI64,
     /// When the keys this process uses last were exchanged (by it or another process).
     keys_exchanged_at: Mutex<Option<chrono::DateTime<Utc>>>,
 }
@@ -203,6 +205,7 @@ impl UpstreamLink {
             live: RwLock::new(None),
             stans: tokio::sync::Mutex::new(StanBlock::default()),
             rekey: AtomicBool::new(false),
+            published: AtomicI64::new(-1),
             keys_exchanged_at: Mutex::new(None),
             settings,
             deps,
@@ -237,11 +240,6 @@ impl UpstreamLink {
         self.is_up() && self.lock_breaker().would_allow(Instant::now())
     }
 
-    /// The breaker's state.
-    pub fn breaker_state(&self) -> BreakerState {
-        self.lock_breaker().state()
-    }
-
     fn lock_breaker(&self) -> std::sync::MutexGuard<'_, CircuitBreaker> {
         self.breaker.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -257,11 +255,21 @@ impl UpstreamLink {
         self.publish_state();
     }
 
+    /// Sets `switchyard_upstream_up` and `switchyard_circuit_state` when either changed (not on
+    /// every request: the label lookup allocates).
     fn publish_state(&self) {
         let up = i64::from(self.is_up());
-        self.deps
-            .metrics
-            .set_upstream(&self.name, up, self.lock_breaker().state().metric_value());
+        let state = self.lock_breaker().state().metric_value();
+        if self.published.swap(up * 4 + state, Ordering::Relaxed) != up * 4 + state {
+            self.deps.metrics.set_upstream(&self.name, up, state);
+        }
+    }
+
+    /// Runs `f` on the breaker at the current instant, then publishes a changed state.
+    fn with_breaker<T>(&self, f: impl FnOnce(&mut CircuitBreaker, Instant) -> T) -> T {
+        let out = f(&mut self.lock_breaker(), Instant::now());
+        self.publish_state();
+        out
     }
 
     /// A fresh STAN for a message on this link (also used for advices when they are queued).
@@ -291,67 +299,68 @@ impl UpstreamLink {
     ///
     /// The caller sets the fields; the link sets 41 (station) and, unless already present,
     /// 7 (now) and 11 (a fresh STAN), and MACs the message under the link TAK. An answer coded
-    /// `91` or `96`, a timeout or a lost connection count as failures; any other answer (even a
-    /// decline) proves the issuer is up. A `63` answer means the issuer no longer accepts our
-    /// TAK: the link exchanges keys again.
+    /// `91`, `96`, `63` or `58`, a timeout or a lost connection count as failures; any other
+    /// answer (even a decline) proves the issuer is up. After `63` (or an answer whose MAC does
+    /// not verify) the link reconnects and exchanges keys again; after `58` (the issuer lost our
+    /// session) it reconnects and signs on again.
     pub async fn request(&self, message: Message) -> Result<LinkAnswer, LinkError> {
-        if !self.lock_breaker().try_acquire(Instant::now()) {
-            self.publish_state();
+        if !self.with_breaker(|b, now| b.try_acquire(now)) {
             return Err(LinkError::CircuitOpen(self.name.clone()));
         }
-        self.publish_state();
         let result = match self.current() {
             Some(live) => self.exchange(&live, message, true).await,
             None => Err(LinkError::Down(self.name.clone())),
         };
         let failed = match &result {
-            Ok(answer) => matches!(answer.code(), "91" | "96" | "63" | "58"),
+            Ok(answer) => match answer.code() {
+                "63" => {
+                    self.reconnect(true, "issuer refused our MAC; exchanging link keys again");
+                    true
+                }
+                "58" => {
+                    self.reconnect(false, "issuer says we are not signed on; signing on again");
+                    true
+                }
+                code => matches!(code, "91" | "96"),
+            },
+            Err(LinkError::BadMac(_)) => {
+                self.reconnect(
+                    true,
+                    "issuer answer MAC does not verify; exchanging link keys again",
+                );
+                true
+            }
             Err(LinkError::Local(..)) => false,
             Err(_) => true,
         };
-        if matches!(&result, Ok(a) if a.code() == "58") {
-            // the issuer no longer knows our session (it restarted, or an operator signed us
-            // off): reconnect and sign on again
-            if let Some(live) = self.current() {
-                warn!(upstream = %self.name, "issuer says we are not signed on; signing on again");
-                live.lost.cancel();
-            }
-        }
-        if matches!(&result, Ok(a) if a.code() == "63")
-            || matches!(&result, Err(LinkError::BadMac(_)))
-        {
-            self.request_rekey();
-        }
-        {
-            let mut breaker = self.lock_breaker();
+        self.with_breaker(|b, now| {
             if failed {
-                breaker.record_failure(Instant::now());
+                b.record_failure(now)
             } else {
-                breaker.record_success(Instant::now());
+                b.record_success(now)
             }
-        }
-        self.publish_state();
+        });
         result
     }
 
     /// Counts a request that found the link down (before anything could be sent) as a failure
     /// in the breaker, as [`UpstreamLink::request`] would: a down link must open the circuit.
     pub fn report_down(&self) {
-        {
-            let mut breaker = self.lock_breaker();
-            let now = Instant::now();
-            if breaker.try_acquire(now) {
-                breaker.record_failure(now);
+        self.with_breaker(|b, now| {
+            if b.try_acquire(now) {
+                b.record_failure(now);
             }
-        }
-        self.publish_state();
+        });
     }
 
-    /// Makes the next connect exchange keys, and drops the current connection to get there.
-    fn request_rekey(&self) {
-        self.rekey.store(true, Ordering::SeqCst);
+    /// Drops the current connection so the link task connects and signs on again; with `rekey`
+    /// the next connect exchanges keys instead of reusing the stored ones.
+    fn reconnect(&self, rekey: bool, why: &str) {
+        if rekey {
+            self.rekey.store(true, Ordering::SeqCst);
+        }
         if let Some(live) = self.current() {
-            warn!(upstream = %self.name, "issuer refused our MAC or sent one we cannot verify; exchanging link keys again");
+            warn!(upstream = %self.name, "{why}");
             live.lost.cancel();
         }
     }

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use super::{Reply, authenticate, request_digest, response_to};
 use crate::app::SwitchContext;
 use crate::crypto::{PinCheck, Pvv};
-use crate::domain::{KeyType, ResponseCode, TerminalId};
+use crate::domain::{KeyType, ResponseCode, TerminalId, WrappedKey};
 use crate::iso8583::Message;
 use crate::store::{AuthKind, AuthOutcome, AuthRequest, Card, JournalEntry, RequestIdentity};
 
@@ -269,21 +269,14 @@ pub(crate) async fn verify_pin(
     pan: &str,
     card: &Card,
 ) -> Result<(), ResponseCode> {
-    let Some(block) = pin_block(request) else {
-        return Err(ResponseCode::IncorrectPin);
-    };
-    let keys = ctx
-        .store
-        .keys_for_use(terminal, KeyType::Tpk, Utc::now())
-        .await
-        .map_err(|_| ResponseCode::SystemMalfunction)?;
+    let (block, tpks) = pin_block_and_tpks(ctx, terminal, request).await?;
     let pvv = Pvv::from_hex(&card.pvv).map_err(|_| {
         warn!(card = %card.id, "stored PVV is unreadable");
         ResponseCode::SystemMalfunction
     })?;
     let mut matched = false;
-    for key in keys.active.iter().chain(keys.in_grace.iter()) {
-        match ctx.hsm.verify_pin(&key.wrapped, pan, &block, &pvv) {
+    for tpk in &tpks {
+        match ctx.hsm.verify_pin(tpk, pan, &block, &pvv) {
             Ok(PinCheck::Match) => {
                 matched = true;
                 break;
@@ -314,12 +307,31 @@ pub(crate) async fn verify_pin(
     }
 }
 
-/// The PIN block of field 123 (hex of 16 bytes), if well-formed.
-pub(crate) fn pin_block(request: &Message) -> Option<[u8; 16]> {
-    request
+/// The PIN block of field 123 (hex of 16 bytes) and the terminal's TPKs that may have
+/// enciphered it: the ACTIVE one, then those still in their grace window. `55` without a
+/// readable block, `96` when the store fails.
+pub(crate) async fn pin_block_and_tpks(
+    ctx: &SwitchContext,
+    terminal: &TerminalId,
+    request: &Message,
+) -> Result<([u8; 16], Vec<WrappedKey>), ResponseCode> {
+    let block = request
         .get_str(123)
         .and_then(|hex_block| hex::decode(hex_block).ok())
         .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok())
+        .ok_or(ResponseCode::IncorrectPin)?;
+    let keys = ctx
+        .store
+        .keys_for_use(terminal, KeyType::Tpk, Utc::now())
+        .await
+        .map_err(|_| ResponseCode::SystemMalfunction)?;
+    let tpks = keys
+        .active
+        .into_iter()
+        .chain(keys.in_grace)
+        .map(|k| k.wrapped)
+        .collect();
+    Ok((block, tpks))
 }
 
 /// Sets 37, 38, 39 and (for approvals with balances) 54 from the journal entry.

@@ -333,3 +333,25 @@ pub async fn on_terminal_answer(ctx: &SwitchContext, conn: &ConnState, answer: &
         ctx.key_answers.answered(terminal, kt);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn key_answers_wake_the_waiter_and_forget_only_abandoned_waits() {
+        let answers = KeyAnswers::default();
+        let atm = TerminalId::new("ATM1").unwrap();
+        let rx = answers.wait_for(&atm, KeyType::Tpk);
+        answers.answered(&atm, KeyType::Tak); // another key type: not this wait
+        answers.answered(&atm, KeyType::Tpk);
+        assert!(rx.await.is_ok());
+
+        let pending = answers.wait_for(&atm, KeyType::Tpk);
+        answers.forget(&atm, KeyType::Tpk);
+        assert_eq!(answers.lock().len(), 1, "a live wait is kept");
+        drop(pending);
+        answers.forget(&atm, KeyType::Tpk);
+        assert!(answers.lock().is_empty(), "an abandoned wait is removed");
+    }
+}

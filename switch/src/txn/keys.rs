@@ -125,7 +125,8 @@ async fn push_rotation(
         };
         let ctx = ctx.clone();
         pushes.spawn(async move {
-            let answer = ctx.key_answers.wait_for(&terminal, kt);
+            // paced rotations wait for the answer; unpaced ones need not listen for it
+            let answer = max_concurrent.map(|_| ctx.key_answers.wait_for(&terminal, kt));
             let pushed = match ctx.store.keys_for_use(&terminal, kt, Utc::now()).await {
                 Ok(usable) => match usable.pending {
                     Some(pending) => push_key(&ctx, &terminal, &pending).await,
@@ -133,10 +134,15 @@ async fn push_rotation(
                 },
                 Err(_) => false,
             };
-            if pushed && max_concurrent.is_some() {
-                let _ = tokio::time::timeout(PUSH_ANSWER_WAIT, answer).await;
+            if let Some(answer) = answer {
+                if pushed {
+                    let _ = tokio::time::timeout(PUSH_ANSWER_WAIT, answer).await;
+                } else {
+                    drop(answer);
+                }
+                // the receiver is gone now, so `forget` removes the entry
+                ctx.key_answers.forget(&terminal, kt);
             }
-            ctx.key_answers.forget(&terminal, kt);
             drop(slot);
             pushed
         });

@@ -21,9 +21,9 @@
 use chrono::{DateTime, Utc};
 use tracing::{error, info, warn};
 
-use super::authorize::{is_expired, pin_block, verify_pin};
+use super::authorize::{is_expired, pin_block_and_tpks, verify_pin};
 use crate::app::SwitchContext;
-use crate::domain::{KeyType, ResponseCode, TerminalId};
+use crate::domain::{ResponseCode, TerminalId};
 use crate::iso8583::{Message, Mti};
 use crate::routing::{LinkAnswer, LinkError, UpstreamLink};
 use crate::store::{AdviceMti, AuthKind, AuthRequest, IssuerAnswer, NewAdvice};
@@ -109,17 +109,10 @@ async fn forward(
         link.report_down();
         return not_sent(LinkError::Down(link.name().to_string()));
     }
-    let Some(block) = pin_block(request) else {
-        return Err(ResponseCode::IncorrectPin);
-    };
-    let keys = ctx
-        .store
-        .keys_for_use(terminal, KeyType::Tpk, Utc::now())
-        .await
-        .map_err(|_| ResponseCode::SystemMalfunction)?;
+    let (block, tpks) = pin_block_and_tpks(ctx, terminal, request).await?;
     let mut translated = None;
-    for key in keys.active.iter().chain(keys.in_grace.iter()) {
-        match link.translate_pin(&key.wrapped, pan, &block) {
+    for tpk in &tpks {
+        match link.translate_pin(tpk, pan, &block) {
             Ok(out) => {
                 translated = Some(out);
                 break;
