@@ -297,6 +297,7 @@ async fn run(
             ctx.upstreams.clone(),
             ctx.settings.saf.clone(),
             Drainer::holder_name(),
+            ctx.hsm.clone(),
         )
     }));
     let refresh = crate::txn::keys::scrape_refresh(ctx.clone());
@@ -376,7 +377,7 @@ pub async fn drain(settings: Settings) -> Result<(), StartError> {
         &settings.upstreams,
         &LinkDeps {
             packager,
-            hsm,
+            hsm: hsm.clone(),
             store: store.clone(),
             metrics: metrics.clone(),
         },
@@ -424,6 +425,7 @@ pub async fn drain(settings: Settings) -> Result<(), StartError> {
         upstreams.clone(),
         settings.saf.clone(),
         holder,
+        hsm.clone(),
     );
     let tasks = upstreams.start(Some(drainer));
     health.set_started();

@@ -205,6 +205,21 @@ impl FromStr for KeyState {
     }
 }
 
+/// `6011000000000004` → `601100******0004` (first six and last four, the most of a PAN that may
+/// be displayed); anything not a plausible PAN is hidden whole.
+pub fn mask_pan(pan: &str) -> String {
+    if (12..=19).contains(&pan.len()) && pan.bytes().all(|b| b.is_ascii_digit()) {
+        format!(
+            "{}{}{}",
+            &pan[..6],
+            "*".repeat(pan.len() - 10),
+            &pan[pan.len() - 4..]
+        )
+    } else {
+        "<redacted>".to_string()
+    }
+}
+
 /// A key wrapped under the LMK, as stored at rest. Opaque outside the HSM; safe to log its length
 /// only. `Debug` never shows the bytes (they are ciphertext, but there is no reason to spill them).
 #[derive(Clone, PartialEq, Eq)]

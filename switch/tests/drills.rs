@@ -379,6 +379,29 @@ async fn issuer_outage_stands_in_and_every_advice_lands_once() {
     assert_eq!(acquirer.metric("switchyard_standin_total").await, Some(4.0));
     assert_eq!(acquirer.balance("STIP-B").await, 500_000 - 60_000);
     assert_eq!(backlog(&acquirer.saf_stats().await), 5);
+    // the queued advices keep the PAN sealed: masked in the API, never in clear in the store
+    let queued = acquirer.admin.get("/v1/saf?status=queued").await.unwrap();
+    for advice in queued.as_array().unwrap() {
+        assert_eq!(advice["fields"]["2"], "411111******1111", "{advice}");
+    }
+    let store = store::connect(
+        &db("acquirer.db"),
+        &ConnectOptions {
+            max_connections: 1,
+            acquire_timeout: Duration::from_secs(10),
+        },
+    )
+    .await
+    .unwrap();
+    let stored = store
+        .saf_list(&Default::default(), Default::default())
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 6, "the five queued and the delivered 0420");
+    for advice in &stored {
+        assert!(!advice.payload.to_string().contains(ISSUER_PAN));
+    }
+    store.close().await;
     // the failures opened the circuit
     eventually("the circuit to open", 10, || async {
         (acquirer.metric(CIRCUIT).await == Some(2.0)).then_some(())

@@ -21,6 +21,7 @@
 use std::fmt;
 
 use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
 
 use super::block::AesCipher;
 use super::cmac::{CmacKey, leftmost8};
@@ -62,6 +63,9 @@ pub enum HsmError {
         /// KCV of the key found inside.
         computed: KeyCheckValue,
     },
+    /// Sealed card data does not open: altered, or sealed under another LMK.
+    #[error("failed to open sealed card data (altered, or sealed under another LMK)")]
+    SealedData,
     /// No KEK is configured, so TR-31 blocks under the KEK cannot be imported.
     #[error("failed to import key under the KEK: no KEK is configured (set keys.kek_file)")]
     NoKek,
@@ -165,6 +169,14 @@ pub trait Hsm: Send + Sync + fmt::Debug {
     /// so the store never holds a PAN in clear. Deterministic for one LMK; hashes the exact text,
     /// so callers pass the PAN digits only (no spaces, no track 2 separator).
     fn pan_token(&self, pan: &str) -> String;
+
+    /// Enciphers card data that must be kept to be sent later (the PAN of a queued advice), as
+    /// hex: AES-SIV (RFC 5297) under a key derived from the LMK, bound to `context` (what the
+    /// value is, e.g. the field number), so it opens only as what it was sealed as.
+    fn seal_card_data(&self, context: &str, value: &str) -> Result<String, HsmError>;
+
+    /// Opens what [`Hsm::seal_card_data`] sealed with the same `context`.
+    fn open_card_data(&self, context: &str, sealed: &str) -> Result<Zeroizing<String>, HsmError>;
 }
 
 /// The software HSM: holds only keys derived from the LMK (the LMK itself is dropped once they
@@ -173,6 +185,7 @@ pub struct SoftHsm {
     storage: Tr31Kbpk,
     pvk: CmacKey,
     pan_key: CmacKey,
+    data_key: ClearKey,
     kek: Option<Tr31Kbpk>,
 }
 
@@ -186,6 +199,7 @@ impl SoftHsm {
             storage: Tr31Kbpk::new(&derived.kbpk),
             pvk: CmacKey::new(&derived.pvk),
             pan_key: CmacKey::new(&derived.pan_key),
+            data_key: derived.data_key,
             kek: kek.map(|k| Tr31Kbpk::new(k.key())),
         }
     }
@@ -369,6 +383,39 @@ impl Hsm for SoftHsm {
 
     fn pan_token(&self, pan: &str) -> String {
         hex::encode(self.pan_key.compute(&[PAN_TOKEN_DOMAIN, pan.as_bytes()]))
+    }
+
+    fn seal_card_data(&self, context: &str, value: &str) -> Result<String, HsmError> {
+        // Deterministic (SIV): the same PAN seals the same way, which tells no more than the
+        // PAN token already does; there is no nonce to get wrong.
+        self.siv()?
+            .encrypt([SEAL_DOMAIN, context.as_bytes()], value.as_bytes())
+            .map(hex::encode)
+            .map_err(|_| HsmError::SealedData)
+    }
+
+    fn open_card_data(&self, context: &str, sealed: &str) -> Result<Zeroizing<String>, HsmError> {
+        let bytes = hex::decode(sealed).map_err(|_| HsmError::SealedData)?;
+        let clear = Zeroizing::new(
+            self.siv()?
+                .decrypt([SEAL_DOMAIN, context.as_bytes()], &bytes)
+                .map_err(|_| HsmError::SealedData)?,
+        );
+        std::str::from_utf8(&clear)
+            .map(|s| Zeroizing::new(s.to_string()))
+            .map_err(|_| HsmError::SealedData)
+    }
+}
+
+/// Associated data of every sealed value: the purpose, then the caller's context.
+const SEAL_DOMAIN: &[u8] = b"switchyard-card-data-v1";
+
+impl SoftHsm {
+    /// AES-SIV over the data key (its 256 bits are the two AES-128 halves RFC 5297 needs).
+    fn siv(&self) -> Result<aes_siv::siv::Aes128Siv, HsmError> {
+        use aes_siv::KeyInit;
+        aes_siv::siv::Aes128Siv::new_from_slice(self.data_key.as_bytes())
+            .map_err(|_| HsmError::SealedData)
     }
 }
 
@@ -668,6 +715,28 @@ mod tests {
         assert_ne!(t, hsm.pan_token("6011000000000012"));
         let other = SoftHsm::new(Lmk::from_hex(&LMK.replace('F', "E")).unwrap(), None);
         assert_ne!(t, other.pan_token(PAN));
+    }
+
+    #[test]
+    fn sealed_card_data_opens_only_as_sealed_under_the_same_lmk() {
+        let hsm = hsm();
+        let sealed = hsm.seal_card_data("2", PAN).unwrap();
+        assert!(!sealed.contains(PAN) && sealed.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(hsm.open_card_data("2", &sealed).unwrap().as_str(), PAN);
+        // bound to its context, its bytes and its LMK
+        assert!(matches!(
+            hsm.open_card_data("14", &sealed),
+            Err(HsmError::SealedData)
+        ));
+        let mut altered = sealed.clone().into_bytes();
+        altered[40] = if altered[40] == b'0' { b'1' } else { b'0' };
+        let altered = String::from_utf8(altered).unwrap();
+        assert!(hsm.open_card_data("2", &altered).is_err());
+        assert!(hsm.open_card_data("2", "not hex").is_err());
+        let other = SoftHsm::new(Lmk::from_hex(&LMK.replace('F', "E")).unwrap(), None);
+        assert!(other.open_card_data("2", &sealed).is_err());
+        let err = hsm.open_card_data("2", &altered).unwrap_err().to_string();
+        assert!(!err.contains(PAN) && !err.contains(&altered), "{err}");
     }
 
     #[test]

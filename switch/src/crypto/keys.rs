@@ -333,6 +333,7 @@ impl Lmk {
             kbpk: derive(LABEL_KBPK),
             pvk: derive(LABEL_PVK),
             pan_key: derive(LABEL_PAN),
+            data_key: derive(LABEL_DATA),
         }
     }
 }
@@ -340,6 +341,7 @@ impl Lmk {
 const LABEL_KBPK: &[u8] = b"key-block protection key";
 const LABEL_PVK: &[u8] = b"PIN verification key";
 const LABEL_PAN: &[u8] = b"PAN token key";
+const LABEL_DATA: &[u8] = b"card data at rest key";
 
 impl fmt::Debug for Lmk {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -347,7 +349,7 @@ impl fmt::Debug for Lmk {
     }
 }
 
-/// The three working keys derived from the LMK.
+/// The working keys derived from the LMK.
 pub(crate) struct LmkDerivedKeys {
     /// TR-31 key-block protection key for keys at rest.
     pub(crate) kbpk: ClearKey,
@@ -355,6 +357,8 @@ pub(crate) struct LmkDerivedKeys {
     pub(crate) pvk: ClearKey,
     /// Key of the PAN token keyed hash.
     pub(crate) pan_key: ClearKey,
+    /// AES-SIV key (two AES-128 halves) for card data kept at rest.
+    pub(crate) data_key: ClearKey,
 }
 
 /// The key-exchange key under which TMKs arrive as TR-31 blocks (SPEC §4, `POST /v1/terminals`).

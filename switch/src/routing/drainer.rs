@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{LinkError, UpstreamLink, Upstreams};
+use crate::crypto::Hsm;
+use crate::domain::mask_pan;
 use crate::iso8583::{Message, Mti};
 use crate::settings::SafSettings;
 use crate::store::{Advice, AdviceFailure, RetryPolicy, Store, StoreError};
@@ -37,21 +39,25 @@ pub struct Drainer {
     upstreams: Arc<Upstreams>,
     settings: SafSettings,
     holder: String,
+    hsm: Arc<dyn Hsm>,
 }
 
 impl Drainer {
-    /// A drainer leasing as `holder` (unique per process: host name and a random suffix).
+    /// A drainer leasing as `holder` (unique per process: host name and a random suffix); `hsm`
+    /// opens the sealed PANs of the advices it sends.
     pub fn new(
         store: Store,
         upstreams: Arc<Upstreams>,
         settings: SafSettings,
         holder: String,
+        hsm: Arc<dyn Hsm>,
     ) -> Self {
         Self {
             store,
             upstreams,
             settings,
             holder,
+            hsm,
         }
     }
 
@@ -115,7 +121,12 @@ impl Drainer {
             return Ok(0);
         }
         debug!(upstream = %link.name(), leased, "sending advices");
-        let outcomes = join_all(batch.iter().map(|advice| deliver(link, advice))).await;
+        let outcomes = join_all(
+            batch
+                .iter()
+                .map(|advice| deliver(self.hsm.as_ref(), link, advice)),
+        )
+        .await;
         let mut delivered = Vec::with_capacity(leased);
         for (advice, outcome) in batch.iter().zip(outcomes) {
             let failure = match outcome {
@@ -163,8 +174,41 @@ impl Drainer {
     }
 }
 
-/// The message to send for a leased advice: its stored fields under the MTI of this attempt.
-pub fn advice_message(advice: &Advice) -> Result<Message, String> {
+/// Fields kept sealed in a queued advice: the PAN. The store never holds it in clear (cards are
+/// kept by PAN token); the drainer opens it inside the HSM just before sending.
+const SEALED_FIELDS: [u8; 1] = [2];
+
+/// An advice's payload for `message`: every field as text, the PAN as
+/// `{"sealed": <AES-SIV under the LMK>, "masked": "411111******1111"}` for the admin API.
+/// Bitmaps and MACs are left out: each attempt is MACed when it is sent.
+pub fn advice_payload(
+    hsm: &dyn Hsm,
+    message: &Message,
+) -> Result<serde_json::Value, crate::crypto::HsmError> {
+    let mut payload = serde_json::Map::new();
+    for (n, value) in message.fields() {
+        if matches!(n, 1 | 64 | 128) {
+            continue;
+        }
+        let Ok(text) = std::str::from_utf8(value) else {
+            continue;
+        };
+        let value = if SEALED_FIELDS.contains(&n) {
+            serde_json::json!({
+                "sealed": hsm.seal_card_data(&n.to_string(), text)?,
+                "masked": mask_pan(text),
+            })
+        } else {
+            serde_json::Value::String(text.to_string())
+        };
+        payload.insert(n.to_string(), value);
+    }
+    Ok(serde_json::Value::Object(payload))
+}
+
+/// The message to send for a leased advice: its stored fields under the MTI of this attempt,
+/// sealed ones opened (a PAN queued in clear by an older version is sent as it is).
+pub fn advice_message(hsm: &dyn Hsm, advice: &Advice) -> Result<Message, String> {
     let mti = Mti::parse(advice.send_mti()).map_err(|e| e.to_string())?;
     let fields = advice
         .payload
@@ -175,22 +219,28 @@ pub fn advice_message(advice: &Advice) -> Result<Message, String> {
         let n: u8 = key
             .parse()
             .map_err(|_| format!("payload key {key:?} is not a field number"))?;
-        let text = value
-            .as_str()
-            .ok_or_else(|| format!("payload field {n} is not text"))?;
         if n == 1 || n == 64 || n == 128 {
             continue; // bitmaps and MACs are made at send time
         }
-        m.set_str(n, text);
+        match (value.as_str(), value.get("sealed").and_then(|v| v.as_str())) {
+            (Some(text), _) => m.set_str(n, text),
+            (None, Some(sealed)) => {
+                let clear = hsm
+                    .open_card_data(key, sealed)
+                    .map_err(|e| format!("payload field {n}: {e}"))?;
+                m.set_str(n, &clear);
+            }
+            (None, None) => return Err(format!("payload field {n} is neither text nor sealed")),
+        }
     }
     Ok(m)
 }
 
 /// Sends one advice and judges the answer.
-pub async fn deliver(link: &UpstreamLink, advice: &Advice) -> Delivery {
+pub async fn deliver(hsm: &dyn Hsm, link: &UpstreamLink, advice: &Advice) -> Delivery {
     let fail =
         |reason: String, permanent: bool| Delivery::Failed(AdviceFailure { reason, permanent });
-    let message = match advice_message(advice) {
+    let message = match advice_message(hsm, advice) {
         Ok(m) => m,
         Err(e) => return fail(format!("cannot build the advice: {e}"), true),
     };
@@ -241,21 +291,60 @@ mod tests {
         }
     }
 
+    fn hsm() -> crate::crypto::SoftHsm {
+        crate::crypto::SoftHsm::new(crate::crypto::Lmk::generate(&mut rand::rng()), None)
+    }
+
     #[test]
     fn first_attempt_is_0220_then_0221() {
-        let m = advice_message(&advice(1)).unwrap();
+        let hsm = hsm();
+        let m = advice_message(&hsm, &advice(1)).unwrap();
         assert_eq!(m.mti().as_str(), "0220");
         assert_eq!(m.get_str(4), Some("000000005000"));
         assert!(!m.has(64), "the stored MAC is never replayed");
-        assert_eq!(advice_message(&advice(2)).unwrap().mti().as_str(), "0221");
+        assert_eq!(
+            advice_message(&hsm, &advice(2)).unwrap().mti().as_str(),
+            "0221"
+        );
+    }
+
+    #[test]
+    fn the_pan_is_stored_sealed_and_sent_in_clear() {
+        let hsm = hsm();
+        let mut m = Message::new(Mti::parse("0220").unwrap());
+        m.set_str(2, "4111111111111111");
+        m.set_str(4, "000000005000");
+        m.set(64, [0u8; 8]);
+        let payload = advice_payload(&hsm, &m).unwrap();
+        let stored = payload.to_string();
+        assert!(!stored.contains("4111111111111111"), "{stored}");
+        assert_eq!(payload["2"]["masked"], "411111******1111");
+        assert!(payload.get("64").is_none());
+        let mut a = advice(1);
+        a.payload = payload;
+        let sent = advice_message(&hsm, &a).unwrap();
+        assert_eq!(sent.get_str(2), Some("4111111111111111"));
+        assert_eq!(sent.get_str(4), Some("000000005000"));
+        // sealed under another LMK (or altered): refused, and the reason shows no card data
+        let err = advice_message(&self::hsm(), &a).unwrap_err();
+        assert!(err.contains("field 2") && !err.contains("4111"), "{err}");
     }
 
     #[test]
     fn malformed_payloads_are_refused() {
+        let hsm = hsm();
         let mut a = advice(1);
         a.payload = serde_json::json!({"x": "1"});
-        assert!(advice_message(&a).unwrap_err().contains("field number"));
+        assert!(
+            advice_message(&hsm, &a)
+                .unwrap_err()
+                .contains("field number")
+        );
         a.payload = serde_json::json!({"4": 5});
-        assert!(advice_message(&a).unwrap_err().contains("not text"));
+        assert!(
+            advice_message(&hsm, &a)
+                .unwrap_err()
+                .contains("neither text nor sealed")
+        );
     }
 }

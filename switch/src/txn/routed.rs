@@ -25,6 +25,7 @@ use super::authorize::{is_expired, pin_block_and_tpks, verify_pin};
 use crate::app::SwitchContext;
 use crate::domain::{ResponseCode, TerminalId};
 use crate::iso8583::{Message, Mti};
+use crate::routing::drainer::advice_payload;
 use crate::routing::{LinkAnswer, LinkError, UpstreamLink};
 use crate::store::{AdviceMti, AuthKind, AuthRequest, IssuerAnswer, NewAdvice};
 
@@ -252,12 +253,13 @@ async fn stand_in(
     advice.set_str(41, &link.station().to_field41());
     auth.upstream_ref = Some(upstream_ref(link, &advice));
     auth.advice = Some(new_advice(
+        ctx,
         link,
         AdviceMti::Advice0220,
         STAND_IN_PRIORITY,
         &advice,
         auth.now,
-    ));
+    )?);
     Ok(())
 }
 
@@ -326,12 +328,13 @@ async fn queue_reversal(
     reversal.set_str(41, &link.station().to_field41());
     reversal.set_str(90, &format!("{mti}{stan}{f7}{}", "0".repeat(22)));
     let mut advice = new_advice(
+        ctx,
         link,
         AdviceMti::Reversal0420,
         REVERSAL_PRIORITY,
         &reversal,
         now,
-    );
+    )?;
     // one reversal per original, whichever path (timeout, terminal's 0400, its repeats) asks
     advice.idempotency_key = format!("{}:{stan}:{f7}:reversal", link.station());
     match ctx.store.saf_enqueue(&advice).await {
@@ -347,21 +350,18 @@ async fn queue_reversal(
 
 /// An advice carrying `message`'s fields, identified like the issuer will identify it.
 fn new_advice(
+    ctx: &SwitchContext,
     link: &UpstreamLink,
     mti: AdviceMti,
     priority: u8,
     message: &Message,
     now: DateTime<Utc>,
-) -> NewAdvice {
-    let payload: serde_json::Map<String, serde_json::Value> = message
-        .fields()
-        .filter_map(|(n, v)| {
-            std::str::from_utf8(v)
-                .ok()
-                .map(|s| (n.to_string(), serde_json::Value::String(s.to_string())))
-        })
-        .collect();
-    NewAdvice {
+) -> Result<NewAdvice, ResponseCode> {
+    let payload = advice_payload(ctx.hsm.as_ref(), message).map_err(|err| {
+        error!(upstream = %link.name(), error = %err, "failed to seal an advice's card data");
+        ResponseCode::SystemMalfunction
+    })?;
+    Ok(NewAdvice {
         destination: link.name().to_string(),
         priority,
         mti,
@@ -371,10 +371,10 @@ fn new_advice(
             message.get_str(11).unwrap_or_default(),
             message.get_str(7).unwrap_or_default()
         ),
-        payload: serde_json::Value::Object(payload),
+        payload,
         reference: None,
         created_at: now,
-    }
+    })
 }
 
 fn transmission_time(now: DateTime<Utc>) -> String {

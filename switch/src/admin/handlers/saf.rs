@@ -11,6 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::admin::AdminState;
 use crate::admin::auth::Caller;
 use crate::admin::error::{ApiError, Problem};
+use crate::domain::mask_pan;
 use crate::store::{Advice, AdviceId, AdviceStatus, Page, SafFilter};
 
 /// One queued, delivered, dead or cancelled advice.
@@ -56,24 +57,20 @@ pub struct AdviceView {
     pub settled_at: Option<DateTime<Utc>>,
 }
 
-/// `6011000000000004` → `601100******0004`; anything not a plausible PAN is hidden whole.
-fn mask_pan(pan: &str) -> String {
-    if (12..=19).contains(&pan.len()) && pan.bytes().all(|b| b.is_ascii_digit()) {
-        format!(
-            "{}{}{}",
-            &pan[..6],
-            "*".repeat(pan.len() - 10),
-            &pan[pan.len() - 4..]
-        )
-    } else {
-        "<redacted>".to_string()
-    }
-}
-
+/// The payload as operators see it: field 2 masked (a sealed PAN shows the masked form kept
+/// beside it; a PAN queued in clear by an older version is masked here).
 fn masked_fields(payload: &serde_json::Value) -> serde_json::Value {
     let mut fields = payload.clone();
     if let Some(pan) = fields.get_mut("2") {
-        *pan = serde_json::Value::String(mask_pan(pan.as_str().unwrap_or_default()));
+        let masked = match &*pan {
+            serde_json::Value::String(clear) => mask_pan(clear),
+            other => other
+                .get("masked")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| "<redacted>".into()),
+        };
+        *pan = serde_json::Value::String(masked);
     }
     fields
 }
@@ -300,5 +297,11 @@ mod tests {
             masked_fields(&serde_json::json!({"2": "6011000000000004", "4": "000000010000"}));
         assert_eq!(fields["2"], "601100******0004");
         assert_eq!(fields["4"], "000000010000");
+        let sealed = serde_json::json!({"2": {"sealed": "9f0c", "masked": "411111******1111"}});
+        assert_eq!(masked_fields(&sealed)["2"], "411111******1111");
+        assert_eq!(
+            masked_fields(&serde_json::json!({"2": {"x": 1}}))["2"],
+            "<redacted>"
+        );
     }
 }
