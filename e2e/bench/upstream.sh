@@ -57,6 +57,7 @@ config() {
     cat <<EOF
 [iso8583]
 listen = "127.0.0.1:${!iso}"
+max_connections_per_ip = 1000000
 [admin]
 listen = "127.0.0.1:${!admin}"
 tokens_file = "$dir/$name/tokens"

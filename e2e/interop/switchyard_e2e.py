@@ -23,6 +23,7 @@ import psec.pinblock
 import psec.tr31
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.cmac import CMAC
+from cryptography.hazmat.primitives.kdf.kbkdf import CounterLocation, KBKDFCMAC, Mode
 
 REPO = Path(__file__).resolve().parents[2]
 SPECS = {"ascii": iso8583.specs.default_ascii, "binary-bitmap": iso8583.specs.default}
@@ -46,6 +47,14 @@ def cmac(key: bytes, data: bytes) -> bytes:
     c = CMAC(algorithms.AES(key))
     c.update(data)
     return c.finalize()
+
+
+def nm_key(tmk: bytes, f41: str) -> bytes:
+    """Profile v2 network-management key K_NM: NIST SP 800-108 counter mode, PRF AES-CMAC under
+    the TMK, 32-bit counter before the fixed data, label SWITCHYARD-NM, context = field 41."""
+    kdf = KBKDFCMAC(algorithms.AES, Mode.CounterMode, 16, 4, 4, CounterLocation.BeforeFixed,
+                    b"SWITCHYARD-NM", f41.encode("ascii"), None)
+    return kdf.derive(tmk)
 
 
 def kcv(key: bytes) -> str:
@@ -245,17 +254,33 @@ class Atm:
     def f41(self) -> str:
         return f"{self.tid:<8}"
 
-    def network(self, code: str, extra: dict | None = None) -> dict:
+    @property
+    def nm(self) -> bytes:
+        return nm_key(self.tmk, self.f41)
+
+    def network(self, code: str, extra: dict | None = None, key: bytes | None = None,
+                mac: bool = True) -> dict:
+        """An 0800 MACed under K_NM (or `key`, or unMACed with mac=False). A MACed answer must
+        verify under K_NM; refusals the switch could not authenticate (63/58/30) carry none."""
         doc = {"t": "0800", "7": now_fields()["7"], "11": next_stan(), "41": self.f41, "70": code}
         doc.update(extra or {})
-        self.conn.send(doc)
-        return self.answer(doc["11"])
+        self.last_network_request = doc
+        if mac:
+            self.conn.send_raw(self.macd(doc, key or self.nm))
+        else:
+            self.conn.send(doc)
+        ans = self.answer(doc["11"])
+        if "64" in ans or "128" in ans:
+            assert self.verify_answer_mac(ans, self.last_raw, self.nm), "0810 MAC does not verify under K_NM"
+        else:
+            assert ans["39"] in ("63", "58", "30"), f"an unMACed 0810 that is not a refusal: {ans}"
+        return ans
 
     def answer(self, stan: str) -> dict:
         while True:
             doc, raw = self.conn.recv()
             if doc["t"] == "0800" and doc.get("70") == "161":
-                self.take_push(doc)
+                self.take_push(doc, raw)
                 continue
             assert doc.get("11") == stan, f"answer for STAN {doc.get('11')} while waiting for {stan}"
             self.last_raw = raw
@@ -266,14 +291,15 @@ class Atm:
         assert kcv(key) == expected_kcv.upper(), "KCV of the delivered key does not match field 122"
         return key
 
-    def take_push(self, push: dict):
+    def take_push(self, push: dict, raw: bytes):
+        assert self.verify_answer_mac(push, raw, self.nm), "key push MAC does not verify under K_NM"
         kt = push["48"]
         key = self.unwrap(push["120"], push["122"])
         setattr(self, kt.lower(), key)
         self.pushes.append(kt)
         answer = {k: push[k] for k in ("7", "11", "41", "48", "70") if k in push}
         answer.update({"t": "0810", "39": "00", "122": kcv(key)})
-        self.conn.send(answer)
+        self.conn.send_raw(self.macd(answer, self.nm))
 
     def exchange(self, kt: str):
         ans = self.network("161", {"48": kt})
@@ -297,12 +323,13 @@ class Atm:
         doc[f] = mac.hex().upper()
         return self.conn.encode(doc)
 
-    def verify_answer_mac(self, doc: dict, raw: bytes) -> bool:
+    def verify_answer_mac(self, doc: dict, raw: bytes, key: bytes | None = None) -> bool:
         f = "128" if "128" in doc else "64"
         if f not in doc:
             return False
         cut = 16 if self.sw.packager == "ascii" else 8
-        return cmac(self.tak, raw[:-cut])[:8].hex().upper() == doc[f].upper()
+        mac = doc[f] if isinstance(doc[f], str) else doc[f].hex()
+        return cmac(key or self.tak, raw[:-cut])[:8].hex().upper() == mac.upper()
 
     def financial(self, pcode: str, pan: str, pin: str, amount: int = 0, expiry: str = "2812", extra=None) -> dict:
         doc = {"t": "0200", "2": pan, "3": pcode, "4": f"{amount:012d}", "11": next_stan(), "14": expiry,

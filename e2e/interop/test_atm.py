@@ -163,9 +163,9 @@ def test_fleet_rotation_pushes_to_live_sessions(switch):
     rid = body["id"]
     atm.conn.sock.settimeout(5)
     while "TPK" not in atm.pushes:
-        doc, _ = atm.conn.recv()
+        doc, raw = atm.conn.recv()
         if doc["t"] == "0800" and doc.get("70") == "161":
-            atm.take_push(doc)
+            atm.take_push(doc, raw)
     deadline = time.time() + 5
     while time.time() < deadline:
         totals = switch.http("GET", f"/v1/key-rotations/{rid}", token="viewer")[2]["totals"]

@@ -79,8 +79,10 @@ pub struct SwitchMetrics {
     pub terminals_signed_on: Gauge,
     /// `switchyard_frame_errors_total{reason}`.
     pub frame_errors: Family<ReasonLabel, Counter>,
-    /// `switchyard_connections_rejected_total`: refused at accept because of the cap.
-    pub connections_rejected: Counter,
+    /// `switchyard_connections_rejected_total{reason}`: connections refused or closed by the
+    /// channel's limits (`max_connections`, `per_ip_limit`, `signon_timeout`,
+    /// `unauthenticated_frames`).
+    pub connections_rejected: Family<ReasonLabel, Counter>,
     /// `switchyard_mac_failures_total`.
     pub mac_failures: Counter,
     /// `switchyard_pin_failures_total`.
@@ -156,10 +158,11 @@ impl SwitchMetrics {
             "Frames refused or unreadable, by reason (too_large, truncated, malformed)",
             frame_errors.clone(),
         );
-        let connections_rejected = Counter::default();
+        let connections_rejected = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "switchyard_connections_rejected",
-            "Connections refused at accept because max_connections was reached",
+            "Connections refused at accept or closed before sign-on by the channel's limits, by \
+             reason (max_connections, per_ip_limit, signon_timeout, unauthenticated_frames)",
             connections_rejected.clone(),
         );
         let mac_failures = Counter::default();
@@ -234,6 +237,17 @@ impl SwitchMetrics {
             "Withdrawals approved in stand-in while their issuer was unavailable",
             standin.clone(),
         );
+        for reason in [
+            "max_connections",
+            "per_ip_limit",
+            "signon_timeout",
+            "unauthenticated_frames",
+        ] {
+            // present from the start, so a rate() over them is 0 rather than absent
+            let _ = connections_rejected.get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            });
+        }
         for state in ["connected", "signed_on"] {
             connections
                 .get_or_create(&StateLabel {
@@ -324,6 +338,15 @@ impl SwitchMetrics {
     /// Counts a refused frame.
     pub fn frame_error(&self, reason: &str) {
         self.frame_errors
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a connection refused or closed by one of the channel's limits.
+    pub fn connection_rejected(&self, reason: &'static str) {
+        self.connections_rejected
             .get_or_create(&ReasonLabel {
                 reason: reason.to_string(),
             })

@@ -73,6 +73,15 @@ pub struct IsoSettings {
     pub idle_timeout: Duration,
     /// Connections beyond this are refused at accept.
     pub max_connections: usize,
+    /// Connections from one IP address beyond this are closed at accept (SPEC §3, connection
+    /// hygiene), so one address cannot take every connection slot.
+    pub max_connections_per_ip: usize,
+    /// A connection that has not signed on by then is closed.
+    #[serde(with = "humantime_serde")]
+    pub signon_timeout: Duration,
+    /// Frames received before a successful sign-on (answered `58`, or refused network
+    /// management) after which the connection is closed.
+    pub max_unauthenticated_frames: u32,
     /// Frames whose length header claims more than this are refused and the connection closed.
     pub max_frame_bytes: usize,
     /// How long a shutdown waits for in-flight transactions before closing connections anyway.
@@ -87,6 +96,9 @@ impl Default for IsoSettings {
             packager: "ascii".into(),
             idle_timeout: Duration::from_secs(90),
             max_connections: 10_000,
+            max_connections_per_ip: 256,
+            signon_timeout: Duration::from_secs(10),
+            max_unauthenticated_frames: 8,
             max_frame_bytes: 8192,
             shutdown_timeout: Duration::from_secs(20),
         }
@@ -403,6 +415,21 @@ impl Settings {
         if self.iso8583.max_connections == 0 {
             return Err(SettingsError::Value(
                 "iso8583.max_connections must be at least 1".into(),
+            ));
+        }
+        if self.iso8583.max_connections_per_ip == 0 {
+            return Err(SettingsError::Value(
+                "iso8583.max_connections_per_ip must be at least 1".into(),
+            ));
+        }
+        if self.iso8583.max_unauthenticated_frames == 0 {
+            return Err(SettingsError::Value(
+                "iso8583.max_unauthenticated_frames must be at least 1 (the sign-on itself)".into(),
+            ));
+        }
+        if self.iso8583.signon_timeout.is_zero() {
+            return Err(SettingsError::Value(
+                "iso8583.signon_timeout must be longer than 0s".into(),
             ));
         }
         if self.saf.batch_size == 0 || self.saf.batch_size > 1000 {

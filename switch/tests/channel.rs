@@ -136,7 +136,10 @@ async fn connections_beyond_the_cap_are_refused() {
         .unwrap_or(0);
     assert_eq!(n, 0);
     assert_eq!(
-        sample(&sw.metrics().await, "switchyard_connections_rejected_total"),
+        sample(
+            &sw.metrics().await,
+            "switchyard_connections_rejected_total{reason=\"max_connections\"}"
+        ),
         Some(1.0)
     );
     sw.stop().await;

@@ -97,6 +97,25 @@ impl AtmClient {
         Ok(m)
     }
 
+    /// Sends `bytes` as one frame, as they are (tests use it to send what a real terminal would
+    /// not).
+    pub async fn send_frame(&mut self, bytes: &[u8]) -> Result<(), AtmError> {
+        self.send(bytes).await
+    }
+
+    /// Reads the next message from the switch, whatever it is, with its raw bytes.
+    pub async fn read_message(&mut self) -> Result<(Message, Vec<u8>), AtmError> {
+        let deadline = self.timeout;
+        let raw = tokio::time::timeout(deadline, self.read_frame())
+            .await
+            .map_err(|_| AtmError::Timeout(deadline))??;
+        let m = self
+            .packager
+            .unpack(&raw)
+            .map_err(|e| AtmError::Codec(e.to_string()))?;
+        Ok((m, raw))
+    }
+
     async fn send(&mut self, bytes: &[u8]) -> Result<(), AtmError> {
         let mut out = BytesMut::with_capacity(bytes.len() + 2);
         encode_frame(bytes, &mut out).map_err(|e| AtmError::Codec(e.to_string()))?;
@@ -117,7 +136,8 @@ impl AtmClient {
         }
     }
 
-    /// Packs `message`, MACing it under the TAK when `mac` is set.
+    /// Packs `message`, MACing it when `mac` is set: network management (08xx) under K_NM,
+    /// derived from the TMK (profile v2), everything else under the TAK.
     pub fn pack(&self, message: &mut Message, mac: bool) -> Result<Vec<u8>, AtmError> {
         if mac {
             let field = crate::iso8583::mac_field_for(message);
@@ -126,10 +146,13 @@ impl AtmClient {
                 .packager
                 .pack_mac_input(message)
                 .map_err(|e| AtmError::Codec(e.to_string()))?;
-            let code = self
-                .keys
-                .mac(&input)
-                .map_err(|e| AtmError::Crypto(e.to_string()))?;
+            let code = if is_network_management(message) {
+                self.keys.nm_mac(&self.id.to_field41(), &input)
+            } else {
+                self.keys
+                    .mac(&input)
+                    .map_err(|e| AtmError::Crypto(e.to_string()))?
+            };
             message.set(field, code);
         }
         self.packager
@@ -169,7 +192,7 @@ impl AtmClient {
                 .unpack(&raw)
                 .map_err(|e| AtmError::Codec(e.to_string()))?;
             if m.mti().as_str() == "0800" && m.get_str(70) == Some("161") {
-                self.answer_key_push(&m).await?;
+                self.answer_key_push(&m, &raw).await?;
                 continue;
             }
             if m.get_str(11) == Some(stan) {
@@ -183,8 +206,25 @@ impl AtmClient {
         }
     }
 
-    /// Takes a server-initiated key change: unwrap under the TMK, check the KCV, answer 0810.
-    async fn answer_key_push(&mut self, push: &Message) -> Result<(), AtmError> {
+    /// Whether a network-management message from the switch carries a MAC that verifies under
+    /// this terminal's K_NM (profile v2). A terminal trusts no 0800/0810 without one.
+    pub fn nm_mac_verifies(&self, message: &Message, raw: &[u8]) -> bool {
+        let field = if message.has(128) { 128 } else { 64 };
+        let (Some(mac), Some(input)) = (
+            message.get(field),
+            raw.len()
+                .checked_sub(self.packager.mac_wire_len())
+                .and_then(|end| raw.get(..end)),
+        ) else {
+            return false;
+        };
+        self.keys.verify_nm_mac(&self.id.to_field41(), input, mac)
+    }
+
+    /// Takes a server-initiated key change: check its MAC under K_NM, unwrap under the TMK,
+    /// check the KCV, answer 0810 (MACed under K_NM). A push that does not verify is declined
+    /// with `63` and its key is not installed.
+    pub async fn answer_key_push(&mut self, push: &Message, raw: &[u8]) -> Result<(), AtmError> {
         let kt = push
             .get_str(48)
             .and_then(|s| s.parse::<KeyType>().ok())
@@ -201,14 +241,17 @@ impl AtmClient {
                 answer.set(f, v);
             }
         }
-        let accepted = kcv
-            .parse::<KeyCheckValue>()
-            .map_err(|e| e.to_string())
-            .and_then(|kcv| {
-                self.keys
-                    .accept_key_block(kt, &block, &kcv)
-                    .map_err(|e| e.to_string())
-            });
+        let accepted = if self.nm_mac_verifies(push, raw) {
+            kcv.parse::<KeyCheckValue>()
+                .map_err(|e| e.to_string())
+                .and_then(|kcv| {
+                    self.keys
+                        .accept_key_block(kt, &block, &kcv)
+                        .map_err(|e| e.to_string())
+                })
+        } else {
+            Err("the push's MAC does not verify under K_NM".to_string())
+        };
         match accepted {
             Ok(computed) => {
                 answer.set_str(39, "00");
@@ -217,7 +260,7 @@ impl AtmClient {
             }
             Err(_) => answer.set_str(39, "63"),
         }
-        let bytes = self.pack(&mut answer, false)?;
+        let bytes = self.pack(&mut answer, true)?;
         self.send(&bytes).await
     }
 
@@ -232,7 +275,7 @@ impl AtmClient {
                     .unpack(&raw)
                     .map_err(|e| AtmError::Codec(e.to_string()))?;
                 if m.mti().as_str() == "0800" && m.get_str(70) == Some("161") {
-                    self.answer_key_push(&m).await?;
+                    self.answer_key_push(&m, &raw).await?;
                     return Ok::<(), AtmError>(());
                 }
             }
@@ -249,11 +292,28 @@ impl AtmClient {
         }
     }
 
-    /// 0800 with network management code `code` (001 sign-on, 002 sign-off, 301 echo).
+    /// 0800 with network management code `code` (001 sign-on, 002 sign-off, 301 echo), MACed
+    /// under K_NM. The answer must verify under K_NM too, unless it is a refusal the switch
+    /// could not authenticate us for (`63`, `58`, `30` come without a MAC).
     pub async fn network(&mut self, code: &str) -> Result<Message, AtmError> {
         let mut m = self.new_request("0800")?;
         m.set_str(70, code);
-        Ok(self.request(m, false).await?.0)
+        self.network_request(m).await
+    }
+
+    /// Sends a network-management request MACed under K_NM and checks the answer's MAC.
+    async fn network_request(&mut self, message: Message) -> Result<Message, AtmError> {
+        let (answer, raw) = self.request(message, true).await?;
+        let unauthenticated_refusal = matches!(answer.get_str(39), Some("63" | "58" | "30"))
+            && !answer.has(64)
+            && !answer.has(128);
+        if !unauthenticated_refusal && !self.nm_mac_verifies(&answer, &raw) {
+            return Err(AtmError::Crypto(
+                "the switch's 0810 does not verify under K_NM: not talking to the real switch?"
+                    .into(),
+            ));
+        }
+        Ok(answer)
     }
 
     /// Terminal-initiated key exchange: 161, unwrap, 162 with the KCV. Returns the KCV.
@@ -261,7 +321,7 @@ impl AtmClient {
         let mut m = self.new_request("0800")?;
         m.set_str(70, "161");
         m.set_str(48, kt.as_str());
-        let (answer, _) = self.request(m, false).await?;
+        let answer = self.network_request(m).await?;
         expect_code(&answer, "00")?;
         let block = answer.get_str(120).unwrap_or_default().to_string();
         let kcv = answer.get_str(122).unwrap_or_default().to_string();
@@ -277,7 +337,7 @@ impl AtmClient {
         confirm.set_str(70, "162");
         confirm.set_str(48, kt.as_str());
         confirm.set_str(122, &computed);
-        let (answer, _) = self.request(confirm, false).await?;
+        let answer = self.network_request(confirm).await?;
         expect_code(&answer, "00")?;
         Ok(computed)
     }
@@ -337,6 +397,11 @@ impl AtmClient {
         m.set_str(90, &original_data_elements(original));
         Ok(self.request(m, true).await?.0)
     }
+}
+
+/// Whether `message` is network management (0800/0810), MACed under K_NM in profile v2.
+fn is_network_management(message: &Message) -> bool {
+    message.mti().as_str().starts_with("08")
 }
 
 /// Field 90 naming `original`: MTI, STAN, transmission date-time, zero institution ids.

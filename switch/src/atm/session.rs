@@ -93,7 +93,7 @@ pub async fn run(opts: SessionOptions, mut say: impl FnMut(String)) -> Result<()
         .map_err(step("connect"))?;
     let m = atm.network("001").await.map_err(step("sign-on"))?;
     expect_code(&m, "00").map_err(step("sign-on"))?;
-    say("0800/001 sign-on → 0810 39=00".into());
+    say("0800/001 sign-on, MACed under K_NM (derived from the TMK, profile v2) → 0810 39=00, its MAC verified".into());
     let m = atm.network("301").await.map_err(step("echo"))?;
     expect_code(&m, "00").map_err(step("echo"))?;
     say("0800/301 echo → 0810 39=00".into());

@@ -1,10 +1,11 @@
-//! AES-CMAC (NIST SP 800-38B) over 128/192/256-bit keys, the 8-byte ISO 8583 MAC (SPEC §3) and
-//! the SP 800-108 counter-mode KDF with CMAC as PRF (used by TR-31 and for LMK-derived keys).
+//! AES-CMAC (NIST SP 800-38B) over 128/192/256-bit keys, the 8-byte ISO 8583 MAC (SPEC §3), the
+//! SP 800-108 counter-mode KDF with CMAC as PRF (used by TR-31 and for LMK-derived keys), and the
+//! profile v2 network-management key K_NM derived from a terminal's TMK.
 
 use aes::{Aes128, Aes192, Aes256};
 use cmac::{Cmac, KeyInit, Mac};
 
-use super::keys::{ClearKey, KeyBytes};
+use super::keys::{AesKeySize, ClearKey, KeyBytes};
 
 /// A CMAC key with its cipher schedule and subkeys computed once. Cloning it is much cheaper than
 /// expanding the key again, so long-lived keys (the LMK-derived ones) keep one of these.
@@ -79,6 +80,27 @@ pub(crate) fn kdf_counter(prf: &CmacKey, label: &[u8], context: &[u8], out: &mut
     }
 }
 
+/// Label of the network-management key derivation (SPEC §3, profile v2).
+const NM_LABEL: &[u8] = b"SWITCHYARD-NM";
+
+/// The terminal's network-management key K_NM (SPEC §3, profile v2): NIST SP 800-108r1 counter
+/// mode, PRF AES-CMAC under the TMK, a 32-bit counter before the fixed data, fixed data = label
+/// `SWITCHYARD-NM` ‖ 0x00 ‖ field 41 as sent (8 ASCII characters, space-padded) ‖ L = 128 as a
+/// 32-bit big-endian integer. One CMAC block is the whole 128-bit key.
+///
+/// Written here rather than taken from a KDF crate because it is one CMAC call over a fixed
+/// layout, and the layout (not a library's defaults) is the contract every terminal implements;
+/// the interop suite checks it against `cryptography`'s independent `KBKDFCMAC`.
+pub(crate) fn derive_nm_key(tmk: &ClearKey, field41: &str) -> CmacKey {
+    const COUNTER: [u8; 4] = 1u32.to_be_bytes();
+    const L_BITS: [u8; 4] = 128u32.to_be_bytes();
+    let mut block =
+        CmacKey::new(tmk).compute(&[&COUNTER, NM_LABEL, &[0x00], field41.as_bytes(), &L_BITS]);
+    let key = ClearKey::filled_with(AesKeySize::Aes128, |out| out.copy_from_slice(&block));
+    zeroize::Zeroize::zeroize(&mut block);
+    CmacKey::new(&key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +160,39 @@ mod tests {
         let msg = hex::decode(RFC4493_MSG).unwrap();
         assert_eq!(hex::encode(aes_cmac(&key, &msg[..len])), expected);
         assert_eq!(hex::encode(mac8(&key, &msg[..len])), &expected[..16]);
+    }
+
+    // Computed independently with Python `cryptography`'s KBKDFCMAC(AES, CounterMode, 16, 4, 4,
+    // BeforeFixed, b"SWITCHYARD-NM", field41, None); then K_NM's CMAC of 16 zero bytes is
+    // compared, which pins the derived key without exposing it.
+    #[rstest]
+    #[case::aes128_atm(
+        "000102030405060708090a0b0c0d0e0f",
+        "ATM00001",
+        "65eda002c52d61ca5312e71572ebf56e"
+    )]
+    #[case::aes128_padded_station(
+        "000102030405060708090a0b0c0d0e0f",
+        "ACQ001  ",
+        "a2e5055c0f3be9795c5a556d3cc231c5"
+    )]
+    #[case::aes256_atm(
+        "603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4",
+        "ATM00001",
+        "10e1558d83cfe2911a63d9f135be551e"
+    )]
+    fn nm_key_matches_an_independent_sp800_108_implementation(
+        #[case] tmk: &str,
+        #[case] field41: &str,
+        #[case] expected_key: &str,
+    ) {
+        let tmk = ClearKey::from_hex(tmk).unwrap();
+        let derived = derive_nm_key(&tmk, field41);
+        let expected = CmacKey::new(&ClearKey::from_hex(expected_key).unwrap());
+        assert_eq!(
+            derived.compute(&[&[0u8; 16]]),
+            expected.compute(&[&[0u8; 16]])
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use rand::CryptoRng;
 use subtle::ConstantTimeEq;
 
-use super::cmac::{CmacKey, leftmost8};
+use super::cmac::{CmacKey, derive_nm_key, leftmost8};
 use super::hsm::delivery_header;
 use super::kcv::KeyCheckValue;
 use super::keys::{AesKeySize, ClearKey, Kek, KeyType};
@@ -167,6 +167,17 @@ impl TerminalKeys {
             .as_ref()
             .ok_or(TerminalError::NoKey(KeyType::Tak))?;
         Ok(leftmost8(&tak.compute(&[data])))
+    }
+
+    /// The 8-byte MAC of a network-management message (0800/0810, profile v2) under K_NM,
+    /// derived from the TMK for `field41` (this terminal's field 41 as sent, space-padded).
+    pub fn nm_mac(&self, field41: &str, data: &[u8]) -> [u8; 8] {
+        leftmost8(&derive_nm_key(&self.tmk, field41).compute(&[data]))
+    }
+
+    /// Checks a network-management MAC from the switch in constant time.
+    pub fn verify_nm_mac(&self, field41: &str, data: &[u8], mac: &[u8]) -> bool {
+        self.nm_mac(field41, data).as_slice().ct_eq(mac).into()
     }
 
     /// Checks a response MAC in constant time.

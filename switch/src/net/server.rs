@@ -5,13 +5,22 @@
 //! once, so an overload never queues unbounded work. Shutdown: the listener stops accepting,
 //! every connection finishes the transaction it is processing, writes its answer, and closes.
 //!
+//! Connection hygiene (SPEC §3): at most `max_connections_per_ip` connections per peer address
+//! (further ones are closed at accept), a connection must sign on within `signon_timeout`, and
+//! one that sends `max_unauthenticated_frames` frames without signing on is closed. Each refusal
+//! is counted in `switchyard_connections_rejected_total{reason}`. So a flood of idle or
+//! unauthenticated sockets from one address holds neither connection slots nor tasks for long,
+//! and signed-on terminals keep transacting.
+//!
 //! A terminal's requests are processed one after the other, in order. An acquirer station
 //! multiplexes the requests and advices of many ATMs on one link and matches answers by STAN,
 //! so its financial messages are processed concurrently (up to [`STATION_PIPELINE`] at once,
 //! which also bounds what one link can make us queue), and answered as each one finishes.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -43,6 +52,9 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let limit = Arc::new(Semaphore::new(ctx.settings.iso8583.max_connections));
+    let per_ip = Arc::new(PerIpConnections::new(
+        ctx.settings.iso8583.max_connections_per_ip,
+    ));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -57,8 +69,14 @@ pub async fn serve(
                 continue;
             }
         };
+        let Some(ip_slot) = per_ip.clone().admit(remote.ip()) else {
+            ctx.metrics.connection_rejected("per_ip_limit");
+            debug!(%remote, max = ctx.settings.iso8583.max_connections_per_ip, "connection refused: max_connections_per_ip reached");
+            drop(stream);
+            continue;
+        };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            ctx.metrics.connections_rejected.inc();
+            ctx.metrics.connection_rejected("max_connections");
             warn!(%remote, max = ctx.settings.iso8583.max_connections, "connection refused: max_connections reached");
             drop(stream);
             continue;
@@ -68,9 +86,62 @@ pub async fn serve(
         tracker.spawn(async move {
             handle_connection(ctx, stream, remote, shutdown).await;
             drop(permit);
+            drop(ip_slot);
         });
     }
     info!("ISO 8583 listener stopped accepting");
+}
+
+/// Open connections per peer address, capped.
+#[derive(Debug)]
+struct PerIpConnections {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One admitted connection's place in its address's count; given back on drop.
+#[derive(Debug)]
+struct IpSlot {
+    ip: IpAddr,
+    owner: Arc<PerIpConnections>,
+}
+
+impl PerIpConnections {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for one more connection from `ip`, or `None` when it already has `max`.
+    fn admit(self: Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        {
+            let mut open = self.lock();
+            let count = open.entry(ip).or_insert(0);
+            if *count >= self.max {
+                return None;
+            }
+            *count += 1;
+        }
+        Some(IpSlot { ip, owner: self })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut open = self.owner.lock();
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 async fn handle_connection(
@@ -101,6 +172,11 @@ async fn handle_connection(
     let idle = ctx.settings.iso8583.idle_timeout;
     let mut idle_deadline = Instant::now() + idle;
     let mut was_signed_on = false;
+    // Until it signs on, a connection has `signon_timeout` and a few frames to do so.
+    let signon_timeout = ctx.settings.iso8583.signon_timeout;
+    let mut signon_deadline = Instant::now() + signon_timeout;
+    let max_unauthenticated = ctx.settings.iso8583.max_unauthenticated_frames;
+    let mut unauthenticated_frames = 0u32;
 
     loop {
         tokio::select! {
@@ -109,6 +185,11 @@ async fn handle_connection(
             _ = state.close.cancelled() => break,
             _ = tokio::time::sleep_until(idle_deadline) => {
                 debug!(conn_id, %remote, "closing idle connection");
+                break;
+            }
+            _ = tokio::time::sleep_until(signon_deadline), if state.terminal.is_none() => {
+                ctx.metrics.connection_rejected("signon_timeout");
+                debug!(conn_id, %remote, ?signon_timeout, "closing connection: no sign-on in time");
                 break;
             }
             Some(frame) = outbound_rx.recv() => {
@@ -146,6 +227,17 @@ async fn handle_connection(
                     if now_signed_on != was_signed_on {
                         if now_signed_on { connected.dec(); signed_on.inc(); } else { signed_on.dec(); connected.inc(); }
                         was_signed_on = now_signed_on;
+                        // signed off: the clock for signing on again starts now
+                        signon_deadline = Instant::now() + signon_timeout;
+                        unauthenticated_frames = 0;
+                    }
+                    if !now_signed_on {
+                        unauthenticated_frames += 1;
+                        if unauthenticated_frames >= max_unauthenticated {
+                            ctx.metrics.connection_rejected("unauthenticated_frames");
+                            info!(conn_id, %remote, frames = unauthenticated_frames, "closing connection: too many frames without a sign-on");
+                            break;
+                        }
                     }
                     if state.close_after_reply {
                         break;

@@ -11,6 +11,11 @@
 //! by (field 41, field 11). A request without an answer within `timeout` fails; the caller
 //! decides whether that needs a reversal advice.
 //!
+//! Network management speaks profile v2 (SPEC §3): every 0800 the link sends (sign-on, echo,
+//! key change, sign-off) and every 0810 it answers is MACed under the station's K_NM, which the
+//! HSM derives from the shared TMK; the issuer's 0810s must verify under it too, so a link can
+//! neither be hijacked nor be fed keys by anyone who does not hold the TMK.
+//!
 //! Hand-written rather than a generic client: the protocol (framing, sign-on, key exchange,
 //! MAC on every financial message) is our core, and no crate speaks this profile.
 
@@ -95,6 +100,55 @@ impl LinkAnswer {
 
 /// Answers waited for on one connection, by (field 41, field 11).
 type Pending = Mutex<HashMap<(String, String), oneshot::Sender<LinkAnswer>>>;
+
+/// The key a link message is MACed under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkMac {
+    /// Financial messages and advices: the link TAK.
+    Tak,
+    /// Network management (0800/0810): the station's K_NM, derived from the shared TMK.
+    NetworkManagement,
+}
+
+/// What the read loop needs to authenticate the issuer's own 0800s and MAC its answers.
+struct NmSigner {
+    hsm: Arc<dyn Hsm>,
+    packager: &'static Packager,
+    tmk: WrappedKey,
+    field41: String,
+}
+
+impl NmSigner {
+    /// Whether a received message's MAC (the last field) verifies under K_NM.
+    fn verify(&self, message: &Message, raw: &[u8]) -> bool {
+        let field = if message.has(128) { 128 } else { 64 };
+        let (Some(mac), Some(input)) = (
+            message.get(field),
+            raw.len()
+                .checked_sub(self.packager.mac_wire_len())
+                .and_then(|end| raw.get(..end)),
+        ) else {
+            return false;
+        };
+        matches!(
+            self.hsm.verify_nm_mac(&self.tmk, &self.field41, input, mac),
+            Ok(true)
+        )
+    }
+
+    /// Packs `message` with its MAC under K_NM.
+    fn pack(&self, mut message: Message) -> Option<Vec<u8>> {
+        let field = crate::iso8583::mac_field_for(&message);
+        message.set(field, vec![0u8; 8]);
+        let input = self.packager.pack_mac_input(&message).ok()?;
+        let mac = self
+            .hsm
+            .generate_nm_mac(&self.tmk, &self.field41, &input)
+            .ok()?;
+        message.set(field, mac);
+        self.packager.pack(&message).ok()
+    }
+}
 
 /// A connected, signed-on link.
 struct Live {
@@ -308,7 +362,7 @@ impl UpstreamLink {
             return Err(LinkError::CircuitOpen(self.name.clone()));
         }
         let result = match self.current() {
-            Some(live) => self.exchange(&live, message, true).await,
+            Some(live) => self.exchange(&live, message, LinkMac::Tak).await,
             None => Err(LinkError::Down(self.name.clone())),
         };
         let failed = match &result {
@@ -370,7 +424,7 @@ impl UpstreamLink {
         &self,
         live: &Live,
         mut message: Message,
-        mac: bool,
+        mac: LinkMac,
     ) -> Result<LinkAnswer, LinkError> {
         let local = |e: String| LinkError::Local(self.name.clone(), e);
         message.set_str(41, &self.station.to_field41());
@@ -384,19 +438,21 @@ impl UpstreamLink {
         let stan = message.get_str(11).unwrap_or_default().to_string();
         let key = (self.station.as_str().to_string(), stan);
         let packager = self.deps.packager;
-        if mac {
-            let field = crate::iso8583::mac_field_for(&message);
-            message.set(field, vec![0u8; 8]);
-            let input = packager
-                .pack_mac_input(&message)
-                .map_err(|e| local(e.to_string()))?;
-            let code = self
-                .deps
-                .hsm
-                .generate_mac(&live.tak, &input)
-                .map_err(|e| local(e.to_string()))?;
-            message.set(field, code);
+        let field = crate::iso8583::mac_field_for(&message);
+        message.set(field, vec![0u8; 8]);
+        let input = packager
+            .pack_mac_input(&message)
+            .map_err(|e| local(e.to_string()))?;
+        let code = match mac {
+            LinkMac::Tak => self.deps.hsm.generate_mac(&live.tak, &input),
+            LinkMac::NetworkManagement => {
+                self.deps
+                    .hsm
+                    .generate_nm_mac(&self.tmk, &self.station.to_field41(), &input)
+            }
         }
+        .map_err(|e| local(e.to_string()))?;
+        message.set(field, code);
         let bytes = packager.pack(&message).map_err(|e| local(e.to_string()))?;
 
         let (tx, rx) = oneshot::channel();
@@ -414,18 +470,16 @@ impl UpstreamLink {
                 return Err(LinkError::Timeout(self.name.clone(), timeout));
             }
         };
-        if mac
-            && !matches!(answer.code(), "63" | "58")
-            && !self.answer_mac_ok(live, &answer.message)
+        if !matches!(answer.code(), "63" | "58") && !self.answer_mac_ok(live, &answer.message, mac)
         {
             return Err(LinkError::BadMac(self.name.clone()));
         }
         Ok(answer)
     }
 
-    /// Financial answers are MACed by the issuer under the link TAK (SPEC §3); declines for a
-    /// format or MAC problem may come without one.
-    fn answer_mac_ok(&self, live: &Live, answer: &Message) -> bool {
+    /// Financial answers are MACed by the issuer under the link TAK, network-management answers
+    /// under K_NM (SPEC §3); declines for a format or MAC problem may come without one.
+    fn answer_mac_ok(&self, live: &Live, answer: &Message, mac_key: LinkMac) -> bool {
         let field = if answer.has(128) { 128 } else { 64 };
         let Some(mac) = answer.get(field).map(<[u8]>::to_vec) else {
             // answers to what the issuer could not authenticate or place carry no MAC
@@ -433,10 +487,18 @@ impl UpstreamLink {
         };
         let mut unsigned = answer.clone();
         unsigned.set(field, vec![0u8; 8]);
-        match self.deps.packager.pack_mac_input(&unsigned) {
-            Ok(input) => matches!(self.deps.hsm.verify_mac(&live.tak, &input, &mac), Ok(true)),
-            Err(_) => false,
-        }
+        let Ok(input) = self.deps.packager.pack_mac_input(&unsigned) else {
+            return false;
+        };
+        let verified = match mac_key {
+            LinkMac::Tak => self.deps.hsm.verify_mac(&live.tak, &input, &mac),
+            LinkMac::NetworkManagement => {
+                self.deps
+                    .hsm
+                    .verify_nm_mac(&self.tmk, &self.station.to_field41(), &input, &mac)
+            }
+        };
+        matches!(verified, Ok(true))
     }
 
     /// The link task: connect, sign on, get keys, heartbeat; reconnect with backoff until
@@ -489,9 +551,15 @@ impl UpstreamLink {
         let pending: Arc<Pending> = Arc::new(Mutex::new(HashMap::new()));
         let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(1024);
         let writer_task = tokio::spawn(write_loop(writer, out_rx, lost.clone()));
+        let signer = NmSigner {
+            hsm: self.deps.hsm.clone(),
+            packager: self.deps.packager,
+            tmk: self.tmk.clone(),
+            field41: self.station.to_field41(),
+        };
         let reader_task = tokio::spawn(read_loop(
             reader,
-            self.deps.packager,
+            signer,
             pending.clone(),
             out_tx.clone(),
             lost.clone(),
@@ -560,7 +628,7 @@ impl UpstreamLink {
         }
     }
 
-    /// An 0800 with code 70 and extra fields, unMACed, outside the breaker.
+    /// An 0800 with code 70 and extra fields, MACed under K_NM, outside the breaker.
     async fn network(
         &self,
         live: &Live,
@@ -573,7 +641,7 @@ impl UpstreamLink {
         for (n, v) in fields {
             m.set_str(*n, v);
         }
-        self.exchange(live, m, false)
+        self.exchange(live, m, LinkMac::NetworkManagement)
             .await
             .map_err(|e| format!("0800/{code}: {e}"))
     }
@@ -708,10 +776,10 @@ async fn write_loop(
 }
 
 /// Reads frames: answers go to whoever waits for their (41, 11); the issuer's own 0800s are
-/// answered here (echo approved, anything else `12`).
+/// answered here under K_NM (echo approved, anything else `12`; a MAC that does not verify `63`).
 async fn read_loop(
     mut reader: tokio::net::tcp::OwnedReadHalf,
-    packager: &'static Packager,
+    signer: NmSigner,
     pending: Arc<Pending>,
     out: mpsc::Sender<Vec<u8>>,
     lost: CancellationToken,
@@ -721,12 +789,12 @@ async fn read_loop(
         loop {
             match decode_frame(&mut buf, MAX_FRAME) {
                 Ok(Some(frame)) => {
-                    let Ok(message) = packager.unpack(&frame) else {
+                    let Ok(message) = signer.packager.unpack(&frame) else {
                         warn!("unparseable frame from the issuer; dropped");
                         continue;
                     };
                     if message.mti().as_str() == "0800" {
-                        if let Some(bytes) = answer_issuer_request(packager, &message) {
+                        if let Some(bytes) = answer_issuer_request(&signer, &message, &frame) {
                             let _ = out.send(bytes).await;
                         }
                         continue;
@@ -766,8 +834,10 @@ async fn read_loop(
     lock(&pending).clear();
 }
 
-fn answer_issuer_request(packager: &Packager, request: &Message) -> Option<Vec<u8>> {
+fn answer_issuer_request(signer: &NmSigner, request: &Message, raw: &[u8]) -> Option<Vec<u8>> {
+    let authentic = signer.verify(request, raw);
     let code = match request.get_str(70) {
+        _ if !authentic => "63",
         Some("301") => "00",
         _ => "12",
     };
@@ -778,5 +848,10 @@ fn answer_issuer_request(packager: &Packager, request: &Message) -> Option<Vec<u
         }
     }
     answer.set_str(39, code);
-    packager.pack(&answer).ok()
+    if authentic {
+        signer.pack(answer)
+    } else {
+        warn!("an 0800 from the issuer whose MAC does not verify; answered 63");
+        signer.packager.pack(&answer).ok()
+    }
 }

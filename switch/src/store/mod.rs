@@ -196,6 +196,19 @@ pub trait Database: Send + Sync + std::fmt::Debug {
     /// processes exchanging at once keep the newer pair).
     async fn save_link_keys(&self, upstream: &str, keys: &LinkKeys) -> Result<(), StoreError>;
 
+    /// Records a sign-on the switch accepts from `terminal`, identified by its STAN (field 11)
+    /// and transmission date-time (field 7). `false` when that identity was accepted before: a
+    /// replay (SPEC §3, profile v2). The terminal's records accepted before `prune_before` are
+    /// removed in the same call, so the table holds one replay window per terminal.
+    async fn accept_sign_on(
+        &self,
+        terminal: &TerminalId,
+        stan: &str,
+        transmitted: &str,
+        now: DateTime<Utc>,
+        prune_before: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+
     /// Appends an audit record.
     async fn append_audit(&self, e: &NewAudit) -> Result<(), StoreError>;
     /// Audit records at or after `since`, oldest first; at most `limit` (0 means 100, capped at
@@ -332,6 +345,11 @@ const SQLITE_MIGRATIONS: &[EmbeddedMigration] = &[
         description: "journal_upstream_ref",
         sql: include_str!("../../../migrations/sqlite/20261123020000_journal_upstream_ref.sql"),
     },
+    EmbeddedMigration {
+        version: 20261130000100,
+        description: "accepted_sign_ons",
+        sql: include_str!("../../../migrations/sqlite/20261130000100_accepted_sign_ons.sql"),
+    },
 ];
 
 /// `migrations/postgres/`, in version order (checked like [`SQLITE_MIGRATIONS`]).
@@ -355,6 +373,11 @@ const POSTGRES_MIGRATIONS: &[EmbeddedMigration] = &[
         version: 20261123020000,
         description: "journal_upstream_ref",
         sql: include_str!("../../../migrations/postgres/20261123020000_journal_upstream_ref.sql"),
+    },
+    EmbeddedMigration {
+        version: 20261130000100,
+        description: "accepted_sign_ons",
+        sql: include_str!("../../../migrations/postgres/20261130000100_accepted_sign_ons.sql"),
     },
 ];
 

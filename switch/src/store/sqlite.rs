@@ -1602,6 +1602,32 @@ impl Database for SqliteStore {
         Ok(AuthOutcome::Done(entry))
     }
 
+    async fn accept_sign_on(
+        &self,
+        terminal: &TerminalId,
+        stan: &str,
+        transmitted: &str,
+        now: DateTime<Utc>,
+        prune_before: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        sqlx::query("DELETE FROM accepted_sign_ons WHERE terminal_id = $1 AND accepted_at < $2")
+            .bind(terminal.as_str())
+            .bind(enc(micros(prune_before)))
+            .execute(&self.writer)
+            .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO accepted_sign_ons (terminal_id, stan, transmitted, accepted_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(terminal.as_str())
+        .bind(stan)
+        .bind(transmitted)
+        .bind(enc(micros(now)))
+        .execute(&self.writer)
+        .await?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
     async fn reserve_stans(&self, station: &str, count: u32) -> Result<u32, StoreError> {
         validate_stan_reservation(station, count)?;
         // one statement: the row lock (or SQLite's write lock) makes read-and-advance atomic

@@ -13,9 +13,9 @@ use chrono::Utc;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
-use super::{Reply, response_to};
+use super::{Reply, network, response_to};
 use crate::app::SwitchContext;
-use crate::domain::{KeyState, KeyType, ResponseCode, TerminalId};
+use crate::domain::{KeyState, KeyType, ResponseCode, TerminalId, WrappedKey};
 use crate::iso8583::{Message, Mti};
 use crate::net::ConnState;
 use crate::store::{KeyRecord, KeyTransition, NewAudit, NewKey, StoreError};
@@ -119,24 +119,32 @@ pub async fn pending_or_new(
         .await
 }
 
+/// The terminal's ACTIVE TMK (what keys are delivered under and K_NM is derived from).
+async fn active_tmk(
+    ctx: &SwitchContext,
+    terminal: &TerminalId,
+) -> Result<WrappedKey, ResponseCode> {
+    ctx.store
+        .keys_for_use(terminal, KeyType::Tmk, Utc::now())
+        .await
+        .map_err(|_| ResponseCode::SystemMalfunction)?
+        .active
+        .map(|tmk| tmk.wrapped)
+        .ok_or_else(|| {
+            warn!(%terminal, "key exchange refused: terminal has no ACTIVE TMK");
+            ResponseCode::InvalidTransaction
+        })
+}
+
 /// TR-31 block of `key` under the terminal's ACTIVE TMK.
 async fn key_block_for(
     ctx: &SwitchContext,
     terminal: &TerminalId,
     key: &KeyRecord,
 ) -> Result<String, ResponseCode> {
-    let tmk = ctx
-        .store
-        .keys_for_use(terminal, KeyType::Tmk, Utc::now())
-        .await
-        .map_err(|_| ResponseCode::SystemMalfunction)?
-        .active
-        .ok_or_else(|| {
-            warn!(%terminal, "key exchange refused: terminal has no ACTIVE TMK");
-            ResponseCode::InvalidTransaction
-        })?;
+    let tmk = active_tmk(ctx, terminal).await?;
     ctx.hsm
-        .export_under_tmk(&tmk.wrapped, &key.wrapped, key.key_type)
+        .export_under_tmk(&tmk, &key.wrapped, key.key_type)
         .map_err(|e| {
             warn!(%terminal, error = %e, "failed to wrap a key under the TMK");
             ResponseCode::SystemMalfunction
@@ -264,13 +272,21 @@ impl KeyAnswers {
     }
 }
 
-/// Sends 0800/161 for `key` on the terminal's live session, if it has one. Returns whether it
-/// was queued; a terminal that is offline gets the key when it next signs on.
+/// Sends 0800/161 for `key` on the terminal's live session, if it has one, MACed under the
+/// terminal's K_NM (profile v2). Returns whether it was queued; a terminal that is offline gets
+/// the key when it next signs on.
 pub async fn push_key(ctx: &SwitchContext, terminal: &TerminalId, key: &KeyRecord) -> bool {
     let Some(session) = ctx.sessions.handle(terminal) else {
         return false;
     };
-    let Ok(block) = key_block_for(ctx, terminal, key).await else {
+    let Ok(tmk) = active_tmk(ctx, terminal).await else {
+        return false;
+    };
+    let Ok(block) = ctx
+        .hsm
+        .export_under_tmk(&tmk, &key.wrapped, key.key_type)
+        .inspect_err(|e| warn!(%terminal, error = %e, "failed to wrap a key under the TMK"))
+    else {
         return false;
     };
     let Ok(mti) = Mti::parse("0800") else {
@@ -285,7 +301,9 @@ pub async fn push_key(ctx: &SwitchContext, terminal: &TerminalId, key: &KeyRecor
     message.set_str(70, "161");
     message.set_str(120, &block);
     message.set_str(122, &key.kcv);
-    match ctx.packager.pack(&message) {
+    let packed = network::mac_under_nm(ctx, &tmk, terminal, &mut message)
+        .and_then(|()| ctx.packager.pack(&message).map_err(|e| e.to_string()));
+    match packed {
         Ok(bytes) => {
             let queued = session.outbound.try_send(bytes).is_ok();
             debug!(%terminal, key_type = %key.key_type, queued, "server-initiated key change");
@@ -309,13 +327,38 @@ pub async fn push_pending(ctx: &SwitchContext, terminal: &TerminalId) {
     }
 }
 
-/// The terminal's 0810 to a server-initiated 0800/161: 39 = `00` and 122 = the KCV it computed.
-pub async fn on_terminal_answer(ctx: &SwitchContext, conn: &ConnState, answer: &Message) {
+/// The terminal's 0810 to a server-initiated 0800/161: 39 = `00` and 122 = the KCV it computed,
+/// MACed under its K_NM (profile v2). An 0810 whose MAC does not verify is counted, audited and
+/// ignored: the key stays PENDING.
+pub async fn on_terminal_answer(
+    ctx: &SwitchContext,
+    conn: &ConnState,
+    answer: &Message,
+    raw: &[u8],
+) {
     let Some(terminal) = &conn.terminal else {
         return;
     };
     if answer.get_str(70) != Some("161") {
         return;
+    }
+    match network::authenticate(ctx, terminal, answer, raw).await {
+        network::NmAuth::Valid(_) => {}
+        network::NmAuth::Invalid | network::NmAuth::NoTmk => {
+            ctx.metrics.mac_failures.inc();
+            warn!(%terminal, remote = %conn.remote, "answer to a key push ignored: network-management MAC does not verify");
+            network::audit_refusal(
+                ctx,
+                terminal,
+                conn,
+                answer,
+                "message.network",
+                "refused: MAC does not verify, key stays PENDING",
+            )
+            .await;
+            return;
+        }
+        network::NmAuth::Unavailable => return,
     }
     if answer.get_str(39) != Some("00") {
         info!(%terminal, code = ?answer.get_str(39), "terminal declined a key change; key stays PENDING");

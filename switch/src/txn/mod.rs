@@ -77,9 +77,9 @@ pub async fn handle_frame(
     };
     let mti = request.mti();
     let reply = match mti.as_str() {
-        "0800" => network::handle(ctx, conn, &request).await,
+        "0800" => network::handle(ctx, conn, &request, frame).await,
         "0810" => {
-            key_exchange::on_terminal_answer(ctx, conn, &request).await;
+            key_exchange::on_terminal_answer(ctx, conn, &request, frame).await;
             return None;
         }
         "0200" => match signed_on_terminal(conn, &request) {
