@@ -38,6 +38,9 @@ SPEC_ALERTS = {
     "SwitchyardDeadLetters",
     "SwitchyardKeyTooOld",
     "SwitchyardOperatorReconcileErrors",
+    # issue 10 (data-plane security): profile v2 refusals and connection hygiene
+    "SwitchyardNetworkManagementRefused",
+    "SwitchyardConnectionsRejected",
 }
 METRIC_NAME = re.compile(r"\bswitchyard_[a-z0-9_]+\b")
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
