@@ -36,6 +36,7 @@ SPEC_ALERTS = {
     "SwitchyardSafOldestTooOld",
     "SwitchyardCircuitOpen",
     "SwitchyardDeadLetters",
+    "SwitchyardReversalsHeld",
     "SwitchyardKeyTooOld",
     "SwitchyardOperatorReconcileErrors",
 }
