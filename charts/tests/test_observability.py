@@ -36,6 +36,7 @@ SPEC_ALERTS = {
     "SwitchyardSafOldestTooOld",
     "SwitchyardCircuitOpen",
     "SwitchyardDeadLetters",
+    "SwitchyardReversalsHeld",
     "SwitchyardKeyTooOld",
     "SwitchyardOperatorReconcileErrors",
     # issue 10 (data-plane security): profile v2 refusals and connection hygiene

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState, auth::Tokens};
 use crate::crypto::{Hsm, Kek, Lmk, SoftHsm};
@@ -21,6 +21,7 @@ use crate::iso8583::Packager;
 use crate::metrics::{Metrics, SwitchMetrics};
 use crate::net::{server, session::SessionRegistry};
 use crate::routing::drainer::Drainer;
+use crate::routing::held::HeldReversals;
 use crate::routing::{LinkDeps, Upstreams};
 use crate::settings::Settings;
 use crate::store::{self, ConnectOptions, NewAudit, Store};
@@ -46,6 +47,8 @@ pub struct SwitchContext {
     pub upstreams: Arc<Upstreams>,
     /// Terminals' answers to key pushes that paced rotations wait for.
     pub key_answers: crate::txn::key_exchange::KeyAnswers,
+    /// Reversal advices the store refused, retried until it takes them.
+    pub held_reversals: Arc<HeldReversals>,
 }
 
 impl SwitchContext {
@@ -221,6 +224,7 @@ pub async fn start(
             metrics: metrics.clone(),
         },
     )?);
+    let settings_held_max = settings.saf.held_reversals_max;
     let ctx = Arc::new(SwitchContext {
         settings,
         packager,
@@ -231,6 +235,7 @@ pub async fn start(
         health: health.clone(),
         upstreams,
         key_answers: Default::default(),
+        held_reversals: Arc::new(HeldReversals::new(settings_held_max, metrics.clone())),
     });
     let addr = |l: &TcpListener| {
         l.local_addr().map_err(|source| StartError::Bind {
@@ -300,6 +305,16 @@ async fn run(
             ctx.hsm.clone(),
         )
     }));
+    let stop_held = CancellationToken::new();
+    let held = {
+        let ctx = ctx.clone();
+        let stop = stop_held.clone();
+        tokio::spawn(async move {
+            ctx.held_reversals
+                .run(ctx.store.clone(), &ctx.upstreams, stop)
+                .await
+        })
+    };
     let refresh = crate::txn::keys::scrape_refresh(ctx.clone());
     let probes = health::router(ctx.health.clone(), ctx.metrics.clone(), Some(refresh));
     let metrics_server = tokio::spawn(serve_http(listeners.metrics, probes, stop_http.clone()));
@@ -335,6 +350,19 @@ async fn run(
         );
     }
     ctx.sessions.close_all();
+    // nothing can add a held reversal now; the links are still up for the last resort
+    stop_held.cancel();
+    let _ = held.await;
+    let lost = ctx
+        .held_reversals
+        .last_attempt(&ctx.store, &ctx.upstreams, ctx.hsm.as_ref())
+        .await;
+    if lost > 0 {
+        error!(
+            lost,
+            "shutdown: reversal advices were neither stored nor delivered; see the lines above"
+        );
+    }
     // in-flight routed requests are answered (or timed out) by now: sign off the links
     upstream_tasks.stop().await;
     stop_http.cancel();

@@ -107,6 +107,10 @@ pub struct SwitchMetrics {
     pub circuit_state: Family<UpstreamLabel, Gauge>,
     /// `switchyard_standin_total`: withdrawals approved in stand-in.
     pub standin: Counter,
+    /// `switchyard_reversals_held`: 0420 advices kept in memory because the store refused them.
+    pub reversals_held: Gauge,
+    /// `switchyard_reversal_holds_total`: 0420 advices ever put on hold.
+    pub reversal_holds: Counter,
     /// Backlog label sets set so far, so a destination that emptied drops to zero.
     saf_known: std::sync::Mutex<std::collections::HashSet<SafLabels>>,
 }
@@ -248,6 +252,18 @@ impl SwitchMetrics {
                 reason: reason.into(),
             });
         }
+        let reversals_held = Gauge::default();
+        registry.register(
+            "switchyard_reversals_held",
+            "Reversal advices (0420) held in memory because the store refused them; retried until it takes them",
+            reversals_held.clone(),
+        );
+        let reversal_holds = Counter::default();
+        registry.register(
+            "switchyard_reversal_holds",
+            "Reversal advices (0420) put on hold in memory because the store refused them",
+            reversal_holds.clone(),
+        );
         for state in ["connected", "signed_on"] {
             connections
                 .get_or_create(&StateLabel {
@@ -272,6 +288,8 @@ impl SwitchMetrics {
             saf_oldest_age_seconds,
             saf_delivered,
             saf_dead_letters,
+            reversals_held,
+            reversal_holds,
             upstream_up,
             circuit_state,
             standin,

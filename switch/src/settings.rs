@@ -58,6 +58,8 @@ pub struct Settings {
     pub upstreams: Vec<UpstreamSettings>,
     /// Store-and-forward delivery.
     pub saf: SafSettings,
+    /// What this switch, as an issuer, accepts from acquirer stations.
+    pub stations: StationSettings,
 }
 
 /// `[iso8583]`: the TCP channel terminals and stations connect to.
@@ -335,6 +337,9 @@ pub struct SafSettings {
     /// Run a drainer inside `serve`. Unset: yes with the embedded SQLite store (one process owns
     /// it), no with PostgreSQL (run `switchyard-switch drain` processes instead).
     pub in_process_drainer: Option<bool>,
+    /// Most reversal advices (0420) held in memory while the store refuses them; at this many,
+    /// routed withdrawals are refused `96` before reaching the issuer until the hold drains.
+    pub held_reversals_max: usize,
 }
 
 impl Default for SafSettings {
@@ -347,7 +352,95 @@ impl Default for SafSettings {
             batch_size: 100,
             poll_interval: crate::routing::drainer::DEFAULT_POLL_INTERVAL,
             in_process_drainer: None,
+            held_reversals_max: crate::routing::held::DEFAULT_CAPACITY,
         }
+    }
+}
+
+/// `[stations]`: what this switch, as an issuer, force-posts from the 0220/0221 advices of the
+/// acquirer stations registered here (SPEC §6). An advice above a ceiling is answered `61` and
+/// nothing is booked; the acquirer dead-letters it, and once the two banks agreed (and the
+/// ceiling was raised here), the acquirer's operator requeues it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StationSettings {
+    /// Largest amount (minor units) of one advice, for stations without an override.
+    pub advice_max_amount: i64,
+    /// Largest total (minor units) of one station's advices booked in one UTC day, for stations
+    /// without an override.
+    pub advice_daily_max_amount: i64,
+    /// Per-station ceilings, by station id (`[stations.overrides.ACQ001]`); a key left out
+    /// takes the default above.
+    pub overrides: BTreeMap<String, StationOverride>,
+}
+
+/// `[stations.overrides.<station id>]`: one station's ceilings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StationOverride {
+    /// Largest amount of one advice from this station.
+    pub advice_max_amount: Option<i64>,
+    /// Largest total of this station's advices in one UTC day.
+    pub advice_daily_max_amount: Option<i64>,
+}
+
+/// Largest ceiling: field 4 holds 12 digits, and two such values add up without overflow.
+pub const MAX_ADVICE_CEILING: i64 = 999_999_999_999;
+
+impl Default for StationSettings {
+    fn default() -> Self {
+        // what an issuer would agree with an acquirer by default: an advice is one ATM
+        // withdrawal (stand-in limits sit well below this), and a day's stand-in for one
+        // acquirer is bounded; larger partners get an override
+        Self {
+            advice_max_amount: 1_000_000,
+            advice_daily_max_amount: 50_000_000,
+            overrides: BTreeMap::new(),
+        }
+    }
+}
+
+impl StationSettings {
+    /// The ceilings for `station`: its override where set, else the defaults.
+    pub fn ceiling_for(&self, station: &str) -> crate::store::ForcePostCeiling {
+        let o = self.overrides.get(station);
+        crate::store::ForcePostCeiling {
+            per_advice: o
+                .and_then(|o| o.advice_max_amount)
+                .unwrap_or(self.advice_max_amount),
+            per_day: o
+                .and_then(|o| o.advice_daily_max_amount)
+                .unwrap_or(self.advice_daily_max_amount),
+        }
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        let check = |what: String, v: i64| {
+            if (1..=MAX_ADVICE_CEILING).contains(&v) {
+                Ok(())
+            } else {
+                Err(SettingsError::Value(format!(
+                    "{what} must be between 1 and {MAX_ADVICE_CEILING} (minor units), got {v}"
+                )))
+            }
+        };
+        check("stations.advice_max_amount".into(), self.advice_max_amount)?;
+        check(
+            "stations.advice_daily_max_amount".into(),
+            self.advice_daily_max_amount,
+        )?;
+        for (station, o) in &self.overrides {
+            if let Some(v) = o.advice_max_amount {
+                check(format!("stations.overrides.{station}.advice_max_amount"), v)?;
+            }
+            if let Some(v) = o.advice_daily_max_amount {
+                check(
+                    format!("stations.overrides.{station}.advice_daily_max_amount"),
+                    v,
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -437,6 +530,12 @@ impl Settings {
                 "saf.batch_size must be between 1 and 1000".into(),
             ));
         }
+        if self.saf.held_reversals_max == 0 {
+            return Err(SettingsError::Value(
+                "saf.held_reversals_max must be at least 1".into(),
+            ));
+        }
+        self.stations.validate()?;
         let mut names = std::collections::HashSet::new();
         for u in &self.upstreams {
             if !names.insert(u.name.as_str()) {
@@ -682,6 +781,35 @@ mod tests {
         .unwrap();
         let err = s.database.resolve_url().unwrap_err().to_string();
         assert!(err.contains("/nonexistent/url"), "{err}");
+    }
+
+    #[test]
+    fn station_ceilings_default_take_overrides_and_refuse_nonsense() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("switch.toml");
+        std::fs::write(
+            &file,
+            "[stations]\nadvice_daily_max_amount = 2000000\n\
+             [stations.overrides.ACQ001]\nadvice_max_amount = 300000\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(Some(&file), env(&[])).unwrap();
+        let acq = s.stations.ceiling_for("ACQ001");
+        assert_eq!((acq.per_advice, acq.per_day), (300_000, 2_000_000));
+        let other = s.stations.ceiling_for("ACQ002");
+        assert_eq!((other.per_advice, other.per_day), (1_000_000, 2_000_000));
+
+        for bad in ["0", "-5", "1000000000000"] {
+            let err = Settings::load_from(
+                None,
+                env(&[("SWITCHYARD_STATIONS__ADVICE_MAX_AMOUNT", bad)]),
+            )
+            .unwrap_err();
+            assert!(
+                err.to_string().contains("stations.advice_max_amount"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -279,3 +279,66 @@ on_both_backends!(
     station_reversals_apply_once_test,
     station_reversals_apply_once
 );
+
+async fn station_ceilings_bound_forced_posts(backend: Backend) {
+    let Some(sw) = TestSwitch::start_with(backend, |s| {
+        s.stations.advice_daily_max_amount = 1_000_000;
+        s.stations.overrides.insert(
+            "ACQ001".into(),
+            switchyard_switch::settings::StationOverride {
+                advice_max_amount: Some(50_000),
+                advice_daily_max_amount: Some(80_000),
+            },
+        );
+    })
+    .await
+    else {
+        return;
+    };
+    open_account(&sw, "ACC-1", 100_000, 60_000).await;
+    let mut acq = station(&sw, "ACQ001").await;
+
+    // above the per-advice ceiling: 61, nothing booked, audited
+    let big = advice(&mut acq, PAN, 50_001, "612300000020");
+    assert_eq!(code(&send(&mut acq, &big).await), "61");
+    assert_eq!(balance(&sw, "ACC-1").await, 100_000);
+    let audit = sw.viewer.get("/v1/audit?limit=1000").await.unwrap();
+    let refused: Vec<&serde_json::Value> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["action"] == "advice.refused")
+        .collect();
+    assert_eq!(refused.len(), 1, "{audit}");
+    assert_eq!(refused[0]["actor"], "station:ACQ001");
+    assert!(
+        !refused[0].to_string().contains(PAN),
+        "no card data audited"
+    );
+
+    // up to the per-day ceiling (50,000 + 30,000 = 80,000), past the account's daily limit
+    let first = advice(&mut acq, PAN, 50_000, "612300000021");
+    assert_eq!(code(&send(&mut acq, &first).await), "00");
+    let second = advice(&mut acq, PAN, 30_000, "612300000022");
+    assert_eq!(code(&send(&mut acq, &second).await), "00");
+    assert_eq!(balance(&sw, "ACC-1").await, 20_000);
+    // one more minor unit today is refused; a repeat of a booked one still gets its answer
+    let more = advice(&mut acq, PAN, 1, "612300000023");
+    assert_eq!(code(&send(&mut acq, &more).await), "61");
+    assert_eq!(code(&send(&mut acq, &repeat(&second)).await), "00");
+    assert_eq!(balance(&sw, "ACC-1").await, 20_000);
+
+    // the refused advice was not journaled: the same identity is refused again, not `94`
+    assert_eq!(code(&send(&mut acq, &repeat(&more)).await), "61");
+
+    // another station has its own day, under the defaults
+    let mut other = station(&sw, "ACQ002").await;
+    let m = advice(&mut other, PAN, 5_000, "612300000024");
+    assert_eq!(code(&send(&mut other, &m).await), "00");
+    assert_eq!(balance(&sw, "ACC-1").await, 15_000);
+    sw.stop().await;
+}
+on_both_backends!(
+    station_ceilings_bound_forced_posts_test,
+    station_ceilings_bound_forced_posts
+);

@@ -140,6 +140,7 @@ stories!(
     stand_in_approval_queues_its_advice_in_the_same_transaction,
     issuer_answer_is_journaled_without_touching_the_ledger,
     forced_post_books_past_balance_and_limit,
+    concurrent_forced_posts_never_pass_the_station_ceiling,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -206,6 +207,7 @@ fn withdrawal(acc: &AccountId, terminal: &str, stan: u32, amount: i64) -> AuthRe
         advice: None,
         issuer_answer: None,
         force_post: false,
+        force_post_ceiling: None,
         upstream_ref: None,
     }
 }
@@ -2585,6 +2587,7 @@ async fn stand_in_approval_queues_its_advice_in_the_same_transaction(store: Stor
     let confused = AuthRequest {
         advice: Some(stand_in_advice("ACQ001:000006:1122100000")),
         force_post: true,
+        force_post_ceiling: None,
         upstream_ref: None,
         ..withdrawal(&acc, "ATM1", 6, 1_000)
     };
@@ -2669,6 +2672,7 @@ async fn forced_post_books_past_balance_and_limit(store: Store) {
     let advice = |stan: u32, amount: i64| AuthRequest {
         mti: "0220".into(),
         force_post: true,
+        force_post_ceiling: None,
         upstream_ref: None,
         ..withdrawal(&acc, "ACQ001", stan, amount)
     };
@@ -2726,4 +2730,90 @@ async fn forced_post_books_past_balance_and_limit(store: Store) {
     };
     assert!(done(store.reverse(&rev).await.unwrap()).approved());
     assert_eq!(balance(&store, &acc).await, -500);
+}
+
+async fn concurrent_forced_posts_never_pass_the_station_ceiling(store: Store) {
+    let acc = account(&store, "ACC-C", 1_000, 2_000).await;
+    let ceiling = ForcePostCeiling {
+        per_advice: 10_000,
+        per_day: 55_000,
+    };
+    let advice = |stan: u32, amount: i64| AuthRequest {
+        mti: "0220".into(),
+        force_post: true,
+        force_post_ceiling: Some(ceiling),
+        upstream_ref: None,
+        ..withdrawal(&acc, "ACQ001", stan, amount)
+    };
+    // above the per-advice ceiling: refused, nothing journaled
+    let err = store.authorize(&advice(100, 10_001)).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::OverCeiling { what } if what.contains("per-advice")),
+        "{err}"
+    );
+    assert_eq!(
+        store.find_request(&identity("ACQ001", 100)).await.unwrap(),
+        None
+    );
+
+    // twenty drainers deliver at once: five fit in the day, the rest are refused
+    let tasks: Vec<_> = (1..=20)
+        .map(|stan| {
+            let store = store.clone();
+            let req = advice(stan, 10_000);
+            tokio::spawn(async move { store.authorize(&req).await })
+        })
+        .collect();
+    let mut booked = 0;
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(outcome) => {
+                assert!(done(outcome).approved());
+                booked += 1;
+            }
+            Err(StoreError::OverCeiling { what }) => {
+                assert!(what.contains("per-day"), "{what}");
+                refused += 1;
+            }
+            Err(other) => panic!("unexpected: {other}"),
+        }
+    }
+    assert_eq!((booked, refused), (5, 15));
+    assert_eq!(balance(&store, &acc).await, 1_000 - 50_000);
+
+    // a repeat of a booked advice still gets its answer; another station has its own day
+    let mut first_booked = 0;
+    for stan in 1..=20 {
+        if store
+            .find_request(&identity("ACQ001", stan))
+            .await
+            .unwrap()
+            .is_some()
+        {
+            first_booked = stan;
+            break;
+        }
+    }
+    assert!(matches!(
+        store
+            .authorize(&advice(first_booked, 10_000))
+            .await
+            .unwrap(),
+        AuthOutcome::Duplicate(_)
+    ));
+    let other = AuthRequest {
+        mti: "0220".into(),
+        force_post: true,
+        force_post_ceiling: Some(ceiling),
+        upstream_ref: None,
+        ..withdrawal(&acc, "ACQ002", 1, 5_000)
+    };
+    assert!(done(store.authorize(&other).await.unwrap()).approved());
+    // the next UTC day starts afresh
+    let tomorrow = AuthRequest {
+        now: t0() + chrono::Duration::days(1),
+        ..advice(50, 10_000)
+    };
+    assert!(done(store.authorize(&tomorrow).await.unwrap()).approved());
 }

@@ -19,9 +19,9 @@ use tracing::{debug, info, warn};
 use super::{LinkError, UpstreamLink, Upstreams};
 use crate::crypto::Hsm;
 use crate::domain::mask_pan;
-use crate::iso8583::{Message, Mti};
+use crate::iso8583::{Message, Mti, Packager};
 use crate::settings::SafSettings;
-use crate::store::{Advice, AdviceFailure, RetryPolicy, Store, StoreError};
+use crate::store::{Advice, AdviceFailure, AdviceMti, RetryPolicy, Store, StoreError};
 
 /// What became of one delivery attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,12 +208,18 @@ pub fn advice_payload(
 
 /// The message to send for a leased advice: its stored fields under the MTI of this attempt,
 /// sealed ones opened (a PAN queued in clear by an older version is sent as it is).
+///
+/// The payload comes from the database, so it is checked like network input: a field number
+/// outside 2..=128, a value the profile's field table refuses (a negative or 13-digit amount, a
+/// letter in a STAN), a zero amount, a missing identity (7, 11; 90 for a reversal) or a payload
+/// that is no JSON object is refused with the reason — the drainer dead-letters the advice and
+/// the rest keep flowing. Reasons name fields, never their values (they may be card data).
 pub fn advice_message(hsm: &dyn Hsm, advice: &Advice) -> Result<Message, String> {
     let mti = Mti::parse(advice.send_mti()).map_err(|e| e.to_string())?;
     let fields = advice
         .payload
         .as_object()
-        .ok_or("payload is not a JSON object of fields")?;
+        .ok_or("payload is not a JSON object of fields (corrupt or empty in the store)")?;
     let mut m = Message::new(mti);
     for (key, value) in fields {
         let n: u8 = key
@@ -222,17 +228,39 @@ pub fn advice_message(hsm: &dyn Hsm, advice: &Advice) -> Result<Message, String>
         if n == 1 || n == 64 || n == 128 {
             continue; // bitmaps and MACs are made at send time
         }
-        match (value.as_str(), value.get("sealed").and_then(|v| v.as_str())) {
-            (Some(text), _) => m.set_str(n, text),
+        let spec = Packager::ascii()
+            .field(n)
+            .filter(|_| (2..=128).contains(&n))
+            .ok_or_else(|| format!("payload key {n} is not a field of the profile (2 to 128)"))?;
+        let clear;
+        let text: &str = match (value.as_str(), value.get("sealed").and_then(|v| v.as_str())) {
+            (Some(text), _) => text,
             (None, Some(sealed)) => {
-                let clear = hsm
+                clear = hsm
                     .open_card_data(key, sealed)
                     .map_err(|e| format!("payload field {n}: {e}"))?;
-                m.set_str(n, &clear);
+                &clear
             }
             (None, None) => return Err(format!("payload field {n} is neither text nor sealed")),
-        }
+        };
+        spec.validate(text.as_bytes())
+            .map_err(|e| format!("payload {e}"))?;
+        m.set_str(n, text);
     }
+    let required: &[u8] = match advice.mti {
+        AdviceMti::Advice0220 => &[2, 3, 4, 7, 11],
+        AdviceMti::Reversal0420 => &[7, 11, 90],
+    };
+    if let Some(n) = required.iter().find(|&&n| !m.has(n)) {
+        return Err(format!("payload has no field {n}"));
+    }
+    if m.get_str(4).is_some_and(|a| a.bytes().all(|b| b == b'0')) {
+        return Err("payload field 4: the amount is zero".into());
+    }
+    // the field table passed every value; packing is the last word on what can be sent
+    Packager::ascii()
+        .pack(&m)
+        .map_err(|e| format!("cannot pack the advice: {e}"))?;
     Ok(m)
 }
 
@@ -254,6 +282,17 @@ pub async fn deliver(hsm: &dyn Hsm, link: &UpstreamLink, advice: &Advice) -> Del
                 fail(format!("issuer answered {code} (temporary)"), false)
             }
             "" => fail("issuer answered without field 39".into(), true),
+            "61" => fail(
+                "issuer refused the advice with 61: above the force-post ceiling it grants \
+                 this station (per advice or per day); agree a higher ceiling with the issuer, \
+                 then requeue"
+                    .into(),
+                true,
+            ),
+            "13" => fail(
+                "issuer refused the advice with 13: invalid amount".into(),
+                true,
+            ),
             code => fail(format!("issuer refused the advice with {code}"), true),
         },
         Err(err @ (LinkError::CircuitOpen(_) | LinkError::Down(_))) => {
@@ -269,7 +308,7 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{AdviceId, AdviceMti, AdviceStatus};
+    use crate::store::{AdviceId, AdviceStatus};
 
     fn advice(attempts: u32) -> Advice {
         Advice {
@@ -278,7 +317,8 @@ mod tests {
             priority: 1,
             mti: AdviceMti::Advice0220,
             idempotency_key: "ACQ001:000042:1122153045".into(),
-            payload: serde_json::json!({"3": "010000", "4": "000000005000", "11": "000042", "64": "x"}),
+            payload: serde_json::json!({"2": "4111111111111111", "3": "010000",
+                "4": "000000005000", "7": "1122153045", "11": "000042", "64": "x"}),
             reference: None,
             status: AdviceStatus::Queued,
             attempts,
@@ -313,7 +353,10 @@ mod tests {
         let hsm = hsm();
         let mut m = Message::new(Mti::parse("0220").unwrap());
         m.set_str(2, "4111111111111111");
+        m.set_str(3, "010000");
         m.set_str(4, "000000005000");
+        m.set_str(7, "1122153045");
+        m.set_str(11, "000042");
         m.set(64, [0u8; 8]);
         let payload = advice_payload(&hsm, &m).unwrap();
         let stored = payload.to_string();
@@ -346,5 +389,102 @@ mod tests {
                 .unwrap_err()
                 .contains("neither text nor sealed")
         );
+    }
+
+    /// What the database holds is checked like network input: refused with a reason that
+    /// names the field, never a panic, never the value.
+    #[test]
+    fn out_of_range_stored_fields_are_refused_not_panicked_on() {
+        let hsm = hsm();
+        let refused = |change: &dyn Fn(&mut serde_json::Value), mti: AdviceMti| {
+            let mut a = advice(1);
+            a.mti = mti;
+            change(&mut a.payload);
+            advice_message(&hsm, &a).unwrap_err()
+        };
+        let set = |k: &'static str, v: &'static str| {
+            move |p: &mut serde_json::Value| {
+                p[k] = serde_json::json!(v);
+            }
+        };
+        type Change = Box<dyn Fn(&mut serde_json::Value)>;
+        let cases: Vec<(Change, AdviceMti, &str)> = vec![
+            // Message::set asserts 2..=128: these used to panic the drainer
+            (
+                Box::new(set("0", "x")),
+                AdviceMti::Advice0220,
+                "not a field of the profile",
+            ),
+            (
+                Box::new(set("129", "x")),
+                AdviceMti::Advice0220,
+                "not a field of the profile",
+            ),
+            (
+                Box::new(set("255", "x")),
+                AdviceMti::Advice0220,
+                "not a field of the profile",
+            ),
+            (
+                Box::new(set("4", "-00000005000")),
+                AdviceMti::Advice0220,
+                "field 4",
+            ),
+            (
+                Box::new(set("4", "99999999999999999999")),
+                AdviceMti::Advice0220,
+                "field 4",
+            ),
+            (
+                Box::new(set("4", "000000000000")),
+                AdviceMti::Advice0220,
+                "amount is zero",
+            ),
+            (
+                Box::new(set("11", "12345X")),
+                AdviceMti::Advice0220,
+                "field 11",
+            ),
+            (
+                Box::new(set("2", "4111x11111111111")),
+                AdviceMti::Advice0220,
+                "field 2",
+            ),
+            (
+                Box::new(|p: &mut serde_json::Value| {
+                    p.as_object_mut().unwrap().remove("11");
+                }),
+                AdviceMti::Advice0220,
+                "no field 11",
+            ),
+            (
+                Box::new(|_: &mut serde_json::Value| {}),
+                AdviceMti::Reversal0420,
+                "no field 90",
+            ),
+            (
+                Box::new(set("90", "0200")),
+                AdviceMti::Reversal0420,
+                "field 90",
+            ),
+            (
+                Box::new(|p: &mut serde_json::Value| {
+                    *p = serde_json::Value::Null;
+                }),
+                AdviceMti::Advice0220,
+                "not a JSON object",
+            ),
+        ];
+        for (change, mti, reason) in cases {
+            let err = refused(&*change, mti);
+            assert!(err.contains(reason), "{reason}: {err}");
+            assert!(!err.contains("4111"), "no card data in {err}");
+        }
+        // a well-formed reversal passes
+        let mut a = advice(1);
+        a.mti = AdviceMti::Reversal0420;
+        a.payload["90"] =
+            serde_json::json!(format!("0200000041{}{}", "1122153045", "0".repeat(22)));
+        assert_eq!(advice_message(&hsm, &a).unwrap().mti().as_str(), "0420");
     }
 }

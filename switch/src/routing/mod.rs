@@ -1,9 +1,11 @@
 //! Routing to upstream issuer hosts and the resilience around it (SPEC §6): the links, their
-//! circuit breakers and reconnect schedule, and the store-and-forward drainer.
+//! circuit breakers and reconnect schedule, the store-and-forward drainer, and the reversal
+//! advices held in memory while the store refuses them.
 
 pub mod backoff;
 pub mod breaker;
 pub mod drainer;
+pub mod held;
 pub mod link;
 
 use std::collections::BTreeMap;

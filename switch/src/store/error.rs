@@ -48,6 +48,14 @@ pub enum StoreError {
         /// The action and why it cannot happen, e.g. "retry advice 7: it is delivered".
         what: String,
     },
+    /// A station's advice would take its force-posts above a ceiling (`[stations]`): refused,
+    /// nothing journaled. The issuer answers `61`.
+    #[error("failed to force-post {what}")]
+    OverCeiling {
+        /// Which ceiling and by how much, e.g. "advice of 600000: above the per-advice ceiling
+        /// 500000 of station ACQ001". No card data.
+        what: String,
+    },
     /// The database URL or options could not be used (the URL itself is never repeated here).
     #[error("failed to configure the database connection: {what}")]
     Config {

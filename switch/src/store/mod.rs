@@ -350,6 +350,16 @@ const SQLITE_MIGRATIONS: &[EmbeddedMigration] = &[
         description: "accepted_sign_ons",
         sql: include_str!("../../../migrations/sqlite/20261130000100_accepted_sign_ons.sql"),
     },
+    EmbeddedMigration {
+        version: 20261130030000,
+        description: "audit_append_only",
+        sql: include_str!("../../../migrations/sqlite/20261130030000_audit_append_only.sql"),
+    },
+    EmbeddedMigration {
+        version: 20261130030100,
+        description: "station_advice_ceilings",
+        sql: include_str!("../../../migrations/sqlite/20261130030100_station_advice_ceilings.sql"),
+    },
 ];
 
 /// `migrations/postgres/`, in version order (checked like [`SQLITE_MIGRATIONS`]).
@@ -378,6 +388,18 @@ const POSTGRES_MIGRATIONS: &[EmbeddedMigration] = &[
         version: 20261130000100,
         description: "accepted_sign_ons",
         sql: include_str!("../../../migrations/postgres/20261130000100_accepted_sign_ons.sql"),
+    },
+    EmbeddedMigration {
+        version: 20261130030000,
+        description: "audit_append_only",
+        sql: include_str!("../../../migrations/postgres/20261130030000_audit_append_only.sql"),
+    },
+    EmbeddedMigration {
+        version: 20261130030100,
+        description: "station_advice_ceilings",
+        sql: include_str!(
+            "../../../migrations/postgres/20261130030100_station_advice_ceilings.sql"
+        ),
     },
 ];
 
@@ -456,6 +478,41 @@ fn withdrawal_decision(
         ResponseCode::InsufficientFunds
     } else {
         ResponseCode::Approved
+    }
+}
+
+/// Counts a force-posted advice toward its station's ceilings, in the authorization's
+/// transaction: refuses one above the per-advice ceiling, then adds it to the station's total of
+/// the UTC day unless that would pass the per-day ceiling. One conditional upsert, so concurrent
+/// advices of a station (many drainers) never pass the ceiling together: PostgreSQL re-checks
+/// the `WHERE` on the row it waited for, SQLite has one writer.
+const CLAIM_STATION_ADVICE: &str = "INSERT INTO station_advice_days (station_id, day, total) \
+     SELECT $1, $2, $3 WHERE $3 <= $4 \
+     ON CONFLICT (station_id, day) DO UPDATE SET total = station_advice_days.total + excluded.total \
+     WHERE station_advice_days.total + excluded.total <= $4 RETURNING total";
+
+/// The per-advice part of the ceiling check; `None` when the amount is within it.
+fn over_advice_ceiling(
+    station: &TerminalId,
+    amount: i64,
+    ceiling: &ForcePostCeiling,
+) -> Option<StoreError> {
+    (amount > ceiling.per_advice).then(|| StoreError::OverCeiling {
+        what: format!(
+            "an advice of {amount} from station {station}: above its per-advice ceiling of {}",
+            ceiling.per_advice
+        ),
+    })
+}
+
+/// The refusal when the per-day upsert changed nothing.
+fn over_daily_ceiling(station: &TerminalId, amount: i64, ceiling: &ForcePostCeiling) -> StoreError {
+    StoreError::OverCeiling {
+        what: format!(
+            "an advice of {amount} from station {station}: today's advices would pass its \
+             per-day ceiling of {}",
+            ceiling.per_day
+        ),
     }
 }
 

@@ -595,9 +595,23 @@ pub struct AuthRequest {
     /// may take the balance below zero). Currency mismatch still declines `12`; unknown account
     /// is an error as today.
     pub force_post: bool,
+    /// With `force_post`: the station's ceilings. An advice above either is refused with
+    /// [`StoreError::OverCeiling`](super::StoreError::OverCeiling) and nothing is journaled or
+    /// counted, so once an operator raised the ceiling the acquirer's requeued advice books. A
+    /// repeat of an advice already booked gets its original answer whatever the ceiling is now.
+    pub force_post_ceiling: Option<ForcePostCeiling>,
     /// `upstream:MTI:STAN:transmission` of the message sent (or advised) to an issuer for this
     /// request, kept in the journal so a later reversal can be forwarded.
     pub upstream_ref: Option<String>,
+}
+
+/// How much an issuer force-posts from one acquirer station's advices (`[stations]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForcePostCeiling {
+    /// Largest amount (minor units) of one advice.
+    pub per_advice: i64,
+    /// Largest total (minor units) of the advices booked for the station in one UTC day.
+    pub per_day: i64,
 }
 
 /// What an issuer answered to a request routed to it, journaled as the response.

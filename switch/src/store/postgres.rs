@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
-use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
+use sqlx::{AssertSqlSafe, Postgres, Row, Transaction, TypeInfo, ValueRef};
 
 use super::error::is_foreign_key_violation;
 use super::saf;
@@ -123,11 +123,32 @@ fn enc(t: DateTime<Utc>) -> DateTime<Utc> {
 }
 
 fn ts(row: &PgRow, col: &str) -> Result<DateTime<Utc>, StoreError> {
-    Ok(row.try_get(col)?)
+    opt_ts(row, col)?.ok_or_else(|| StoreError::corrupt(format!("{col}: NULL")))
 }
 
+/// 2000-01-01T00:00:00Z, PostgreSQL's timestamp epoch, in Unix microseconds.
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// A TIMESTAMPTZ column. sqlx's chrono decoding adds the stored offset with `+`, which panics
+/// for a value chrono cannot hold (`'infinity'`, the year 200000) — a stored value must never
+/// panic the switch (a drainer leasing such a row would die): the microseconds are read as
+/// they are stored (binary protocol: microseconds since 2000-01-01) and added checked.
 fn opt_ts(row: &PgRow, col: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
-    Ok(row.try_get(col)?)
+    let raw = row.try_get_raw(col)?;
+    if raw.type_info().name() != "TIMESTAMPTZ"
+        || raw.format() != sqlx::postgres::PgValueFormat::Binary
+    {
+        // not what this store writes, or a text-protocol read: sqlx's own checks and decoding
+        return Ok(row.try_get(col)?);
+    }
+    let micros: Option<i64> = row.try_get_unchecked(col)?;
+    micros
+        .map(|us| {
+            us.checked_add(PG_EPOCH_MICROS)
+                .and_then(DateTime::from_timestamp_micros)
+                .ok_or_else(|| StoreError::corrupt(format!("{col}: out of range")))
+        })
+        .transpose()
 }
 
 fn terminal_from_row(row: &PgRow) -> Result<Terminal, StoreError> {
@@ -245,7 +266,7 @@ fn advice_from_row(row: &PgRow) -> Result<Advice, StoreError> {
         priority: saf::advice_priority(i64::from(row.try_get::<i16, _>("priority")?))?,
         mti: saf::advice_mti(&mti)?,
         idempotency_key: row.try_get("idempotency_key")?,
-        payload: saf::advice_payload(&payload)?,
+        payload: saf::advice_payload(&payload),
         reference: row.try_get("reference")?,
         status: saf::advice_status(&status)?,
         attempts: saf::advice_count(
@@ -275,6 +296,30 @@ async fn load_advice(conn: &mut PgConnection, id: AdviceId) -> Result<Advice, St
     .map(advice_from_row)
     .transpose()?
     .ok_or_else(|| StoreError::not_found(format!("advice {id}")))
+}
+
+/// Counts a force-posted advice toward its station's ceilings (see [`CLAIM_STATION_ADVICE`]).
+async fn claim_station_advice(
+    conn: &mut PgConnection,
+    station: &TerminalId,
+    day: &str,
+    amount: i64,
+    ceiling: &ForcePostCeiling,
+) -> Result<(), StoreError> {
+    if let Some(refused) = over_advice_ceiling(station, amount, ceiling) {
+        return Err(refused);
+    }
+    let total: Option<i64> = sqlx::query_scalar(CLAIM_STATION_ADVICE)
+        .bind(station.as_str())
+        .bind(day)
+        .bind(amount)
+        .bind(ceiling.per_day)
+        .fetch_optional(&mut *conn)
+        .await?;
+    match total {
+        Some(_) => Ok(()),
+        None => Err(over_daily_ceiling(station, amount, ceiling)),
+    }
 }
 
 /// Checks that `holder` still holds a queued advice; the error says who does instead.
@@ -1450,6 +1495,21 @@ impl Database for PostgresStore {
                 AuthKind::Balance => (ResponseCode::Approved, Some(balance), None),
                 AuthKind::Withdrawal { amount } => {
                     let day = utc_day(now);
+                    if let Some(ceiling) = req.force_post_ceiling.filter(|_| req.force_post)
+                        && amount > 0
+                    {
+                        or_rollback!(
+                            tx,
+                            claim_station_advice(
+                                &mut tx,
+                                &req.identity.terminal_id,
+                                &day,
+                                amount,
+                                &ceiling
+                            )
+                            .await
+                        );
+                    }
                     let withdrawn: i64 = sqlx::query_scalar(
                         "SELECT COALESCE((SELECT total FROM daily_withdrawals \
                          WHERE account_id = $1 AND day = $2), 0)",
@@ -1806,7 +1866,7 @@ impl Database for PostgresStore {
         // SKIP LOCKED: concurrent drainers pass over rows another one is leasing right now
         // instead of waiting for it and then taking the same row; the CTE is evaluated once
         let mut tx = self.begin().await?;
-        let mut leased = sqlx::query(concat!(
+        let rows = sqlx::query(concat!(
             "WITH picked AS (SELECT id FROM saf_messages WHERE status = 'queued' \
              AND next_attempt_at <= $3 AND (lease_until IS NULL OR lease_until <= $3) \
              AND ($4::text IS NULL OR destination = $4) \
@@ -1822,10 +1882,28 @@ impl Database for PostgresStore {
         .bind(destination)
         .bind(i64::from(limit.min(1000)))
         .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(advice_from_row)
-        .collect::<Result<Vec<_>, _>>()?;
+        .await?;
+        let (mut leased, unreadable) = or_rollback!(
+            tx,
+            saf::sort_leased(&rows, |r| Ok(r.try_get("id")?), advice_from_row)
+        );
+        for (id, reason) in unreadable {
+            // one row changed behind our back must not stall its destination's queue
+            tracing::warn!(id, %reason, "unreadable advice dead-lettered");
+            sqlx::query(saf::DEAD_LETTER_UNREADABLE)
+                .bind(id)
+                .bind(&reason)
+                .bind(enc(now))
+                .execute(&mut *tx)
+                .await?;
+            let detail = serde_json::json!({"permanent": true, "reason": reason});
+            write_audit(
+                &mut tx,
+                now,
+                &audit(holder, "saf.dead-letter", &id.to_string(), detail),
+            )
+            .await?;
+        }
         tx.commit().await?;
         // RETURNING has no defined order
         leased.sort_by_key(|a| (a.priority, a.created_at, a.id));

@@ -448,9 +448,38 @@ pub(crate) fn advice_status(s: &str) -> Result<AdviceStatus, StoreError> {
     AdviceStatus::parse(s).ok_or_else(|| StoreError::corrupt(format!("saf_messages.status {s:?}")))
 }
 
-pub(crate) fn advice_payload(s: &str) -> Result<serde_json::Value, StoreError> {
-    serde_json::from_str(s).map_err(|_| StoreError::corrupt("saf_messages.payload"))
+/// A stored payload. Text that is not JSON (changed behind our back) reads as `null` rather
+/// than failing the whole read: the admin API can still list the advice, and the drainer
+/// dead-letters it ("payload is not a JSON object") instead of the queue stalling on it.
+pub(crate) fn advice_payload(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or(serde_json::Value::Null)
 }
+
+/// Leased rows sorted by [`sort_leased`]: the readable advices, and the id and reason of each
+/// row that could not be read.
+pub(crate) type SortedLease = (Vec<Advice>, Vec<(i64, String)>);
+
+/// Sorts leased rows into readable advices and unreadable ones (id and why), so one corrupt
+/// row is dead-lettered instead of failing every lease of its destination forever.
+pub(crate) fn sort_leased<R>(
+    rows: &[R],
+    id_of: impl Fn(&R) -> Result<i64, StoreError>,
+    decode: impl Fn(&R) -> Result<Advice, StoreError>,
+) -> Result<SortedLease, StoreError> {
+    let mut good = Vec::with_capacity(rows.len());
+    let mut bad = Vec::new();
+    for row in rows {
+        match decode(row) {
+            Ok(a) => good.push(a),
+            Err(err) => bad.push((id_of(row)?, clean_reason(&format!("stored advice: {err}")))),
+        }
+    }
+    Ok((good, bad))
+}
+
+/// Dead-letters an unreadable leased row (see [`sort_leased`]): same columns both backends.
+pub(crate) const DEAD_LETTER_UNREADABLE: &str = "UPDATE saf_messages SET status = 'dead', \
+     last_error = $2, settled_at = $3, lease_holder = NULL, lease_until = NULL WHERE id = $1";
 
 /// Whole seconds from `oldest` to `now`, 0 if `oldest` is in the future or absent.
 pub(crate) fn age_seconds(oldest: Option<DateTime<Utc>>, now: DateTime<Utc>) -> u64 {

@@ -271,7 +271,7 @@ fn advice_from_row(row: &SqliteRow) -> Result<Advice, StoreError> {
         priority: saf::advice_priority(row.try_get("priority")?)?,
         mti: saf::advice_mti(&mti)?,
         idempotency_key: row.try_get("idempotency_key")?,
-        payload: saf::advice_payload(&payload)?,
+        payload: saf::advice_payload(&payload),
         reference: row.try_get("reference")?,
         status: saf::advice_status(&status)?,
         attempts: saf::advice_count(row.try_get("attempts")?, "saf_messages.attempts")?,
@@ -297,6 +297,30 @@ async fn load_advice(conn: &mut SqliteConnection, id: AdviceId) -> Result<Advice
     .map(advice_from_row)
     .transpose()?
     .ok_or_else(|| StoreError::not_found(format!("advice {id}")))
+}
+
+/// Counts a force-posted advice toward its station's ceilings (see [`CLAIM_STATION_ADVICE`]).
+async fn claim_station_advice(
+    conn: &mut SqliteConnection,
+    station: &TerminalId,
+    day: &str,
+    amount: i64,
+    ceiling: &ForcePostCeiling,
+) -> Result<(), StoreError> {
+    if let Some(refused) = over_advice_ceiling(station, amount, ceiling) {
+        return Err(refused);
+    }
+    let total: Option<i64> = sqlx::query_scalar(CLAIM_STATION_ADVICE)
+        .bind(station.as_str())
+        .bind(day)
+        .bind(amount)
+        .bind(ceiling.per_day)
+        .fetch_optional(&mut *conn)
+        .await?;
+    match total {
+        Some(_) => Ok(()),
+        None => Err(over_daily_ceiling(station, amount, ceiling)),
+    }
 }
 
 /// Checks that `holder` still holds a queued advice; the error says who does instead.
@@ -1415,6 +1439,21 @@ impl Database for SqliteStore {
                 AuthKind::Balance => (ResponseCode::Approved, Some(balance), None),
                 AuthKind::Withdrawal { amount } => {
                     let day = utc_day(now);
+                    if let Some(ceiling) = req.force_post_ceiling.filter(|_| req.force_post)
+                        && amount > 0
+                    {
+                        or_rollback!(
+                            tx,
+                            claim_station_advice(
+                                &mut tx,
+                                &req.identity.terminal_id,
+                                &day,
+                                amount,
+                                &ceiling
+                            )
+                            .await
+                        );
+                    }
                     let withdrawn: i64 = sqlx::query_scalar(
                         "SELECT COALESCE((SELECT total FROM daily_withdrawals \
                          WHERE account_id = $1 AND day = $2), 0)",
@@ -1769,7 +1808,7 @@ impl Database for SqliteStore {
         // the write lock taken by BEGIN IMMEDIATE makes select-and-mark one step for every
         // other drainer: none can lease between our read and our update
         let mut tx = self.begin().await?;
-        let mut leased = sqlx::query(concat!(
+        let rows = sqlx::query(concat!(
             "UPDATE saf_messages SET lease_holder = $1, lease_until = $2, \
              attempts = attempts + 1 WHERE id IN (\
              SELECT id FROM saf_messages WHERE status = 'queued' AND next_attempt_at <= $3 \
@@ -1784,10 +1823,28 @@ impl Database for SqliteStore {
         .bind(destination)
         .bind(i64::from(limit.min(1000)))
         .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(advice_from_row)
-        .collect::<Result<Vec<_>, _>>()?;
+        .await?;
+        let (mut leased, unreadable) = or_rollback!(
+            tx,
+            saf::sort_leased(&rows, |r| Ok(r.try_get("id")?), advice_from_row)
+        );
+        for (id, reason) in unreadable {
+            // one row changed behind our back must not stall its destination's queue
+            tracing::warn!(id, %reason, "unreadable advice dead-lettered");
+            sqlx::query(saf::DEAD_LETTER_UNREADABLE)
+                .bind(id)
+                .bind(&reason)
+                .bind(enc(now))
+                .execute(&mut *tx)
+                .await?;
+            let detail = serde_json::json!({"permanent": true, "reason": reason});
+            write_audit(
+                &mut tx,
+                now,
+                &audit(holder, "saf.dead-letter", &id.to_string(), detail),
+            )
+            .await?;
+        }
         tx.commit().await?;
         // RETURNING has no defined order
         leased.sort_by_key(|a| (a.priority, a.created_at, a.id));

@@ -11,6 +11,12 @@
 //! first one's journal row. (No separate duplicate look-up first: advices arrive by the
 //! thousand after an outage, and the transaction answers repeats anyway.)
 //!
+//! Force-posting has a ceiling per station (`[stations]`): an advice above the station's
+//! per-advice amount, or one that would take the station's advices booked this UTC day above
+//! its per-day amount, is answered `61` (exceeds withdrawal limit), audited, and not journaled.
+//! The ceiling is checked after the repeat check, so a repeat of a booked advice still gets its
+//! original answer.
+//!
 //! Not checked, on purpose: the PIN (an advice carries none; the acquirer verified it when it
 //! stood in), the expiry, the balance and the daily limit (the cash is already out). Refusals
 //! before the ledger are not journaled: once an operator fixed the cause (say, registered the
@@ -27,7 +33,7 @@ use super::{Reply, authenticate, request_digest, response_to};
 use crate::app::SwitchContext;
 use crate::domain::{ResponseCode, TerminalId};
 use crate::iso8583::Message;
-use crate::store::{AuthKind, AuthOutcome, AuthRequest, JournalEntry};
+use crate::store::{AuthKind, AuthOutcome, AuthRequest, JournalEntry, NewAudit, StoreError};
 
 /// Handles an 0220 or 0221 from a signed-on station.
 pub async fn handle(
@@ -102,6 +108,7 @@ pub async fn handle(
         advice: None,
         issuer_answer: None,
         force_post: true,
+        force_post_ceiling: Some(ctx.settings.stations.ceiling_for(station.as_str())),
         upstream_ref: None,
     };
     match ctx.store.authorize(&auth).await {
@@ -112,6 +119,27 @@ pub async fn handle(
             answer(&entry)
         }
         Ok(AuthOutcome::ContentMismatch) => coded(ResponseCode::Duplicate),
+        Err(StoreError::OverCeiling { what }) => {
+            // not journaled: once the banks agreed and the ceiling was raised, the acquirer's
+            // requeued advice books; audited, because an issuer wants to know who pushed
+            warn!(%station, stan = %auth.identity.stan, amount, refused = %what, "advice refused: over the station's ceiling");
+            let entry = NewAudit {
+                actor: format!("station:{station}"),
+                action: "advice.refused".into(),
+                target: station.to_string(),
+                result: "over-ceiling".into(),
+                detail: serde_json::json!({
+                    "stan": auth.identity.stan,
+                    "transmission": auth.identity.transmission,
+                    "amount": amount,
+                    "reason": what,
+                }),
+            };
+            if let Err(err) = ctx.store.append_audit(&entry).await {
+                warn!(%station, error = %err, "failed to audit a refused advice");
+            }
+            coded(ResponseCode::ExceedsWithdrawalLimit)
+        }
         Err(err) => {
             warn!(%station, error = %err, "advice failed in the store");
             coded(ResponseCode::SystemMalfunction)

@@ -186,6 +186,7 @@ pub async fn handle(
         advice: None,
         issuer_answer: None,
         force_post: false,
+        force_post_ceiling: None,
         upstream_ref: None,
     };
 

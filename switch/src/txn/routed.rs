@@ -16,7 +16,10 @@
 //!
 //! The journal keeps how the issuer knows each routed or stand-in request (`upstream_ref`), so
 //! that whatever undoes it here — the terminal's reversal, or an issuer approval that cannot be
-//! paid out — becomes one 0420 advice for the issuer ([`forward_reversal`]).
+//! paid out — becomes one 0420 advice for the issuer ([`forward_reversal`]). When the store
+//! refuses that advice (it is failing, which is often why the approval could not be booked),
+//! the advice is held in memory and retried until the store takes it
+//! ([`crate::routing::held`]); while that hold is full, routed withdrawals are refused `96`.
 
 use chrono::{DateTime, Utc};
 use tracing::{error, info, warn};
@@ -53,6 +56,15 @@ pub(crate) async fn authorize(
         // settings validation makes this unreachable; answer as for an unreachable issuer
         return Err(ResponseCode::IssuerUnavailable);
     };
+    if matches!(auth.kind, AuthKind::Withdrawal { .. }) && ctx.held_reversals.is_full() {
+        // every held reversal is a debit an issuer keeps until the store is back: no new one
+        // may arise that could not be held (`[saf] held_reversals_max`)
+        warn!(
+            upstream,
+            "routed withdrawal refused: the hold of reversal advices is full"
+        );
+        return Err(ResponseCode::SystemMalfunction);
+    }
     let sent = forward(ctx, link, terminal, request, pan, auth).await?;
     match sent.result {
         Ok(answer) if !matches!(answer.code(), "91" | "96" | "63" | "58") => {
@@ -312,10 +324,15 @@ async fn queue_reversal(
         return Err(ResponseCode::SystemMalfunction);
     };
     let now = Utc::now();
-    let stan_new = link
-        .next_stan()
-        .await
-        .map_err(|_| ResponseCode::SystemMalfunction)?;
+    // STANs come from the store too: without one now, the held advice gets it when the store
+    // is back (field 11 is the advice's identity at the issuer, so never one per attempt)
+    let stan_new = match link.next_stan().await {
+        Ok(stan) => Some(stan),
+        Err(err) => {
+            warn!(upstream = %link.name(), error = %err, "no STAN for a reversal advice yet");
+            None
+        }
+    };
     let mut reversal =
         Message::new(Mti::parse("0420").map_err(|_| ResponseCode::SystemMalfunction)?);
     for f in [2u8, 3, 4, 12, 13, 14, 22, 49] {
@@ -324,7 +341,9 @@ async fn queue_reversal(
         }
     }
     reversal.set_str(7, &transmission_time(now));
-    reversal.set_str(11, &stan_new);
+    if let Some(stan) = &stan_new {
+        reversal.set_str(11, stan);
+    }
     reversal.set_str(41, &link.station().to_field41());
     reversal.set_str(90, &format!("{mti}{stan}{f7}{}", "0".repeat(22)));
     let mut advice = new_advice(
@@ -337,12 +356,18 @@ async fn queue_reversal(
     )?;
     // one reversal per original, whichever path (timeout, terminal's 0400, its repeats) asks
     advice.idempotency_key = format!("{}:{stan}:{f7}:reversal", link.station());
+    if stan_new.is_none() {
+        ctx.held_reversals
+            .hold(advice, &"the store could not reserve a STAN");
+        return Err(ResponseCode::SystemMalfunction);
+    }
     match ctx.store.saf_enqueue(&advice).await {
         Ok(_) => Ok(()),
         Err(err) => {
-            // The issuer may hold a debit we cannot reverse now: refuse to stand in on top of
-            // it, and say so loudly; the terminal's own reversal or a retry will follow.
-            error!(upstream = %link.name(), error = %err, "failed to queue a reversal advice");
+            // The issuer may hold a debit we cannot reverse now: the advice waits in memory
+            // until the store takes it (never lost to a failing store), and we refuse to stand
+            // in on top of it.
+            ctx.held_reversals.hold(advice, &err);
             Err(ResponseCode::SystemMalfunction)
         }
     }
