@@ -17,6 +17,7 @@ use crate::admin::{self, AdminState, auth::Tokens};
 use crate::crypto::{Hsm, Kek, Lmk, SoftHsm};
 use crate::domain::TerminalId;
 use crate::health::{self, Health};
+use crate::http::{self, HttpLimits};
 use crate::iso8583::Packager;
 use crate::metrics::{Metrics, SwitchMetrics};
 use crate::net::{server, session::SessionRegistry};
@@ -315,17 +316,29 @@ async fn run(
                 .await
         })
     };
-    let refresh = crate::txn::keys::scrape_refresh(ctx.clone());
-    let probes = health::router(ctx.health.clone(), ctx.metrics.clone(), Some(refresh));
-    let metrics_server = tokio::spawn(serve_http(listeners.metrics, probes, stop_http.clone()));
-    let admin_router = admin::router(AdminState {
-        ctx: ctx.clone(),
-        tokens,
-    })
-    .layer(axum::extract::DefaultBodyLimit::max(
-        ctx.settings.admin.max_body_bytes,
+    let gauges = tokio::spawn(health::refresh_gauges(
+        crate::txn::keys::scrape_refresh(ctx.clone()),
+        ctx.settings.metrics.refresh_interval,
+        stop_background.clone(),
     ));
-    let admin_server = tokio::spawn(serve_http(listeners.admin, admin_router, stop_http.clone()));
+    let probes = health::router(ctx.health.clone(), ctx.metrics.clone());
+    let metrics_server = tokio::spawn(http::serve(
+        listeners.metrics,
+        probes,
+        HttpLimits::metrics(&ctx.settings.metrics),
+        ctx.metrics.clone(),
+        stop_http.clone(),
+    ));
+    let admin_router = admin::router(AdminState::new(ctx.clone(), tokens)).layer(
+        axum::extract::DefaultBodyLimit::max(ctx.settings.admin.max_body_bytes),
+    );
+    let admin_server = tokio::spawn(http::serve(
+        listeners.admin,
+        admin_router,
+        HttpLimits::admin(&ctx.settings.admin),
+        ctx.metrics.clone(),
+        stop_http.clone(),
+    ));
     let iso_server = tokio::spawn(server::serve(
         listeners.iso,
         ctx.clone(),
@@ -371,6 +384,7 @@ async fn run(
     let _ = metrics_server.await;
     let _ = watcher.await;
     let _ = activations.await;
+    let _ = gauges.await;
     ctx.store.close().await;
     info!("shutdown complete");
 }
@@ -440,10 +454,17 @@ pub async fn drain(settings: Settings) -> Result<(), StartError> {
             })
         })
     };
+    let gauges = tokio::spawn(health::refresh_gauges(
+        refresh,
+        settings.metrics.refresh_interval,
+        stop_background.clone(),
+    ));
     let stop_http = CancellationToken::new();
-    let probes = tokio::spawn(serve_http(
+    let probes = tokio::spawn(http::serve(
         listener,
-        health::router(health.clone(), metrics, Some(refresh)),
+        health::router(health.clone(), metrics.clone()),
+        HttpLimits::metrics(&settings.metrics),
+        metrics,
         stop_http.clone(),
     ));
     let holder = Drainer::holder_name();
@@ -463,21 +484,11 @@ pub async fn drain(settings: Settings) -> Result<(), StartError> {
     stop_background.cancel();
     stop_http.cancel();
     let _ = watcher.await;
+    let _ = gauges.await;
     let _ = probes.await;
     store.close().await;
     info!("drainer stopped");
     Ok(())
-}
-
-/// The connection tasks watch the same token as accept; cancelling it makes every connection
-/// finish the transaction it is processing, answer, and close.
-async fn serve_http(listener: TcpListener, router: axum::Router, stop: CancellationToken) {
-    let result = axum::serve(listener, router)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
-    if let Err(err) = result {
-        warn!(error = %err, "HTTP listener failed");
-    }
 }
 
 /// Production entry point: bind, start, wait for SIGTERM or Ctrl-C, shut down gracefully.

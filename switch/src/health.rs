@@ -2,6 +2,9 @@
 //!
 //! Liveness never depends on the database (a slow database must not get pods killed); readiness
 //! is false while migrations are behind, the store is unreachable, or the process is draining.
+//! `/metrics` never touches the database either: the gauges read from the store are recomputed
+//! by [`refresh_gauges`] in the background, so any number of scrapes (or an unauthenticated
+//! client hammering the port) costs no query.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -123,7 +126,6 @@ pub async fn check_store(store: &Store) -> Result<(), String> {
 struct ProbeState {
     health: Arc<Health>,
     metrics: Metrics,
-    refresh: Option<Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>>,
 }
 
 #[derive(Serialize)]
@@ -133,11 +135,28 @@ struct ProbeBody<'a> {
     reason: Option<String>,
 }
 
-/// Gauges that are read from the store at scrape time (key counts and ages).
+/// Recomputes the gauges that are read from the store (key counts and ages, SAF backlog).
 pub type ScrapeRefresh = Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
 
+/// Runs `refresh` now and then every `interval` until `stop`. A refresh that takes longer than
+/// the interval delays the next one rather than piling up.
+pub async fn refresh_gauges(refresh: ScrapeRefresh, interval: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = refresh() => {}
+        }
+    }
+}
+
 /// The `:9090` router: `/livez`, `/readyz`, `/startupz`, `/metrics`.
-pub fn router(health: Arc<Health>, metrics: Metrics, refresh: Option<ScrapeRefresh>) -> Router {
+pub fn router(health: Arc<Health>, metrics: Metrics) -> Router {
     Router::new()
         .route(
             "/livez",
@@ -146,11 +165,7 @@ pub fn router(health: Arc<Health>, metrics: Metrics, refresh: Option<ScrapeRefre
         .route("/readyz", get(readyz))
         .route("/startupz", get(startupz))
         .route("/metrics", get(metrics_text))
-        .with_state(ProbeState {
-            health,
-            metrics,
-            refresh,
-        })
+        .with_state(ProbeState { health, metrics })
 }
 
 fn probe(status: StatusCode, text: &str, reason: Option<String>) -> Response {
@@ -180,9 +195,6 @@ async fn startupz(State(state): State<ProbeState>) -> Response {
 }
 
 async fn metrics_text(State(state): State<ProbeState>) -> Response {
-    if let Some(refresh) = &state.refresh {
-        refresh().await;
-    }
     (
         [(
             header::CONTENT_TYPE,

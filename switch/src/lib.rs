@@ -8,6 +8,7 @@ pub mod crypto;
 pub mod demo;
 pub mod domain;
 pub mod health;
+pub mod http;
 pub mod iso8583;
 pub mod metrics;
 pub mod net;

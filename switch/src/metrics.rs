@@ -40,6 +40,20 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// One label called `limit`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    /// Which admin rate limit refused: `address`, `token` or `auth_failures`.
+    pub limit: String,
+}
+
+/// One label called `server`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabel {
+    /// Which HTTP server: `admin` or `metrics`.
+    pub server: String,
+}
+
 /// Labels of `switchyard_keys`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KeyLabels {
@@ -111,9 +125,17 @@ pub struct SwitchMetrics {
     pub reversals_held: Gauge,
     /// `switchyard_reversal_holds_total`: 0420 advices ever put on hold.
     pub reversal_holds: Counter,
+    /// `switchyard_admin_rate_limited_total{limit}`: admin requests answered `429`.
+    pub admin_rate_limited: Family<LimitLabel, Counter>,
+    /// `switchyard_http_connections_rejected_total{server}`: HTTP connections closed at accept
+    /// because the server's `max_connections` were open.
+    pub http_connections_rejected: Family<ServerLabel, Counter>,
     /// Backlog label sets set so far, so a destination that emptied drops to zero.
     saf_known: std::sync::Mutex<std::collections::HashSet<SafLabels>>,
 }
+
+/// Request MTIs the switch answers (see `txn::handle_frame`); any other is counted as `other`.
+const KNOWN_MTIS: &[&str] = &["0200", "0220", "0221", "0400", "0420", "0421", "0800"];
 
 /// Seconds buckets for transaction latency: 0.5 ms to 10 s.
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -264,6 +286,18 @@ impl SwitchMetrics {
             "Reversal advices (0420) put on hold in memory because the store refused them",
             reversal_holds.clone(),
         );
+        let admin_rate_limited = Family::<LimitLabel, Counter>::default();
+        registry.register(
+            "switchyard_admin_rate_limited",
+            "Admin API requests refused with 429, by limit (address, token, auth_failures)",
+            admin_rate_limited.clone(),
+        );
+        let http_connections_rejected = Family::<ServerLabel, Counter>::default();
+        registry.register(
+            "switchyard_http_connections_rejected",
+            "HTTP connections closed at accept because max_connections were open, by server (admin, metrics)",
+            http_connections_rejected.clone(),
+        );
         for state in ["connected", "signed_on"] {
             connections
                 .get_or_create(&StateLabel {
@@ -293,6 +327,8 @@ impl SwitchMetrics {
             upstream_up,
             circuit_state,
             standin,
+            admin_rate_limited,
+            http_connections_rejected,
             saf_known: Default::default(),
         }
     }
@@ -334,8 +370,15 @@ impl SwitchMetrics {
         }
     }
 
-    /// Counts one answered message.
+    /// Counts one answered message. An MTI the switch does not handle is counted as `other`:
+    /// the MTI comes from the network, and a label per value sent would let anyone grow the
+    /// series without bound.
     pub fn message(&self, mti: &str, response_code: Option<&str>) {
+        let mti = if KNOWN_MTIS.contains(&mti) {
+            mti
+        } else {
+            "other"
+        };
         self.iso_messages
             .get_or_create(&MessageLabels {
                 mti: mti.to_string(),
@@ -367,6 +410,24 @@ impl SwitchMetrics {
         self.connections_rejected
             .get_or_create(&ReasonLabel {
                 reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts an admin request refused with `429` by `limit`.
+    pub fn admin_rate_limited(&self, limit: &str) {
+        self.admin_rate_limited
+            .get_or_create(&LimitLabel {
+                limit: limit.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts an HTTP connection of `server` closed at accept.
+    pub fn http_connection_rejected(&self, server: &str) {
+        self.http_connections_rejected
+            .get_or_create(&ServerLabel {
+                server: server.to_string(),
             })
             .inc();
     }
@@ -420,5 +481,25 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn unknown_mtis_share_one_label() {
+        let m = SwitchMetrics::new();
+        for i in 0..1000 {
+            m.message(&format!("{:04}", 1000 + i), Some("12"));
+        }
+        m.message("????", None);
+        m.message("0200", Some("00"));
+        let text = m.encode();
+        assert!(
+            text.contains("switchyard_iso_messages_total{mti=\"other\",response_code=\"12\"} 1000"),
+            "{text}"
+        );
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("switchyard_iso_messages_total{"))
+            .count();
+        assert_eq!(series, 3, "{text}");
     }
 }

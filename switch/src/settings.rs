@@ -117,6 +117,24 @@ pub struct AdminSettings {
     pub tokens_file: PathBuf,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Requests per second each client address, and each token, may make (a steady rate;
+    /// `rate_limit_burst` more may come at once). Beyond it: `429` with `Retry-After`.
+    pub rate_limit_per_second: u32,
+    /// Requests a client address or token may make at once before the steady rate applies.
+    pub rate_limit_burst: u32,
+    /// Failed authentications (`401`) a client address may make per minute (as a burst, then
+    /// one per `60 / n` seconds); beyond it every request from that address gets `429` until
+    /// the budget refills, which stops token guessing.
+    pub auth_failures_per_minute: u32,
+    /// A connection that has not sent a request's complete headers within this long is closed
+    /// (also an idle keep-alive connection). Slow clients cannot hold the server.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Longest a request may take, reading its body included; then `503`.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Open connections beyond this are closed at accept.
+    pub max_connections: usize,
 }
 
 impl Default for AdminSettings {
@@ -125,6 +143,12 @@ impl Default for AdminSettings {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             tokens_file: PathBuf::from("/etc/switchyard/tokens"),
             max_body_bytes: 1024 * 1024,
+            rate_limit_per_second: 50,
+            rate_limit_burst: 500,
+            auth_failures_per_minute: 20,
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
+            max_connections: 256,
         }
     }
 }
@@ -135,12 +159,28 @@ impl Default for AdminSettings {
 pub struct MetricsSettings {
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// How often the gauges read from the store (keys, SAF backlog) are recomputed in the
+    /// background; a scrape serves the last values and never queries the database.
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
+    /// As `admin.header_read_timeout`, for this listener.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// As `admin.request_timeout`, for this listener.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Open connections beyond this are closed at accept.
+    pub max_connections: usize,
 }
 
 impl Default for MetricsSettings {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            refresh_interval: Duration::from_secs(15),
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+            max_connections: 64,
         }
     }
 }
@@ -523,6 +563,42 @@ impl Settings {
         if self.iso8583.signon_timeout.is_zero() {
             return Err(SettingsError::Value(
                 "iso8583.signon_timeout must be longer than 0s".into(),
+            ));
+        }
+        let admin = &self.admin;
+        if admin.rate_limit_per_second == 0
+            || admin.rate_limit_burst == 0
+            || admin.auth_failures_per_minute == 0
+        {
+            return Err(SettingsError::Value(
+                "admin.rate_limit_per_second, admin.rate_limit_burst and admin.auth_failures_per_minute must be at least 1"
+                    .into(),
+            ));
+        }
+        for (what, max_connections, timeouts) in [
+            (
+                "admin",
+                admin.max_connections,
+                [admin.header_read_timeout, admin.request_timeout],
+            ),
+            (
+                "metrics",
+                self.metrics.max_connections,
+                [
+                    self.metrics.header_read_timeout,
+                    self.metrics.request_timeout,
+                ],
+            ),
+        ] {
+            if max_connections == 0 || timeouts.iter().any(Duration::is_zero) {
+                return Err(SettingsError::Value(format!(
+                    "{what}.max_connections, {what}.header_read_timeout and {what}.request_timeout must be above zero"
+                )));
+            }
+        }
+        if self.metrics.refresh_interval.is_zero() {
+            return Err(SettingsError::Value(
+                "metrics.refresh_interval must be above zero".into(),
             ));
         }
         if self.saf.batch_size == 0 || self.saf.batch_size > 1000 {

@@ -66,8 +66,18 @@ async fn disconnect_deregisters(backend: Backend) {
     let mut atm = sw.atm("ATM00001").await;
     expect_code(&atm.network("001").await.unwrap(), "00").unwrap();
     drop(atm);
+    // The session leaves the registry before the connection gauges drop (the disconnect is
+    // audited in between): wait for all of them; scrapes are quick since they query nothing.
     for _ in 0..50 {
-        if sample(&sw.metrics().await, "switchyard_terminals_signed_on") == Some(0.0) {
+        let text = sw.metrics().await;
+        if [
+            "switchyard_terminals_signed_on",
+            "switchyard_connections{state=\"signed_on\"}",
+            "switchyard_connections{state=\"connected\"}",
+        ]
+        .iter()
+        .all(|name| sample(&text, name) == Some(0.0))
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

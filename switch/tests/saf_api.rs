@@ -24,7 +24,12 @@ fn advice(key: &str, destination: &str, priority: u8) -> NewAdvice {
 }
 
 async fn saf_admin(backend: Backend) {
-    let Some(sw) = TestSwitch::start(backend).await else {
+    // the SAF gauges are recomputed in the background; often enough here to watch them move
+    let Some(sw) = TestSwitch::start_with(backend, |s| {
+        s.metrics.refresh_interval = Duration::from_millis(50);
+    })
+    .await
+    else {
         return;
     };
     let store = sw.running.ctx.store.clone();
@@ -83,7 +88,16 @@ async fn saf_admin(backend: Backend) {
     assert_eq!(stats["deadLetters"], 1);
     assert_eq!(stats["backlog"], 2);
 
-    let text = sw.metrics().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = sw.metrics().await;
+        if sample(&text, "switchyard_saf_dead_letters") == Some(1.0)
+            || std::time::Instant::now() > deadline
+        {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(sample(&text, "switchyard_saf_dead_letters"), Some(1.0));
     assert_eq!(
         sample(

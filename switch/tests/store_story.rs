@@ -124,7 +124,9 @@ stories!(
     reversal_restores_funds_exactly_once,
     racing_reversals_credit_once,
     reversal_racing_its_original_nets_to_zero,
-    audit_and_idempotency_round_trip,
+    audit_round_trip,
+    idempotency_claims_commit_with_the_write,
+    racing_idempotent_writes_apply_once,
     migration_status_is_current_after_migrate,
     saf_delivers_fifo_within_priority,
     saf_enqueue_is_idempotent,
@@ -1470,7 +1472,7 @@ async fn reversal_racing_its_original_nets_to_zero(store: Store) {
     assert_eq!(balance(&store, &acc).await, 1_000_000);
 }
 
-async fn audit_and_idempotency_round_trip(store: Store) {
+async fn audit_round_trip(store: Store) {
     let before = Utc::now() - chrono::Duration::seconds(1);
     for i in 0..3 {
         store
@@ -1502,49 +1504,137 @@ async fn audit_and_idempotency_round_trip(store: Store) {
             .unwrap()
             .is_empty()
     );
+}
 
-    assert!(
-        store
-            .idempotency_get("key-1", "admin")
-            .await
-            .unwrap()
-            .is_none()
+fn claim(key_mac: &str, request_mac: &str, claim_id: &str) -> IdempotencyClaim {
+    IdempotencyClaim {
+        key_mac: key_mac.into(),
+        request_mac: request_mac.into(),
+        claim_id: claim_id.into(),
+    }
+}
+
+fn new_account(id: &str) -> NewAccount {
+    NewAccount {
+        id: AccountId::new(id).unwrap(),
+        currency: "360".into(),
+        balance: 100,
+        daily_withdrawal_limit: 100,
+    }
+}
+
+async fn account_exists(store: &Store, id: &str) -> bool {
+    store
+        .get_account(&AccountId::new(id).unwrap())
+        .await
+        .unwrap()
+        .is_some()
+}
+
+/// An `Idempotency-Key` claim commits and rolls back with the audited write made under it.
+async fn idempotency_claims_commit_with_the_write(store: Store) {
+    assert!(store.idempotency_get("km-1").await.unwrap().is_none());
+    // A write under a claim inserts the claim in its transaction.
+    let a = claim("km-1", "rm-1", "attempt-a");
+    with_claim(
+        a.clone(),
+        store.create_account(&new_account("IDEM-A"), "admin#1"),
+    )
+    .await
+    .unwrap();
+    let record = store.idempotency_get("km-1").await.unwrap().unwrap();
+    assert_eq!(
+        (record.request_mac.as_str(), record.claim_id.as_str()),
+        ("rm-1", "attempt-a")
     );
-    let first = StoredResponse {
-        request_hash: "h1".into(),
+    assert_eq!(record.answer, None, "claimed, not answered yet");
+    // Another attempt of the same key: its transaction rolls back, its write is not applied.
+    let b = claim("km-1", "rm-1", "attempt-b");
+    let err = with_claim(
+        b.clone(),
+        store.create_account(&new_account("IDEM-B"), "admin#1"),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, StoreError::IdempotencyClaimed), "{err:?}");
+    assert!(!account_exists(&store, "IDEM-B").await);
+    // The claiming attempt's later writes go on (one request, several transactions).
+    with_claim(
+        a.clone(),
+        store.create_account(&new_account("IDEM-A2"), "admin#1"),
+    )
+    .await
+    .unwrap();
+    let answer = StoredAnswer {
         status: 201,
-        body: "{\"id\":\"ATM1\"}".into(),
+        body: "{\"id\":\"IDEM-A\"}".into(),
     };
-    store
-        .idempotency_put("key-1", "admin", &first)
-        .await
-        .unwrap();
-    assert_eq!(
-        store.idempotency_get("key-1", "admin").await.unwrap(),
-        Some(first.clone())
-    );
-    let second = StoredResponse {
-        request_hash: "h2".into(),
-        status: 500,
-        body: "{}".into(),
-    };
-    store
-        .idempotency_put("key-1", "admin", &second)
-        .await
-        .unwrap();
-    assert_eq!(
-        store.idempotency_get("key-1", "admin").await.unwrap(),
-        Some(first),
-        "first response wins"
-    );
+    assert!(store.idempotency_finish(&a, &answer).await.unwrap());
     assert!(
+        !store.idempotency_finish(&b, &answer).await.unwrap(),
+        "only the claiming attempt records the answer"
+    );
+    assert_eq!(
+        store.idempotency_get("km-1").await.unwrap().unwrap().answer,
+        Some(answer.clone())
+    );
+    // A write that fails leaves no claim behind.
+    let c = claim("km-2", "rm-2", "attempt-c");
+    let err = with_claim(
+        c.clone(),
+        store.create_account(&new_account("IDEM-A"), "admin#1"),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
+    assert!(store.idempotency_get("km-2").await.unwrap().is_none());
+    // A write without an audited change is claimed with its answer, afterwards.
+    assert!(store.idempotency_finish(&c, &answer).await.unwrap());
+    assert_eq!(
         store
-            .idempotency_get("key-1", "viewer")
+            .idempotency_get("km-2")
             .await
             .unwrap()
-            .is_none(),
-        "keys are per caller"
+            .unwrap()
+            .claim_id,
+        "attempt-c"
     );
+    // Without a claim in scope nothing is claimed.
+    store
+        .create_account(&new_account("IDEM-PLAIN"), "admin#1")
+        .await
+        .unwrap();
+    assert!(store.idempotency_get("km-3").await.unwrap().is_none());
+}
+
+/// Many attempts of one request at the same instant: exactly one write is applied.
+async fn racing_idempotent_writes_apply_once(store: Store) {
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = claim("km-race", "rm", &format!("attempt-{i}"));
+            with_claim(
+                c,
+                store.create_account(&new_account(&format!("RACE-{i}")), "admin#1"),
+            )
+            .await
+        }));
+    }
+    let mut applied = 0;
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap() {
+            Ok(_) => {
+                applied += 1;
+                assert!(account_exists(&store, &format!("RACE-{i}")).await);
+            }
+            Err(StoreError::IdempotencyClaimed) => {
+                assert!(!account_exists(&store, &format!("RACE-{i}")).await)
+            }
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(applied, 1);
 }
 
 async fn migration_status_is_current_after_migrate(store: Store) {

@@ -51,6 +51,28 @@ pub enum ApiError {
     /// 422: well-formed but invalid (e.g. a key block whose KCV does not match).
     #[error("{0}")]
     Unprocessable(String),
+    /// 409: another attempt of this request (same `Idempotency-Key`) has claimed the key and
+    /// not answered yet (`stale`: for longer than a write takes; presumed lost).
+    #[error("{}", if *stale {
+        "a request with this Idempotency-Key was applied but its answer was not recorded (the switch stopped mid-request); look the result up instead of retrying"
+    } else {
+        "a request with this Idempotency-Key is in progress; retry"
+    })]
+    InProgress {
+        /// Claimed longer ago than any write takes.
+        stale: bool,
+    },
+    /// 429: a rate limit of the admin API; `Retry-After` says when to come back.
+    #[error("too many requests {scope}; retry after {retry_after} s")]
+    TooManyRequests {
+        /// Whose limit, e.g. "from this address".
+        scope: &'static str,
+        /// Whole seconds until a request would be accepted.
+        retry_after: u64,
+    },
+    /// 503: the request took longer than the server's `request_timeout`.
+    #[error("the request took longer than {}s; retry", .0.as_secs_f64())]
+    TimedOut(std::time::Duration),
     /// 503: the store is unavailable; retry later.
     #[error("the switch's database is unavailable; retry later")]
     Unavailable,
@@ -85,6 +107,17 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "unprocessable",
                 "Request refused",
+            ),
+            ApiError::InProgress { .. } => (StatusCode::CONFLICT, "in-progress", "In progress"),
+            ApiError::TooManyRequests { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                "Too many requests",
+            ),
+            ApiError::TimedOut(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                "Request timed out",
             ),
             ApiError::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -127,6 +160,7 @@ impl From<StoreError> for ApiError {
             StoreError::LeaseLost { .. } | StoreError::AdviceState { .. } => {
                 ApiError::Conflict(err.to_string())
             }
+            StoreError::IdempotencyClaimed => ApiError::InProgress { stale: false },
             StoreError::Invalid { what } => ApiError::BadRequest(format!("invalid input: {what}")),
             StoreError::Unavailable(source) => {
                 tracing::warn!(error = %source, "admin request failed: store unavailable");
@@ -149,6 +183,16 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        let retry_after = match &self {
+            ApiError::TooManyRequests { retry_after, .. } => Some(*retry_after),
+            ApiError::InProgress { stale: false } => Some(1),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

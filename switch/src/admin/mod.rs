@@ -1,28 +1,38 @@
 //! The admin REST API (SPEC §5): bearer-token roles, problem+json errors, size-limited bodies
-//! with unknown fields refused, `Idempotency-Key` on writes, an audit record for every write,
-//! and an OpenAPI document generated from the handlers at `/v1/openapi.json`.
+//! with unknown fields refused, `Idempotency-Key` on writes (claimed in the write's own
+//! transaction, kept only as MACs), an audit record for every write and every refused request
+//! (401, 403, failed writes: who, from which address, what), rate limits per client address
+//! and per token (`429` with `Retry-After`), and an OpenAPI document generated from the
+//! handlers at `/v1/openapi.json`.
 
 pub mod auth;
 pub mod error;
 pub mod handlers;
+pub mod limits;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use chrono::Utc;
 use serde::de::DeserializeOwned;
-use sha2::{Digest, Sha256};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::app::SwitchContext;
-use crate::store::{NewAudit, StoredResponse};
+use crate::http::client_addr;
+use crate::store::{
+    CLAIM_STALE_AFTER, IdempotencyClaim, IdempotencyRecord, NewAudit, StoredAnswer, with_claim,
+};
 use auth::{Caller, Role, Tokens};
 use error::ApiError;
+use limits::RateLimits;
 
 /// Shared state of the admin handlers.
 #[derive(Debug, Clone)]
@@ -31,9 +41,24 @@ pub struct AdminState {
     pub ctx: Arc<SwitchContext>,
     /// Valid bearer tokens.
     pub tokens: Arc<Tokens>,
+    /// Per-address and per-token rate limits.
+    pub limits: Arc<RateLimits>,
 }
 
-/// The admin router (served on `[admin] listen`).
+impl AdminState {
+    /// The state for `ctx`, with rate limits from `[admin]`.
+    pub fn new(ctx: Arc<SwitchContext>, tokens: Arc<Tokens>) -> Self {
+        let limits = Arc::new(RateLimits::new(&ctx.settings.admin));
+        Self {
+            ctx,
+            tokens,
+            limits,
+        }
+    }
+}
+
+/// The admin router (served on `[admin] listen` by [`crate::http::serve`], which gives each
+/// request its client address).
 pub fn router(state: AdminState) -> Router {
     let api = Router::new()
         .route(
@@ -78,6 +103,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/openapi.json", get(openapi_json))
         .merge(api)
         .fallback(|| async { ApiError::NotFound("no such endpoint; see /v1/openapi.json".into()) })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            limit_by_address,
+        ))
         .with_state(state)
 }
 
@@ -85,27 +114,75 @@ async fn openapi_json() -> Response {
     axum::Json(ApiDoc::openapi()).into_response()
 }
 
-/// Authenticates every request, refuses writes from viewers, and audits refused writes.
+/// Outermost: the per-address rate limit, and the block of an address that failed to
+/// authenticate too often, before any token is looked at.
+async fn limit_by_address(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    let addr = client_addr(&req);
+    if let Err((limit, err)) = state.limits.check_address(addr.ip()) {
+        state.ctx.metrics.admin_rate_limited(limit);
+        tracing::debug!(%addr, limit, "admin request rate-limited");
+        return err.into_response();
+    }
+    next.run(req).await
+}
+
+/// Authenticates every request, refuses writes from viewers, applies the per-token rate
+/// limit, and audits every refusal: 401 and 403 with who (the token's identity, or
+/// `anonymous`), from which address and what; refused writes likewise.
 async fn authenticate(State(state): State<AdminState>, mut req: Request, next: Next) -> Response {
+    let addr = client_addr(&req);
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
     let token = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(caller) = token.and_then(|t| state.tokens.authenticate(t)) else {
-        tracing::warn!(method = %req.method(), path = %req.uri().path(), "admin request without a valid token");
-        return ApiError::Unauthorized.into_response();
+        .map(|v| v.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")));
+    let caller = token
+        .flatten()
+        .map(str::trim)
+        .and_then(|t| state.tokens.authenticate(t));
+    let Some(caller) = caller else {
+        let reason = match token {
+            None => "no Authorization header",
+            Some(None) => "Authorization is not a bearer token",
+            Some(Some(_)) => "unknown bearer token",
+        };
+        tracing::warn!(%addr, %method, path = %truncated(&path), reason, "admin request without a valid token");
+        let err = ApiError::Unauthorized;
+        audit_refusal(
+            &state,
+            "anonymous",
+            &method,
+            &path,
+            addr,
+            err.status(),
+            reason,
+        )
+        .await;
+        state.limits.auth_failed(addr.ip());
+        return err.into_response();
     };
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
     let is_write = method != Method::GET && method != Method::HEAD;
     if is_write && caller.role != Role::Admin {
         let err = ApiError::Forbidden(format!(
             "role {} may only read; use an admin token to {method} {path}",
             caller.role.as_str()
         ));
-        audit_refusal(&state, &caller, &method, &path, err.status()).await;
+        audit_refusal(
+            &state,
+            &caller.name,
+            &method,
+            &path,
+            addr,
+            err.status(),
+            "read-only role",
+        )
+        .await;
+        return err.into_response();
+    }
+    if let Err(err) = state.limits.check_token(&caller.name) {
+        state.ctx.metrics.admin_rate_limited("token");
+        tracing::debug!(%addr, caller = %caller.name, "admin request rate-limited");
         return err.into_response();
     }
     req.extensions_mut().insert(caller.clone());
@@ -113,38 +190,130 @@ async fn authenticate(State(state): State<AdminState>, mut req: Request, next: N
     // Successful writes are audited by the store in the same transaction as the change; a
     // refused write changes nothing, and is audited here.
     if is_write && (response.status().is_client_error() || response.status().is_server_error()) {
-        audit_refusal(&state, &caller, &method, &path, response.status()).await;
+        audit_refusal(
+            &state,
+            &caller.name,
+            &method,
+            &path,
+            addr,
+            response.status(),
+            "",
+        )
+        .await;
     }
     response
 }
 
+/// At most this much of a request path goes into the audit log and the log lines (an
+/// unauthenticated client chooses it).
+const AUDITED_PATH_CHARS: usize = 256;
+
+fn truncated(path: &str) -> String {
+    path.chars().take(AUDITED_PATH_CHARS).collect()
+}
+
 async fn audit_refusal(
     state: &AdminState,
-    caller: &Caller,
+    actor: &str,
     method: &Method,
     path: &str,
+    addr: SocketAddr,
     status: StatusCode,
+    reason: &str,
 ) {
+    let path = truncated(path);
+    let mut detail = serde_json::json!({ "remoteAddress": addr.to_string() });
+    if !reason.is_empty() {
+        detail["reason"] = reason.into();
+    }
     let entry = NewAudit {
-        actor: caller.name.clone(),
+        actor: actor.to_string(),
         action: format!("{method} {path}"),
-        target: path.to_string(),
+        target: path,
         result: format!("refused: {}", status.as_u16()),
-        detail: serde_json::Value::Null,
+        detail,
     };
     if let Err(err) = state.ctx.store.append_audit(&entry).await {
-        tracing::warn!(error = %err, "failed to audit a refused admin write");
+        tracing::warn!(error = %err, "failed to audit a refused admin request");
+    }
+}
+
+/// What an admin write keeps to recognise a retry of itself: MACs, computed by the HSM under
+/// an LMK-derived key, of the caller and `Idempotency-Key`, and of the request (method, path,
+/// body). Never the key, the body or a plain hash of either.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idempotency {
+    key_mac: String,
+    request_mac: String,
+}
+
+impl Idempotency {
+    /// Reads and checks the `Idempotency-Key` header; `None` without one.
+    fn from_request(
+        state: &AdminState,
+        headers: &HeaderMap,
+        caller: Option<&Caller>,
+        method: &Method,
+        path: &str,
+        body: &[u8],
+    ) -> Result<Option<Self>, ApiError> {
+        let Some(value) = headers.get("idempotency-key") else {
+            return Ok(None);
+        };
+        let key = value
+            .to_str()
+            .ok()
+            .filter(|k| !k.is_empty() && k.len() <= 255)
+            .ok_or_else(|| {
+                ApiError::BadRequest(
+                    "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
+                )
+            })?;
+        let actor = caller.map(|c| c.name.as_str()).unwrap_or("anonymous");
+        let hsm = &state.ctx.hsm;
+        Ok(Some(Self {
+            key_mac: hsm.idempotency_mac(&[b"idempotency-key", actor.as_bytes(), key.as_bytes()]),
+            request_mac: hsm.idempotency_mac(&[
+                b"request",
+                method.as_str().as_bytes(),
+                path.as_bytes(),
+                body,
+            ]),
+        }))
+    }
+}
+
+/// The `Idempotency-Key` of a write without a body (its request is method and path).
+#[derive(Debug)]
+pub struct IdempotencyKey(pub Option<Idempotency>);
+
+impl FromRequestParts<AdminState> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AdminState,
+    ) -> Result<Self, Self::Rejection> {
+        Idempotency::from_request(
+            state,
+            &parts.headers,
+            parts.extensions.get::<Caller>(),
+            &parts.method,
+            parts.uri.path(),
+            b"",
+        )
+        .map(IdempotencyKey)
     }
 }
 
 /// A JSON request body: content type checked, size limited, unknown fields refused (the target
-/// type uses `deny_unknown_fields`), plus a digest of the body for `Idempotency-Key` checks.
+/// type uses `deny_unknown_fields`), plus its `Idempotency-Key`, if any.
 #[derive(Debug)]
 pub struct JsonBody<T> {
     /// The parsed body.
     pub value: T,
-    /// Hex SHA-256 of method, path and body.
-    pub digest: String,
+    /// The request's idempotency record, when it came with an `Idempotency-Key`.
+    pub idempotency: Option<Idempotency>,
 }
 
 impl<T: DeserializeOwned> FromRequest<AdminState> for JsonBody<T> {
@@ -163,90 +332,128 @@ impl<T: DeserializeOwned> FromRequest<AdminState> for JsonBody<T> {
             return Err(ApiError::UnsupportedMediaType);
         }
         let limit = state.ctx.settings.admin.max_body_bytes;
-        let mut hasher = Sha256::new();
-        hasher.update(req.method().as_str().as_bytes());
-        hasher.update(b" ");
-        hasher.update(req.uri().path().as_bytes());
-        hasher.update(b"\n");
-        let bytes = axum::body::to_bytes(req.into_body(), limit)
+        let (parts, body) = req.into_parts();
+        let bytes = axum::body::to_bytes(body, limit)
             .await
             .map_err(|_| ApiError::TooLarge(limit))?;
-        hasher.update(&bytes);
+        let idempotency = Idempotency::from_request(
+            state,
+            &parts.headers,
+            parts.extensions.get::<Caller>(),
+            &parts.method,
+            parts.uri.path(),
+            &bytes,
+        )?;
         let value = serde_json::from_slice(&bytes).map_err(|e| {
             ApiError::BadRequest(format!(
                 "failed to parse the JSON body: {e}; see /v1/openapi.json for the expected shape"
             ))
         })?;
-        Ok(Self {
-            value,
-            digest: hex::encode(hasher.finalize()),
-        })
+        Ok(Self { value, idempotency })
     }
 }
 
-/// Runs a write once per `Idempotency-Key`: a retry with the same key and body gets the stored
-/// answer (and changes nothing); the same key with a different body is refused.
+/// Runs a write once per `Idempotency-Key` (SPEC §5).
+///
+/// The key is claimed in the write's own transaction ([`with_claim`]): a retry with the same
+/// key and request gets the recorded answer with `Idempotent-Replayed: true` and changes
+/// nothing; a retry while the first attempt still runs gets `409` (`in-progress`, with
+/// `Retry-After`), as does a concurrent attempt whose transaction lost the claim (it rolled
+/// back). The same key with a different request is refused with `422`. A failed write whose
+/// claim never committed records nothing (a retry runs it again); one that failed after an
+/// earlier transaction of it committed records the error as its answer.
 pub async fn idempotent<F, Fut>(
     state: &AdminState,
-    caller: &Caller,
-    headers: &HeaderMap,
-    digest: &str,
+    idempotency: Option<&Idempotency>,
     write: F,
 ) -> Result<Response, ApiError>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<(StatusCode, serde_json::Value), ApiError>>,
 {
-    let key = match headers.get("idempotency-key") {
-        None => None,
-        Some(v) => {
-            let key = v
-                .to_str()
-                .ok()
-                .filter(|k| !k.is_empty() && k.len() <= 255)
-                .ok_or_else(|| {
-                    ApiError::BadRequest(
-                        "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
-                    )
-                })?;
-            Some(key.to_string())
-        }
+    let Some(idem) = idempotency else {
+        let (status, body) = write().await?;
+        return Ok((status, axum::Json(body)).into_response());
     };
-    if let Some(key) = &key
-        && let Some(stored) = state.ctx.store.idempotency_get(key, &caller.name).await?
-    {
-        if stored.request_hash != digest {
-            return Err(ApiError::Unprocessable(
-                "this Idempotency-Key was already used with a different request; use a new key"
-                    .into(),
-            ));
+    let store = &state.ctx.store;
+    if let Some(record) = store.idempotency_get(&idem.key_mac).await? {
+        return answer_recorded(idem, record);
+    }
+    let claim = IdempotencyClaim {
+        key_mac: idem.key_mac.clone(),
+        request_mac: idem.request_mac.clone(),
+        claim_id: uuid::Uuid::new_v4().simple().to_string(),
+    };
+    match with_claim(claim.clone(), write()).await {
+        Ok((status, body)) => {
+            let answer = StoredAnswer {
+                status: status.as_u16(),
+                body: body.to_string(),
+            };
+            match store.idempotency_finish(&claim, &answer).await {
+                Ok(true) => {}
+                // Another attempt claimed the key between our look-up and now, and our write
+                // made no audited change: answer as that attempt does.
+                Ok(false) => {
+                    if let Some(record) = store.idempotency_get(&idem.key_mac).await? {
+                        return answer_recorded(idem, record);
+                    }
+                }
+                // The write is done; its answer is still the truth. A retry will be told the
+                // first attempt's answer was not recorded.
+                Err(err) => {
+                    tracing::warn!(error = %err, "failed to record an Idempotency-Key answer")
+                }
+            }
+            Ok((status, axum::Json(body)).into_response())
         }
-        let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
-        let mut response = (
-            status,
-            [(header::CONTENT_TYPE, "application/json")],
-            stored.body,
-        )
-            .into_response();
-        response
-            .headers_mut()
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
-        return Ok(response);
+        Err(err) => match store.idempotency_get(&idem.key_mac).await {
+            Ok(Some(record)) if record.claim_id == claim.claim_id => {
+                // Part of this write committed (with the claim) before a later step failed:
+                // the error is this request's answer, for retries too.
+                let answer = StoredAnswer {
+                    status: err.status().as_u16(),
+                    body: serde_json::to_string(&err.problem()).unwrap_or_default(),
+                };
+                if let Err(e) = store.idempotency_finish(&claim, &answer).await {
+                    tracing::warn!(error = %e, "failed to record an Idempotency-Key answer");
+                }
+                Err(err)
+            }
+            // Another attempt of this request claimed the key (our transaction rolled back).
+            Ok(Some(record)) => answer_recorded(idem, record),
+            _ => Err(err),
+        },
     }
-    let (status, body) = write().await?;
-    if let Some(key) = &key {
-        let stored = StoredResponse {
-            request_hash: digest.to_string(),
-            status: status.as_u16(),
-            body: body.to_string(),
-        };
-        state
-            .ctx
-            .store
-            .idempotency_put(key, &caller.name, &stored)
-            .await?;
+}
+
+/// The answer to an attempt whose key is already claimed.
+fn answer_recorded(idem: &Idempotency, record: IdempotencyRecord) -> Result<Response, ApiError> {
+    if record.request_mac != idem.request_mac {
+        return Err(ApiError::Unprocessable(
+            "this Idempotency-Key was already used with a different request; use a new key".into(),
+        ));
     }
-    Ok((status, axum::Json(body)).into_response())
+    let Some(answer) = record.answer else {
+        let age = (Utc::now() - record.created_at)
+            .to_std()
+            .unwrap_or_default();
+        return Err(ApiError::InProgress {
+            stale: age > CLAIM_STALE_AFTER,
+        });
+    };
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
+    let content_type = if status.is_success() {
+        "application/json"
+    } else {
+        "application/problem+json"
+    };
+    let mut response =
+        (status, [(header::CONTENT_TYPE, content_type)], answer.body).into_response();
+    response
+        .headers_mut()
+        .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    Ok(response)
 }
 
 struct BearerAuth;

@@ -197,6 +197,12 @@ pub trait Hsm: Send + Sync + fmt::Debug {
 
     /// Opens what [`Hsm::seal_card_data`] sealed with the same `context`.
     fn open_card_data(&self, context: &str, sealed: &str) -> Result<Zeroizing<String>, HsmError>;
+
+    /// A keyed MAC (AES-CMAC, 32 lower-case hex characters) of `parts` under a key derived from
+    /// the LMK for idempotency records: what the admin API keeps of an `Idempotency-Key` and of
+    /// the request it came with, so a stored record cannot be brute-forced back to a PAN or PIN
+    /// in the body. Each part is length-prefixed, so no two lists of parts MAC alike.
+    fn idempotency_mac(&self, parts: &[&[u8]]) -> String;
 }
 
 /// The software HSM: holds only keys derived from the LMK (the LMK itself is dropped once they
@@ -206,6 +212,7 @@ pub struct SoftHsm {
     pvk: CmacKey,
     pan_key: CmacKey,
     data_key: ClearKey,
+    idempotency_key: CmacKey,
     kek: Option<Tr31Kbpk>,
 }
 
@@ -220,6 +227,7 @@ impl SoftHsm {
             pvk: CmacKey::new(&derived.pvk),
             pan_key: CmacKey::new(&derived.pan_key),
             data_key: derived.data_key,
+            idempotency_key: CmacKey::new(&derived.idempotency_key),
             kek: kek.map(|k| Tr31Kbpk::new(k.key())),
         }
     }
@@ -446,7 +454,22 @@ impl Hsm for SoftHsm {
             .map(|s| Zeroizing::new(s.to_string()))
             .map_err(|_| HsmError::SealedData)
     }
+
+    fn idempotency_mac(&self, parts: &[&[u8]]) -> String {
+        let mut framed = Vec::with_capacity(parts.iter().map(|p| p.len() + 8).sum());
+        for part in parts {
+            framed.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            framed.extend_from_slice(part);
+        }
+        hex::encode(
+            self.idempotency_key
+                .compute(&[IDEMPOTENCY_DOMAIN, framed.as_slice()]),
+        )
+    }
 }
+
+/// Domain of every idempotency MAC (the derived key has no other use; this is belt and braces).
+const IDEMPOTENCY_DOMAIN: &[u8] = b"switchyard-idempotency-v1\x00";
 
 /// Associated data of every sealed value: the purpose, then the caller's context.
 const SEAL_DOMAIN: &[u8] = b"switchyard-card-data-v1";
@@ -737,6 +760,25 @@ mod tests {
             acquirer.import_under_tmk(&acquirer_tmk, KeyType::Tpk, &block, &kcv),
             Err(HsmError::WrongKeyType { .. })
         ));
+    }
+
+    #[test]
+    fn idempotency_macs_are_keyed_framed_and_not_a_plain_hash() {
+        use sha2::{Digest, Sha256};
+        let hsm = hsm();
+        let body = br#"{"pan":"6011000000000004","pin":"1234"}"#;
+        let mac = hsm.idempotency_mac(&[b"POST", b"/v1/cards", body]);
+        assert_eq!(mac.len(), 32);
+        assert_eq!(mac, hsm.idempotency_mac(&[b"POST", b"/v1/cards", body]));
+        // framing: moving a byte between parts changes the MAC
+        assert_ne!(mac, hsm.idempotency_mac(&[b"POS", b"T/v1/cards", body]));
+        // another LMK, another MAC
+        let other = SoftHsm::new(Lmk::from_hex(&LMK.replace('0', "9")).unwrap(), None);
+        assert_ne!(mac, other.idempotency_mac(&[b"POST", b"/v1/cards", body]));
+        // not the PAN token key either
+        assert!(!hsm.pan_token("6011000000000004").contains(&mac));
+        let plain = hex::encode(Sha256::digest(body));
+        assert!(!plain.starts_with(&mac));
     }
 
     #[test]

@@ -334,6 +334,7 @@ impl Lmk {
             pvk: derive(LABEL_PVK),
             pan_key: derive(LABEL_PAN),
             data_key: derive(LABEL_DATA),
+            idempotency_key: derive(LABEL_IDEMPOTENCY),
         }
     }
 }
@@ -342,6 +343,7 @@ const LABEL_KBPK: &[u8] = b"key-block protection key";
 const LABEL_PVK: &[u8] = b"PIN verification key";
 const LABEL_PAN: &[u8] = b"PAN token key";
 const LABEL_DATA: &[u8] = b"card data at rest key";
+const LABEL_IDEMPOTENCY: &[u8] = b"idempotency record key";
 
 impl fmt::Debug for Lmk {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -359,6 +361,8 @@ pub(crate) struct LmkDerivedKeys {
     pub(crate) pan_key: ClearKey,
     /// AES-SIV key (two AES-128 halves) for card data kept at rest.
     pub(crate) data_key: ClearKey,
+    /// CMAC key of what the admin API keeps to recognise an `Idempotency-Key` retry.
+    pub(crate) idempotency_key: ClearKey,
 }
 
 /// The key-exchange key under which TMKs arrive as TR-31 blocks (SPEC §4, `POST /v1/terminals`).

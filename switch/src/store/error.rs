@@ -56,6 +56,10 @@ pub enum StoreError {
         /// 500000 of station ACQ001". No card data.
         what: String,
     },
+    /// Another attempt of the same admin request (same `Idempotency-Key`) claimed the key first;
+    /// this attempt's transaction was rolled back and changed nothing.
+    #[error("failed to claim the Idempotency-Key: another attempt of this request claimed it")]
+    IdempotencyClaimed,
     /// The database URL or options could not be used (the URL itself is never repeated here).
     #[error("failed to configure the database connection: {what}")]
     Config {

@@ -5,6 +5,9 @@
 //! Every mutating call is one database transaction. SQLite serializes writers (`BEGIN
 //! IMMEDIATE`, WAL, busy timeout); PostgreSQL locks the rows a decision depends on (`FOR UPDATE`),
 //! so the rules below see a stable picture on both.
+//!
+//! Admin writes run under an `Idempotency-Key` claim ([`with_claim`]); every audit insert made
+//! inside one also inserts the claim, in the same transaction (see `idempotency.rs`).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -18,12 +21,14 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use crate::domain::{KeyState, KeyType, ResponseCode, TerminalId};
 
 mod error;
+mod idempotency;
 mod models;
 mod postgres;
 mod saf;
 mod sqlite;
 
 pub use error::StoreError;
+pub use idempotency::{CLAIM_STALE_AFTER, with_claim};
 pub use models::*;
 pub use postgres::PostgresStore;
 pub use saf::{
@@ -218,20 +223,18 @@ pub trait Database: Send + Sync + std::fmt::Debug {
         since: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<AuditRecord>, StoreError>;
-    /// The stored response for an admin `Idempotency-Key` of this actor.
-    async fn idempotency_get(
+    /// What is recorded for an admin `Idempotency-Key`, by its MAC.
+    async fn idempotency_get(&self, key_mac: &str)
+    -> Result<Option<IdempotencyRecord>, StoreError>;
+    /// Records the answer of the attempt holding `claim` (its claim committed with its write).
+    /// When that attempt made no audited write, so nothing claimed the key, records claim and
+    /// answer together now, unless another attempt claimed the key meanwhile. Returns whether
+    /// the answer was recorded.
+    async fn idempotency_finish(
         &self,
-        key: &str,
-        actor: &str,
-    ) -> Result<Option<StoredResponse>, StoreError>;
-    /// Stores the first response for an `Idempotency-Key`; a later put for the same key keeps
-    /// the first one.
-    async fn idempotency_put(
-        &self,
-        key: &str,
-        actor: &str,
-        r: &StoredResponse,
-    ) -> Result<(), StoreError>;
+        claim: &IdempotencyClaim,
+        answer: &StoredAnswer,
+    ) -> Result<bool, StoreError>;
 
     /// Queues an advice for an upstream. A second enqueue with the same idempotency key stores
     /// nothing and answers `AlreadyQueued` with the first advice's id, whatever its status.
@@ -351,6 +354,11 @@ const SQLITE_MIGRATIONS: &[EmbeddedMigration] = &[
         sql: include_str!("../../../migrations/sqlite/20261130000100_accepted_sign_ons.sql"),
     },
     EmbeddedMigration {
+        version: 20261130020000,
+        description: "idempotency_claims",
+        sql: include_str!("../../../migrations/sqlite/20261130020000_idempotency_claims.sql"),
+    },
+    EmbeddedMigration {
         version: 20261130030000,
         description: "audit_append_only",
         sql: include_str!("../../../migrations/sqlite/20261130030000_audit_append_only.sql"),
@@ -388,6 +396,11 @@ const POSTGRES_MIGRATIONS: &[EmbeddedMigration] = &[
         version: 20261130000100,
         description: "accepted_sign_ons",
         sql: include_str!("../../../migrations/postgres/20261130000100_accepted_sign_ons.sql"),
+    },
+    EmbeddedMigration {
+        version: 20261130020000,
+        description: "idempotency_claims",
+        sql: include_str!("../../../migrations/postgres/20261130020000_idempotency_claims.sql"),
     },
     EmbeddedMigration {
         version: 20261130030000,

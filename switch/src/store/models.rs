@@ -789,15 +789,39 @@ pub struct AuditRecord {
     pub detail: serde_json::Value,
 }
 
-/// The first response given to an admin `Idempotency-Key`.
+/// An admin write's claim on its `Idempotency-Key`, inserted in the write's own transaction
+/// (see [`crate::store::with_claim`]). Only MACs are kept: `key_mac` of the caller and the key,
+/// `request_mac` of method, path and body, both under an LMK-derived key inside the HSM.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredResponse {
-    /// Hash of the request body; a retry with another body is refused by the API.
-    pub request_hash: String,
+pub struct IdempotencyClaim {
+    /// MAC of the caller's identity and the `Idempotency-Key` (the record's primary key).
+    pub key_mac: String,
+    /// MAC of the request; a retry whose MAC differs is refused.
+    pub request_mac: String,
+    /// Random id of this attempt, so an attempt recognises its own claim.
+    pub claim_id: String,
+}
+
+/// The answer recorded for an `Idempotency-Key`, replayed to retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAnswer {
     /// HTTP status.
     pub status: u16,
-    /// Response body.
+    /// Response body (JSON; a problem document for an error answer).
     pub body: String,
+}
+
+/// What the store knows of an `Idempotency-Key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    /// The request it was claimed for (MAC).
+    pub request_mac: String,
+    /// The attempt that claimed it.
+    pub claim_id: String,
+    /// The answer, once the attempt finished; `None` while it runs.
+    pub answer: Option<StoredAnswer>,
+    /// When it was claimed.
+    pub created_at: DateTime<Utc>,
 }
 
 #[cfg(test)]

@@ -334,11 +334,44 @@ fn check_holder(a: &Advice, holder: &str) -> Result<(), StoreError> {
 // ---------------------------------------------------------------------------------------------
 // statements used inside transactions
 
+/// Inserts the `Idempotency-Key` claim of the admin write running on this task, if any, in the
+/// transaction `conn` is in (see `idempotency.rs`). `IdempotencyClaimed` when another attempt
+/// holds the key: the caller's transaction then rolls back.
+async fn claim_in(conn: &mut PgConnection, at: DateTime<Utc>) -> Result<(), StoreError> {
+    let Some(claim) = idempotency::current_claim() else {
+        return Ok(());
+    };
+    let done = sqlx::query(
+        "INSERT INTO idempotency_claims (key_mac, request_mac, claim_id, created_at) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT (key_mac) DO NOTHING",
+    )
+    .bind(&claim.key_mac)
+    .bind(&claim.request_mac)
+    .bind(&claim.claim_id)
+    .bind(enc(at))
+    .execute(&mut *conn)
+    .await?;
+    if done.rows_affected() == 1 {
+        return Ok(());
+    }
+    let holder: Option<String> =
+        sqlx::query_scalar("SELECT claim_id FROM idempotency_claims WHERE key_mac = $1")
+            .bind(&claim.key_mac)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if holder.as_deref() == Some(claim.claim_id.as_str()) {
+        Ok(())
+    } else {
+        Err(StoreError::IdempotencyClaimed)
+    }
+}
+
 async fn write_audit(
     conn: &mut PgConnection,
     at: DateTime<Utc>,
     e: &NewAudit,
 ) -> Result<(), StoreError> {
+    claim_in(conn, at).await?;
     sqlx::query(
         "INSERT INTO audit (at, actor, action, target, result, detail) \
          VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
@@ -1774,6 +1807,13 @@ impl Database for PostgresStore {
     }
 
     async fn append_audit(&self, e: &NewAudit) -> Result<(), StoreError> {
+        if idempotency::current_claim().is_some() {
+            // the claim and the audit record commit together
+            let mut tx = self.begin().await?;
+            write_audit(&mut tx, micros(Utc::now()), e).await?;
+            tx.commit().await?;
+            return Ok(());
+        }
         let mut conn = self.pool.acquire().await?;
         write_audit(&mut conn, micros(Utc::now()), e).await
     }
@@ -1799,47 +1839,73 @@ impl Database for PostgresStore {
 
     async fn idempotency_get(
         &self,
-        key: &str,
-        actor: &str,
-    ) -> Result<Option<StoredResponse>, StoreError> {
+        key_mac: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
         let row = sqlx::query(
-            "SELECT request_hash, status, body FROM idempotency WHERE key = $1 AND actor = $2",
+            "SELECT request_mac, claim_id, status, body, created_at FROM idempotency_claims \
+             WHERE key_mac = $1",
         )
-        .bind(key)
-        .bind(actor)
+        .bind(key_mac)
         .fetch_optional(&self.pool)
         .await?;
         row.map(|r| {
-            let status: i32 = r.try_get("status")?;
-            Ok(StoredResponse {
-                request_hash: r.try_get("request_hash")?,
-                status: u16::try_from(status)
-                    .map_err(|_| StoreError::corrupt("idempotency.status"))?,
-                body: r.try_get("body")?,
+            let status: Option<i32> = r.try_get("status")?;
+            let body: Option<String> = r.try_get("body")?;
+            let answer = match (status, body) {
+                (Some(status), Some(body)) => Some(StoredAnswer {
+                    status: u16::try_from(status)
+                        .map_err(|_| StoreError::corrupt("idempotency_claims.status"))?,
+                    body,
+                }),
+                _ => None,
+            };
+            Ok(IdempotencyRecord {
+                request_mac: r.try_get("request_mac")?,
+                claim_id: r.try_get("claim_id")?,
+                answer,
+                created_at: ts(&r, "created_at")?,
             })
         })
         .transpose()
     }
 
-    async fn idempotency_put(
+    async fn idempotency_finish(
         &self,
-        key: &str,
-        actor: &str,
-        r: &StoredResponse,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO idempotency (key, actor, request_hash, status, body, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (key, actor) DO NOTHING",
+        claim: &IdempotencyClaim,
+        answer: &StoredAnswer,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE idempotency_claims SET status = $1, body = $2 \
+             WHERE key_mac = $3 AND claim_id = $4 AND status IS NULL",
         )
-        .bind(key)
-        .bind(actor)
-        .bind(&r.request_hash)
-        .bind(i32::from(r.status))
-        .bind(&r.body)
-        .bind(enc(micros(Utc::now())))
-        .execute(&self.pool)
+        .bind(i32::from(answer.status))
+        .bind(&answer.body)
+        .bind(&claim.key_mac)
+        .bind(&claim.claim_id)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        let recorded = if updated.rows_affected() == 1 {
+            true
+        } else {
+            sqlx::query(
+                "INSERT INTO idempotency_claims \
+                 (key_mac, request_mac, claim_id, status, body, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (key_mac) DO NOTHING",
+            )
+            .bind(&claim.key_mac)
+            .bind(&claim.request_mac)
+            .bind(&claim.claim_id)
+            .bind(i32::from(answer.status))
+            .bind(&answer.body)
+            .bind(enc(micros(Utc::now())))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1
+        };
+        tx.commit().await?;
+        Ok(recorded)
     }
 
     async fn saf_enqueue(&self, a: &NewAdvice) -> Result<EnqueueOutcome, StoreError> {

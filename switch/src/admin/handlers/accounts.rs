@@ -2,7 +2,7 @@
 
 use axum::Extension;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -63,7 +63,6 @@ impl From<&Account> for AccountView {
 pub async fn create(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
-    headers: HeaderMap,
     body: JsonBody<CreateAccount>,
 ) -> Result<Response, ApiError> {
     let req = body.value;
@@ -78,7 +77,7 @@ pub async fn create(
             "balance and dailyWithdrawalLimit must not be negative".into(),
         ));
     }
-    idempotent(&state, &caller, &headers, &body.digest, || async {
+    idempotent(&state, body.idempotency.as_ref(), || async {
         let account = state
             .ctx
             .store

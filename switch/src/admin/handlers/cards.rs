@@ -2,7 +2,7 @@
 
 use axum::Extension;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -115,7 +115,6 @@ fn clear_pin(pin: &str) -> Result<ClearPin, ApiError> {
 pub async fn create(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
-    headers: HeaderMap,
     body: JsonBody<CreateCard>,
 ) -> Result<Response, ApiError> {
     let req = body.value;
@@ -135,7 +134,7 @@ pub async fn create(
             "upstream {upstream:?} is not configured on this switch"
         )));
     }
-    idempotent(&state, &caller, &headers, &body.digest, || async {
+    idempotent(&state, body.idempotency.as_ref(), || async {
         let pvv = state.ctx.hsm.make_pvv(&req.pan, &pin).map_err(|e| {
             ApiError::Unprocessable(format!("failed to derive the PIN verification value: {e}"))
         })?;
@@ -201,7 +200,6 @@ impl std::fmt::Debug for PinReset {
 pub async fn pin_reset(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
-    headers: HeaderMap,
     Path(id): Path<String>,
     body: JsonBody<PinReset>,
 ) -> Result<Response, ApiError> {
@@ -209,7 +207,7 @@ pub async fn pin_reset(
     let req = body.value;
     validate_pan(&req.pan)?;
     let pin = clear_pin(&req.pin)?;
-    idempotent(&state, &caller, &headers, &body.digest, || async {
+    idempotent(&state, body.idempotency.as_ref(), || async {
         let card = state
             .ctx
             .store

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::Extension;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 use super::parse_id;
 use crate::admin::auth::Caller;
 use crate::admin::error::{ApiError, Problem};
-use crate::admin::{AdminState, JsonBody, idempotent};
+use crate::admin::{AdminState, IdempotencyKey, JsonBody, idempotent};
 use crate::domain::{KeyType, TerminalId};
 use crate::store::{Activation, KeyId, KeyRecord, KeyTransition, RotationId, TerminalSelector};
 use crate::txn::keys::{RotationError, rotate_terminal, start_fleet_rotation};
@@ -110,7 +110,8 @@ pub async fn rotate(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
     Path((tid, kt)): Path<(String, String)>,
-) -> Result<axum::Json<RotateResult>, ApiError> {
+    IdempotencyKey(idem): IdempotencyKey,
+) -> Result<Response, ApiError> {
     let id = registered(&state, &tid).await?;
     let kt = parse_id(&kt, |s| s.parse::<KeyType>())?;
     if kt == KeyType::Tmk {
@@ -119,11 +120,26 @@ pub async fn rotate(
                 .into(),
         ));
     }
-    let (key, pushed) = rotate_terminal(&state.ctx, &id, kt, &caller.name).await?;
-    Ok(axum::Json(RotateResult {
-        key: KeyView::from(&key),
-        pushed,
-    }))
+    idempotent(&state, idem.as_ref(), || async {
+        let (key, pushed) = rotate_terminal(&state.ctx, &id, kt, &caller.name).await?;
+        json_answer(
+            StatusCode::OK,
+            RotateResult {
+                key: KeyView::from(&key),
+                pushed,
+            },
+        )
+    })
+    .await
+}
+
+/// A write's answer as [`idempotent`] records it.
+fn json_answer(
+    status: StatusCode,
+    body: impl Serialize,
+) -> Result<(StatusCode, serde_json::Value), ApiError> {
+    let body = serde_json::to_value(body).map_err(|_| ApiError::Internal)?;
+    Ok((status, body))
 }
 
 async fn transition(
@@ -131,20 +147,24 @@ async fn transition(
     caller: &Caller,
     id: &str,
     to: KeyTransition,
-) -> Result<axum::Json<KeyView>, ApiError> {
+    idem: Option<&crate::admin::Idempotency>,
+) -> Result<Response, ApiError> {
     let id = parse_id(id, |s| KeyId::new(s))?;
-    let key = state
-        .ctx
-        .store
-        .transition_key(
-            &id,
-            to,
-            state.ctx.settings.keys.grace,
-            &caller.name,
-            Utc::now(),
-        )
-        .await?;
-    Ok(axum::Json(KeyView::from(&key)))
+    idempotent(state, idem, || async {
+        let key = state
+            .ctx
+            .store
+            .transition_key(
+                &id,
+                to,
+                state.ctx.settings.keys.grace,
+                &caller.name,
+                Utc::now(),
+            )
+            .await?;
+        json_answer(StatusCode::OK, KeyView::from(&key))
+    })
+    .await
 }
 
 /// PENDING → ACTIVE (the previous ACTIVE key expires with the grace window).
@@ -154,8 +174,9 @@ pub async fn activate(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Result<axum::Json<KeyView>, ApiError> {
-    transition(&state, &caller, &id, KeyTransition::Activate).await
+    IdempotencyKey(idem): IdempotencyKey,
+) -> Result<Response, ApiError> {
+    transition(&state, &caller, &id, KeyTransition::Activate, idem.as_ref()).await
 }
 
 /// ACTIVE or PENDING → EXPIRED (an ACTIVE key keeps verifying for the grace window).
@@ -165,8 +186,9 @@ pub async fn expire(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Result<axum::Json<KeyView>, ApiError> {
-    transition(&state, &caller, &id, KeyTransition::Expire).await
+    IdempotencyKey(idem): IdempotencyKey,
+) -> Result<Response, ApiError> {
+    transition(&state, &caller, &id, KeyTransition::Expire, idem.as_ref()).await
 }
 
 /// Any state → REVOKED, at once and without grace (a compromised key).
@@ -176,8 +198,9 @@ pub async fn revoke(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Result<axum::Json<KeyView>, ApiError> {
-    transition(&state, &caller, &id, KeyTransition::Revoke).await
+    IdempotencyKey(idem): IdempotencyKey,
+) -> Result<Response, ApiError> {
+    transition(&state, &caller, &id, KeyTransition::Revoke, idem.as_ref()).await
 }
 
 /// Starts a fleet rotation.
@@ -251,7 +274,6 @@ fn parse_selector(value: &serde_json::Value) -> Result<TerminalSelector, ApiErro
 pub async fn create_rotation(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
-    headers: HeaderMap,
     body: JsonBody<CreateRotation>,
 ) -> Result<Response, ApiError> {
     let req = body.value;
@@ -291,7 +313,7 @@ pub async fn create_rotation(
             "maxConcurrent must be 1 to 10000".into(),
         ));
     }
-    idempotent(&state, &caller, &headers, &body.digest, || async {
+    idempotent(&state, body.idempotency.as_ref(), || async {
         let (id, terminals) = start_fleet_rotation(
             state.ctx.clone(),
             kt,
@@ -388,20 +410,27 @@ pub async fn expire_previous(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Result<axum::Json<ExpirePreviousResult>, ApiError> {
+    IdempotencyKey(idem): IdempotencyKey,
+) -> Result<Response, ApiError> {
     let id = parse_id(&id, |s| RotationId::new(s))?;
     if state.ctx.store.rotation_totals(&id).await?.is_none() {
         return Err(ApiError::NotFound(format!("rotation {id} does not exist")));
     }
-    let expired = state
-        .ctx
-        .store
-        .expire_previous(&id, &caller.name, Utc::now())
-        .await?;
-    Ok(axum::Json(ExpirePreviousResult {
-        id: id.to_string(),
-        expired,
-    }))
+    idempotent(&state, idem.as_ref(), || async {
+        let expired = state
+            .ctx
+            .store
+            .expire_previous(&id, &caller.name, Utc::now())
+            .await?;
+        json_answer(
+            StatusCode::OK,
+            ExpirePreviousResult {
+                id: id.to_string(),
+                expired,
+            },
+        )
+    })
+    .await
 }
 
 impl From<RotationError> for ApiError {

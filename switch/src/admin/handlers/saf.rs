@@ -4,13 +4,15 @@
 
 use axum::Extension;
 use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::admin::AdminState;
 use crate::admin::auth::Caller;
 use crate::admin::error::{ApiError, Problem};
+use crate::admin::{AdminState, Idempotency, IdempotencyKey, idempotent};
 use crate::domain::mask_pan;
 use crate::store::{Advice, AdviceId, AdviceStatus, Page, SafFilter};
 
@@ -233,7 +235,8 @@ async fn repair(
     caller: &Caller,
     id: &str,
     action: Repair,
-) -> Result<axum::Json<AdviceView>, ApiError> {
+    idem: Option<&Idempotency>,
+) -> Result<Response, ApiError> {
     let id = advice_id(id)?;
     let store = &state.ctx.store;
     if store.saf_get(id).await?.is_none() {
@@ -242,13 +245,18 @@ async fn repair(
             id.0
         )));
     }
-    let (actor, now) = (caller.name.as_str(), Utc::now());
-    let advice = match action {
-        Repair::Retry => store.saf_retry(id, actor, now).await?,
-        Repair::Cancel => store.saf_cancel(id, actor, now).await?,
-        Repair::Requeue => store.saf_requeue_dead_letter(id, actor, now).await?,
-    };
-    Ok(axum::Json(AdviceView::from(&advice)))
+    idempotent(state, idem, || async {
+        let (actor, now) = (caller.name.as_str(), Utc::now());
+        let advice = match action {
+            Repair::Retry => store.saf_retry(id, actor, now).await?,
+            Repair::Cancel => store.saf_cancel(id, actor, now).await?,
+            Repair::Requeue => store.saf_requeue_dead_letter(id, actor, now).await?,
+        };
+        let body =
+            serde_json::to_value(AdviceView::from(&advice)).map_err(|_| ApiError::Internal)?;
+        Ok((StatusCode::OK, body))
+    })
+    .await
 }
 
 /// Makes a queued advice due now.
@@ -258,8 +266,9 @@ pub async fn retry(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Result<axum::Json<AdviceView>, ApiError> {
-    repair(&state, &caller, &id, Repair::Retry).await
+    IdempotencyKey(idem): IdempotencyKey,
+) -> Result<Response, ApiError> {
+    repair(&state, &caller, &id, Repair::Retry, idem.as_ref()).await
 }
 
 /// Withdraws a queued or dead-lettered advice for good (not while a drainer holds it).
@@ -269,8 +278,9 @@ pub async fn cancel(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Result<axum::Json<AdviceView>, ApiError> {
-    repair(&state, &caller, &id, Repair::Cancel).await
+    IdempotencyKey(idem): IdempotencyKey,
+) -> Result<Response, ApiError> {
+    repair(&state, &caller, &id, Repair::Cancel, idem.as_ref()).await
 }
 
 /// Puts a dead letter back in the queue with a fresh attempt budget.
@@ -280,8 +290,9 @@ pub async fn requeue(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Result<axum::Json<AdviceView>, ApiError> {
-    repair(&state, &caller, &id, Repair::Requeue).await
+    IdempotencyKey(idem): IdempotencyKey,
+) -> Result<Response, ApiError> {
+    repair(&state, &caller, &id, Repair::Requeue, idem.as_ref()).await
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use axum::Extension;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -12,7 +12,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::parse_id;
 use crate::admin::auth::Caller;
 use crate::admin::error::{ApiError, Problem};
-use crate::admin::{AdminState, JsonBody, idempotent};
+use crate::admin::{AdminState, IdempotencyKey, JsonBody, idempotent};
 use crate::domain::{KeyState, KeyType, TerminalId};
 use crate::store::{NewAudit, NewKey, NewTerminal, Page, Terminal, TerminalKind};
 
@@ -107,7 +107,6 @@ fn view(state: &AdminState, t: &Terminal) -> TerminalView {
 pub async fn create(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
-    headers: HeaderMap,
     body: JsonBody<CreateTerminal>,
 ) -> Result<Response, ApiError> {
     let req = body.value;
@@ -126,7 +125,7 @@ pub async fn create(
             "group must be 1 to 64 characters".into(),
         ));
     }
-    idempotent(&state, &caller, &headers, &body.digest, || async {
+    idempotent(&state, body.idempotency.as_ref(), || async {
         let kcv = parse_id(&req.tmk.kcv, |s| s.parse::<crate::crypto::KeyCheckValue>())?;
         let (wrapped, _) = state
             .ctx
@@ -235,32 +234,38 @@ pub async fn sign_off(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
     Path(tid): Path<String>,
-) -> Result<axum::Json<SignOffResult>, ApiError> {
+    IdempotencyKey(idem): IdempotencyKey,
+) -> Result<Response, ApiError> {
     let id = parse_id(&tid, |s| TerminalId::new(s))?;
     if state.ctx.store.get_terminal(&id).await?.is_none() {
         return Err(ApiError::NotFound(format!(
             "terminal {id} is not registered"
         )));
     }
-    let was_signed_on = state.ctx.sessions.force_sign_off(&id);
-    state
-        .ctx
-        .store
-        .append_audit(&NewAudit {
-            actor: caller.name.clone(),
-            action: "terminal.sign-off".into(),
-            target: id.to_string(),
-            result: if was_signed_on {
-                "signed off"
-            } else {
-                "was not signed on"
-            }
-            .into(),
-            detail: serde_json::Value::Null,
+    idempotent(&state, idem.as_ref(), || async {
+        let was_signed_on = state.ctx.sessions.force_sign_off(&id);
+        state
+            .ctx
+            .store
+            .append_audit(&NewAudit {
+                actor: caller.name.clone(),
+                action: "terminal.sign-off".into(),
+                target: id.to_string(),
+                result: if was_signed_on {
+                    "signed off"
+                } else {
+                    "was not signed on"
+                }
+                .into(),
+                detail: serde_json::Value::Null,
+            })
+            .await?;
+        let body = serde_json::to_value(SignOffResult {
+            id: id.to_string(),
+            was_signed_on,
         })
-        .await?;
-    Ok(axum::Json(SignOffResult {
-        id: id.to_string(),
-        was_signed_on,
-    }))
+        .map_err(|_| ApiError::Internal)?;
+        Ok((StatusCode::OK, body))
+    })
+    .await
 }
