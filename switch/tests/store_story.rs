@@ -119,6 +119,7 @@ stories!(
     fleet_rotation_of_ten_thousand_terminals,
     accounts_and_cards,
     three_wrong_pins_block_until_reset,
+    pin_tries_are_reserved_atomically,
     authorize_applies_ledger_rules,
     concurrent_withdrawals_never_overdraw,
     reversal_restores_funds_exactly_once,
@@ -168,7 +169,7 @@ fn new_key(terminal: &TerminalId, kt: KeyType, state: KeyState) -> NewKey {
         terminal_id: terminal.clone(),
         key_type: kt,
         state,
-        wrapped: WrappedKey(format!("WRAPPED-{}", uuid::Uuid::new_v4().simple())),
+        wrapped: WrappedKey::new(format!("WRAPPED-{}", uuid::Uuid::new_v4().simple())),
         kcv: "1A2B3C".into(),
         rotation_id: None,
         grace_seconds: 300,
@@ -207,6 +208,7 @@ fn withdrawal(acc: &AccountId, terminal: &str, stan: u32, amount: i64) -> AuthRe
         issuer_answer: None,
         force_post: false,
         upstream_ref: None,
+        pin_try: None,
     }
 }
 
@@ -995,12 +997,12 @@ async fn accounts_and_cards(store: Store) {
     );
 }
 
-async fn three_wrong_pins_block_until_reset(store: Store) {
-    let acc = account(&store, "ACC-1", 1000, 1000).await;
-    let card = store
+async fn pin_card(store: &Store, acc: &str, token: &str) -> Card {
+    let acc = account(store, acc, 1000, 1000).await;
+    store
         .create_card(
             &NewCard {
-                pan_token: "abcd".into(),
+                pan_token: token.into(),
                 last4: "1234".into(),
                 expiry: "2812".into(),
                 account_id: acc,
@@ -1010,32 +1012,65 @@ async fn three_wrong_pins_block_until_reset(store: Store) {
             "admin",
         )
         .await
-        .unwrap();
-    assert_eq!(store.record_pin_failure(&card.id).await.unwrap(), 1);
-    assert_eq!(store.record_pin_failure(&card.id).await.unwrap(), 2);
-    store.clear_pin_failures(&card.id).await.unwrap();
-    assert_eq!(
-        store.get_card(&card.id).await.unwrap().unwrap().pin_tries,
-        0,
-        "a good PIN ends the run"
-    );
+        .unwrap()
+}
 
-    // concurrent wrong PINs are all counted
-    let mut tasks = Vec::new();
-    for _ in 0..3 {
-        let (store, id) = (Arc::clone(&store), card.id.clone());
-        tasks.push(tokio::spawn(async move {
-            store.record_pin_failure(&id).await.unwrap()
-        }));
+/// A balance inquiry whose PIN was checked under a reserved try.
+fn pin_checked(card: &Card, stan: u32, correct: bool) -> AuthRequest {
+    AuthRequest {
+        kind: AuthKind::Balance,
+        card_id: Some(card.id.clone()),
+        decline: (!correct).then_some(ResponseCode::IncorrectPin),
+        pin_try: Some(PinTry {
+            card_id: card.id.clone(),
+            correct,
+        }),
+        ..withdrawal(&card.account_id, "ATM00001", stan, 0)
     }
-    let mut counts = Vec::new();
-    for t in tasks {
-        counts.push(t.await.unwrap());
+}
+
+async fn tries(store: &Store, card: &Card) -> u32 {
+    store.get_card(&card.id).await.unwrap().unwrap().pin_tries
+}
+
+async fn three_wrong_pins_block_until_reset(store: Store) {
+    let card = pin_card(&store, "ACC-1", "abcd").await;
+    let reserve = || store.reserve_pin_try(&card.id, t0());
+    // wrong, wrong, right: the right PIN ends the run
+    for (stan, correct) in [(1, false), (2, false)] {
+        assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
+        let e = done(
+            store
+                .authorize(&pin_checked(&card, stan, correct))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(e.response_code, "55");
     }
-    counts.sort();
-    assert_eq!(counts, vec![1, 2, 3]);
+    assert_eq!(tries(&store, &card).await, 2);
+    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
+    let e = done(store.authorize(&pin_checked(&card, 3, true)).await.unwrap());
+    assert_eq!(e.response_code, "00");
+    assert_eq!(tries(&store, &card).await, 0, "a good PIN ends the run");
+
+    // three consecutive wrong PINs: 55, 55, 75 (journaled by the store), then no more tries
+    let mut codes = Vec::new();
+    for stan in 4..=6 {
+        assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
+        codes.push(
+            done(
+                store
+                    .authorize(&pin_checked(&card, stan, false))
+                    .await
+                    .unwrap(),
+            )
+            .response_code,
+        );
+    }
+    assert_eq!(codes, ["55", "55", "75"]);
     let blocked = store.get_card(&card.id).await.unwrap().unwrap();
     assert!(blocked.pin_blocked);
+    assert_eq!(reserve().await.unwrap(), PinReservation::Exhausted);
 
     store.reset_pin(&card.id, "NEW", "admin").await.unwrap();
     let reset = store.get_card(&card.id).await.unwrap().unwrap();
@@ -1043,14 +1078,26 @@ async fn three_wrong_pins_block_until_reset(store: Store) {
         (reset.pin_tries, reset.pin_blocked, reset.pvv.as_str()),
         (0, false, "NEW")
     );
+    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
     let ghost = CardId::new("card-ghost").unwrap();
     assert!(matches!(
-        store.record_pin_failure(&ghost).await,
+        store.reserve_pin_try(&ghost, t0()).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.release_pin_try(&ghost).await,
         Err(StoreError::NotFound { .. })
     ));
     assert!(matches!(
         store.reset_pin(&ghost, "X", "admin").await,
         Err(StoreError::NotFound { .. })
+    ));
+    // a wrong PIN must be declined 55: anything else is a caller bug, refused
+    let mut confused = pin_checked(&card, 7, false);
+    confused.decline = None;
+    assert!(matches!(
+        store.authorize(&confused).await,
+        Err(StoreError::Invalid { .. })
     ));
     let audit = store
         .list_audit(t0() - chrono::Duration::days(3650), 100)
@@ -1062,6 +1109,123 @@ async fn three_wrong_pins_block_until_reset(store: Store) {
             .filter(|a| a.action == "card.pin-reset")
             .count(),
         1
+    );
+}
+
+/// SPEC §4: a try is reserved before the PIN is checked, so concurrent requests never get more
+/// than three between resets; a correct PIN resets only what is settled.
+async fn pin_tries_are_reserved_atomically(store: Store) {
+    let card = pin_card(&store, "ACC-1", "abcd").await;
+    // 40 requests reserve at the same instant: exactly three get a try
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let (store, id) = (Arc::clone(&store), card.id.clone());
+        tasks.push(tokio::spawn(async move {
+            store.reserve_pin_try(&id, t0()).await.unwrap()
+        }));
+    }
+    let mut reserved = 0;
+    for t in tasks {
+        if t.await.unwrap() == PinReservation::Reserved {
+            reserved += 1;
+        }
+    }
+    assert_eq!(reserved, 3, "three tries, however many ask at once");
+    assert_eq!(tries(&store, &card).await, 0, "nothing settled yet");
+
+    // a released try (the request failed before its journal row) can be taken again
+    store.release_pin_try(&card.id).await.unwrap();
+    assert_eq!(
+        store.reserve_pin_try(&card.id, t0()).await.unwrap(),
+        PinReservation::Reserved
+    );
+    assert_eq!(
+        store.reserve_pin_try(&card.id, t0()).await.unwrap(),
+        PinReservation::Exhausted
+    );
+
+    // the three in flight settle concurrently as wrong PINs: 55, 55, 75, never more
+    let mut tasks = Vec::new();
+    for stan in 1..=3 {
+        let (store, req) = (Arc::clone(&store), pin_checked(&card, stan, false));
+        tasks.push(tokio::spawn(async move {
+            done(store.authorize(&req).await.unwrap()).response_code
+        }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.unwrap());
+    }
+    codes.sort();
+    assert_eq!(codes, ["55", "55", "75"]);
+    assert_eq!(tries(&store, &card).await, 3);
+    assert_eq!(
+        store.reserve_pin_try(&card.id, t0()).await.unwrap(),
+        PinReservation::Exhausted,
+        "blocked"
+    );
+    store.reset_pin(&card.id, "NEW", "admin").await.unwrap();
+
+    // a correct PIN does not wipe tries other requests reserved and are still checking
+    let reserve = || store.reserve_pin_try(&card.id, t0());
+    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved); // wrong, in flight
+    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved); // right
+    done(
+        store
+            .authorize(&pin_checked(&card, 10, true))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
+    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
+    assert_eq!(
+        reserve().await.unwrap(),
+        PinReservation::Exhausted,
+        "the one in flight still counts after the correct PIN"
+    );
+    for stan in 11..=13 {
+        done(
+            store
+                .authorize(&pin_checked(&card, stan, false))
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(tries(&store, &card).await, 3);
+
+    // a duplicate gives its try back: the original already counted
+    store.reset_pin(&card.id, "NEW", "admin").await.unwrap();
+    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
+    done(
+        store
+            .authorize(&pin_checked(&card, 20, false))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
+    assert!(matches!(
+        store
+            .authorize(&pin_checked(&card, 20, false))
+            .await
+            .unwrap(),
+        AuthOutcome::Duplicate(_)
+    ));
+    assert_eq!(tries(&store, &card).await, 1, "one wrong PIN, counted once");
+    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
+    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
+    assert_eq!(reserve().await.unwrap(), PinReservation::Exhausted);
+
+    // tries a dead process reserved stop counting once they are stale
+    let later = t0() + chrono::Duration::from_std(PIN_RESERVATION_TTL).unwrap();
+    assert_eq!(
+        store.reserve_pin_try(&card.id, later).await.unwrap(),
+        PinReservation::Exhausted,
+        "not stale yet"
+    );
+    let stale = later + chrono::Duration::seconds(1);
+    assert_eq!(
+        store.reserve_pin_try(&card.id, stale).await.unwrap(),
+        PinReservation::Reserved
     );
 }
 
@@ -2469,8 +2633,8 @@ async fn stan_blocks_never_overlap_and_wrap(store: Store) {
 async fn link_keys_round_trip_and_keep_the_newer(store: Store) {
     assert_eq!(store.link_keys("issuer-b").await.unwrap(), None);
     let keys = |tag: &str, at: DateTime<Utc>| LinkKeys {
-        tpk: WrappedKey(format!("TPK-{tag}")),
-        tak: WrappedKey(format!("TAK-{tag}")),
+        tpk: WrappedKey::new(format!("TPK-{tag}")),
+        tak: WrappedKey::new(format!("TAK-{tag}")),
         exchanged_at: at,
     };
     let first = keys("1", t0());
@@ -2496,7 +2660,7 @@ async fn link_keys_round_trip_and_keep_the_newer(store: Store) {
     assert_eq!(store.link_keys("issuer-c").await.unwrap(), None);
 
     let empty = LinkKeys {
-        tak: WrappedKey(String::new()),
+        tak: WrappedKey::new(String::new()),
         ..first
     };
     assert!(matches!(

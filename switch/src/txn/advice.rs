@@ -103,6 +103,7 @@ pub async fn handle(
         issuer_answer: None,
         force_post: true,
         upstream_ref: None,
+        pin_try: None,
     };
     match ctx.store.authorize(&auth).await {
         Ok(AuthOutcome::Done(entry)) | Ok(AuthOutcome::Duplicate(entry)) => {
