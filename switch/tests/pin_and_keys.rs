@@ -235,7 +235,7 @@ async fn moved_key_rows(backend: Backend) {
     let moved = tamper(
         &sw,
         backend,
-        "UPDATE keys SET terminal_id = 'ATM00001' WHERE terminal_id = 'ATM00666' AND state = 'ACTIVE'",
+        "UPDATE keys SET terminal_id = 'ATM00001', version = version + 100 WHERE terminal_id = 'ATM00666' AND state = 'ACTIVE'",
     )
     .await;
     assert_eq!(moved, 3);
@@ -277,7 +277,7 @@ async fn moved_key_rows(backend: Backend) {
     let moved = tamper(
         &sw,
         backend,
-        "UPDATE keys SET terminal_id = 'ATM00002' WHERE terminal_id = 'ATM00777' \
+        "UPDATE keys SET terminal_id = 'ATM00002', version = version + 100 WHERE terminal_id = 'ATM00777' \
          AND key_type = 'TPK' AND state = 'ACTIVE'",
     )
     .await;

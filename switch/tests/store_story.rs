@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
-use switchyard_switch::domain::{KeyState, KeyType, ResponseCode, TerminalId, WrappedKey};
+use switchyard_switch::domain::{
+    KeyOwner, KeyState, KeyType, ResponseCode, TerminalId, WrappedKey,
+};
 use switchyard_switch::store::*;
 
 const PG_ENV: &str = "SWITCHYARD_TEST_DATABASE_URL";
@@ -138,6 +140,7 @@ stories!(
     saf_stats_are_exact,
     stan_blocks_never_overlap_and_wrap,
     link_keys_round_trip_and_keep_the_newer,
+    unbound_keys_are_found_and_rewrapped,
     stand_in_approval_queues_its_advice_in_the_same_transaction,
     issuer_answer_is_journaled_without_touching_the_ledger,
     forced_post_books_past_balance_and_limit,
@@ -2632,9 +2635,11 @@ async fn stan_blocks_never_overlap_and_wrap(store: Store) {
 
 async fn link_keys_round_trip_and_keep_the_newer(store: Store) {
     assert_eq!(store.link_keys("issuer-b").await.unwrap(), None);
+    // read back, they carry the upstream they belong to (the HSM checks it)
+    let issuer_b = || KeyOwner::Upstream("issuer-b".into());
     let keys = |tag: &str, at: DateTime<Utc>| LinkKeys {
-        tpk: WrappedKey::new(format!("TPK-{tag}")),
-        tak: WrappedKey::new(format!("TAK-{tag}")),
+        tpk: WrappedKey::owned_by(format!("TPK-{tag}"), issuer_b()),
+        tak: WrappedKey::owned_by(format!("TAK-{tag}"), issuer_b()),
         exchanged_at: at,
     };
     let first = keys("1", t0());
@@ -2661,10 +2666,80 @@ async fn link_keys_round_trip_and_keep_the_newer(store: Store) {
 
     let empty = LinkKeys {
         tak: WrappedKey::new(String::new()),
-        ..first
+        ..first.clone()
     };
     assert!(matches!(
         store.save_link_keys("issuer-c", &empty).await,
+        Err(StoreError::Invalid { .. })
+    ));
+    // keys the HSM made for issuer-b are never stored as issuer-c's
+    assert!(matches!(
+        store.save_link_keys("issuer-c", &first).await,
+        Err(StoreError::Invalid { .. })
+    ));
+    assert_eq!(store.link_keys("issuer-c").await.unwrap(), None);
+}
+
+/// Keys stored before keys were bound to their terminal are found and re-wrapped in place,
+/// only while the row still holds what was read.
+async fn unbound_keys_are_found_and_rewrapped(store: Store) {
+    let t = terminal(&store, "ATM00001").await;
+    // an LMK block of an earlier version: TR-31 header without optional blocks
+    let legacy = |n: u32| format!("D0144M6AC00E0000{n:0>128}");
+    let mut legacy_key = new_key(&t, KeyType::Tak, KeyState::Active);
+    legacy_key.wrapped = WrappedKey::new(legacy(1));
+    let old = store.insert_key(&legacy_key, "admin").await.unwrap();
+    let mut bound_key = new_key(&t, KeyType::Tpk, KeyState::Active);
+    bound_key.wrapped = WrappedKey::new(format!("D0176P0AB00E0200{:0>160}", "0BT"));
+    store.insert_key(&bound_key, "admin").await.unwrap();
+
+    let found = store.unbound_keys(None, 100).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].id, old.id);
+    assert_eq!(
+        found[0].wrapped.owner(),
+        Some(&KeyOwner::Terminal(t.clone())),
+        "the row's terminal comes with the block"
+    );
+    assert!(
+        store
+            .unbound_keys(Some(&old.id), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let rebound = WrappedKey::new(format!("D0176M6AC00E0200{:0>160}", "0BT"));
+    // a row that changed since it was read is left alone
+    assert!(
+        !store
+            .rewrap_key(&old.id, &WrappedKey::new(legacy(2)), &rebound)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .rewrap_key(&old.id, &old.wrapped, &rebound)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.get_key(&old.id).await.unwrap().unwrap().wrapped.0,
+        rebound.0
+    );
+    assert!(store.unbound_keys(None, 100).await.unwrap().is_empty());
+    assert!(matches!(
+        store
+            .rewrap_key(&old.id, &rebound, &WrappedKey::new(""))
+            .await,
+        Err(StoreError::Invalid { .. })
+    ));
+
+    // a key the HSM made for one terminal is never stored as another's
+    let mut foreign = new_key(&t, KeyType::Tpk, KeyState::Pending);
+    foreign.wrapped = WrappedKey::owned_by("D0176P0AB", KeyOwner::Terminal(tid("ATM00002")));
+    assert!(matches!(
+        store.insert_key(&foreign, "admin").await,
         Err(StoreError::Invalid { .. })
     ));
 }
