@@ -1144,7 +1144,7 @@ async fn pin_tries_are_reserved_atomically(store: Store) {
     );
     assert_eq!(
         store.reserve_pin_try(&card.id, t0()).await.unwrap(),
-        PinReservation::Exhausted
+        PinReservation::InFlight
     );
 
     // the three in flight settle concurrently as wrong PINs: 55, 55, 75, never more
@@ -1183,7 +1183,7 @@ async fn pin_tries_are_reserved_atomically(store: Store) {
     assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
     assert_eq!(
         reserve().await.unwrap(),
-        PinReservation::Exhausted,
+        PinReservation::InFlight,
         "the one in flight still counts after the correct PIN"
     );
     for stan in 11..=13 {
@@ -1216,13 +1216,13 @@ async fn pin_tries_are_reserved_atomically(store: Store) {
     assert_eq!(tries(&store, &card).await, 1, "one wrong PIN, counted once");
     assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
     assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
-    assert_eq!(reserve().await.unwrap(), PinReservation::Exhausted);
+    assert_eq!(reserve().await.unwrap(), PinReservation::InFlight);
 
     // tries a dead process reserved stop counting once they are stale
     let later = t0() + chrono::Duration::from_std(PIN_RESERVATION_TTL).unwrap();
     assert_eq!(
         store.reserve_pin_try(&card.id, later).await.unwrap(),
-        PinReservation::Exhausted,
+        PinReservation::InFlight,
         "not stale yet"
     );
     let stale = later + chrono::Duration::seconds(1);

@@ -189,8 +189,9 @@ pub trait Database: Send + Sync + std::fmt::Debug {
     /// Reserves one PIN try on the card before its PIN is checked (SPEC §4), in one statement,
     /// so concurrent requests never get more than [`PIN_TRIES_LIMIT`] tries between resets:
     /// `Reserved` while settled wrong PINs plus tries still in flight (reserved less than
-    /// [`PIN_RESERVATION_TTL`] ago) stay below the limit, else `Exhausted`. `NotFound` for an
-    /// unknown card. The try is settled by [`Database::authorize`] ([`AuthRequest::pin_try`])
+    /// [`PIN_RESERVATION_TTL`] ago) stay below the limit; else `Exhausted` when the settled
+    /// ones alone reach it (blocked), `InFlight` when tries in flight fill the rest. `NotFound`
+    /// for an unknown card. The try is settled by [`Database::authorize`] ([`AuthRequest::pin_try`])
     /// or given back with [`Database::release_pin_try`].
     async fn reserve_pin_try(
         &self,

@@ -516,8 +516,12 @@ pub enum PinReservation {
     /// A try is reserved for this request: check the PIN, then settle it ([`PinTry`] in the
     /// journal transaction) or release it.
     Reserved,
-    /// Settled wrong PINs and tries in flight already make three: `75`, the PIN is not checked.
+    /// Three consecutive wrong PINs are settled: the card is blocked (`75`), the PIN is not
+    /// checked.
     Exhausted,
+    /// Fewer than three wrong PINs are settled, but tries other requests reserved and are still
+    /// checking make three: ask again once they settle.
+    InFlight,
 }
 
 /// A PIN try reserved for a request and checked in the HSM, settled by

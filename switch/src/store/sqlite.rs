@@ -1342,12 +1342,15 @@ impl Database for SqliteStore {
         if reserved.is_some() {
             return Ok(PinReservation::Reserved);
         }
-        let known: Option<i64> = sqlx::query_scalar("SELECT pin_tries FROM cards WHERE id = $1")
+        let settled: Option<i64> = sqlx::query_scalar("SELECT pin_tries FROM cards WHERE id = $1")
             .bind(card.as_str())
             .fetch_optional(&self.pool)
             .await?;
-        match known {
-            Some(_) => Ok(PinReservation::Exhausted),
+        match settled {
+            Some(tries) if i64::from(tries) >= i64::from(PIN_TRIES_LIMIT) => {
+                Ok(PinReservation::Exhausted)
+            }
+            Some(_) => Ok(PinReservation::InFlight),
             None => Err(StoreError::not_found(format!("card {card}"))),
         }
     }

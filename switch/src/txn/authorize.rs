@@ -270,13 +270,22 @@ async fn check_card_and_pin(
     verify_pin(ctx, terminal, request, pan, &card, auth).await
 }
 
+/// How long a request waits for PIN tries other requests hold to settle before it answers `75`:
+/// a try is held for an HSM check and one journal transaction, milliseconds; only a flood of
+/// requests for one card, or tries a dead process holds (they stop counting after
+/// [`crate::store::PIN_RESERVATION_TTL`]), waits this long.
+const PIN_TRY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often a waiting request asks again.
+const PIN_TRY_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Verifies the PIN block of field 123 against the card's PVV under the terminal's TPK (or one
 /// in its grace window), under a PIN try reserved first (SPEC §4).
 ///
 /// The try is reserved in the database before the HSM sees the block, in one statement, so
 /// concurrent requests for one card (many terminals, a station's pipelined requests) never
-/// check more than three PINs between resets: with three tries settled or in flight the answer
-/// is `75` and the PIN is not checked. The reserved try is settled in the journal transaction
+/// check more than three PINs between resets: with three wrong PINs settled the answer is `75`
+/// and the PIN is not checked; while tries in flight fill the three, the request waits for
+/// them to settle (at most [`PIN_TRY_WAIT`], then `75`). The reserved try is settled in the journal transaction
 /// ([`crate::store::PinTry`] on `auth`): a wrong PIN counts (`55`, `75` when it is the third
 /// consecutive one), a correct one ends the run of settled wrong PINs without touching tries
 /// other requests are still checking. A request that fails before its journal row commits
@@ -294,10 +303,22 @@ pub(crate) async fn verify_pin(
         warn!(card = %card.id, "stored PVV is unreadable");
         ResponseCode::SystemMalfunction
     })?;
-    match ctx.store.reserve_pin_try(&card.id, Utc::now()).await {
-        Ok(PinReservation::Reserved) => {}
-        Ok(PinReservation::Exhausted) => return Err(ResponseCode::PinTriesExceeded),
-        Err(_) => return Err(ResponseCode::SystemMalfunction),
+    let waited_since = std::time::Instant::now();
+    loop {
+        match ctx.store.reserve_pin_try(&card.id, Utc::now()).await {
+            Ok(PinReservation::Reserved) => break,
+            Ok(PinReservation::Exhausted) => return Err(ResponseCode::PinTriesExceeded),
+            // the cardholder's own concurrent requests (or a flood of guesses): wait for the
+            // tries in flight to settle, then take one, or find the card blocked
+            Ok(PinReservation::InFlight) if waited_since.elapsed() < PIN_TRY_WAIT => {
+                tokio::time::sleep(PIN_TRY_POLL).await;
+            }
+            Ok(PinReservation::InFlight) => {
+                warn!(%terminal, card = %card.id, "no PIN try came free in time");
+                return Err(ResponseCode::PinTriesExceeded);
+            }
+            Err(_) => return Err(ResponseCode::SystemMalfunction),
+        }
     }
     let mut matched = false;
     let mut compared = false;
