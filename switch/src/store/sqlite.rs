@@ -1347,9 +1347,7 @@ impl Database for SqliteStore {
             .fetch_optional(&self.pool)
             .await?;
         match settled {
-            Some(tries) if i64::from(tries) >= i64::from(PIN_TRIES_LIMIT) => {
-                Ok(PinReservation::Exhausted)
-            }
+            Some(tries) if tries >= i64::from(PIN_TRIES_LIMIT) => Ok(PinReservation::Exhausted),
             Some(_) => Ok(PinReservation::InFlight),
             None => Err(StoreError::not_found(format!("card {card}"))),
         }
