@@ -7,6 +7,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use switchyard_switch::crypto::{
     ClearPin, Hsm, Kek, KeyCheckValue, KeyType, Lmk, SoftHsm, TerminalKeys,
 };
+use switchyard_switch::domain::{KeyOwner, TerminalId};
 
 fn bench_hsm(c: &mut Criterion) {
     let kek_hex = "89E88CF7931444F334BD7547FC3F380C";
@@ -15,14 +16,15 @@ fn bench_hsm(c: &mut Criterion) {
         Some(Kek::from_hex(kek_hex).expect("KEK")),
     );
     let mut atm = TerminalKeys::generate(&mut rand::rng());
+    let owner = KeyOwner::Terminal(TerminalId::new("ATM00001").expect("terminal id"));
     let (block, kcv) = atm
         .wrap_tmk_under_kek(&Kek::from_hex(kek_hex).expect("KEK"))
         .expect("wrap TMK");
     let (tmk, _) = hsm
-        .import_under_kek(KeyType::Tmk, &block, &kcv)
+        .import_under_kek(KeyType::Tmk, &owner, &block, &kcv)
         .expect("import TMK");
     let mut deliver = |kt: KeyType| {
-        let (key, kcv): (_, KeyCheckValue) = hsm.generate_key(kt).expect("generate");
+        let (key, kcv): (_, KeyCheckValue) = hsm.generate_key(kt, &owner).expect("generate");
         let field120 = hsm.export_under_tmk(&tmk, &key, kt).expect("export");
         atm.accept_key_block(kt, &field120, &kcv).expect("accept");
         key

@@ -220,14 +220,58 @@ pub fn mask_pan(pan: &str) -> String {
     }
 }
 
-/// A key wrapped under the LMK, as stored at rest. Opaque outside the HSM; safe to log its length
+/// Whom a stored key belongs to: the terminal (ATM or acquirer station) whose key row holds it,
+/// or, on the acquirer side, the upstream whose link keys it is. The HSM binds every key it
+/// stores to its owner (a TR-31 optional block inside the LMK-wrapped block, covered by the
+/// block's MAC) and refuses to open it for anyone else (SPEC §4).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum KeyOwner {
+    /// A registered terminal or station (the `keys` table).
+    Terminal(TerminalId),
+    /// An upstream issuer's link (the `link_keys` table, and the TMK from its settings).
+    Upstream(String),
+}
+
+impl fmt::Display for KeyOwner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyOwner::Terminal(t) => write!(f, "terminal {t}"),
+            KeyOwner::Upstream(u) => write!(f, "upstream {u}"),
+        }
+    }
+}
+
+/// A key wrapped under the LMK, as stored at rest, and the owner the row it was read from names
+/// (`None` when it was not read from a row). Opaque outside the HSM; safe to log its length
 /// only. `Debug` never shows the bytes (they are ciphertext, but there is no reason to spill them).
 #[derive(Clone, PartialEq, Eq)]
-pub struct WrappedKey(pub String);
+pub struct WrappedKey(pub String, Option<KeyOwner>);
+
+impl WrappedKey {
+    /// A block with no owner stated (configuration, tests). The HSM refuses to open a block
+    /// bound to an owner through such a value: it cannot check the binding.
+    pub fn new(block: impl Into<String>) -> Self {
+        WrappedKey(block.into(), None)
+    }
+
+    /// A block read from the row of `owner` (what the store returns), or made by the HSM for it.
+    pub fn owned_by(block: impl Into<String>, owner: KeyOwner) -> Self {
+        WrappedKey(block.into(), Some(owner))
+    }
+
+    /// Whom the row this block came from says it belongs to.
+    pub fn owner(&self) -> Option<&KeyOwner> {
+        self.1.as_ref()
+    }
+}
 
 impl fmt::Debug for WrappedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "WrappedKey(<{} chars>)", self.0.len())
+        write!(f, "WrappedKey(<{} chars>", self.0.len())?;
+        match &self.1 {
+            Some(owner) => write!(f, ", {owner})"),
+            None => f.write_str(")"),
+        }
     }
 }
 

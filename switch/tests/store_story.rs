@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
-use switchyard_switch::domain::{KeyState, KeyType, ResponseCode, TerminalId, WrappedKey};
+use switchyard_switch::domain::{
+    KeyOwner, KeyState, KeyType, ResponseCode, TerminalId, WrappedKey,
+};
 use switchyard_switch::store::*;
 
 const PG_ENV: &str = "SWITCHYARD_TEST_DATABASE_URL";
@@ -119,6 +121,7 @@ stories!(
     fleet_rotation_of_ten_thousand_terminals,
     accounts_and_cards,
     three_wrong_pins_block_until_reset,
+    pin_tries_are_reserved_atomically,
     authorize_applies_ledger_rules,
     concurrent_withdrawals_never_overdraw,
     reversal_restores_funds_exactly_once,
@@ -139,6 +142,7 @@ stories!(
     saf_stats_are_exact,
     stan_blocks_never_overlap_and_wrap,
     link_keys_round_trip_and_keep_the_newer,
+    unbound_keys_are_found_and_rewrapped,
     stand_in_approval_queues_its_advice_in_the_same_transaction,
     issuer_answer_is_journaled_without_touching_the_ledger,
     forced_post_books_past_balance_and_limit,
@@ -171,7 +175,7 @@ fn new_key(terminal: &TerminalId, kt: KeyType, state: KeyState) -> NewKey {
         terminal_id: terminal.clone(),
         key_type: kt,
         state,
-        wrapped: WrappedKey(format!("WRAPPED-{}", uuid::Uuid::new_v4().simple())),
+        wrapped: WrappedKey::new(format!("WRAPPED-{}", uuid::Uuid::new_v4().simple())),
         kcv: "1A2B3C".into(),
         rotation_id: None,
         grace_seconds: 300,
@@ -211,6 +215,7 @@ fn withdrawal(acc: &AccountId, terminal: &str, stan: u32, amount: i64) -> AuthRe
         force_post: false,
         force_post_ceiling: None,
         upstream_ref: None,
+        pin_try: None,
     }
 }
 
@@ -999,12 +1004,12 @@ async fn accounts_and_cards(store: Store) {
     );
 }
 
-async fn three_wrong_pins_block_until_reset(store: Store) {
-    let acc = account(&store, "ACC-1", 1000, 1000).await;
-    let card = store
+async fn pin_card(store: &Store, acc: &str, token: &str) -> Card {
+    let acc = account(store, acc, 1000, 1000).await;
+    store
         .create_card(
             &NewCard {
-                pan_token: "abcd".into(),
+                pan_token: token.into(),
                 last4: "1234".into(),
                 expiry: "2812".into(),
                 account_id: acc,
@@ -1014,32 +1019,65 @@ async fn three_wrong_pins_block_until_reset(store: Store) {
             "admin",
         )
         .await
-        .unwrap();
-    assert_eq!(store.record_pin_failure(&card.id).await.unwrap(), 1);
-    assert_eq!(store.record_pin_failure(&card.id).await.unwrap(), 2);
-    store.clear_pin_failures(&card.id).await.unwrap();
-    assert_eq!(
-        store.get_card(&card.id).await.unwrap().unwrap().pin_tries,
-        0,
-        "a good PIN ends the run"
-    );
+        .unwrap()
+}
 
-    // concurrent wrong PINs are all counted
-    let mut tasks = Vec::new();
-    for _ in 0..3 {
-        let (store, id) = (Arc::clone(&store), card.id.clone());
-        tasks.push(tokio::spawn(async move {
-            store.record_pin_failure(&id).await.unwrap()
-        }));
+/// A balance inquiry whose PIN was checked under a reserved try.
+fn pin_checked(card: &Card, stan: u32, correct: bool) -> AuthRequest {
+    AuthRequest {
+        kind: AuthKind::Balance,
+        card_id: Some(card.id.clone()),
+        decline: (!correct).then_some(ResponseCode::IncorrectPin),
+        pin_try: Some(PinTry {
+            card_id: card.id.clone(),
+            correct,
+        }),
+        ..withdrawal(&card.account_id, "ATM00001", stan, 0)
     }
-    let mut counts = Vec::new();
-    for t in tasks {
-        counts.push(t.await.unwrap());
+}
+
+async fn tries(store: &Store, card: &Card) -> u32 {
+    store.get_card(&card.id).await.unwrap().unwrap().pin_tries
+}
+
+async fn three_wrong_pins_block_until_reset(store: Store) {
+    let card = pin_card(&store, "ACC-1", "abcd").await;
+    let reserve = || store.reserve_pin_try(&card.id, t0());
+    // wrong, wrong, right: the right PIN ends the run
+    for (stan, correct) in [(1, false), (2, false)] {
+        assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
+        let e = done(
+            store
+                .authorize(&pin_checked(&card, stan, correct))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(e.response_code, "55");
     }
-    counts.sort();
-    assert_eq!(counts, vec![1, 2, 3]);
+    assert_eq!(tries(&store, &card).await, 2);
+    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
+    let e = done(store.authorize(&pin_checked(&card, 3, true)).await.unwrap());
+    assert_eq!(e.response_code, "00");
+    assert_eq!(tries(&store, &card).await, 0, "a good PIN ends the run");
+
+    // three consecutive wrong PINs: 55, 55, 75 (journaled by the store), then no more tries
+    let mut codes = Vec::new();
+    for stan in 4..=6 {
+        assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
+        codes.push(
+            done(
+                store
+                    .authorize(&pin_checked(&card, stan, false))
+                    .await
+                    .unwrap(),
+            )
+            .response_code,
+        );
+    }
+    assert_eq!(codes, ["55", "55", "75"]);
     let blocked = store.get_card(&card.id).await.unwrap().unwrap();
     assert!(blocked.pin_blocked);
+    assert_eq!(reserve().await.unwrap(), PinReservation::Exhausted);
 
     store.reset_pin(&card.id, "NEW", "admin").await.unwrap();
     let reset = store.get_card(&card.id).await.unwrap().unwrap();
@@ -1047,14 +1085,26 @@ async fn three_wrong_pins_block_until_reset(store: Store) {
         (reset.pin_tries, reset.pin_blocked, reset.pvv.as_str()),
         (0, false, "NEW")
     );
+    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
     let ghost = CardId::new("card-ghost").unwrap();
     assert!(matches!(
-        store.record_pin_failure(&ghost).await,
+        store.reserve_pin_try(&ghost, t0()).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.release_pin_try(&ghost).await,
         Err(StoreError::NotFound { .. })
     ));
     assert!(matches!(
         store.reset_pin(&ghost, "X", "admin").await,
         Err(StoreError::NotFound { .. })
+    ));
+    // a wrong PIN must be declined 55: anything else is a caller bug, refused
+    let mut confused = pin_checked(&card, 7, false);
+    confused.decline = None;
+    assert!(matches!(
+        store.authorize(&confused).await,
+        Err(StoreError::Invalid { .. })
     ));
     let audit = store
         .list_audit(t0() - chrono::Duration::days(3650), 100)
@@ -1066,6 +1116,123 @@ async fn three_wrong_pins_block_until_reset(store: Store) {
             .filter(|a| a.action == "card.pin-reset")
             .count(),
         1
+    );
+}
+
+/// SPEC §4: a try is reserved before the PIN is checked, so concurrent requests never get more
+/// than three between resets; a correct PIN resets only what is settled.
+async fn pin_tries_are_reserved_atomically(store: Store) {
+    let card = pin_card(&store, "ACC-1", "abcd").await;
+    // 40 requests reserve at the same instant: exactly three get a try
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let (store, id) = (Arc::clone(&store), card.id.clone());
+        tasks.push(tokio::spawn(async move {
+            store.reserve_pin_try(&id, t0()).await.unwrap()
+        }));
+    }
+    let mut reserved = 0;
+    for t in tasks {
+        if t.await.unwrap() == PinReservation::Reserved {
+            reserved += 1;
+        }
+    }
+    assert_eq!(reserved, 3, "three tries, however many ask at once");
+    assert_eq!(tries(&store, &card).await, 0, "nothing settled yet");
+
+    // a released try (the request failed before its journal row) can be taken again
+    store.release_pin_try(&card.id).await.unwrap();
+    assert_eq!(
+        store.reserve_pin_try(&card.id, t0()).await.unwrap(),
+        PinReservation::Reserved
+    );
+    assert_eq!(
+        store.reserve_pin_try(&card.id, t0()).await.unwrap(),
+        PinReservation::InFlight
+    );
+
+    // the three in flight settle concurrently as wrong PINs: 55, 55, 75, never more
+    let mut tasks = Vec::new();
+    for stan in 1..=3 {
+        let (store, req) = (Arc::clone(&store), pin_checked(&card, stan, false));
+        tasks.push(tokio::spawn(async move {
+            done(store.authorize(&req).await.unwrap()).response_code
+        }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.unwrap());
+    }
+    codes.sort();
+    assert_eq!(codes, ["55", "55", "75"]);
+    assert_eq!(tries(&store, &card).await, 3);
+    assert_eq!(
+        store.reserve_pin_try(&card.id, t0()).await.unwrap(),
+        PinReservation::Exhausted,
+        "blocked"
+    );
+    store.reset_pin(&card.id, "NEW", "admin").await.unwrap();
+
+    // a correct PIN does not wipe tries other requests reserved and are still checking
+    let reserve = || store.reserve_pin_try(&card.id, t0());
+    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved); // wrong, in flight
+    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved); // right
+    done(
+        store
+            .authorize(&pin_checked(&card, 10, true))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
+    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
+    assert_eq!(
+        reserve().await.unwrap(),
+        PinReservation::InFlight,
+        "the one in flight still counts after the correct PIN"
+    );
+    for stan in 11..=13 {
+        done(
+            store
+                .authorize(&pin_checked(&card, stan, false))
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(tries(&store, &card).await, 3);
+
+    // a duplicate gives its try back: the original already counted
+    store.reset_pin(&card.id, "NEW", "admin").await.unwrap();
+    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
+    done(
+        store
+            .authorize(&pin_checked(&card, 20, false))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
+    assert!(matches!(
+        store
+            .authorize(&pin_checked(&card, 20, false))
+            .await
+            .unwrap(),
+        AuthOutcome::Duplicate(_)
+    ));
+    assert_eq!(tries(&store, &card).await, 1, "one wrong PIN, counted once");
+    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
+    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
+    assert_eq!(reserve().await.unwrap(), PinReservation::InFlight);
+
+    // tries a dead process reserved stop counting once they are stale
+    let later = t0() + chrono::Duration::from_std(PIN_RESERVATION_TTL).unwrap();
+    assert_eq!(
+        store.reserve_pin_try(&card.id, later).await.unwrap(),
+        PinReservation::InFlight,
+        "not stale yet"
+    );
+    let stale = later + chrono::Duration::seconds(1);
+    assert_eq!(
+        store.reserve_pin_try(&card.id, stale).await.unwrap(),
+        PinReservation::Reserved
     );
 }
 
@@ -2560,9 +2727,11 @@ async fn stan_blocks_never_overlap_and_wrap(store: Store) {
 
 async fn link_keys_round_trip_and_keep_the_newer(store: Store) {
     assert_eq!(store.link_keys("issuer-b").await.unwrap(), None);
+    // read back, they carry the upstream they belong to (the HSM checks it)
+    let issuer_b = || KeyOwner::Upstream("issuer-b".into());
     let keys = |tag: &str, at: DateTime<Utc>| LinkKeys {
-        tpk: WrappedKey(format!("TPK-{tag}")),
-        tak: WrappedKey(format!("TAK-{tag}")),
+        tpk: WrappedKey::owned_by(format!("TPK-{tag}"), issuer_b()),
+        tak: WrappedKey::owned_by(format!("TAK-{tag}"), issuer_b()),
         exchanged_at: at,
     };
     let first = keys("1", t0());
@@ -2588,11 +2757,81 @@ async fn link_keys_round_trip_and_keep_the_newer(store: Store) {
     assert_eq!(store.link_keys("issuer-c").await.unwrap(), None);
 
     let empty = LinkKeys {
-        tak: WrappedKey(String::new()),
-        ..first
+        tak: WrappedKey::new(String::new()),
+        ..first.clone()
     };
     assert!(matches!(
         store.save_link_keys("issuer-c", &empty).await,
+        Err(StoreError::Invalid { .. })
+    ));
+    // keys the HSM made for issuer-b are never stored as issuer-c's
+    assert!(matches!(
+        store.save_link_keys("issuer-c", &first).await,
+        Err(StoreError::Invalid { .. })
+    ));
+    assert_eq!(store.link_keys("issuer-c").await.unwrap(), None);
+}
+
+/// Keys stored before keys were bound to their terminal are found and re-wrapped in place,
+/// only while the row still holds what was read.
+async fn unbound_keys_are_found_and_rewrapped(store: Store) {
+    let t = terminal(&store, "ATM00001").await;
+    // an LMK block of an earlier version: TR-31 header without optional blocks
+    let legacy = |n: u32| format!("D0144M6AC00E0000{n:0>128}");
+    let mut legacy_key = new_key(&t, KeyType::Tak, KeyState::Active);
+    legacy_key.wrapped = WrappedKey::new(legacy(1));
+    let old = store.insert_key(&legacy_key, "admin").await.unwrap();
+    let mut bound_key = new_key(&t, KeyType::Tpk, KeyState::Active);
+    bound_key.wrapped = WrappedKey::new(format!("D0176P0AB00E0200{:0>160}", "0BT"));
+    store.insert_key(&bound_key, "admin").await.unwrap();
+
+    let found = store.unbound_keys(None, 100).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].id, old.id);
+    assert_eq!(
+        found[0].wrapped.owner(),
+        Some(&KeyOwner::Terminal(t.clone())),
+        "the row's terminal comes with the block"
+    );
+    assert!(
+        store
+            .unbound_keys(Some(&old.id), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let rebound = WrappedKey::new(format!("D0176M6AC00E0200{:0>160}", "0BT"));
+    // a row that changed since it was read is left alone
+    assert!(
+        !store
+            .rewrap_key(&old.id, &WrappedKey::new(legacy(2)), &rebound)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .rewrap_key(&old.id, &old.wrapped, &rebound)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.get_key(&old.id).await.unwrap().unwrap().wrapped.0,
+        rebound.0
+    );
+    assert!(store.unbound_keys(None, 100).await.unwrap().is_empty());
+    assert!(matches!(
+        store
+            .rewrap_key(&old.id, &rebound, &WrappedKey::new(""))
+            .await,
+        Err(StoreError::Invalid { .. })
+    ));
+
+    // a key the HSM made for one terminal is never stored as another's
+    let mut foreign = new_key(&t, KeyType::Tpk, KeyState::Pending);
+    foreign.wrapped = WrappedKey::owned_by("D0176P0AB", KeyOwner::Terminal(tid("ATM00002")));
+    assert!(matches!(
+        store.insert_key(&foreign, "admin").await,
         Err(StoreError::Invalid { .. })
     ));
 }

@@ -173,7 +173,10 @@ impl AtmClient {
             .map_err(|_| AtmError::Timeout(deadline))?
     }
 
-    /// Sends `message` (MACed if `mac`) and returns the answer with its raw bytes.
+    /// Sends `message` (MACed if `mac`) and returns the answer with its raw bytes. The answer to
+    /// a MACed request is checked like an ATM checks it: a MAC that does not verify under the
+    /// terminal's TAK (or the one its last key change replaced) is an error; an answer without
+    /// a MAC (the switch's `63`, `58`, `30` to what it could not authenticate) is returned as is.
     pub async fn request(
         &mut self,
         mut message: Message,
@@ -181,7 +184,85 @@ impl AtmClient {
     ) -> Result<(Message, Vec<u8>), AtmError> {
         let stan = message.get_str(11).unwrap_or_default().to_string();
         let bytes = self.pack(&mut message, mac)?;
-        self.exchange_raw(&bytes, &stan).await
+        let (answer, raw) = self.exchange_raw(&bytes, &stan).await?;
+        if mac {
+            self.check_answer_mac(&answer, &raw)?;
+        }
+        Ok((answer, raw))
+    }
+
+    /// Sends `messages` MACed, back to back without waiting (as an acquirer station's process
+    /// pipelines requests on one connection), then collects one answer per STAN, in the order
+    /// they arrive. Answers are checked like [`AtmClient::request`] checks them.
+    pub async fn pipeline(&mut self, messages: Vec<Message>) -> Result<Vec<Message>, AtmError> {
+        let mut waiting = std::collections::HashSet::new();
+        let mut out = BytesMut::new();
+        for mut m in messages {
+            waiting.insert(m.get_str(11).unwrap_or_default().to_string());
+            let bytes = self.pack(&mut m, true)?;
+            encode_frame(&bytes, &mut out).map_err(|e| AtmError::Codec(e.to_string()))?;
+        }
+        self.stream.write_all(&out).await?;
+        let deadline = self.timeout;
+        let mut answers = Vec::with_capacity(waiting.len());
+        tokio::time::timeout(deadline, async {
+            while !waiting.is_empty() {
+                let raw = self.read_frame().await?;
+                let m = self
+                    .packager
+                    .unpack(&raw)
+                    .map_err(|e| AtmError::Codec(e.to_string()))?;
+                if m.mti().as_str() == "0800" && m.get_str(70) == Some("161") {
+                    self.answer_key_push(&m, &raw).await?;
+                    continue;
+                }
+                if !waiting.remove(m.get_str(11).unwrap_or_default()) {
+                    return Err(AtmError::Protocol(format!(
+                        "answer {} with STAN {:?} nobody waits for",
+                        m.mti().as_str(),
+                        m.get_str(11)
+                    )));
+                }
+                self.check_answer_mac(&m, &raw)?;
+                answers.push(m);
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|_| AtmError::Timeout(deadline))??;
+        Ok(answers)
+    }
+
+    /// The MAC field is the last one, so the MAC input is the received bytes before it. A
+    /// network-management answer (0810) must verify under K_NM, any other under the TAK.
+    fn check_answer_mac(&self, answer: &Message, raw: &[u8]) -> Result<(), AtmError> {
+        let Some(mac) = answer.get(128).or_else(|| answer.get(64)) else {
+            return Ok(());
+        };
+        if is_network_management(answer) {
+            return if self.nm_mac_verifies(answer, raw) {
+                Ok(())
+            } else {
+                Err(AtmError::Crypto(
+                    "the switch's 0810 does not verify under K_NM: not talking to the real switch?"
+                        .into(),
+                ))
+            };
+        }
+        let input = raw
+            .len()
+            .checked_sub(self.packager.mac_wire_len())
+            .and_then(|end| raw.get(..end))
+            .ok_or_else(|| AtmError::Crypto("answer shorter than its MAC".into()))?;
+        match self.keys.verify_answer_mac(input, mac) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(AtmError::Crypto(format!(
+                "the MAC of answer {} (STAN {:?}) does not verify under the terminal's TAK",
+                answer.mti().as_str(),
+                answer.get_str(11)
+            ))),
+            Err(e) => Err(AtmError::Crypto(e.to_string())),
+        }
     }
 
     async fn await_answer(&mut self, stan: &str) -> Result<(Message, Vec<u8>), AtmError> {
@@ -301,16 +382,15 @@ impl AtmClient {
         self.network_request(m).await
     }
 
-    /// Sends a network-management request MACed under K_NM and checks the answer's MAC.
+    /// Sends a network-management request MACed under K_NM. The answer's MAC is checked by
+    /// [`AtmClient::request`]; an answer without one must be a refusal the switch could not
+    /// authenticate us for.
     async fn network_request(&mut self, message: Message) -> Result<Message, AtmError> {
-        let (answer, raw) = self.request(message, true).await?;
-        let unauthenticated_refusal = matches!(answer.get_str(39), Some("63" | "58" | "30"))
-            && !answer.has(64)
-            && !answer.has(128);
-        if !unauthenticated_refusal && !self.nm_mac_verifies(&answer, &raw) {
+        let (answer, _) = self.request(message, true).await?;
+        let unmacd = !answer.has(64) && !answer.has(128);
+        if unmacd && !matches!(answer.get_str(39), Some("63" | "58" | "30")) {
             return Err(AtmError::Crypto(
-                "the switch's 0810 does not verify under K_NM: not talking to the real switch?"
-                    .into(),
+                "the switch's 0810 carries no MAC: not talking to the real switch?".into(),
             ));
         }
         Ok(answer)

@@ -12,6 +12,18 @@
 //! terminal generates request MACs and verifies response MACs); both key version `00` and
 //! exportability `N` (a terminal must not pass keys on).
 //!
+//! Every stored key is bound to its owner (SPEC §4): the LMK block carries a proprietary
+//! optional block `0B` (X9.143 reserves ids starting with a digit for proprietary use) naming
+//! the terminal (`T` + id) or upstream (`U` + hex of the name) it was made for. The header is
+//! covered by the block's MAC, so the binding cannot be edited without the LMK. Whenever a
+//! stored key is opened, the owner named by the row it was read from ([`WrappedKey::owner`])
+//! must be the bound one; a key row moved (UPDATEd) to another terminal is refused
+//! ([`HsmError::WrongOwner`], logged without key material), and its terminal's MACs and PINs
+//! fail as if it had no key. Blocks written before the binding existed carry no `0B`: they are
+//! accepted for the owner their row names (a bank upgrades without re-keying its fleet) and
+//! [`Hsm::rebind`] re-wraps them bound to that owner, which the switch does for every stored
+//! key at start (`txn::keys::bind_stored_keys`).
+//!
 //! No cache of unwrapped keys: the LMK's TR-31 KBEK/KBAK are derived once in `SoftHsm::new`, so
 //! opening a stored key per call costs about 2.6 µs (criterion, `benches/crypto.rs`, shared
 //! 2-core machine), a MAC on 200 bytes 3.5 µs in all and a PIN verification 4.1 µs. That is
@@ -21,6 +33,7 @@
 use std::fmt;
 
 use subtle::ConstantTimeEq;
+use tracing::warn;
 use zeroize::Zeroizing;
 
 use super::block::AesCipher;
@@ -29,7 +42,10 @@ use super::kcv::KeyCheckValue;
 use super::keys::{AesKeySize, ClearKey, Kek, KeyType, Lmk, WrappedKey};
 use super::pinblock::{self, ClearPin, PinBlockError};
 use super::pvv::{Pvv, PvvError};
-use super::tr31::{Exportability, KeyBlockHeader, KeyUsage, ModeOfUse, Tr31Error, Tr31Kbpk};
+use super::tr31::{
+    Exportability, KeyBlockHeader, KeyUsage, ModeOfUse, OptionalBlock, Tr31Error, Tr31Kbpk,
+};
+use crate::domain::KeyOwner;
 
 /// Why an HSM operation failed. Never carries key material or PIN digits.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +61,18 @@ pub enum HsmError {
     /// A key could not be wrapped (LMK storage or delivery block).
     #[error("failed to wrap key in a TR-31 block")]
     Wrap(#[source] Tr31Error),
+    /// A stored key is bound to another owner than the row it was read from names: the row was
+    /// moved to another terminal (or upstream), or the caller did not say whose key it is.
+    #[error("failed to use stored key: it is bound to {bound}, not to {claimed}")]
+    WrongOwner {
+        /// The owner bound into the block (ids and names are not secret).
+        bound: String,
+        /// The owner the key row names, or `"no owner"`.
+        claimed: String,
+    },
+    /// A key must be bound to an owner, and the caller did not say whose key it is.
+    #[error("failed to import key: the TMK it arrives under has no stated owner")]
+    NoOwner,
     /// The key is not of the type the operation needs (key separation).
     #[error("failed to use key: expected a {expected} key (usage {}), found usage {found}", KeyUsage::for_key_type(*expected))]
     WrongKeyType {
@@ -95,20 +123,27 @@ pub enum PinCheck {
 /// All cryptography the switch performs. Synchronous on purpose: every operation is CPU-only and
 /// takes microseconds, so it runs inline on the async runtime without a blocking pool.
 pub trait Hsm: Send + Sync + fmt::Debug {
-    /// Generates a random AES-128 key of type `kt`; returns it wrapped under the LMK and its KCV.
-    fn generate_key(&self, kt: KeyType) -> Result<(WrappedKey, KeyCheckValue), HsmError>;
+    /// Generates a random AES-128 key of type `kt` for `owner`; returns it wrapped under the LMK
+    /// (bound to `owner`) and its KCV.
+    fn generate_key(
+        &self,
+        kt: KeyType,
+        owner: &KeyOwner,
+    ) -> Result<(WrappedKey, KeyCheckValue), HsmError>;
 
     /// Imports a key sent as a TR-31 block under the KEK (TMK registration, SPEC §4), checking
-    /// the block's usage against `kt` and the key's KCV against `expected_kcv`.
+    /// the block's usage against `kt` and the key's KCV against `expected_kcv`; stores it bound
+    /// to `owner`.
     fn import_under_kek(
         &self,
         kt: KeyType,
+        owner: &KeyOwner,
         tr31_block: &str,
         expected_kcv: &KeyCheckValue,
     ) -> Result<(WrappedKey, KeyCheckValue), HsmError>;
 
     /// Imports a TPK or TAK delivered under a TMK (the acquirer side of an upstream link's key
-    /// exchange, SPEC §6).
+    /// exchange, SPEC §6), bound to the TMK's owner.
     fn import_under_tmk(
         &self,
         tmk: &WrappedKey,
@@ -118,12 +153,18 @@ pub trait Hsm: Send + Sync + fmt::Debug {
     ) -> Result<(WrappedKey, KeyCheckValue), HsmError>;
 
     /// Wraps a clear key read from configuration (an upstream link's shared TMK, SPEC §6) under
-    /// the LMK. The clear key is consumed and wiped.
+    /// the LMK, bound to `owner`. The clear key is consumed and wiped.
     fn import_clear_key(
         &self,
         kt: KeyType,
         key: ClearKey,
+        owner: &KeyOwner,
     ) -> Result<(WrappedKey, KeyCheckValue), HsmError>;
+
+    /// Re-wraps a stored key written before keys were bound to their owner, bound to the owner
+    /// its row names (`key.owner()`). `None` when there is nothing to do: already bound (to that
+    /// owner), or no owner stated. Refuses a block bound to someone else.
+    fn rebind(&self, key: &WrappedKey) -> Result<Option<WrappedKey>, HsmError>;
 
     /// `key` (a TPK or TAK) as a TR-31 D block under the terminal's TMK, for field 120.
     fn export_under_tmk(
@@ -133,7 +174,7 @@ pub trait Hsm: Send + Sync + fmt::Debug {
         kt: KeyType,
     ) -> Result<String, HsmError>;
 
-    /// The KCV of a stored key.
+    /// The KCV of a stored key (its owner checked like every other use).
     fn kcv(&self, key: &WrappedKey) -> Result<KeyCheckValue, HsmError>;
 
     /// The ISO 8583 MAC (leftmost 8 bytes of AES-CMAC) of `data` under a TAK.
@@ -232,35 +273,49 @@ impl SoftHsm {
         }
     }
 
-    /// The header a key of type `kt` is stored under.
-    fn storage_header(kt: KeyType) -> KeyBlockHeader {
+    /// The header a key of type `kt` is stored under, bound to `owner`.
+    fn storage_header(kt: KeyType, owner: &KeyOwner) -> KeyBlockHeader {
         let (mode, export) = match kt {
             KeyType::Tmk => (ModeOfUse::Both, Exportability::NonExportable),
             KeyType::Tpk => (ModeOfUse::Both, Exportability::Exportable),
             KeyType::Tak => (ModeOfUse::GenerateAndVerify, Exportability::Exportable),
         };
-        KeyBlockHeader::new(KeyUsage::for_key_type(kt), mode, export)
+        let mut header = KeyBlockHeader::new(KeyUsage::for_key_type(kt), mode, export);
+        header.optional_blocks.push(OptionalBlock {
+            id: OWNER_BLOCK,
+            data: owner_binding(owner),
+        });
+        header
     }
 
-    fn store(&self, kt: KeyType, key: &ClearKey) -> Result<WrappedKey, HsmError> {
+    fn store(&self, kt: KeyType, key: &ClearKey, owner: &KeyOwner) -> Result<WrappedKey, HsmError> {
         self.storage
-            .wrap_with(&Self::storage_header(kt), key, &mut rand::rng())
-            .map(WrappedKey)
+            .wrap_with(&Self::storage_header(kt, owner), key, &mut rand::rng())
+            .map(|block| WrappedKey::owned_by(block, owner.clone()))
             .map_err(HsmError::Wrap)
     }
 
-    /// Opens a stored key and checks it is of type `kt`.
-    fn load(&self, key: &WrappedKey, kt: KeyType) -> Result<ClearKey, HsmError> {
+    /// Opens a stored key and checks whom it is bound to (module docs).
+    fn open(&self, key: &WrappedKey) -> Result<(KeyBlockHeader, ClearKey), HsmError> {
         let (header, clear) = self.storage.unwrap(&key.0).map_err(HsmError::StoredKey)?;
+        check_owner(&header, key.owner())?;
+        Ok((header, clear))
+    }
+
+    /// Opens a stored key, checks whom it is bound to and that it is of type `kt`.
+    fn load(&self, key: &WrappedKey, kt: KeyType) -> Result<ClearKey, HsmError> {
+        let (header, clear) = self.open(key)?;
         check_usage(&header, kt)?;
         Ok(clear)
     }
 
-    /// Opens a block received from outside, checks its usage and the stated KCV, and stores it.
+    /// Opens a block received from outside, checks its usage and the stated KCV, and stores it
+    /// bound to `owner`.
     fn import_from(
         &self,
         kbpk: &Tr31Kbpk,
         kt: KeyType,
+        owner: &KeyOwner,
         tr31_block: &str,
         expected_kcv: &KeyCheckValue,
     ) -> Result<(WrappedKey, KeyCheckValue), HsmError> {
@@ -273,8 +328,42 @@ impl SoftHsm {
                 computed,
             });
         }
-        Ok((self.store(kt, &key)?, computed))
+        Ok((self.store(kt, &key, owner)?, computed))
     }
+}
+
+/// Id of the optional block binding a stored key to its owner (module docs).
+const OWNER_BLOCK: [u8; 2] = *b"0B";
+
+/// The `0B` data for `owner`: `T` + terminal id (letters, digits, `-`, `_`), or `U` + the
+/// upstream name in hex (names are free text; hex keeps the header printable ASCII).
+fn owner_binding(owner: &KeyOwner) -> String {
+    match owner {
+        KeyOwner::Terminal(t) => format!("T{t}"),
+        KeyOwner::Upstream(name) => format!("U{}", hex::encode(name.as_bytes())),
+    }
+}
+
+/// Checks the binding of a stored block against the owner its row names. A block without a
+/// binding (written before there was one) is accepted for whoever its row names.
+fn check_owner(header: &KeyBlockHeader, claimed: Option<&KeyOwner>) -> Result<(), HsmError> {
+    let Some(bound) = header.optional_blocks.iter().find(|b| b.id == OWNER_BLOCK) else {
+        return Ok(());
+    };
+    if claimed.is_some_and(|owner| owner_binding(owner) == bound.data) {
+        return Ok(());
+    }
+    let claimed = claimed.map_or_else(|| "no owner".to_string(), ToString::to_string);
+    warn!(
+        bound = %bound.data,
+        %claimed,
+        usage = %header.key_usage,
+        "stored key refused: bound to another owner than its key row names (row moved?)"
+    );
+    Err(HsmError::WrongOwner {
+        bound: bound.data.clone(),
+        claimed,
+    })
 }
 
 fn check_usage(header: &KeyBlockHeader, kt: KeyType) -> Result<(), HsmError> {
@@ -303,19 +392,24 @@ pub(crate) fn delivery_header(kt: KeyType) -> Option<KeyBlockHeader> {
 }
 
 impl Hsm for SoftHsm {
-    fn generate_key(&self, kt: KeyType) -> Result<(WrappedKey, KeyCheckValue), HsmError> {
+    fn generate_key(
+        &self,
+        kt: KeyType,
+        owner: &KeyOwner,
+    ) -> Result<(WrappedKey, KeyCheckValue), HsmError> {
         let key = ClearKey::generate(AesKeySize::Aes128, &mut rand::rng());
-        Ok((self.store(kt, &key)?, KeyCheckValue::of(&key)))
+        Ok((self.store(kt, &key, owner)?, KeyCheckValue::of(&key)))
     }
 
     fn import_under_kek(
         &self,
         kt: KeyType,
+        owner: &KeyOwner,
         tr31_block: &str,
         expected_kcv: &KeyCheckValue,
     ) -> Result<(WrappedKey, KeyCheckValue), HsmError> {
         let kek = self.kek.as_ref().ok_or(HsmError::NoKek)?;
-        self.import_from(kek, kt, tr31_block, expected_kcv)
+        self.import_from(kek, kt, owner, tr31_block, expected_kcv)
     }
 
     fn import_under_tmk(
@@ -328,16 +422,40 @@ impl Hsm for SoftHsm {
         if kt == KeyType::Tmk {
             return Err(HsmError::NotExportable(kt));
         }
+        // the delivered key belongs to whoever the TMK belongs to
+        let owner = tmk.owner().cloned().ok_or(HsmError::NoOwner)?;
         let tmk = Tr31Kbpk::new(&self.load(tmk, KeyType::Tmk)?);
-        self.import_from(&tmk, kt, tr31_block, expected_kcv)
+        self.import_from(&tmk, kt, &owner, tr31_block, expected_kcv)
     }
 
     fn import_clear_key(
         &self,
         kt: KeyType,
         key: ClearKey,
+        owner: &KeyOwner,
     ) -> Result<(WrappedKey, KeyCheckValue), HsmError> {
-        Ok((self.store(kt, &key)?, KeyCheckValue::of(&key)))
+        Ok((self.store(kt, &key, owner)?, KeyCheckValue::of(&key)))
+    }
+
+    fn rebind(&self, key: &WrappedKey) -> Result<Option<WrappedKey>, HsmError> {
+        let Some(owner) = key.owner() else {
+            return Ok(None);
+        };
+        let (header, clear) = self.open(key)?;
+        if header.optional_blocks.iter().any(|b| b.id == OWNER_BLOCK) {
+            return Ok(None);
+        }
+        // keep everything else the block said (usage, mode, exportability, other blocks)
+        let mut bound = header;
+        bound.optional_blocks.retain(|b| &b.id != b"PB");
+        bound.optional_blocks.push(OptionalBlock {
+            id: OWNER_BLOCK,
+            data: owner_binding(owner),
+        });
+        self.storage
+            .wrap_with(&bound, &clear, &mut rand::rng())
+            .map(|block| Some(WrappedKey::owned_by(block, owner.clone())))
+            .map_err(HsmError::Wrap)
     }
 
     fn export_under_tmk(
@@ -354,7 +472,7 @@ impl Hsm for SoftHsm {
     }
 
     fn kcv(&self, key: &WrappedKey) -> Result<KeyCheckValue, HsmError> {
-        let (_, clear) = self.storage.unwrap(&key.0).map_err(HsmError::StoredKey)?;
+        let (_, clear) = self.open(key)?;
         Ok(KeyCheckValue::of(&clear))
     }
 
@@ -516,6 +634,16 @@ mod tests {
         )
     }
 
+    /// The terminal the keys of these tests belong to.
+    fn owner() -> KeyOwner {
+        KeyOwner::Terminal(crate::domain::TerminalId::new("ATM00001").unwrap())
+    }
+
+    /// The upstream of the link-key tests.
+    fn upstream() -> KeyOwner {
+        KeyOwner::Upstream("issuer-b".into())
+    }
+
     /// A terminal's TMK, registered through the KEK as `POST /v1/terminals` does.
     fn register_tmk(hsm: &SoftHsm) -> (ClearKey, WrappedKey) {
         let tmk = ClearKey::from_hex("0F0E0D0C0B0A09080706050403020100").unwrap();
@@ -526,7 +654,7 @@ mod tests {
         );
         let block = tr31::wrap(Kek::from_hex(KEK).unwrap().key(), &header, &tmk).unwrap();
         let (wrapped, kcv) = hsm
-            .import_under_kek(KeyType::Tmk, &block, &KeyCheckValue::of(&tmk))
+            .import_under_kek(KeyType::Tmk, &owner(), &block, &KeyCheckValue::of(&tmk))
             .unwrap();
         assert_eq!(kcv, KeyCheckValue::of(&tmk));
         (tmk, wrapped)
@@ -534,7 +662,7 @@ mod tests {
 
     /// What the terminal gets out of field 120.
     fn deliver(hsm: &SoftHsm, tmk: &(ClearKey, WrappedKey), kt: KeyType) -> (WrappedKey, ClearKey) {
-        let (wrapped, kcv) = hsm.generate_key(kt).unwrap();
+        let (wrapped, kcv) = hsm.generate_key(kt, &owner()).unwrap();
         let block = hsm.export_under_tmk(&tmk.1, &wrapped, kt).unwrap();
         let (header, clear) = tr31::unwrap(&tmk.0, &block).unwrap();
         assert_eq!(Some(header), delivery_header(kt));
@@ -555,7 +683,7 @@ mod tests {
         let block = tr31::wrap(kek.key(), &k0, &tmk).unwrap();
         let wrong: KeyCheckValue = "000000".parse().unwrap();
         let err = hsm
-            .import_under_kek(KeyType::Tmk, &block, &wrong)
+            .import_under_kek(KeyType::Tmk, &owner(), &block, &wrong)
             .unwrap_err();
         assert!(matches!(err, HsmError::KcvMismatch { .. }), "{err}");
 
@@ -566,7 +694,7 @@ mod tests {
         );
         let block_p0 = tr31::wrap(kek.key(), &p0, &tmk).unwrap();
         let err = hsm
-            .import_under_kek(KeyType::Tmk, &block_p0, &KeyCheckValue::of(&tmk))
+            .import_under_kek(KeyType::Tmk, &owner(), &block_p0, &KeyCheckValue::of(&tmk))
             .unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -575,13 +703,13 @@ mod tests {
 
         let tampered = block.replacen("K0AB", "K0AE", 1);
         assert!(matches!(
-            hsm.import_under_kek(KeyType::Tmk, &tampered, &KeyCheckValue::of(&tmk)),
+            hsm.import_under_kek(KeyType::Tmk, &owner(), &tampered, &KeyCheckValue::of(&tmk)),
             Err(HsmError::ImportBlock(Tr31Error::Mac))
         ));
 
         let no_kek = SoftHsm::new(Lmk::from_hex(LMK).unwrap(), None);
         assert!(matches!(
-            no_kek.import_under_kek(KeyType::Tmk, &block, &KeyCheckValue::of(&tmk)),
+            no_kek.import_under_kek(KeyType::Tmk, &owner(), &block, &KeyCheckValue::of(&tmk)),
             Err(HsmError::NoKek)
         ));
     }
@@ -651,8 +779,8 @@ mod tests {
     fn key_separation_is_enforced() {
         let hsm = hsm();
         let tmk = register_tmk(&hsm);
-        let (tpk, _) = hsm.generate_key(KeyType::Tpk).unwrap();
-        let (tak, _) = hsm.generate_key(KeyType::Tak).unwrap();
+        let (tpk, _) = hsm.generate_key(KeyType::Tpk, &owner()).unwrap();
+        let (tak, _) = hsm.generate_key(KeyType::Tak, &owner()).unwrap();
         // A TPK cannot MAC, a TAK cannot decipher PINs, neither can act as a TMK.
         assert!(matches!(
             hsm.generate_mac(&tpk, b"x"),
@@ -690,7 +818,7 @@ mod tests {
     #[test]
     fn stored_keys_are_bound_to_the_lmk() {
         let hsm = hsm();
-        let (tak, kcv) = hsm.generate_key(KeyType::Tak).unwrap();
+        let (tak, kcv) = hsm.generate_key(KeyType::Tak, &owner()).unwrap();
         assert_eq!(hsm.kcv(&tak).unwrap(), kcv);
         assert!(tak.0.starts_with('D'), "stored as a TR-31 D block");
         let other = SoftHsm::new(Lmk::from_hex(&LMK.replace('F', "E")).unwrap(), None);
@@ -702,11 +830,11 @@ mod tests {
         let again = SoftHsm::new(Lmk::from_hex(LMK).unwrap(), None);
         assert_eq!(again.kcv(&tak).unwrap(), kcv);
         assert!(matches!(
-            hsm.kcv(&WrappedKey("D0016garbage".into())),
+            hsm.kcv(&WrappedKey::new("D0016garbage")),
             Err(HsmError::StoredKey(_))
         ));
         // Two generated keys differ.
-        assert_ne!(hsm.generate_key(KeyType::Tak).unwrap().1, kcv);
+        assert_ne!(hsm.generate_key(KeyType::Tak, &owner()).unwrap().1, kcv);
     }
 
     #[test]
@@ -742,11 +870,13 @@ mod tests {
         let acquirer = SoftHsm::new(Lmk::from_hex(&LMK.replace('0', "7")).unwrap(), None);
         let shared = ClearKey::from_hex("00112233445566770011223344556677").unwrap();
         let (issuer_tmk, kcv1) = issuer
-            .import_clear_key(KeyType::Tmk, shared.clone())
+            .import_clear_key(KeyType::Tmk, shared.clone(), &upstream())
             .unwrap();
-        let (acquirer_tmk, kcv2) = acquirer.import_clear_key(KeyType::Tmk, shared).unwrap();
+        let (acquirer_tmk, kcv2) = acquirer
+            .import_clear_key(KeyType::Tmk, shared, &upstream())
+            .unwrap();
         assert_eq!(kcv1, kcv2);
-        let (tak, kcv) = issuer.generate_key(KeyType::Tak).unwrap();
+        let (tak, kcv) = issuer.generate_key(KeyType::Tak, &owner()).unwrap();
         let block = issuer
             .export_under_tmk(&issuer_tmk, &tak, KeyType::Tak)
             .unwrap();
@@ -760,6 +890,135 @@ mod tests {
             acquirer.import_under_tmk(&acquirer_tmk, KeyType::Tpk, &block, &kcv),
             Err(HsmError::WrongKeyType { .. })
         ));
+        // the delivered key belongs to the upstream whose TMK it came under, and only to it
+        assert_eq!(link_tak.owner(), Some(&upstream()));
+        let elsewhere =
+            WrappedKey::owned_by(link_tak.0.clone(), KeyOwner::Upstream("other".into()));
+        assert!(matches!(
+            acquirer.generate_mac(&elsewhere, b"0200..."),
+            Err(HsmError::WrongOwner { .. })
+        ));
+        assert!(matches!(
+            acquirer.import_under_tmk(
+                &WrappedKey::new(acquirer_tmk.0.clone()),
+                KeyType::Tak,
+                &block,
+                &kcv
+            ),
+            Err(HsmError::NoOwner)
+        ));
+    }
+
+    fn other_terminal() -> KeyOwner {
+        KeyOwner::Terminal(crate::domain::TerminalId::new("ATM00002").unwrap())
+    }
+
+    #[test]
+    fn stored_keys_open_only_for_the_terminal_they_are_bound_to() {
+        let hsm = hsm();
+        let (tak, kcv) = hsm.generate_key(KeyType::Tak, &owner()).unwrap();
+        assert_eq!(tak.owner(), Some(&owner()));
+        let mac = hsm.generate_mac(&tak, b"data").unwrap();
+        assert!(hsm.verify_mac(&tak, b"data", &mac).unwrap());
+        assert_eq!(hsm.kcv(&tak).unwrap(), kcv);
+
+        // the row was moved to another terminal: the key is refused for every use
+        let moved = WrappedKey::owned_by(tak.0.clone(), other_terminal());
+        for refused in [
+            hsm.verify_mac(&moved, b"data", &mac).map(|_| ()),
+            hsm.generate_mac(&moved, b"data").map(|_| ()),
+            hsm.kcv(&moved).map(|_| ()),
+            // nobody said whose it is: it cannot be checked, so it is refused too
+            hsm.generate_mac(&WrappedKey::new(tak.0.clone()), b"data")
+                .map(|_| ()),
+            // an upstream named like the terminal is someone else
+            hsm.generate_mac(
+                &WrappedKey::owned_by(tak.0.clone(), KeyOwner::Upstream("ATM00001".into())),
+                b"data",
+            )
+            .map(|_| ()),
+        ] {
+            match refused {
+                Err(HsmError::WrongOwner { bound, claimed }) => {
+                    assert_eq!(bound, "TATM00001");
+                    assert_ne!(claimed, bound);
+                }
+                other => panic!("expected WrongOwner, got {other:?}"),
+            }
+        }
+        let tmk = register_tmk(&hsm);
+        let (tpk, _) = hsm.generate_key(KeyType::Tpk, &owner()).unwrap();
+        let pvv = hsm.make_pvv(PAN, &ClearPin::new("1234").unwrap()).unwrap();
+        let moved_tpk = WrappedKey::owned_by(tpk.0.clone(), other_terminal());
+        assert!(matches!(
+            hsm.verify_pin(&moved_tpk, PAN, &[0u8; 16], &pvv),
+            Err(HsmError::WrongOwner { .. })
+        ));
+        assert!(matches!(
+            hsm.export_under_tmk(&tmk.1, &moved_tpk, KeyType::Tpk),
+            Err(HsmError::WrongOwner { .. })
+        ));
+
+        // the binding is inside the authenticated header: editing it breaks the block
+        let edited =
+            WrappedKey::owned_by(tak.0.replace("TATM00001", "TATM00002"), other_terminal());
+        assert_ne!(edited.0, tak.0);
+        assert!(matches!(
+            hsm.generate_mac(&edited, b"data"),
+            Err(HsmError::StoredKey(Tr31Error::Mac))
+        ));
+        // and the error names owners, never key material
+        let text = hsm.kcv(&moved).unwrap_err().to_string();
+        assert!(
+            text.contains("TATM00001") && !text.contains(&tak.0[16..]),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn blocks_stored_before_binding_are_accepted_and_rebound() {
+        let hsm = hsm();
+        let clear = ClearKey::from_hex("00112233445566778899AABBCCDDEEFF").unwrap();
+        // what earlier versions stored: no optional blocks
+        let legacy_header = KeyBlockHeader::new(
+            KeyUsage::AES_CMAC,
+            ModeOfUse::GenerateAndVerify,
+            Exportability::Exportable,
+        );
+        let legacy = hsm
+            .storage
+            .wrap_with(&legacy_header, &clear, &mut rand::rng())
+            .unwrap();
+        // the store finds such rows by this (`Database::unbound_keys`)
+        assert_eq!(&legacy[12..14], "00");
+        let row = WrappedKey::owned_by(legacy, owner());
+        let mac = hsm.generate_mac(&row, b"x").unwrap();
+
+        let bound = hsm.rebind(&row).unwrap().expect("re-wrapped");
+        assert_ne!(&bound.0[12..14], "00");
+        assert_eq!(bound.owner(), Some(&owner()));
+        assert_eq!(hsm.generate_mac(&bound, b"x").unwrap(), mac, "the same key");
+        assert_eq!(hsm.kcv(&bound).unwrap(), KeyCheckValue::of(&clear));
+        assert!(hsm.rebind(&bound).unwrap().is_none(), "already bound");
+        assert!(matches!(
+            hsm.generate_mac(
+                &WrappedKey::owned_by(bound.0.clone(), other_terminal()),
+                b"x"
+            ),
+            Err(HsmError::WrongOwner { .. })
+        ));
+        assert!(matches!(
+            hsm.rebind(&WrappedKey::owned_by(bound.0.clone(), other_terminal())),
+            Err(HsmError::WrongOwner { .. })
+        ));
+        assert!(
+            hsm.rebind(&WrappedKey::new(row.0.clone()))
+                .unwrap()
+                .is_none()
+        );
+        // keys made now are bound from the start
+        let (fresh, _) = hsm.generate_key(KeyType::Tpk, &owner()).unwrap();
+        assert!(hsm.rebind(&fresh).unwrap().is_none());
     }
 
     #[test]

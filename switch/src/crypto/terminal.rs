@@ -69,6 +69,9 @@ pub struct TerminalKeys {
     tmk: ClearKey,
     tpk: Option<ClearKey>,
     tak: Option<CmacKey>,
+    /// The TAK the last key change replaced: an answer to a request the switch took before the
+    /// change was confirmed may still come under it.
+    previous_tak: Option<CmacKey>,
     tpk_kcv: Option<KeyCheckValue>,
     tak_kcv: Option<KeyCheckValue>,
 }
@@ -80,6 +83,7 @@ impl TerminalKeys {
             tmk,
             tpk: None,
             tak: None,
+            previous_tak: None,
             tpk_kcv: None,
             tak_kcv: None,
         }
@@ -134,7 +138,10 @@ impl TerminalKeys {
                 self.tpk_kcv = Some(computed);
             }
             KeyType::Tak => {
-                self.tak = Some(CmacKey::new(&key));
+                // the same key delivered again (a repeated 161) is no change
+                if self.tak_kcv != Some(computed) {
+                    self.previous_tak = self.tak.replace(CmacKey::new(&key));
+                }
                 self.tak_kcv = Some(computed);
             }
             KeyType::Tmk => return Err(TerminalError::TmkDelivery),
@@ -184,6 +191,19 @@ impl TerminalKeys {
     pub fn verify_mac(&self, data: &[u8], mac: &[u8]) -> Result<bool, TerminalError> {
         Ok(self.mac(data)?.as_slice().ct_eq(mac).into())
     }
+
+    /// Checks the MAC of an answer: under the TAK (the switch answers under its ACTIVE TAK,
+    /// which this terminal confirmed before it became ACTIVE), or under the one the last key
+    /// change replaced (an answer to a request the switch took just before the change).
+    pub fn verify_answer_mac(&self, data: &[u8], mac: &[u8]) -> Result<bool, TerminalError> {
+        if self.verify_mac(data, mac)? {
+            return Ok(true);
+        }
+        Ok(self
+            .previous_tak
+            .as_ref()
+            .is_some_and(|tak| bool::from(leftmost8(&tak.compute(&[data])).as_slice().ct_eq(mac))))
+    }
 }
 
 impl std::fmt::Debug for TerminalKeys {
@@ -201,6 +221,7 @@ mod tests {
     use super::*;
     use crate::crypto::hsm::{Hsm, PinCheck, SoftHsm};
     use crate::crypto::keys::Lmk;
+    use crate::domain::KeyOwner;
 
     const KEK: &str = "89E88CF7931444F334BD7547FC3F380C";
     const PAN: &str = "6011000000000004";
@@ -212,6 +233,7 @@ mod tests {
             Lmk::generate(&mut rand::rng()),
             Some(Kek::from_hex(KEK).unwrap()),
         );
+        let owner = KeyOwner::Terminal(crate::domain::TerminalId::new("ATM00001").unwrap());
         let mut atm = TerminalKeys::generate(&mut rand::rng());
         assert!(matches!(
             atm.mac(b"x"),
@@ -222,11 +244,13 @@ mod tests {
             .wrap_tmk_under_kek(&Kek::from_hex(KEK).unwrap())
             .unwrap();
         assert!(block.starts_with("D0144K0AB00N0000"), "{block}");
-        let (tmk, _) = hsm.import_under_kek(KeyType::Tmk, &block, &kcv).unwrap();
+        let (tmk, _) = hsm
+            .import_under_kek(KeyType::Tmk, &owner, &block, &kcv)
+            .unwrap();
 
         let mut wrapped = Vec::new();
         for kt in [KeyType::Tpk, KeyType::Tak] {
-            let (key, kcv) = hsm.generate_key(kt).unwrap();
+            let (key, kcv) = hsm.generate_key(kt, &owner).unwrap();
             let field120 = hsm.export_under_tmk(&tmk, &key, kt).unwrap();
             assert_eq!(atm.accept_key_block(kt, &field120, &kcv).unwrap(), kcv);
             assert_eq!(atm.kcv(kt), Some(kcv));
@@ -265,18 +289,21 @@ mod tests {
             Lmk::generate(&mut rand::rng()),
             Some(Kek::from_hex(KEK).unwrap()),
         );
+        let owner = KeyOwner::Terminal(crate::domain::TerminalId::new("ATM00001").unwrap());
         let mut atm = TerminalKeys::generate(&mut rand::rng());
         let (block, kcv) = atm
             .wrap_tmk_under_kek(&Kek::from_hex(KEK).unwrap())
             .unwrap();
-        let (tmk, _) = hsm.import_under_kek(KeyType::Tmk, &block, &kcv).unwrap();
-        let (tak, tak_kcv) = hsm.generate_key(KeyType::Tak).unwrap();
+        let (tmk, _) = hsm
+            .import_under_kek(KeyType::Tmk, &owner, &block, &kcv)
+            .unwrap();
+        let (tak, tak_kcv) = hsm.generate_key(KeyType::Tak, &owner).unwrap();
         let field120 = hsm.export_under_tmk(&tmk, &tak, KeyType::Tak).unwrap();
         atm.accept_key_block(KeyType::Tak, &field120, &tak_kcv)
             .unwrap();
         let mac_before = atm.mac(b"msg").unwrap();
 
-        let (tak2, tak2_kcv) = hsm.generate_key(KeyType::Tak).unwrap();
+        let (tak2, tak2_kcv) = hsm.generate_key(KeyType::Tak, &owner).unwrap();
         let field120 = hsm.export_under_tmk(&tmk, &tak2, KeyType::Tak).unwrap();
         let wrong: KeyCheckValue = "ABCDEF".parse().unwrap();
         assert!(matches!(

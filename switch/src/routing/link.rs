@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 use super::backoff::ReconnectBackoff;
 use super::breaker::{BreakerConfig, CircuitBreaker};
 use crate::crypto::{ClearKey, Hsm, KeyCheckValue};
-use crate::domain::{KeyType, TerminalId, WrappedKey};
+use crate::domain::{KeyOwner, KeyType, TerminalId, WrappedKey};
 use crate::iso8583::{Message, Mti, Packager, decode_frame, encode_frame};
 use crate::metrics::Metrics;
 use crate::settings::UpstreamSettings;
@@ -248,7 +248,11 @@ impl UpstreamLink {
             .map_err(|e| invalid(format!("tmk_file {}: {e}", path.display())))?;
         let (tmk, _) = deps
             .hsm
-            .import_clear_key(KeyType::Tmk, clear)
+            .import_clear_key(
+                KeyType::Tmk,
+                clear,
+                &KeyOwner::Upstream(settings.name.clone()),
+            )
             .map_err(|e| invalid(format!("tmk_file {}: {e}", path.display())))?;
         let breaker = CircuitBreaker::new(BreakerConfig::from(&settings.circuit_breaker));
         let link = Arc::new(Self {
@@ -470,16 +474,50 @@ impl UpstreamLink {
                 return Err(LinkError::Timeout(self.name.clone(), timeout));
             }
         };
-        if !matches!(answer.code(), "63" | "58") && !self.answer_mac_ok(live, &answer.message, mac)
+        if !matches!(answer.code(), "63" | "58")
+            && !self.answer_mac_ok(&live.tak, &answer.message, mac)
+            && !(mac == LinkMac::Tak && self.adopt_newer_keys(live, &answer.message).await)
         {
             return Err(LinkError::BadMac(self.name.clone()));
         }
         Ok(answer)
     }
 
-    /// Financial answers are MACed by the issuer under the link TAK, network-management answers
-    /// under K_NM (SPEC §3); declines for a format or MAC problem may come without one.
-    fn answer_mac_ok(&self, live: &Live, answer: &Message, mac_key: LinkMac) -> bool {
+    /// The issuer MACs its answers under its ACTIVE TAK only (NIST SP 800-57). When another
+    /// process of this acquirer exchanged newer link keys, ours is in its grace window at the
+    /// issuer: it still verifies our requests, but the answers come under the newer TAK, which
+    /// the store holds. If the answer verifies under the stored TAK, this connection takes the
+    /// stored pair (the issuer's ACTIVE keys) and the answer is accepted.
+    async fn adopt_newer_keys(&self, live: &Live, answer: &Message) -> bool {
+        let Ok(Some(stored)) = self.deps.store.link_keys(&self.name).await else {
+            return false;
+        };
+        if stored.tak == live.tak || !self.answer_mac_ok(&stored.tak, answer, LinkMac::Tak) {
+            return false;
+        }
+        *lock(&self.keys_exchanged_at) = Some(stored.exchanged_at);
+        let newer = Arc::new(Live {
+            out: live.out.clone(),
+            pending: live.pending.clone(),
+            tpk: stored.tpk,
+            tak: stored.tak,
+            lost: live.lost.clone(),
+        });
+        if let Ok(mut slot) = self.live.write()
+            && slot
+                .as_ref()
+                .is_some_and(|current| Arc::ptr_eq(&current.pending, &live.pending))
+        {
+            // still the same connection: requests from now on go out under the newer keys
+            *slot = Some(newer);
+        }
+        info!(upstream = %self.name, "issuer answers under newer link keys; using them");
+        true
+    }
+
+    /// Financial answers are MACed by the issuer under the link TAK (`tak`), network-management
+    /// answers under K_NM (SPEC §3); declines for a format or MAC problem may come without one.
+    fn answer_mac_ok(&self, tak: &WrappedKey, answer: &Message, mac_key: LinkMac) -> bool {
         let field = if answer.has(128) { 128 } else { 64 };
         let Some(mac) = answer.get(field).map(<[u8]>::to_vec) else {
             // answers to what the issuer could not authenticate or place carry no MAC
@@ -491,7 +529,7 @@ impl UpstreamLink {
             return false;
         };
         let verified = match mac_key {
-            LinkMac::Tak => self.deps.hsm.verify_mac(&live.tak, &input, &mac),
+            LinkMac::Tak => self.deps.hsm.verify_mac(tak, &input, &mac),
             LinkMac::NetworkManagement => {
                 self.deps
                     .hsm
@@ -585,8 +623,8 @@ impl UpstreamLink {
         let mut live = Live {
             out,
             pending,
-            tpk: WrappedKey(String::new()),
-            tak: WrappedKey(String::new()),
+            tpk: WrappedKey::new(String::new()),
+            tak: WrappedKey::new(String::new()),
             lost: lost.clone(),
         };
         let sign_on = self.network(&live, "001", &[]).await?;

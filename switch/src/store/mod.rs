@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use sqlx::SqlSafeStr;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 
-use crate::domain::{KeyState, KeyType, ResponseCode, TerminalId};
+use crate::domain::{KeyOwner, KeyState, KeyType, ResponseCode, TerminalId, WrappedKey};
 
 mod error;
 mod idempotency;
@@ -132,6 +132,23 @@ pub trait Database: Send + Sync + std::fmt::Debug {
         kt: KeyType,
         now: DateTime<Utc>,
     ) -> Result<UsableKeys, StoreError>;
+    /// Key rows, by id after `after`, at most `limit`, whose block may carry no owner binding
+    /// (written before keys were bound to their terminal, SPEC §4): a TR-31 header without
+    /// optional blocks (characters 13–14 `00`), which every binding block adds. The HSM decides
+    /// for each ([`crate::crypto::Hsm::rebind`]).
+    async fn unbound_keys(
+        &self,
+        after: Option<&KeyId>,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Replaces a key row's block with `new` (the same key re-wrapped, bound to its owner) iff
+    /// the row still holds `old`; returns whether it did.
+    async fn rewrap_key(
+        &self,
+        id: &KeyId,
+        old: &WrappedKey,
+        new: &WrappedKey,
+    ) -> Result<bool, StoreError>;
     /// Moves a key through its lifecycle (SPEC §4); one transaction and one audit record.
     async fn transition_key(
         &self,
@@ -174,10 +191,21 @@ pub trait Database: Send + Sync + std::fmt::Debug {
     async fn get_card(&self, id: &CardId) -> Result<Option<Card>, StoreError>;
     /// One card by PAN token.
     async fn find_card(&self, pan_token: &str) -> Result<Option<Card>, StoreError>;
-    /// Counts one more wrong PIN; returns the new count (≥ [`PIN_TRIES_LIMIT`] means blocked).
-    async fn record_pin_failure(&self, card: &CardId) -> Result<u32, StoreError>;
-    /// A correct PIN ends the run of wrong ones.
-    async fn clear_pin_failures(&self, card: &CardId) -> Result<(), StoreError>;
+    /// Reserves one PIN try on the card before its PIN is checked (SPEC §4), in one statement,
+    /// so concurrent requests never get more than [`PIN_TRIES_LIMIT`] tries between resets:
+    /// `Reserved` while settled wrong PINs plus tries still in flight (reserved less than
+    /// [`PIN_RESERVATION_TTL`] ago) stay below the limit; else `Exhausted` when the settled
+    /// ones alone reach it (blocked), `InFlight` when tries in flight fill the rest. `NotFound`
+    /// for an unknown card. The try is settled by [`Database::authorize`] ([`AuthRequest::pin_try`])
+    /// or given back with [`Database::release_pin_try`].
+    async fn reserve_pin_try(
+        &self,
+        card: &CardId,
+        now: DateTime<Utc>,
+    ) -> Result<PinReservation, StoreError>;
+    /// Gives back a reserved try that will not be settled (the request failed before its
+    /// journal transaction committed): it counts as no try at all.
+    async fn release_pin_try(&self, card: &CardId) -> Result<(), StoreError>;
     /// New PVV, tries back to 0. Audited.
     async fn reset_pin(&self, card: &CardId, pvv: &str, actor: &str) -> Result<(), StoreError>;
 
@@ -354,6 +382,11 @@ const SQLITE_MIGRATIONS: &[EmbeddedMigration] = &[
         sql: include_str!("../../../migrations/sqlite/20261130000100_accepted_sign_ons.sql"),
     },
     EmbeddedMigration {
+        version: 20261130010000,
+        description: "pin_reservations",
+        sql: include_str!("../../../migrations/sqlite/20261130010000_pin_reservations.sql"),
+    },
+    EmbeddedMigration {
         version: 20261130020000,
         description: "idempotency_claims",
         sql: include_str!("../../../migrations/sqlite/20261130020000_idempotency_claims.sql"),
@@ -396,6 +429,11 @@ const POSTGRES_MIGRATIONS: &[EmbeddedMigration] = &[
         version: 20261130000100,
         description: "accepted_sign_ons",
         sql: include_str!("../../../migrations/postgres/20261130000100_accepted_sign_ons.sql"),
+    },
+    EmbeddedMigration {
+        version: 20261130010000,
+        description: "pin_reservations",
+        sql: include_str!("../../../migrations/postgres/20261130010000_pin_reservations.sql"),
     },
     EmbeddedMigration {
         version: 20261130020000,
@@ -589,6 +627,13 @@ fn validate_auth_request(req: &AuthRequest) -> Result<(), StoreError> {
         (_, Some(_), true) => Some("issuerAnswer and forcePost"),
         _ => None,
     };
+    if let Some(PinTry { correct: false, .. }) = &req.pin_try
+        && req.decline != Some(ResponseCode::IncorrectPin)
+    {
+        return Err(StoreError::invalid(
+            "pinTry: a wrong PIN is declined 55 (the store makes it 75 on the third)",
+        ));
+    }
     match conflict {
         Some(both) => Err(StoreError::invalid(format!(
             "{both}: a request is stood in for at the acquirer, answered by its issuer, or \
@@ -609,6 +654,51 @@ fn issuer_journal_answer(answer: &IssuerAnswer) -> (ResponseCode, Answer<'_>) {
             ..Answer::default()
         },
     )
+}
+
+// PIN tries (SPEC §4; the columns are described in the `pin_reservations` migration). The SQL is
+// the same on both backends; `$n` placeholders, integer or TIMESTAMPTZ times.
+
+// The limit is written into the statements below as the literal 3.
+const _: () = assert!(PIN_TRIES_LIMIT == 3);
+
+/// Reserves a try: `$1` card, `$2` now, `$3` now − [`PIN_RESERVATION_TTL`]. Reservations whose
+/// newest is older than `$3` no longer count (a process died holding them). One statement, so
+/// the check and the increment are atomic (SQLite's write lock; PostgreSQL's row lock, with the
+/// condition re-checked on the updated row). Returns a row only when a try was reserved.
+const RESERVE_PIN_TRY: &str = "UPDATE cards SET \
+     pin_pending = CASE WHEN pin_pending_at IS NULL OR pin_pending_at < $3 THEN 1 \
+                        ELSE pin_pending + 1 END, \
+     pin_pending_at = $2 \
+     WHERE id = $1 AND pin_tries + CASE WHEN pin_pending_at IS NULL OR pin_pending_at < $3 \
+                                         THEN 0 ELSE pin_pending END < 3 \
+     RETURNING pin_tries";
+
+/// Settles a reserved try in the journal transaction: `$1` card, `$2` whether the PIN was
+/// correct. A correct PIN ends the run of settled wrong PINs; a wrong one extends it (never past
+/// the limit, even if a stale reservation was forgotten). Either way its reservation is given
+/// back, and the others in flight are left alone. Returns the settled wrong PINs.
+const SETTLE_PIN_TRY: &str = "UPDATE cards SET \
+     pin_tries = CASE WHEN $2 THEN 0 WHEN pin_tries >= 3 THEN pin_tries ELSE pin_tries + 1 END, \
+     pin_pending = CASE WHEN pin_pending > 0 THEN pin_pending - 1 ELSE 0 END \
+     WHERE id = $1 RETURNING pin_tries";
+
+/// Gives a reserved try back without settling it: `$1` card.
+const RELEASE_PIN_TRY: &str = "UPDATE cards SET \
+     pin_pending = CASE WHEN pin_pending > 0 THEN pin_pending - 1 ELSE 0 END WHERE id = $1";
+
+/// The code a settled wrong PIN is journaled with: `55`, or `75` once it made three.
+fn wrong_pin_code(settled_tries: i64) -> ResponseCode {
+    if settled_tries >= i64::from(PIN_TRIES_LIMIT) {
+        ResponseCode::PinTriesExceeded
+    } else {
+        ResponseCode::IncorrectPin
+    }
+}
+
+/// The oldest reservation time that still counts at `now`.
+fn pin_reservation_cutoff(now: DateTime<Utc>) -> DateTime<Utc> {
+    now - chrono::Duration::from_std(PIN_RESERVATION_TTL).unwrap_or(chrono::Duration::zero())
 }
 
 /// Highest STAN; field 11 has six digits and `000000` is not used, so STANs wrap to 1.
@@ -640,6 +730,15 @@ fn validate_link_keys(upstream: &str, keys: &LinkKeys) -> Result<(), StoreError>
     validate_printable("upstream", upstream)?;
     if keys.tpk.0.is_empty() || keys.tak.0.is_empty() {
         return Err(StoreError::invalid("link keys: a wrapped key is empty"));
+    }
+    let ours = KeyOwner::Upstream(upstream.to_string());
+    if [&keys.tpk, &keys.tak]
+        .iter()
+        .any(|k| k.owner().is_some_and(|owner| *owner != ours))
+    {
+        return Err(StoreError::invalid(format!(
+            "link keys: made for another owner than upstream {upstream}"
+        )));
     }
     Ok(())
 }
@@ -704,6 +803,16 @@ fn validate_new_key(k: &NewKey) -> Result<(), StoreError> {
     }
     if k.wrapped.0.is_empty() {
         return Err(StoreError::invalid("wrapped key: empty"));
+    }
+    // the HSM binds a key to the terminal it made it for; storing it on another row would only
+    // make a key that refuses to open
+    if let Some(owner) = k.wrapped.owner()
+        && *owner != KeyOwner::Terminal(k.terminal_id.clone())
+    {
+        return Err(StoreError::invalid(format!(
+            "wrapped key: made for {owner}, not for terminal {}",
+            k.terminal_id
+        )));
     }
     grace_seconds_delta(k.grace_seconds)?;
     Ok(())

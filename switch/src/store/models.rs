@@ -502,6 +502,46 @@ impl fmt::Debug for Card {
 /// Consecutive wrong PINs after which the card's PIN is blocked (SPEC §4).
 pub const PIN_TRIES_LIMIT: u32 = 3;
 
+/// How long a reserved PIN try ([`super::Database::reserve_pin_try`]) counts while its request
+/// has not settled it. A request settles its try within seconds (HSM check, then the journal
+/// transaction, whose connection wait is bounded by the pool's acquire timeout); only a process
+/// that died between reserving and settling leaves one behind, and it must not cost the
+/// cardholder a try forever. Reservations are counted per card, not one by one: they stop
+/// counting together once the card's newest reservation is this old.
+pub const PIN_RESERVATION_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What [`super::Database::reserve_pin_try`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinReservation {
+    /// A try is reserved for this request: check the PIN, then settle it ([`PinTry`] in the
+    /// journal transaction) or release it.
+    Reserved,
+    /// Three consecutive wrong PINs are settled: the card is blocked (`75`), the PIN is not
+    /// checked.
+    Exhausted,
+    /// Fewer than three wrong PINs are settled, but tries other requests reserved and are still
+    /// checking make three: ask again once they settle.
+    InFlight,
+}
+
+/// A PIN try reserved for a request and checked in the HSM, settled by
+/// [`super::Database::authorize`] in the journal transaction, so the count and the journal row
+/// that explains it commit (or vanish) together:
+/// - a wrong PIN turns the reservation into a consecutive failure (`pin_tries + 1`); the
+///   journal gets `55`, or `75` when that makes three;
+/// - a correct PIN ends the run of settled wrong PINs (`pin_tries = 0`) and gives back its own
+///   reservation, but leaves the tries other requests reserved and are still checking: they
+///   settle after it, as wrong PINs following the correct one;
+/// - a request that turns out to be a duplicate only gives its reservation back (the original
+///   already counted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinTry {
+    /// The card the try was reserved on.
+    pub card_id: CardId,
+    /// Whether the PIN matched the card's PVV.
+    pub correct: bool,
+}
+
 /// What identifies a request (SPEC §3 duplicates): terminal, STAN (field 11), transmission
 /// date-time (field 7).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
@@ -603,6 +643,10 @@ pub struct AuthRequest {
     /// `upstream:MTI:STAN:transmission` of the message sent (or advised) to an issuer for this
     /// request, kept in the journal so a later reversal can be forwarded.
     pub upstream_ref: Option<String>,
+    /// The PIN try this request reserved and checked, settled in the journal transaction (see
+    /// [`PinTry`]). A wrong PIN must come with `decline` = `55`; the store journals `75` instead
+    /// when it is the third consecutive one.
+    pub pin_try: Option<PinTry>,
 }
 
 /// How much an issuer force-posts from one acquirer station's advices (`[stations]`).
@@ -875,7 +919,7 @@ mod tests {
             version: 1,
             state: KeyState::Active,
             kcv: "1A2B3C".into(),
-            wrapped: WrappedKey("DEADBEEFWRAPPED".into()),
+            wrapped: WrappedKey::new("DEADBEEFWRAPPED"),
             rotation_id: None,
             grace_seconds: 300,
             created_at: Utc::now(),
@@ -892,8 +936,8 @@ mod tests {
     #[test]
     fn link_keys_debug_hides_the_keys() {
         let keys = LinkKeys {
-            tpk: WrappedKey("WRAPPEDTPKBYTES".into()),
-            tak: WrappedKey("WRAPPEDTAKBYTES".into()),
+            tpk: WrappedKey::new("WRAPPEDTPKBYTES"),
+            tak: WrappedKey::new("WRAPPEDTAKBYTES"),
             exchanged_at: Utc::now(),
         };
         let shown = format!("{keys:?}");

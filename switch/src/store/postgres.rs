@@ -20,7 +20,7 @@ use sqlx::{AssertSqlSafe, Postgres, Row, Transaction, TypeInfo, ValueRef};
 use super::error::is_foreign_key_violation;
 use super::saf;
 use super::*;
-use crate::domain::{KeyState, KeyType, ResponseCode, TerminalId, WrappedKey};
+use crate::domain::{KeyOwner, KeyState, KeyType, ResponseCode, TerminalId, WrappedKey};
 
 macro_rules! terminal_cols {
     () => {
@@ -164,15 +164,20 @@ fn terminal_from_row(row: &PgRow) -> Result<Terminal, StoreError> {
 
 fn key_from_row(row: &PgRow) -> Result<KeyRecord, StoreError> {
     let rotation: Option<String> = row.try_get("rotation_id")?;
+    let terminal_id = parse_terminal_id(row.try_get("terminal_id")?, "keys.terminal_id")?;
     Ok(KeyRecord {
         id: KeyId::new(row.try_get::<String, _>("id")?)
             .map_err(|_| StoreError::corrupt("keys.id"))?,
-        terminal_id: parse_terminal_id(row.try_get("terminal_id")?, "keys.terminal_id")?,
         key_type: parse_key_type(row.try_get("key_type")?)?,
         version: row.try_get("version")?,
         state: parse_key_state(row.try_get("state")?)?,
         kcv: row.try_get("kcv")?,
-        wrapped: WrappedKey(row.try_get("wrapped")?),
+        // the row's terminal is who the HSM checks the key's binding against
+        wrapped: WrappedKey::owned_by(
+            row.try_get::<String, _>("wrapped")?,
+            KeyOwner::Terminal(terminal_id.clone()),
+        ),
+        terminal_id,
         rotation_id: rotation
             .map(RotationId::new)
             .transpose()
@@ -490,6 +495,21 @@ async fn lock_identity(conn: &mut PgConnection, id: &RequestIdentity) -> Result<
 }
 
 /// The answer to a request whose identity is already journaled.
+/// Settles a reserved PIN try (see [`PinTry`]) in the journal transaction; returns the code a
+/// wrong PIN is journaled with (`55`, or `75` when it makes three), `None` for a correct one.
+async fn settle_pin_try(
+    conn: &mut PgConnection,
+    pin: &PinTry,
+) -> Result<Option<ResponseCode>, StoreError> {
+    let tries: Option<i32> = sqlx::query_scalar(SETTLE_PIN_TRY)
+        .bind(pin.card_id.as_str())
+        .bind(pin.correct)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let tries = tries.ok_or_else(|| StoreError::not_found(format!("card {}", pin.card_id)))?;
+    Ok((!pin.correct).then(|| wrong_pin_code(i64::from(tries))))
+}
+
 async fn answer_existing(
     conn: &mut PgConnection,
     identity: &RequestIdentity,
@@ -838,7 +858,10 @@ impl Database for PostgresStore {
             version,
             state: k.state,
             kcv: k.kcv.clone(),
-            wrapped: k.wrapped.clone(),
+            wrapped: WrappedKey::owned_by(
+                k.wrapped.0.clone(),
+                KeyOwner::Terminal(k.terminal_id.clone()),
+            ),
             rotation_id: k.rotation_id.clone(),
             grace_seconds: k.grace_seconds,
             created_at: now,
@@ -987,6 +1010,43 @@ impl Database for PostgresStore {
         .iter()
         .map(key_from_row)
         .collect()
+    }
+
+    async fn unbound_keys(
+        &self,
+        after: Option<&KeyId>,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            key_cols!(),
+            " FROM keys WHERE substr(wrapped, 13, 2) = '00' AND id > $1 ORDER BY id LIMIT $2"
+        ))
+        .bind(after.map_or("", KeyId::as_str))
+        .bind(i64::from(limit.clamp(1, 1000)))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(key_from_row)
+        .collect()
+    }
+
+    async fn rewrap_key(
+        &self,
+        id: &KeyId,
+        old: &WrappedKey,
+        new: &WrappedKey,
+    ) -> Result<bool, StoreError> {
+        if new.0.is_empty() {
+            return Err(StoreError::invalid("wrapped key: empty"));
+        }
+        let done = sqlx::query("UPDATE keys SET wrapped = $3 WHERE id = $1 AND wrapped = $2")
+            .bind(id.as_str())
+            .bind(&old.0)
+            .bind(&new.0)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn keys_for_use(
@@ -1377,20 +1437,36 @@ impl Database for PostgresStore {
         .transpose()
     }
 
-    async fn record_pin_failure(&self, card: &CardId) -> Result<u32, StoreError> {
-        // one statement: the increment is atomic without an explicit transaction
-        let tries: Option<i32> = sqlx::query_scalar(
-            "UPDATE cards SET pin_tries = pin_tries + 1 WHERE id = $1 RETURNING pin_tries",
-        )
-        .bind(card.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        let tries = tries.ok_or_else(|| StoreError::not_found(format!("card {card}")))?;
-        u32::try_from(tries).map_err(|_| StoreError::corrupt("cards.pin_tries"))
+    async fn reserve_pin_try(
+        &self,
+        card: &CardId,
+        now: DateTime<Utc>,
+    ) -> Result<PinReservation, StoreError> {
+        let now = micros(now);
+        let reserved: Option<i32> = sqlx::query_scalar(RESERVE_PIN_TRY)
+            .bind(card.as_str())
+            .bind(enc(now))
+            .bind(enc(pin_reservation_cutoff(now)))
+            .fetch_optional(&self.pool)
+            .await?;
+        if reserved.is_some() {
+            return Ok(PinReservation::Reserved);
+        }
+        let settled: Option<i32> = sqlx::query_scalar("SELECT pin_tries FROM cards WHERE id = $1")
+            .bind(card.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        match settled {
+            Some(tries) if i64::from(tries) >= i64::from(PIN_TRIES_LIMIT) => {
+                Ok(PinReservation::Exhausted)
+            }
+            Some(_) => Ok(PinReservation::InFlight),
+            None => Err(StoreError::not_found(format!("card {card}"))),
+        }
     }
 
-    async fn clear_pin_failures(&self, card: &CardId) -> Result<(), StoreError> {
-        let done = sqlx::query("UPDATE cards SET pin_tries = 0 WHERE id = $1")
+    async fn release_pin_try(&self, card: &CardId) -> Result<(), StoreError> {
+        let done = sqlx::query(RELEASE_PIN_TRY)
             .bind(card.as_str())
             .execute(&self.pool)
             .await?;
@@ -1460,10 +1536,25 @@ impl Database for PostgresStore {
         )
         .await?
         else {
-            return answer_existing(&mut tx, &req.identity, &req.digest).await;
+            // a duplicate: the original counted its PIN try, this one gives its own back
+            let Some(pin) = &req.pin_try else {
+                return answer_existing(&mut tx, &req.identity, &req.digest).await;
+            };
+            sqlx::query(RELEASE_PIN_TRY)
+                .bind(pin.card_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+            let outcome = answer_existing(&mut tx, &req.identity, &req.digest).await?;
+            tx.commit().await?;
+            return Ok(outcome);
         };
 
-        if let Some(code) = req.decline {
+        // the PIN count and the journal row that explains it commit together
+        let pin_code = match &req.pin_try {
+            Some(pin) => settle_pin_try(&mut tx, pin).await?,
+            None => None,
+        };
+        if let Some(code) = pin_code.or(req.decline) {
             let entry = finish_journal(&mut tx, &journal_id, code, &Answer::default()).await?;
             tx.commit().await?;
             return Ok(AuthOutcome::Done(entry));
@@ -1781,8 +1872,14 @@ impl Database for PostgresStore {
             .await?;
         row.map(|r| {
             Ok(LinkKeys {
-                tpk: WrappedKey(r.try_get("tpk")?),
-                tak: WrappedKey(r.try_get("tak")?),
+                tpk: WrappedKey::owned_by(
+                    r.try_get::<String, _>("tpk")?,
+                    KeyOwner::Upstream(upstream.to_string()),
+                ),
+                tak: WrappedKey::owned_by(
+                    r.try_get::<String, _>("tak")?,
+                    KeyOwner::Upstream(upstream.to_string()),
+                ),
                 exchanged_at: ts(&r, "exchanged_at")?,
             })
         })

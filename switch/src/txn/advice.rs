@@ -110,6 +110,7 @@ pub async fn handle(
         force_post: true,
         force_post_ceiling: Some(ctx.settings.stations.ceiling_for(station.as_str())),
         upstream_ref: None,
+        pin_try: None,
     };
     match ctx.store.authorize(&auth).await {
         Ok(AuthOutcome::Done(entry)) | Ok(AuthOutcome::Duplicate(entry)) => {

@@ -3,7 +3,8 @@
 //! Order of checks, each with its documented answer: format (`30`, `12`), MAC (`63`, nothing
 //! journaled: an unauthenticated message must not occupy a request identity), duplicate
 //! (original answer, or `94` for different content), routing (`14`), card (`14`, `54`, `75`),
-//! PIN (`55`, third failure `75`), then the ledger in one store transaction (`13`, `51`, `61`,
+//! PIN (a try reserved first: `75` when three are settled or in flight; `55`, third consecutive
+//! failure `75`), then the ledger in one store transaction (`13`, `51`, `61`,
 //! `00`). Declines after the MAC check are journaled too, so a retransmitted wrong-PIN request
 //! does not count as a second wrong PIN.
 
@@ -13,10 +14,12 @@ use tracing::{info, warn};
 
 use super::{Reply, authenticate, request_digest, response_to};
 use crate::app::SwitchContext;
-use crate::crypto::{PinCheck, Pvv};
+use crate::crypto::{HsmError, PinCheck, Pvv};
 use crate::domain::{KeyType, ResponseCode, TerminalId, WrappedKey};
 use crate::iso8583::Message;
-use crate::store::{AuthKind, AuthOutcome, AuthRequest, Card, JournalEntry, RequestIdentity};
+use crate::store::{
+    AuthKind, AuthOutcome, AuthRequest, Card, JournalEntry, PinReservation, PinTry, RequestIdentity,
+};
 
 /// What a processing code asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,6 +191,7 @@ pub async fn handle(
         force_post: false,
         force_post_ceiling: None,
         upstream_ref: None,
+        pin_try: None,
     };
 
     let decline = match route_for(&ctx.settings, &pan) {
@@ -199,11 +203,17 @@ pub async fn handle(
     };
     match decline {
         Ok(()) => {}
-        Err(ResponseCode::SystemMalfunction) => return coded(ResponseCode::SystemMalfunction),
+        Err(ResponseCode::SystemMalfunction) => {
+            release_pin_try(ctx, terminal, &auth).await;
+            return coded(ResponseCode::SystemMalfunction);
+        }
         Err(code) => auth.decline = Some(code),
     }
 
     let outcome = ctx.store.authorize(&auth).await;
+    if outcome.is_err() {
+        release_pin_try(ctx, terminal, &auth).await;
+    }
     if let (Some(issuer), Some(reference)) = (&auth.issuer_answer, &auth.upstream_ref)
         && issuer.response_code == ResponseCode::Approved
         && !matches!(&outcome, Ok(AuthOutcome::Done(e)) if e.approved())
@@ -258,53 +268,109 @@ async fn check_card_and_pin(
     if card.pin_blocked {
         return Err(ResponseCode::PinTriesExceeded);
     }
-    verify_pin(ctx, terminal, request, pan, &card).await
+    verify_pin(ctx, terminal, request, pan, &card, auth).await
 }
 
+/// How long a request waits for PIN tries other requests hold to settle before it answers `75`:
+/// a try is held for an HSM check and one journal transaction, milliseconds; only a flood of
+/// requests for one card, or tries a dead process holds (they stop counting after
+/// [`crate::store::PIN_RESERVATION_TTL`]), waits this long.
+const PIN_TRY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often a waiting request asks again.
+const PIN_TRY_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Verifies the PIN block of field 123 against the card's PVV under the terminal's TPK (or one
-/// in its grace window); counts failures, the third blocking the card (`75`).
+/// in its grace window), under a PIN try reserved first (SPEC §4).
+///
+/// The try is reserved in the database before the HSM sees the block, in one statement, so
+/// concurrent requests for one card (many terminals, a station's pipelined requests) never
+/// check more than three PINs between resets: with three wrong PINs settled the answer is `75`
+/// and the PIN is not checked; while tries in flight fill the three, the request waits for
+/// them to settle (at most [`PIN_TRY_WAIT`], then `75`). The reserved try is settled in the journal transaction
+/// ([`crate::store::PinTry`] on `auth`): a wrong PIN counts (`55`, `75` when it is the third
+/// consecutive one), a correct one ends the run of settled wrong PINs without touching tries
+/// other requests are still checking. A request that fails before its journal row commits
+/// (`96`) gives its try back, so no try is ever consumed without a journal record saying why.
 pub(crate) async fn verify_pin(
     ctx: &SwitchContext,
     terminal: &TerminalId,
     request: &Message,
     pan: &str,
     card: &Card,
+    auth: &mut AuthRequest,
 ) -> Result<(), ResponseCode> {
     let (block, tpks) = pin_block_and_tpks(ctx, terminal, request).await?;
     let pvv = Pvv::from_hex(&card.pvv).map_err(|_| {
         warn!(card = %card.id, "stored PVV is unreadable");
         ResponseCode::SystemMalfunction
     })?;
+    let waited_since = std::time::Instant::now();
+    loop {
+        match ctx.store.reserve_pin_try(&card.id, Utc::now()).await {
+            Ok(PinReservation::Reserved) => break,
+            Ok(PinReservation::Exhausted) => return Err(ResponseCode::PinTriesExceeded),
+            // the cardholder's own concurrent requests (or a flood of guesses): wait for the
+            // tries in flight to settle, then take one, or find the card blocked
+            Ok(PinReservation::InFlight) if waited_since.elapsed() < PIN_TRY_WAIT => {
+                tokio::time::sleep(PIN_TRY_POLL).await;
+            }
+            Ok(PinReservation::InFlight) => {
+                warn!(%terminal, card = %card.id, "no PIN try came free in time");
+                return Err(ResponseCode::PinTriesExceeded);
+            }
+            Err(_) => return Err(ResponseCode::SystemMalfunction),
+        }
+    }
     let mut matched = false;
+    let mut compared = false;
     for tpk in &tpks {
         match ctx.hsm.verify_pin(tpk, pan, &block, &pvv) {
             Ok(PinCheck::Match) => {
                 matched = true;
+                compared = true;
                 break;
             }
-            Ok(_) => {}
-            Err(err) => warn!(%terminal, error = %err, "PIN verification error"),
+            Ok(_) => compared = true,
+            Err(
+                err @ (HsmError::StoredKey(_)
+                | HsmError::WrongOwner { .. }
+                | HsmError::WrongKeyType { .. }),
+            ) => warn!(%terminal, error = %err, "TPK refused by the HSM"),
+            Err(err) => {
+                compared = true;
+                warn!(%terminal, error = %err, "PIN verification error");
+            }
         }
     }
-    if matched {
-        if card.pin_tries > 0 {
-            ctx.store
-                .clear_pin_failures(&card.id)
-                .await
-                .map_err(|_| ResponseCode::SystemMalfunction)?;
+    if !compared {
+        // The terminal has no TPK the HSM will open (none, or one bound to another terminal:
+        // a key row moved here). No PIN was compared, so no try is consumed: `63`.
+        if let Err(err) = ctx.store.release_pin_try(&card.id).await {
+            warn!(%terminal, card = %card.id, error = %err, "failed to give back a reserved PIN try");
         }
+        return Err(ResponseCode::SecurityViolation);
+    }
+    auth.pin_try = Some(PinTry {
+        card_id: card.id.clone(),
+        correct: matched,
+    });
+    if matched {
         return Ok(());
     }
     ctx.metrics.pin_failures.inc();
-    let tries = ctx
-        .store
-        .record_pin_failure(&card.id)
-        .await
-        .map_err(|_| ResponseCode::SystemMalfunction)?;
-    if tries >= 3 {
-        Err(ResponseCode::PinTriesExceeded)
-    } else {
-        Err(ResponseCode::IncorrectPin)
+    // the store journals 75 instead when this is the third consecutive wrong PIN
+    Err(ResponseCode::IncorrectPin)
+}
+
+/// Gives back the PIN try `auth` reserved when its journal transaction will not settle it (the
+/// request is answered `96`). If the store cannot take even that, the try stops counting after
+/// [`crate::store::PIN_RESERVATION_TTL`].
+async fn release_pin_try(ctx: &SwitchContext, terminal: &TerminalId, auth: &AuthRequest) {
+    let Some(pin) = &auth.pin_try else {
+        return;
+    };
+    if let Err(err) = ctx.store.release_pin_try(&pin.card_id).await {
+        warn!(%terminal, card = %pin.card_id, error = %err, "failed to give back a reserved PIN try");
     }
 }
 

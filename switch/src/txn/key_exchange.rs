@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::{Reply, network, response_to};
 use crate::app::SwitchContext;
-use crate::domain::{KeyState, KeyType, ResponseCode, TerminalId, WrappedKey};
+use crate::domain::{KeyOwner, KeyState, KeyType, ResponseCode, TerminalId, WrappedKey};
 use crate::iso8583::{Message, Mti};
 use crate::net::ConnState;
 use crate::store::{KeyRecord, KeyTransition, NewAudit, NewKey, StoreError};
@@ -100,9 +100,12 @@ pub async fn pending_or_new(
     if let Some(pending) = usable.pending {
         return Ok(pending);
     }
-    let (wrapped, kcv) = ctx.hsm.generate_key(kt).map_err(|e| StoreError::Corrupt {
-        what: format!("failed to generate a {kt} key: {e}"),
-    })?;
+    let (wrapped, kcv) = ctx
+        .hsm
+        .generate_key(kt, &KeyOwner::Terminal(terminal.clone()))
+        .map_err(|e| StoreError::Corrupt {
+            what: format!("failed to generate a {kt} key: {e}"),
+        })?;
     ctx.store
         .insert_key(
             &NewKey {

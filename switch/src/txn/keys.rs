@@ -1,5 +1,6 @@
 //! Key lifecycle operations shared by the admin API and the wire: single-terminal rotation,
-//! fleet rotations, time-based activation, and the key gauges read at scrape time.
+//! fleet rotations, time-based activation, binding keys stored by older versions to their
+//! terminal, and the key gauges read at scrape time.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,12 +11,12 @@ use tracing::{info, warn};
 
 use super::key_exchange::{pending_or_new, push_key};
 use crate::app::SwitchContext;
-use crate::domain::{KeyState, KeyType, TerminalId};
+use crate::domain::{KeyOwner, KeyState, KeyType, TerminalId};
 use crate::health::ScrapeRefresh;
 use crate::metrics::{KeyLabels, TypeLabel};
 use crate::store::{
-    Activation, KeyRecord, KeyTransition, NewKey, NewRotation, RotationId, StoreError,
-    TerminalSelector,
+    Activation, KeyId, KeyRecord, KeyTransition, NewAudit, NewKey, NewRotation, RotationId,
+    StoreError, TerminalSelector,
 };
 
 /// Makes (or re-uses) a PENDING key of `kt` for one terminal and pushes it if the terminal is
@@ -71,7 +72,7 @@ pub async fn start_fleet_rotation(
     for terminal in &terminals {
         let (wrapped, kcv) = ctx
             .hsm
-            .generate_key(kt)
+            .generate_key(kt, &KeyOwner::Terminal(terminal.clone()))
             .map_err(|e| RotationError::Hsm(e.to_string()))?;
         keys.push(NewKey {
             terminal_id: terminal.clone(),
@@ -181,9 +182,66 @@ pub async fn activate_due_keys(ctx: &SwitchContext, now: DateTime<Utc>) -> Resul
     Ok(activated)
 }
 
-/// Runs [`activate_due_keys`] every `interval` until `stop`.
-pub async fn activation_loop(ctx: Arc<SwitchContext>, interval: Duration, stop: CancellationToken) {
+/// Binds every stored key written before keys were bound to their owner (SPEC §4; see
+/// `crypto::hsm`) to the terminal its row names: the upgrade path that needs no re-keying. Each
+/// row is re-wrapped only if it still holds the block that was read, so a key replaced
+/// meanwhile is left alone; a block the HSM cannot open is logged and skipped (it would be
+/// refused at use anyway). Returns how many rows were re-wrapped; one audit record says so.
+pub async fn bind_stored_keys(ctx: &SwitchContext) -> Result<u64, StoreError> {
+    const PAGE: u32 = 500;
+    let mut after: Option<KeyId> = None;
+    let mut bound = 0u64;
     loop {
+        let page = ctx.store.unbound_keys(after.as_ref(), PAGE).await?;
+        for key in &page {
+            match ctx.hsm.rebind(&key.wrapped) {
+                Ok(Some(rebound)) => {
+                    if ctx
+                        .store
+                        .rewrap_key(&key.id, &key.wrapped, &rebound)
+                        .await?
+                    {
+                        bound += 1;
+                    }
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    warn!(key = %key.id, terminal = %key.terminal_id, error = %err, "stored key cannot be bound to its terminal; left as it is");
+                }
+            }
+        }
+        match page.last() {
+            Some(last) if page.len() == PAGE as usize => after = Some(last.id.clone()),
+            _ => break,
+        }
+    }
+    if bound > 0 {
+        info!(keys = bound, "stored keys bound to their terminals");
+        let audit = NewAudit {
+            actor: "system".into(),
+            action: "key.bind".into(),
+            target: "keys".into(),
+            result: "ok".into(),
+            detail: serde_json::json!({ "bound": bound }),
+        };
+        ctx.store.append_audit(&audit).await?;
+    }
+    Ok(bound)
+}
+
+/// Binds the stored keys of older versions ([`bind_stored_keys`], retried until it succeeds),
+/// then runs [`activate_due_keys`] every `interval` until `stop`.
+pub async fn activation_loop(ctx: Arc<SwitchContext>, interval: Duration, stop: CancellationToken) {
+    let mut keys_bound = false;
+    loop {
+        if !keys_bound {
+            match bind_stored_keys(&ctx).await {
+                Ok(_) => keys_bound = true,
+                Err(err) => {
+                    warn!(error = %err, "binding stored keys to their terminals failed; will retry")
+                }
+            }
+        }
         match activate_due_keys(&ctx, Utc::now()).await {
             Ok(0) => {}
             Ok(n) => info!(activated = n, "scheduled key activations applied"),

@@ -204,9 +204,10 @@ fn is_request(mti: Mti) -> bool {
 /// Outcome of checking a request's MAC.
 #[derive(Debug)]
 pub enum MacCheck {
-    /// Verified; answer under this TAK (the one that verified the request).
+    /// Verified (under the ACTIVE TAK or one in grace); answer under this TAK, the ACTIVE one.
     Valid(Option<WrappedKey>),
-    /// Missing, malformed, or no key verifies it: `63`.
+    /// Missing, malformed, no key verifies it, or it verifies only under a TAK in grace while
+    /// no TAK is ACTIVE (nothing to answer under): `63`.
     Invalid,
     /// The store failed: `96`.
     Unavailable,
@@ -250,8 +251,9 @@ async fn audit_mac_failure(ctx: &SwitchContext, terminal: &TerminalId, request: 
 }
 
 /// Verifies the MAC of a received financial message under the terminal's ACTIVE TAK, or a
-/// replaced TAK still inside its grace window (SPEC §4). The MAC input is the received bytes up
-/// to the MAC field, which is always the last field.
+/// replaced TAK still inside its grace window (SPEC §4), and names the key to answer under:
+/// always the ACTIVE TAK (NIST SP 800-57: a key past ACTIVE only verifies). The MAC input is
+/// the received bytes up to the MAC field, which is always the last field.
 pub async fn verify_request_mac(
     ctx: &SwitchContext,
     terminal: &TerminalId,
@@ -281,9 +283,17 @@ pub async fn verify_request_mac(
     let candidates = keys.active.iter().chain(keys.in_grace.iter());
     for key in candidates {
         if let Ok(true) = ctx.hsm.verify_mac(&key.wrapped, input, mac) {
-            // answer under the key the sender used: inside the grace window it may not hold
-            // the new one yet (an acquirer's other processes, an ATM mid-rotation)
-            return MacCheck::Valid(Some(key.wrapped.clone()));
+            // NIST SP 800-57: a key past ACTIVE may still verify (process) what was made
+            // under it during its grace, but never protects anything new. The answer goes out
+            // under the ACTIVE TAK: the sender confirmed it (162, or the 0810 to a pushed 161)
+            // before it became ACTIVE, so it holds it.
+            return match &keys.active {
+                Some(active) => MacCheck::Valid(Some(active.wrapped.clone())),
+                None => {
+                    warn!(%terminal, "request MACed under a TAK in grace, but no TAK is ACTIVE to answer under");
+                    MacCheck::Invalid
+                }
+            };
         }
     }
     MacCheck::Invalid

@@ -245,7 +245,7 @@ async fn stand_in(
     if card.pin_blocked {
         return Err(ResponseCode::PinTriesExceeded);
     }
-    verify_pin(ctx, terminal, request, pan, &card).await?;
+    verify_pin(ctx, terminal, request, pan, &card, auth).await?;
     let stan = link
         .next_stan()
         .await

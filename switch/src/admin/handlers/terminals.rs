@@ -13,7 +13,7 @@ use super::parse_id;
 use crate::admin::auth::Caller;
 use crate::admin::error::{ApiError, Problem};
 use crate::admin::{AdminState, IdempotencyKey, JsonBody, idempotent};
-use crate::domain::{KeyState, KeyType, TerminalId};
+use crate::domain::{KeyOwner, KeyState, KeyType, TerminalId};
 use crate::store::{NewAudit, NewKey, NewTerminal, Page, Terminal, TerminalKind};
 
 /// A TMK delivered as a TR-31 key block under the switch's KEK.
@@ -130,7 +130,12 @@ pub async fn create(
         let (wrapped, _) = state
             .ctx
             .hsm
-            .import_under_kek(KeyType::Tmk, &req.tmk.key_block, &kcv)
+            .import_under_kek(
+                KeyType::Tmk,
+                &KeyOwner::Terminal(id.clone()),
+                &req.tmk.key_block,
+                &kcv,
+            )
             .map_err(|e| ApiError::Unprocessable(format!("failed to import the TMK: {e}")))?;
         let terminal = state
             .ctx
