@@ -18,6 +18,9 @@ from switchyard_e2e import start_switch  # noqa: E402
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
 extra = {"SWITCHYARD_DATABASE__URL": sys.argv[2]} if len(sys.argv) > 2 else {}
+# The registrations all come from one address with one token: lift the admin rate limits, which
+# are sized for people and the operator, not for provisioning a fleet in one burst.
+extra.update({"SWITCHYARD_ADMIN__RATE_LIMIT_PER_SECOND": "100000", "SWITCHYARD_ADMIN__RATE_LIMIT_BURST": "100000"})
 with tempfile.TemporaryDirectory() as tmp:
     sw = start_switch(Path(tmp), extra_env=extra)
     try:

@@ -474,10 +474,10 @@ impl UpstreamLink {
                 return Err(LinkError::Timeout(self.name.clone(), timeout));
             }
         };
-        if !matches!(answer.code(), "63" | "58")
-            && !self.answer_mac_ok(&live.tak, &answer.message, mac)
-            && !(mac == LinkMac::Tak && self.adopt_newer_keys(live, &answer.message).await)
-        {
+        let authentic = matches!(answer.code(), "63" | "58")
+            || self.answer_mac_ok(&live.tak, &answer.message, mac)
+            || (mac == LinkMac::Tak && self.adopt_newer_keys(live, &answer.message).await);
+        if !authentic {
             return Err(LinkError::BadMac(self.name.clone()));
         }
         Ok(answer)
