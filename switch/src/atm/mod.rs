@@ -236,9 +236,9 @@ impl AtmClient {
     /// The MAC field is the last one, so the MAC input is the received bytes before it. A
     /// network-management answer (0810) must verify under K_NM, any other under the TAK.
     fn check_answer_mac(&self, answer: &Message, raw: &[u8]) -> Result<(), AtmError> {
-        let Some(mac) = answer.get(128).or_else(|| answer.get(64)) else {
+        if !answer.has(64) && !answer.has(128) {
             return Ok(());
-        };
+        }
         if is_network_management(answer) {
             return if self.nm_mac_verifies(answer, raw) {
                 Ok(())
@@ -249,11 +249,10 @@ impl AtmClient {
                 ))
             };
         }
-        let input = raw
-            .len()
-            .checked_sub(self.packager.mac_wire_len())
-            .and_then(|end| raw.get(..end))
-            .ok_or_else(|| AtmError::Crypto("answer shorter than its MAC".into()))?;
+        let (input, mac) = self
+            .packager
+            .received_mac(raw, answer)
+            .map_err(|e| AtmError::Crypto(format!("answer MAC: {e}")))?;
         match self.keys.verify_answer_mac(input, mac) {
             Ok(true) => Ok(()),
             Ok(false) => Err(AtmError::Crypto(format!(
@@ -290,13 +289,7 @@ impl AtmClient {
     /// Whether a network-management message from the switch carries a MAC that verifies under
     /// this terminal's K_NM (profile v2). A terminal trusts no 0800/0810 without one.
     pub fn nm_mac_verifies(&self, message: &Message, raw: &[u8]) -> bool {
-        let field = if message.has(128) { 128 } else { 64 };
-        let (Some(mac), Some(input)) = (
-            message.get(field),
-            raw.len()
-                .checked_sub(self.packager.mac_wire_len())
-                .and_then(|end| raw.get(..end)),
-        ) else {
+        let Ok((input, mac)) = self.packager.received_mac(raw, message) else {
             return false;
         };
         self.keys.verify_nm_mac(&self.id.to_field41(), input, mac)

@@ -121,13 +121,7 @@ struct NmSigner {
 impl NmSigner {
     /// Whether a received message's MAC (the last field) verifies under K_NM.
     fn verify(&self, message: &Message, raw: &[u8]) -> bool {
-        let field = if message.has(128) { 128 } else { 64 };
-        let (Some(mac), Some(input)) = (
-            message.get(field),
-            raw.len()
-                .checked_sub(self.packager.mac_wire_len())
-                .and_then(|end| raw.get(..end)),
-        ) else {
+        let Ok((input, mac)) = self.packager.received_mac(raw, message) else {
             return false;
         };
         matches!(

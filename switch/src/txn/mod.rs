@@ -260,16 +260,7 @@ pub async fn verify_request_mac(
     request: &Message,
     raw: &[u8],
 ) -> MacCheck {
-    let field = if request.has(128) { 128 } else { 64 };
-    let Some(mac) = request.get(field) else {
-        return MacCheck::Invalid;
-    };
-    let wire_len = ctx.packager.mac_wire_len();
-    let Some(input) = raw
-        .len()
-        .checked_sub(wire_len)
-        .and_then(|end| raw.get(..end))
-    else {
+    let Ok((input, mac)) = ctx.packager.received_mac(raw, request) else {
         return MacCheck::Invalid;
     };
     let keys = match ctx

@@ -172,16 +172,7 @@ pub async fn authenticate(
     let Some(tmk) = tmk else {
         return NmAuth::NoTmk;
     };
-    let field = if message.has(128) { 128 } else { 64 };
-    let Some(mac) = message.get(field) else {
-        return NmAuth::Invalid;
-    };
-    // The MAC is always the last field, so its input is the received bytes before it.
-    let Some(input) = raw
-        .len()
-        .checked_sub(ctx.packager.mac_wire_len())
-        .and_then(|end| raw.get(..end))
-    else {
+    let Ok((input, mac)) = ctx.packager.received_mac(raw, message) else {
         return NmAuth::Invalid;
     };
     match ctx
