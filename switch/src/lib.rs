@@ -7,6 +7,8 @@ pub mod atm;
 pub mod crypto;
 pub mod demo;
 pub mod domain;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod health;
 pub mod http;
 pub mod iso8583;
