@@ -48,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::SwitchContext;
 use crate::crypto::{ClearKey, ClearPin, Hsm, Kek, KeyCheckValue, Lmk, SoftHsm, TerminalKeys};
-use crate::domain::{KeyState, KeyType, ResponseCode, TerminalId};
+use crate::domain::{KeyOwner, KeyState, KeyType, ResponseCode, TerminalId};
 use crate::health::Health;
 use crate::iso8583::{Message, Mti, Packager};
 use crate::metrics::{Metrics, SwitchMetrics};
@@ -268,7 +268,7 @@ impl Fixture {
             let kek = Kek::from_key(kek_key.clone()).map_err(setup("KEK"))?;
             let (block, kcv) = keys.wrap_tmk_under_kek(&kek).map_err(setup("wrap TMK"))?;
             let (wrapped, _) = hsm
-                .import_under_kek(KeyType::Tmk, &block, &kcv)
+                .import_under_kek(KeyType::Tmk, &KeyOwner::Terminal(id.clone()), &block, &kcv)
                 .map_err(setup("import TMK"))?;
             store
                 .create_terminal(
@@ -298,7 +298,9 @@ impl Fixture {
                 .map_err(setup("insert TMK"))?;
             // working keys, as a completed 161/162 exchange leaves them
             for kt in [KeyType::Tpk, KeyType::Tak] {
-                let (key, key_kcv) = hsm.generate_key(kt).map_err(setup("generate key"))?;
+                let (key, key_kcv) = hsm
+                    .generate_key(kt, &KeyOwner::Terminal(id.clone()))
+                    .map_err(setup("generate key"))?;
                 let block = hsm
                     .export_under_tmk(&wrapped, &key, kt)
                     .map_err(setup("export key"))?;
@@ -467,7 +469,12 @@ impl Case {
             )
             .map_err(setup("upstreams"))?,
         );
+        let held_reversals = Arc::new(crate::routing::held::HeldReversals::new(
+            1000,
+            metrics.clone(),
+        ));
         let ctx = SwitchContext {
+            held_reversals,
             settings,
             packager: fx.packager,
             store,
