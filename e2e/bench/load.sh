@@ -31,9 +31,12 @@ esac
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 iso=$(free_port); admin=$(free_port); metrics=$(free_port)
-# Every simulated ATM connects from 127.0.0.1, so the per-address cap is lifted for the benchmark.
+# Every simulated ATM connects from 127.0.0.1 and is provisioned with one token, so the
+# per-address connection cap and the admin rate limits are lifted for the benchmark.
 SWITCHYARD_ISO8583__LISTEN=127.0.0.1:$iso \
 SWITCHYARD_ISO8583__MAX_CONNECTIONS_PER_IP=1000000 \
+SWITCHYARD_ADMIN__RATE_LIMIT_PER_SECOND=100000 \
+SWITCHYARD_ADMIN__RATE_LIMIT_BURST=100000 \
 SWITCHYARD_ADMIN__LISTEN=127.0.0.1:$admin \
 SWITCHYARD_METRICS__LISTEN=127.0.0.1:$metrics \
 SWITCHYARD_ADMIN__TOKENS_FILE=$dir/tokens \
