@@ -28,10 +28,12 @@ fn parse_key_type(request: &Message) -> Option<KeyType> {
     EXCHANGEABLE.contains(&kt).then_some(kt)
 }
 
-/// Handles 0800/161 and 0800/162 from a signed-on terminal.
+/// Handles 0800/161 and 0800/162 from a signed-on terminal, authenticated under the K_NM of
+/// `tmk` (its ACTIVE TMK, which a delivered key is wrapped under).
 pub async fn handle_request(
     ctx: &SwitchContext,
     terminal: &TerminalId,
+    tmk: &WrappedKey,
     request: &Message,
 ) -> Option<Reply> {
     let answer = |code| response_to(request, code).map(|m| Reply::plain(m, "key_exchange"));
@@ -39,7 +41,7 @@ pub async fn handle_request(
         return answer(ResponseCode::FormatError);
     };
     let result = match request.get_str(70) {
-        Some("161") => deliver(ctx, terminal, kt, request).await,
+        Some("161") => deliver(ctx, terminal, tmk, kt, request).await,
         Some("162") => confirm(ctx, terminal, kt, request).await,
         _ => return answer(ResponseCode::InvalidTransaction),
     };
@@ -52,13 +54,14 @@ pub async fn handle_request(
 async fn deliver(
     ctx: &SwitchContext,
     terminal: &TerminalId,
+    tmk: &WrappedKey,
     kt: KeyType,
     request: &Message,
 ) -> Result<Reply, ResponseCode> {
     let key = pending_or_new(ctx, terminal, kt, "terminal")
         .await
         .map_err(|_| ResponseCode::SystemMalfunction)?;
-    let block = key_block_for(ctx, terminal, &key).await?;
+    let block = key_block_for(ctx, terminal, tmk, &key)?;
     let mut message =
         response_to(request, ResponseCode::Approved).ok_or(ResponseCode::FormatError)?;
     message.set_str(48, kt.as_str());
@@ -139,15 +142,15 @@ async fn active_tmk(
         })
 }
 
-/// TR-31 block of `key` under the terminal's ACTIVE TMK.
-async fn key_block_for(
+/// TR-31 block of `key` under the terminal's TMK `tmk`.
+fn key_block_for(
     ctx: &SwitchContext,
     terminal: &TerminalId,
+    tmk: &WrappedKey,
     key: &KeyRecord,
 ) -> Result<String, ResponseCode> {
-    let tmk = active_tmk(ctx, terminal).await?;
     ctx.hsm
-        .export_under_tmk(&tmk, &key.wrapped, key.key_type)
+        .export_under_tmk(tmk, &key.wrapped, key.key_type)
         .map_err(|e| {
             warn!(%terminal, error = %e, "failed to wrap a key under the TMK");
             ResponseCode::SystemMalfunction
@@ -285,11 +288,7 @@ pub async fn push_key(ctx: &SwitchContext, terminal: &TerminalId, key: &KeyRecor
     let Ok(tmk) = active_tmk(ctx, terminal).await else {
         return false;
     };
-    let Ok(block) = ctx
-        .hsm
-        .export_under_tmk(&tmk, &key.wrapped, key.key_type)
-        .inspect_err(|e| warn!(%terminal, error = %e, "failed to wrap a key under the TMK"))
-    else {
+    let Ok(block) = key_block_for(ctx, terminal, &tmk, key) else {
         return false;
     };
     let Ok(mti) = Mti::parse("0800") else {

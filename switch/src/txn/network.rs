@@ -94,7 +94,7 @@ pub async fn handle(
             if conn.terminal.as_ref() != Some(&terminal) {
                 ResponseCode::NotPermittedToTerminal
             } else {
-                let reply = key_exchange::handle_request(ctx, &terminal, request).await?;
+                let reply = key_exchange::handle_request(ctx, &terminal, &tmk, request).await?;
                 return Some(nm_reply(ctx, &tmk, &terminal, reply.message, reply.kind));
             }
         }
