@@ -2,6 +2,11 @@
 
 use crate::domain::KeyState;
 
+pub use super::sql::Violation;
+
+/// An engine's own error, kept as the source of a [`StoreError`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Why a store operation failed.
 ///
 /// Messages never carry secrets, key material or database URLs; the `#[source]` of
@@ -69,13 +74,18 @@ pub enum StoreError {
     /// The database cannot be reached (connection, pool timeout, I/O): answer `96`/503 and let
     /// readiness go false.
     #[error("failed to reach the database")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(#[source] BoxError),
     /// Applying or reading migrations failed.
     #[error("failed to apply database migrations")]
     Migration(#[source] sqlx::migrate::MigrateError),
     /// A statement failed for a reason other than availability (a bug or a schema drift).
     #[error("failed to run a database statement")]
-    Database(#[source] sqlx::Error),
+    Database {
+        /// The constraint the statement broke, when that is why it failed.
+        violation: Option<Violation>,
+        #[source]
+        source: BoxError,
+    },
     /// A row holds a value the code cannot represent: the data was changed behind our back.
     #[error("failed to read {what}: stored value is corrupt")]
     Corrupt {
@@ -103,6 +113,14 @@ impl StoreError {
         StoreError::Invalid { what: what.into() }
     }
 
+    /// Which constraint a failed statement broke, if that is why it failed.
+    pub fn violation(&self) -> Option<Violation> {
+        match self {
+            StoreError::Database { violation, .. } => *violation,
+            _ => None,
+        }
+    }
+
     pub(crate) fn corrupt(what: impl Into<String>) -> Self {
         StoreError::Corrupt { what: what.into() }
     }
@@ -118,12 +136,28 @@ impl From<sqlx::Error> for StoreError {
             | E::PoolClosed
             | E::WorkerCrashed
             | E::Protocol(_)
-            | E::BeginFailed => StoreError::Unavailable(err),
+            | E::BeginFailed => StoreError::Unavailable(Box::new(err)),
             E::Database(ref db) if is_unavailable_code(db.code().as_deref()) => {
-                StoreError::Unavailable(err)
+                StoreError::Unavailable(Box::new(err))
             }
             E::Migrate(inner) => StoreError::Migration(*inner),
-            other => StoreError::Database(other),
+            E::Database(ref db) => {
+                let violation = if db.is_foreign_key_violation() {
+                    Some(Violation::ForeignKey)
+                } else if db.is_unique_violation() {
+                    Some(Violation::Unique)
+                } else {
+                    None
+                };
+                StoreError::Database {
+                    violation,
+                    source: Box::new(err),
+                }
+            }
+            other => StoreError::Database {
+                violation: None,
+                source: Box::new(other),
+            },
         }
     }
 }
@@ -165,11 +199,6 @@ fn is_unavailable_code(code: Option<&str>) -> bool {
     }
 }
 
-/// True when `err` is a foreign-key violation (the referenced row does not exist).
-pub(crate) fn is_foreign_key_violation(err: &sqlx::Error) -> bool {
-    matches!(err, sqlx::Error::Database(db) if db.is_foreign_key_violation())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,7 +214,7 @@ mod tests {
     fn row_not_found_is_not_unavailable() {
         let err = StoreError::from(sqlx::Error::RowNotFound);
         assert!(!err.is_unavailable());
-        assert!(matches!(err, StoreError::Database(_)));
+        assert!(matches!(err, StoreError::Database { .. }));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! Every admin write is audited by the store in the write's own transaction (SPEC §5), so the
 //! audit insert is the one statement every such transaction runs. An admin handler runs its
 //! write inside [`with_claim`]; while it does, each audit insert of either backend first
-//! inserts the claim in the same transaction (`claim_in` of `sqlite.rs` and `postgres.rs`).
+//! inserts the claim in the same transaction (`claim_in` in `scripts/common.rs`).
 //! So:
 //!
 //! - the claim commits exactly when the write commits, and a write that fails leaves no claim;
@@ -36,6 +36,15 @@ pub async fn with_claim<F: Future>(claim: IdempotencyClaim, write: F) -> F::Outp
 /// The claim of the admin write running on this task, if any.
 pub(crate) fn current_claim() -> Option<IdempotencyClaim> {
     CLAIM.try_with(Clone::clone).ok()
+}
+
+/// Runs `f` on this thread with `claim` as the current claim: how an engine that runs scripts
+/// on its own thread (SQLite's writer) carries the claim of the task that queued the script.
+pub(crate) fn in_claim_scope<R>(claim: Option<IdempotencyClaim>, f: impl FnOnce() -> R) -> R {
+    match claim {
+        Some(claim) => CLAIM.sync_scope(claim, f),
+        None => f(),
+    }
 }
 
 /// How long a claimed key may wait for its answer before a retry is told the first attempt

@@ -1,10 +1,17 @@
-//! The switch's persistent store: one [`Database`] trait, a SQLite and a PostgreSQL backend chosen
-//! from the URL scheme, embedded per-backend migrations, and the pure ledger and key-lifecycle
-//! rules both backends apply.
+//! The switch's persistent store: one [`Database`] trait, implemented once by [`CoreStore`]
+//! over two engines chosen from the URL scheme, embedded per-backend migrations, and the pure
+//! ledger and key-lifecycle rules.
 //!
-//! Every mutating call is one database transaction. SQLite serializes writers (`BEGIN
-//! IMMEDIATE`, WAL, busy timeout); PostgreSQL locks the rows a decision depends on (`FOR UPDATE`),
-//! so the rules below see a stable picture on both.
+//! Layers, top to bottom:
+//! - `scripts/` — every transaction script (authorize, reverse, key transitions, SAF lease and
+//!   settle, rotations, STAN blocks…), written once over the [`sql::Conn`] primitives;
+//! - this file — the trait, the pure rules the scripts apply (withdrawal decision, reversal
+//!   plan, key-transition checks) and the migrations;
+//! - `sql.rs` — the primitives: run a statement, rows of plain values, the locks whose form
+//!   differs, and the few SQL markers each dialect renders;
+//! - `postgres.rs`, `sqlite.rs` — the engines: binding and decoding, pools, transactions.
+//!   PostgreSQL runs each script in its own READ COMMITTED transaction and locks what a
+//!   decision depends on; SQLite runs scripts on one writer thread, many per commit.
 //!
 //! Admin writes run under an `Idempotency-Key` claim ([`with_claim`]); every audit insert made
 //! inside one also inserts the claim, in the same transaction (see `idempotency.rs`).
@@ -20,22 +27,27 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 
 use crate::domain::{KeyOwner, KeyState, KeyType, ResponseCode, TerminalId, WrappedKey};
 
+mod engine;
 mod error;
 mod idempotency;
 mod models;
 mod postgres;
 mod saf;
+mod scripts;
+mod sql;
 mod sqlite;
 
-pub use error::StoreError;
+pub use engine::CoreStore;
+pub use error::{BoxError, StoreError};
 pub use idempotency::{CLAIM_STALE_AFTER, with_claim};
 pub use models::*;
-pub use postgres::PostgresStore;
+pub use postgres::{PgEngine, PostgresStore};
 pub use saf::{
     Advice, AdviceFailure, AdviceId, AdviceMti, AdviceStatus, EnqueueOutcome, FailOutcome,
     NewAdvice, RetryPolicy, SafBacklog, SafFilter, SafStats, saf_backoff,
 };
-pub use sqlite::SqliteStore;
+pub use sql::Violation;
+pub use sqlite::{SqliteEngine, SqliteStore};
 
 /// The store as the rest of the switch holds it.
 pub type Store = Arc<dyn Database>;
@@ -488,6 +500,27 @@ fn migration_status_from(applied: &[i64], list: &[EmbeddedMigration]) -> Migrati
 
 // ---------------------------------------------------------------------------------------------
 // Pure rules shared by both backends
+
+/// The keys of one (terminal, key type) a request may be verified with at `now` (SPEC §4): the
+/// newest ACTIVE and the newest PENDING key, and every EXPIRED key whose grace lasts past `now`
+/// (newest first). Whatever else `keys` holds is left out, so a caller may pass every key the
+/// terminal has of that type (a cache does) and get the same answer as the store's query.
+pub fn usable_keys(keys: impl IntoIterator<Item = KeyRecord>, now: DateTime<Utc>) -> UsableKeys {
+    let mut keys: Vec<KeyRecord> = keys.into_iter().collect();
+    keys.sort_by_key(|k| std::cmp::Reverse(k.version));
+    let mut usable = UsableKeys::default();
+    for key in keys {
+        match key.state {
+            KeyState::Active if usable.active.is_none() => usable.active = Some(key),
+            KeyState::Pending if usable.pending.is_none() => usable.pending = Some(key),
+            KeyState::Expired if key.grace_until.is_some_and(|until| until > now) => {
+                usable.in_grace.push(key)
+            }
+            _ => {}
+        }
+    }
+    usable
+}
 
 /// Checks a lifecycle step against SPEC §4.
 fn check_transition(from: KeyState, to: KeyTransition) -> Result<(), StoreError> {
