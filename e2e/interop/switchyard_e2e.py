@@ -9,6 +9,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -74,6 +75,9 @@ class Switch:
     kek: bytes
     packager: str
     log: Path
+    # TLS (SPEC §2): client contexts for an HTTPS admin API and a TLS ISO 8583 port
+    admin_ssl: ssl.SSLContext | None = None
+    iso_ssl: ssl.SSLContext | None = None
 
     @property
     def spec(self):
@@ -81,7 +85,9 @@ class Switch:
 
     # ---- admin API -----------------------------------------------------------------------
     def http(self, method: str, path: str, body=None, token: str | None = "admin", headers=None):
-        url = f"http://127.0.0.1:{self.admin_port}{path}"
+        scheme = "https" if self.admin_ssl else "http"
+        host = "localhost" if self.admin_ssl else "127.0.0.1"
+        url = f"{scheme}://{host}:{self.admin_port}{path}"
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
         req = urllib.request.Request(url, data=data, method=method)
         if data is not None:
@@ -95,7 +101,7 @@ class Switch:
         for k, v in (headers or {}).items():
             req.add_header(k, v)
         try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
+            with urllib.request.urlopen(req, timeout=30, context=self.admin_ssl) as resp:
                 raw = resp.read()
                 return resp.status, dict(resp.headers), (json.loads(raw) if raw else None)
         except urllib.error.HTTPError as e:
@@ -181,6 +187,8 @@ class IsoConnection:
         self.sw = sw
         self.spec = sw.spec
         self.sock = socket.create_connection(("127.0.0.1", sw.iso_port), timeout=timeout)
+        if sw.iso_ssl is not None:
+            self.sock = sw.iso_ssl.wrap_socket(self.sock, server_hostname="localhost")
 
     def close(self):
         self.sock.close()

@@ -26,6 +26,7 @@ use crate::routing::held::HeldReversals;
 use crate::routing::{LinkDeps, Upstreams};
 use crate::settings::Settings;
 use crate::store::{self, ConnectOptions, NewAudit, Store};
+use crate::tls::ReloadingAcceptor;
 
 /// Everything a connection or an admin handler needs.
 #[derive(Debug)]
@@ -98,6 +99,15 @@ pub enum StartError {
     /// An `[[upstreams]]` entry.
     #[error(transparent)]
     Upstream(#[from] crate::routing::LinkConfigError),
+    /// `[admin.tls]` or `[iso8583.tls]` files.
+    #[error("invalid [{section}.tls]: {source}")]
+    Tls {
+        /// `admin` or `iso8583`.
+        section: &'static str,
+        /// Why.
+        #[source]
+        source: crate::tls::TlsError,
+    },
 }
 
 /// The secrets a switch needs, loaded from the files its settings name.
@@ -214,6 +224,8 @@ pub async fn start(
 ) -> Result<RunningSwitch, StartError> {
     let packager = Packager::by_name(&settings.iso8583.packager)
         .map_err(|e| StartError::Packager(e.to_string()))?;
+    // reqwest and other clients in this process look the provider up
+    crate::tls::install_crypto_provider();
     let metrics: Metrics = Arc::new(SwitchMetrics::new());
     let health = Arc::new(Health::default());
     let upstreams = Arc::new(Upstreams::new(
@@ -255,11 +267,23 @@ pub async fn start(
         warn!(%reason, "switch starts not ready");
     }
 
+    let tls = |section: &'static str, s: &Option<crate::settings::ServerTlsSettings>| {
+        s.clone()
+            .map(|s| ReloadingAcceptor::new(section, s, metrics.clone()).map(Arc::new))
+            .transpose()
+            .map_err(|source| StartError::Tls { section, source })
+    };
+    let tls = TlsAcceptors {
+        iso: tls("iso8583", &ctx.settings.iso8583.tls)?,
+        admin: tls("admin", &ctx.settings.admin.tls)?,
+    };
+
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(run(
         ctx.clone(),
         secrets.tokens,
         listeners,
+        tls,
         shutdown.clone(),
     ));
     health.set_started();
@@ -274,10 +298,17 @@ pub async fn start(
     })
 }
 
+/// The TLS sides of the listeners that have one.
+struct TlsAcceptors {
+    iso: Option<Arc<ReloadingAcceptor>>,
+    admin: Option<Arc<ReloadingAcceptor>>,
+}
+
 async fn run(
     ctx: Arc<SwitchContext>,
     tokens: Arc<Tokens>,
     listeners: Listeners,
+    tls: TlsAcceptors,
     shutdown: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
@@ -328,22 +359,30 @@ async fn run(
         HttpLimits::metrics(&ctx.settings.metrics),
         ctx.metrics.clone(),
         stop_http.clone(),
+        None,
     ));
-    let admin_router = admin::router(AdminState::new(ctx.clone(), tokens)).layer(
-        axum::extract::DefaultBodyLimit::max(ctx.settings.admin.max_body_bytes),
-    );
+    let admin_router = admin::router(AdminState::new(ctx.clone(), tokens))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            ctx.settings.admin.max_body_bytes,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            tls.admin.is_some(),
+            http::security_headers,
+        ));
     let admin_server = tokio::spawn(http::serve(
         listeners.admin,
         admin_router,
         HttpLimits::admin(&ctx.settings.admin),
         ctx.metrics.clone(),
         stop_http.clone(),
+        tls.admin,
     ));
     let iso_server = tokio::spawn(server::serve(
         listeners.iso,
         ctx.clone(),
         stop_accepting.clone(),
         tracker.clone(),
+        tls.iso,
     ));
 
     shutdown.cancelled().await;
@@ -466,6 +505,7 @@ pub async fn drain(settings: Settings) -> Result<(), StartError> {
         HttpLimits::metrics(&settings.metrics),
         metrics,
         stop_http.clone(),
+        None,
     ));
     let holder = Drainer::holder_name();
     info!(%holder, upstreams = upstreams.iter().count(), "drainer started");

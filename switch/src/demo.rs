@@ -153,6 +153,8 @@ pub async fn run(args: DemoArgs, config: Option<&Path>) -> anyhow::Result<()> {
         account,
         provision_card: true,
         packager,
+        // the demo stays plain TCP on loopback; README shows a TLS run
+        tls: None,
     };
     let mut n = 0;
     let result = session::run(opts, |line| {

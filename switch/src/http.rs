@@ -13,6 +13,10 @@
 //!   `request_timeout` is answered `503` problem+json, so a client trickling its body cannot
 //!   hold a slot either.
 //!
+//! With TLS (`[admin.tls]`) the server is HTTPS only: each connection's handshake runs in its
+//! own task under the TLS `handshake_timeout` before hyper sees a byte, so a client that never
+//! finishes it holds one slot for that long and never the accept loop.
+//!
 //! Each request carries the client's address as axum [`ConnectInfo`] (the admin API audits and
 //! rate-limits by it).
 
@@ -34,6 +38,7 @@ use tracing::{debug, warn};
 
 use crate::admin::error::ApiError;
 use crate::metrics::Metrics;
+use crate::tls::{NetStream, ReloadingAcceptor};
 
 /// Limits of one HTTP server.
 #[derive(Debug, Clone, Copy)]
@@ -78,6 +83,7 @@ pub async fn serve(
     limits: HttpLimits,
     metrics: Metrics,
     stop: CancellationToken,
+    tls: Option<Arc<ReloadingAcceptor>>,
 ) {
     let router = router.layer(middleware::from_fn_with_state(
         limits.request_timeout,
@@ -112,8 +118,22 @@ pub async fn serve(
             req.extensions_mut().insert(ConnectInfo(remote));
             router.clone().oneshot(req.map(axum::body::Body::new))
         });
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let watcher = graceful.watcher();
+        let http = http.clone();
+        let (tls, stop) = (tls.clone(), stop.clone());
         tokio::spawn(async move {
+            let stream = match tls {
+                None => NetStream::Plain(stream),
+                Some(tls) => tokio::select! {
+                    _ = stop.cancelled() => return,
+                    // a failure is counted by the acceptor and closes this socket only
+                    done = tls.accept(stream) => match done {
+                        Ok(stream) => stream,
+                        Err(_) => return,
+                    },
+                },
+            };
+            let conn = watcher.watch(http.serve_connection(TokioIo::new(stream), service));
             if let Err(err) = conn.await {
                 debug!(%remote, error = %err, "HTTP connection ended with an error");
             }
@@ -137,6 +157,27 @@ async fn request_timeout(State(limit): State<Duration>, req: Request, next: Next
         Ok(response) => response,
         Err(_) => ApiError::TimedOut(limit).into_response(),
     }
+}
+
+/// Headers every admin API answer carries: nothing is cached (answers hold account and key
+/// state), content types are not sniffed, and with TLS on browsers are told to use HTTPS only
+/// (`Strict-Transport-Security`, one year).
+pub async fn security_headers(State(hsts): State<bool>, req: Request, next: Next) -> Response {
+    use axum::http::{HeaderValue, header};
+    let mut response = next.run(req).await;
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    if hsts {
+        headers.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        );
+    }
+    response
 }
 
 /// The client address of a request served by [`serve`] (unspecified in router-only tests).

@@ -18,4 +18,5 @@ pub mod routing;
 pub mod settings;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod txn;

@@ -39,6 +39,19 @@ enum Command {
     Drain,
     /// Local quick start: embedded SQLite, seeded terminal and card, a full ATM session.
     Demo(demo::DemoArgs),
+    /// Writes a throwaway CA, a server certificate and a client certificate (PEM) for trying
+    /// TLS locally: ca.crt, server.crt, server.key, client.crt, client.key. Not for production.
+    DevCerts {
+        /// Directory to write to (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Names (DNS names or IP addresses) the server certificate is valid for.
+        #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        names: Vec<String>,
+        /// Common name of the client certificate (e.g. a station or ATM id).
+        #[arg(long, default_value = "switchyard-client")]
+        client: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -73,6 +86,19 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo(args) => demo::run(args, cli.config.as_deref()).await,
+        Command::DevCerts { out, names, client } => {
+            let files = switchyard_switch::tls::dev::write_dev_certs(&out, &names, &client)?;
+            println!(
+                "wrote a throwaway CA and certificates for {}:\n  {}\n  {} {}\n  {} {}",
+                names.join(", "),
+                files.ca.display(),
+                files.server_cert.display(),
+                files.server_key.display(),
+                files.client_cert.display(),
+                files.client_key.display()
+            );
+            Ok(())
+        }
         Command::Serve { migrate } => {
             let settings = Settings::load(cli.config.as_deref())?;
             app::serve(settings, migrate).await?;

@@ -54,6 +54,25 @@ pub struct ServerLabel {
     pub server: String,
 }
 
+/// Labels of `switchyard_tls_handshake_failures_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsFailureLabels {
+    /// `iso8583`, `admin` (server side) or `upstream` (this switch's client side of a link).
+    pub channel: String,
+    /// `timeout`, `certificate` (the peer's certificate was missing or not trusted) or
+    /// `protocol` (anything else: not TLS, no common version or cipher, reset mid-handshake).
+    pub reason: String,
+}
+
+/// Labels of `switchyard_tls_reloads_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsReloadLabels {
+    /// `iso8583` or `admin`.
+    pub channel: String,
+    /// `ok` (new connections get the new certificate) or `failed` (the old one stays in use).
+    pub result: String,
+}
+
 /// Labels of `switchyard_keys`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KeyLabels {
@@ -130,6 +149,11 @@ pub struct SwitchMetrics {
     /// `switchyard_http_connections_rejected_total{server}`: HTTP connections closed at accept
     /// because the server's `max_connections` were open.
     pub http_connections_rejected: Family<ServerLabel, Counter>,
+    /// `switchyard_tls_handshake_failures_total{channel,reason}`: TLS handshakes that failed.
+    pub tls_handshake_failures: Family<TlsFailureLabels, Counter>,
+    /// `switchyard_tls_reloads_total{channel,result}`: certificate files re-read after they
+    /// changed on disk.
+    pub tls_reloads: Family<TlsReloadLabels, Counter>,
     /// Backlog label sets set so far, so a destination that emptied drops to zero.
     saf_known: std::sync::Mutex<std::collections::HashSet<SafLabels>>,
 }
@@ -298,6 +322,18 @@ impl SwitchMetrics {
             "HTTP connections closed at accept because max_connections were open, by server (admin, metrics)",
             http_connections_rejected.clone(),
         );
+        let tls_handshake_failures = Family::<TlsFailureLabels, Counter>::default();
+        registry.register(
+            "switchyard_tls_handshake_failures",
+            "TLS handshakes that failed, by channel (iso8583, admin, upstream) and reason (timeout, certificate, protocol)",
+            tls_handshake_failures.clone(),
+        );
+        let tls_reloads = Family::<TlsReloadLabels, Counter>::default();
+        registry.register(
+            "switchyard_tls_reloads",
+            "Certificate files re-read after they changed, by channel and result (ok, failed: the previous certificate stays in use)",
+            tls_reloads.clone(),
+        );
         for state in ["connected", "signed_on"] {
             connections
                 .get_or_create(&StateLabel {
@@ -329,6 +365,8 @@ impl SwitchMetrics {
             standin,
             admin_rate_limited,
             http_connections_rejected,
+            tls_handshake_failures,
+            tls_reloads,
             saf_known: Default::default(),
         }
     }
@@ -428,6 +466,26 @@ impl SwitchMetrics {
         self.http_connections_rejected
             .get_or_create(&ServerLabel {
                 server: server.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a failed TLS handshake on `channel`.
+    pub fn tls_handshake_failed(&self, channel: &str, reason: &str) {
+        self.tls_handshake_failures
+            .get_or_create(&TlsFailureLabels {
+                channel: channel.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a certificate reload on `channel` (`ok` or `failed`).
+    pub fn tls_reloaded(&self, channel: &str, result: &str) {
+        self.tls_reloads
+            .get_or_create(&TlsReloadLabels {
+                channel: channel.to_string(),
+                result: result.to_string(),
             })
             .inc();
     }

@@ -89,6 +89,8 @@ pub struct IsoSettings {
     /// How long a shutdown waits for in-flight transactions before closing connections anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// `[iso8583.tls]`: when set, the listener speaks TLS only (SPEC §2).
+    pub tls: Option<ServerTlsSettings>,
 }
 
 impl Default for IsoSettings {
@@ -103,6 +105,7 @@ impl Default for IsoSettings {
             max_unauthenticated_frames: 8,
             max_frame_bytes: 8192,
             shutdown_timeout: Duration::from_secs(20),
+            tls: None,
         }
     }
 }
@@ -135,6 +138,49 @@ pub struct AdminSettings {
     pub request_timeout: Duration,
     /// Open connections beyond this are closed at accept.
     pub max_connections: usize,
+    /// `[admin.tls]`: when set, the admin API is HTTPS only (SPEC §2).
+    pub tls: Option<ServerTlsSettings>,
+}
+
+/// `[admin.tls]` and `[iso8583.tls]`: a listener's certificate and, for mutual TLS, the CA its
+/// clients' certificates must chain to. The files are PEM and re-read when they change, so a
+/// cert-manager renewal needs no restart: new connections get the new certificate, open ones
+/// keep the one they started with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsSettings {
+    /// The certificate chain, leaf first (cert-manager's `tls.crt`).
+    pub cert_file: PathBuf,
+    /// The leaf's private key, PKCS#8, PKCS#1 or SEC1 (cert-manager's `tls.key`).
+    pub key_file: PathBuf,
+    /// CA certificates clients must present a certificate from; when set, a client without
+    /// one (or with one from another CA) is refused during the handshake.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// A connection that has not completed its handshake within this long is closed.
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+/// `[[upstreams]] tls`: this switch's client side of a link to an issuer that requires TLS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTlsSettings {
+    /// CA certificates the issuer's certificate must chain to (PEM).
+    pub ca_file: PathBuf,
+    /// Our client certificate chain, for issuers that require mutual TLS.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// The private key of `cert_file`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Name the issuer's certificate must carry; defaults to the endpoint's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 impl Default for AdminSettings {
@@ -149,6 +195,7 @@ impl Default for AdminSettings {
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(60),
             max_connections: 256,
+            tls: None,
         }
     }
 }
@@ -307,6 +354,9 @@ pub struct UpstreamSettings {
     /// Stand-in processing while the issuer is unavailable.
     #[serde(default)]
     pub stand_in: StandInSettings,
+    /// TLS for the link (the issuer's CA, our client certificate for mTLS, the server name).
+    #[serde(default)]
+    pub tls: Option<ClientTlsSettings>,
 }
 
 fn default_heartbeat() -> Duration {
@@ -636,6 +686,16 @@ impl Settings {
                 return Err(SettingsError::Value(format!(
                     "upstreams {:?}: timeout and heartbeat_interval must be above zero",
                     u.name
+                )));
+            }
+        }
+        for upstream in &self.upstreams {
+            if let Some(tls) = &upstream.tls
+                && tls.cert_file.is_some() != tls.key_file.is_some()
+            {
+                return Err(SettingsError::Value(format!(
+                    "upstreams {:?}: tls.cert_file and tls.key_file go together (both for mutual TLS, or neither)",
+                    upstream.name
                 )));
             }
         }

@@ -52,6 +52,7 @@ async fn full_demo_session(backend: Backend) {
             account: "ACC-1".into(),
             provision_card: true,
             packager: sw.packager,
+            tls: None,
         },
         |l| lines.push(l),
     )

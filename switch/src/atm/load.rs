@@ -11,6 +11,7 @@ use super::provision::AdminClient;
 use super::{AtmClient, AtmError, CardInput};
 use crate::domain::{KeyType, TerminalId};
 use crate::iso8583::Packager;
+use crate::tls::TlsClient;
 
 /// What each connection sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -47,6 +48,8 @@ pub struct LoadOptions {
     /// Where the cards and accounts are created: the issuer's admin API when the BIN is routed
     /// to an upstream (routed-latency runs); `None` creates them on `admin`'s switch.
     pub card_admin: Option<AdminClient>,
+    /// TLS to the ISO 8583 port (`[iso8583.tls]`), or plain TCP.
+    pub tls: Option<TlsClient>,
 }
 
 /// Results.
@@ -141,8 +144,14 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         })?;
         let keys = opts.admin.register_terminal(&opts.kek, &id, "load").await?;
         let prepare = async {
-            let mut client =
-                AtmClient::connect(&opts.iso_addr, id.clone(), keys, opts.packager).await?;
+            let mut client = AtmClient::connect_with(
+                &opts.iso_addr,
+                opts.tls.as_ref(),
+                id.clone(),
+                keys,
+                opts.packager,
+            )
+            .await?;
             super::expect_code(&client.network("001").await?, "00")?;
             if needs_card {
                 client.exchange_key(KeyType::Tpk).await?;

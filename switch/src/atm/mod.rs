@@ -13,6 +13,8 @@ use chrono::Utc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::tls::{NetStream, TlsClient};
+
 use crate::crypto::{ClearPin, KeyCheckValue, TerminalKeys};
 use crate::domain::{KeyType, TerminalId};
 use crate::iso8583::{Message, Mti, Packager};
@@ -49,7 +51,7 @@ pub struct AtmClient {
     /// The terminal's clear keys.
     pub keys: TerminalKeys,
     packager: &'static Packager,
-    stream: TcpStream,
+    stream: NetStream,
     buffer: BytesMut,
     stan: u32,
     timeout: Duration,
@@ -65,8 +67,23 @@ impl AtmClient {
         keys: TerminalKeys,
         packager: &'static Packager,
     ) -> Result<Self, AtmError> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
+        Self::connect_with(addr, None, id, keys, packager).await
+    }
+
+    /// Connects to the switch's ISO 8583 port, over TLS when `tls` is given (`[iso8583.tls]`).
+    pub async fn connect_with(
+        addr: &str,
+        tls: Option<&TlsClient>,
+        id: TerminalId,
+        keys: TerminalKeys,
+        packager: &'static Packager,
+    ) -> Result<Self, AtmError> {
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let stream = match tls {
+            Some(tls) => tls.connect(addr, tcp).await?,
+            None => NetStream::Plain(tcp),
+        };
         Ok(Self {
             id,
             keys,

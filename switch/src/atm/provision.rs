@@ -37,11 +37,29 @@ pub struct AdminClient {
 impl AdminClient {
     /// `base` like `http://127.0.0.1:8080`.
     pub fn new(base: impl Into<String>, token: impl Into<String>) -> Self {
+        crate::tls::install_crypto_provider();
         Self {
             base: base.into().trim_end_matches('/').to_string(),
             token: token.into(),
             http: reqwest::Client::new(),
         }
+    }
+
+    /// `base` like `https://switchyard-admin:8080`, trusting (and, for mTLS, presenting)
+    /// what `tls` holds.
+    pub fn with_tls(
+        base: impl Into<String>,
+        token: impl Into<String>,
+        tls: &crate::tls::TlsClient,
+    ) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured((*tls.config()).clone())
+            .build()?;
+        Ok(Self {
+            base: base.into().trim_end_matches('/').to_string(),
+            token: token.into(),
+            http,
+        })
     }
 
     async fn answer(resp: reqwest::Response) -> Result<Value, AdminClientError> {

@@ -9,6 +9,7 @@ use super::provision::AdminClient;
 use super::{AtmClient, AtmError, CardInput, expect_code};
 use crate::domain::{KeyType, TerminalId};
 use crate::iso8583::Packager;
+use crate::tls::TlsClient;
 
 /// What the session needs.
 #[derive(Debug, Clone)]
@@ -29,6 +30,8 @@ pub struct SessionOptions {
     pub provision_card: bool,
     /// Wire profile.
     pub packager: &'static Packager,
+    /// TLS to the ISO 8583 port (`[iso8583.tls]`), or plain TCP.
+    pub tls: Option<TlsClient>,
 }
 
 /// Failure of a step.
@@ -88,9 +91,15 @@ pub async fn run(opts: SessionOptions, mut say: impl FnMut(String)) -> Result<()
             &opts.card.pan[opts.card.pan.len() - 4..]
         ));
     }
-    let mut atm = AtmClient::connect(&opts.iso_addr, opts.terminal.clone(), keys, opts.packager)
-        .await
-        .map_err(step("connect"))?;
+    let mut atm = AtmClient::connect_with(
+        &opts.iso_addr,
+        opts.tls.as_ref(),
+        opts.terminal.clone(),
+        keys,
+        opts.packager,
+    )
+    .await
+    .map_err(step("connect"))?;
     let m = atm.network("001").await.map_err(step("sign-on"))?;
     expect_code(&m, "00").map_err(step("sign-on"))?;
     say("0800/001 sign-on, MACed under K_NM (derived from the TMK, profile v2) → 0810 39=00, its MAC verified".into());

@@ -15,6 +15,7 @@ use switchyard_switch::atm::provision::AdminClient;
 use switchyard_switch::atm::session::{self, SessionOptions};
 use switchyard_switch::domain::TerminalId;
 use switchyard_switch::iso8583::Packager;
+use switchyard_switch::tls::TlsClient;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,6 +39,19 @@ struct Cli {
     /// Wire profile: ascii or binary-bitmap.
     #[arg(long, default_value = "ascii", global = true)]
     packager: String,
+    /// CA certificate (PEM) to trust: the ISO 8583 port is then reached over TLS, and an
+    /// `https://` admin URL is verified against it.
+    #[arg(long, global = true)]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for switches that require mutual TLS.
+    #[arg(long, global = true, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--tls-cert`.
+    #[arg(long, global = true, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Name the switch's certificate must carry (default: the host of `--iso` / `--admin`).
+    #[arg(long, global = true)]
+    tls_server_name: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -116,7 +130,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .kek_file
         .as_ref()
         .context("--kek-file is required (the switch's KEK in hex)")?;
-    let admin = AdminClient::new(&cli.admin, read_token(token_file)?);
+    let tls = match &cli.tls_ca {
+        Some(ca) => Some(
+            TlsClient::new(
+                ca,
+                cli.tls_cert.as_deref().zip(cli.tls_key.as_deref()),
+                cli.tls_server_name.clone(),
+            )
+            .context("failed to set up TLS")?,
+        ),
+        None => None,
+    };
+    let admin_client = |url: &str, token: String| -> anyhow::Result<AdminClient> {
+        Ok(match &tls {
+            Some(tls) => AdminClient::with_tls(url, token, tls)
+                .context("failed to set up the admin API client")?,
+            None => AdminClient::new(url, token),
+        })
+    };
+    let admin = admin_client(&cli.admin, read_token(token_file)?)?;
     let kek = hex::decode(
         std::fs::read_to_string(kek_file)
             .with_context(|| format!("failed to read {}", kek_file.display()))?
@@ -144,6 +176,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 account,
                 provision_card: true,
                 packager,
+                tls: tls.clone(),
             };
             let mut n = 0;
             session::run(opts, |line| {
@@ -171,7 +204,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             card_token_file,
         } => {
             let card_admin = match (card_admin, card_token_file) {
-                (Some(url), Some(file)) => Some(AdminClient::new(url, read_token(&file)?)),
+                (Some(url), Some(file)) => Some(admin_client(&url, read_token(&file)?)?),
                 _ => None,
             };
             println!(
@@ -189,6 +222,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 packager,
                 bin,
                 card_admin,
+                tls,
             })
             .await?;
             println!("{report}");

@@ -1,11 +1,12 @@
-//! One buffered TCP connection speaking length-prefixed ISO 8583 frames.
+//! One buffered TCP (or TLS) connection speaking length-prefixed ISO 8583 frames.
 //!
 //! Reading is cancel-safe (mini-redis style): bytes accumulate in our own buffer and a frame is
 //! only taken out once complete, so the read future can lose a `select!` race without losing data.
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+
+use crate::tls::NetStream;
 
 use crate::iso8583::{FrameError, decode_frame, encode_frame};
 
@@ -26,17 +27,18 @@ pub enum ReadError {
 /// A framed connection.
 #[derive(Debug)]
 pub struct Connection {
-    stream: TcpStream,
+    stream: NetStream,
     buffer: BytesMut,
     max_frame: usize,
     out: BytesMut,
 }
 
 impl Connection {
-    /// Wraps an accepted socket; frames above `max_frame` bytes are refused.
-    pub fn new(stream: TcpStream, max_frame: usize) -> Self {
+    /// Wraps an accepted socket (plain or TLS); frames above `max_frame` bytes are refused.
+    pub fn new(stream: impl Into<NetStream>, max_frame: usize) -> Self {
+        let stream = stream.into();
         // Disable Nagle: every frame is a complete request or answer and latency matters.
-        let _ = stream.set_nodelay(true);
+        let _ = stream.tcp().set_nodelay(true);
         Self {
             stream,
             buffer: BytesMut::with_capacity(1024),

@@ -12,6 +12,11 @@
 //! unauthenticated sockets from one address holds neither connection slots nor tasks for long,
 //! and signed-on terminals keep transacting.
 //!
+//! With `[iso8583.tls]` the listener speaks TLS only: the handshake runs in the connection's
+//! task under `handshake_timeout` (counted in `switchyard_tls_handshake_failures_total` when it
+//! fails), after the per-IP and connection caps, so a slow or failed handshake holds neither the
+//! accept loop nor more than one slot. The sign-on deadline starts once the handshake is done.
+//!
 //! A terminal's requests are processed one after the other, in order. An acquirer station
 //! multiplexes the requests and advices of many ATMs on one link and matches answers by STAN,
 //! so its financial messages are processed concurrently (up to [`STATION_PIPELINE`] at once,
@@ -24,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +41,7 @@ use super::connection::{Connection, ReadError};
 use crate::app::SwitchContext;
 use crate::iso8583::FrameError;
 use crate::store::TerminalKind;
+use crate::tls::{NetStream, ReloadingAcceptor};
 use crate::txn;
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
@@ -50,6 +56,7 @@ pub async fn serve(
     ctx: Arc<SwitchContext>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    tls: Option<Arc<ReloadingAcceptor>>,
 ) {
     let limit = Arc::new(Semaphore::new(ctx.settings.iso8583.max_connections));
     let per_ip = Arc::new(PerIpConnections::new(
@@ -83,7 +90,22 @@ pub async fn serve(
         };
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         tracker.spawn(async move {
+            let stream = match tls {
+                None => NetStream::Plain(stream),
+                Some(tls) => {
+                    let handshake = tls.accept(stream);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        done = handshake => match done {
+                            Ok(stream) => stream,
+                            // counted by the acceptor; nothing was said, nothing to audit
+                            Err(_) => return,
+                        },
+                    }
+                }
+            };
             handle_connection(ctx, stream, remote, shutdown).await;
             drop(permit);
             drop(ip_slot);
@@ -146,7 +168,7 @@ impl Drop for IpSlot {
 
 async fn handle_connection(
     ctx: Arc<SwitchContext>,
-    stream: TcpStream,
+    stream: NetStream,
     remote: std::net::SocketAddr,
     shutdown: CancellationToken,
 ) {

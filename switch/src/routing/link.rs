@@ -38,8 +38,9 @@ use crate::crypto::{ClearKey, Hsm, KeyCheckValue};
 use crate::domain::{KeyOwner, KeyType, TerminalId, WrappedKey};
 use crate::iso8583::{Message, Mti, Packager, decode_frame, encode_frame};
 use crate::metrics::Metrics;
-use crate::settings::UpstreamSettings;
+use crate::settings::{ClientTlsSettings, UpstreamSettings};
 use crate::store::{LinkKeys, Store};
+use crate::tls::{NetStream, TlsClient};
 
 /// STANs reserved from the store at a time. One reservation per thousand requests costs one
 /// round trip; a crash wastes at most this many STANs of the million.
@@ -578,7 +579,11 @@ impl UpstreamLink {
             .map_err(|_| format!("connect timed out after {:?}", self.settings.timeout))?
             .map_err(|e| format!("connect: {e}"))?;
         let _ = stream.set_nodelay(true);
-        let (reader, writer) = stream.into_split();
+        let stream = match &self.settings.tls {
+            None => NetStream::Plain(stream),
+            Some(tls) => self.tls_connect(tls, addr, stream).await?,
+        };
+        let (reader, writer) = tokio::io::split(stream);
         let lost = CancellationToken::new();
         let pending: Arc<Pending> = Arc::new(Mutex::new(HashMap::new()));
         let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(1024);
@@ -603,6 +608,32 @@ impl UpstreamLink {
         let _ = writer_task.await;
         let _ = reader_task.await;
         result
+    }
+
+    /// The TLS handshake of a link, within the link's `timeout`. The CA and client certificate
+    /// files are read at every connect, so renewed files are used from the next connection on.
+    async fn tls_connect(
+        &self,
+        tls: &ClientTlsSettings,
+        addr: &str,
+        tcp: TcpStream,
+    ) -> Result<NetStream, String> {
+        let client = TlsClient::from_settings(tls).map_err(|e| e.to_string())?;
+        let failed = |reason: &str| self.deps.metrics.tls_handshake_failed("upstream", reason);
+        match tokio::time::timeout(self.settings.timeout, client.connect(addr, tcp)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(err)) => {
+                failed(crate::tls::HandshakeFailure::classify(&err).as_str());
+                Err(format!("TLS handshake: {err}"))
+            }
+            Err(_) => {
+                failed("timeout");
+                Err(format!(
+                    "TLS handshake timed out after {:?}",
+                    self.settings.timeout
+                ))
+            }
+        }
     }
 
     async fn establish(
@@ -777,7 +808,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Writes queued frames, several per system call when they pile up.
 async fn write_loop(
-    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    mut writer: tokio::io::WriteHalf<NetStream>,
     mut rx: mpsc::Receiver<Vec<u8>>,
     lost: CancellationToken,
 ) {
@@ -810,7 +841,7 @@ async fn write_loop(
 /// Reads frames: answers go to whoever waits for their (41, 11); the issuer's own 0800s are
 /// answered here under K_NM (echo approved, anything else `12`; a MAC that does not verify `63`).
 async fn read_loop(
-    mut reader: tokio::net::tcp::OwnedReadHalf,
+    mut reader: tokio::io::ReadHalf<NetStream>,
     signer: NmSigner,
     pending: Arc<Pending>,
     out: mpsc::Sender<Vec<u8>>,
