@@ -200,8 +200,8 @@ def test_rbac_is_least_privilege():
             assert "*" not in rule[field], rule
     secrets = [x for x in rules if "secrets" in x["resources"]]
     assert secrets == [
-        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]}
-    ]
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}
+    ], "Secrets: get only, never list/watch (operator/RBAC.md)"
     for rule in rules:
         if rule["resources"] != ["secrets"]:
             assert "escalate" not in rule["verbs"] and "bind" not in rule["verbs"]
@@ -242,6 +242,8 @@ def test_cluster_role_allows_what_the_operator_does(group, resource, verb):
     [
         ("", "secrets", "create"),
         ("", "secrets", "delete"),
+        ("", "secrets", "list"),
+        ("", "secrets", "watch"),
         ("", "pods", "delete"),
         ("batch", "jobs", "update"),
         ("coordination.k8s.io", "leases", "get"),
