@@ -262,6 +262,10 @@ pub struct SwitchAdmin {
 impl SwitchAdmin {
     /// A client with a short per-request timeout.
     pub fn new(endpoint: AdminEndpoint) -> Result<Self, reqwest::Error> {
+        // reqwest is built on rustls without a bundled crypto provider (no aws-lc-rs): the
+        // process's default must be set before a client is built; another caller may have
+        // set it already, which is fine
+        let _ = rustls::crypto::ring::default_provider().install_default();
         Ok(Self {
             http: reqwest::Client::builder()
                 .timeout(REQUEST_TIMEOUT)
