@@ -22,6 +22,7 @@ use crate::domain::{KeyOwner, KeyState, KeyType, ResponseCode, TerminalId, Wrapp
 
 mod error;
 mod idempotency;
+mod key_cache;
 mod models;
 mod postgres;
 mod saf;
@@ -29,6 +30,7 @@ mod sqlite;
 
 pub use error::StoreError;
 pub use idempotency::{CLAIM_STALE_AFTER, with_claim};
+pub use key_cache::{KeyCache, KeyCachingStore, Lookup, usable_at};
 pub use models::*;
 pub use postgres::PostgresStore;
 pub use saf::{
