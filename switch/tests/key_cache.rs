@@ -180,6 +180,7 @@ async fn every_local_change_is_seen_at_once(backend: common::Backend) {
         )
         .await
         .unwrap();
+    fx.tak().await;
     let before = fx
         .cache
         .usable(fx.store.as_ref(), &fx.tid, KeyType::Tak, Utc::now())
@@ -216,7 +217,7 @@ async fn every_local_change_is_seen_at_once(backend: common::Backend) {
         .usable(fx.store.as_ref(), &fx.tid, KeyType::Tak, Utc::now())
         .await
         .unwrap();
-    assert_eq!(lookup.keys.active.unwrap().wrapped, rewrapped);
+    assert_eq!(lookup.keys.active.unwrap().wrapped.0, rewrapped.0);
     db.cleanup().await;
 }
 on_both_backends!(
