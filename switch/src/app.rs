@@ -15,7 +15,6 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState, auth::Tokens};
 use crate::crypto::{Hsm, Kek, Lmk, SoftHsm};
-use crate::domain::TerminalId;
 use crate::health::{self, Health};
 use crate::http::{self, HttpLimits};
 use crate::iso8583::Packager;
@@ -25,49 +24,9 @@ use crate::routing::drainer::Drainer;
 use crate::routing::held::HeldReversals;
 use crate::routing::{LinkDeps, Upstreams};
 use crate::settings::Settings;
-use crate::store::{self, ConnectOptions, NewAudit, Store};
 use crate::tls::ReloadingAcceptor;
-
-/// Everything a connection or an admin handler needs.
-#[derive(Debug)]
-pub struct SwitchContext {
-    /// Effective configuration.
-    pub settings: Settings,
-    /// Wire profile.
-    pub packager: &'static Packager,
-    /// Ledger, keys, journal, audit.
-    pub store: Store,
-    /// All cryptography.
-    pub hsm: Arc<dyn Hsm>,
-    /// Live sessions of this process.
-    pub sessions: SessionRegistry,
-    /// Metrics registry.
-    pub metrics: Metrics,
-    /// Probe state.
-    pub health: Arc<Health>,
-    /// Links to the issuer hosts of `[[upstreams]]`.
-    pub upstreams: Arc<Upstreams>,
-    /// Terminals' answers to key pushes that paced rotations wait for.
-    pub key_answers: crate::txn::key_exchange::KeyAnswers,
-    /// Reversal advices the store refused, retried until it takes them.
-    pub held_reversals: Arc<HeldReversals>,
-}
-
-impl SwitchContext {
-    /// Audits a session event of a terminal (sign-on, sign-off, disconnect).
-    pub async fn audit_session(&self, terminal: &TerminalId, action: &str, remote: &SocketAddr) {
-        let entry = NewAudit {
-            actor: format!("terminal:{terminal}"),
-            action: action.to_string(),
-            target: terminal.to_string(),
-            result: "ok".into(),
-            detail: serde_json::json!({ "remoteAddress": remote.to_string() }),
-        };
-        if let Err(err) = self.store.append_audit(&entry).await {
-            warn!(error = %err, %terminal, action, "failed to audit session event");
-        }
-    }
-}
+use crate::store::{self, ConnectOptions, KeyCache, KeyCachingStore, Store};
+use crate::txn::SwitchContext;
 
 /// Why the switch could not start.
 #[derive(Debug, thiserror::Error)]
@@ -228,6 +187,13 @@ pub async fn start(
     crate::tls::install_crypto_provider();
     let metrics: Metrics = Arc::new(SwitchMetrics::new());
     let health = Arc::new(Health::default());
+    // every key change this process makes goes through the wrapper and invalidates the cache
+    let keys = Arc::new(KeyCache::new(
+        settings.keys.cache_ttl,
+        metrics.key_cache_hits.clone(),
+        metrics.key_cache_misses.clone(),
+    ));
+    let store: Store = Arc::new(KeyCachingStore::new(store, keys.clone()));
     let upstreams = Arc::new(Upstreams::new(
         &settings.upstreams,
         &LinkDeps {
@@ -242,6 +208,7 @@ pub async fn start(
         settings,
         packager,
         store: store.clone(),
+        keys,
         hsm: secrets.hsm,
         sessions: SessionRegistry::new(metrics.clone()),
         metrics: metrics.clone(),
@@ -380,6 +347,8 @@ async fn run(
     let iso_server = tokio::spawn(server::serve(
         listeners.iso,
         ctx.clone(),
+        ctx.settings.iso8583.clone(),
+        ctx.metrics.clone(),
         stop_accepting.clone(),
         tracker.clone(),
         tls.iso,

@@ -46,10 +46,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::SwitchContext;
 use crate::crypto::{ClearKey, ClearPin, Hsm, Kek, KeyCheckValue, Lmk, SoftHsm, TerminalKeys};
 use crate::domain::{KeyOwner, KeyState, KeyType, ResponseCode, TerminalId};
 use crate::health::Health;
+use crate::iso8583::fields;
 use crate::iso8583::{Message, Mti, Packager};
 use crate::metrics::{Metrics, SwitchMetrics};
 use crate::net::ConnState;
@@ -59,6 +59,7 @@ use crate::settings::Settings;
 use crate::store::{
     self, AccountId, ConnectOptions, NewAccount, NewCard, NewKey, NewTerminal, Store, TerminalKind,
 };
+use crate::txn::SwitchContext;
 
 /// Why the harness itself could not be set up (not a finding about the switch).
 #[derive(Debug, thiserror::Error)]
@@ -478,6 +479,12 @@ impl Case {
             settings,
             packager: fx.packager,
             store,
+            // the harness changes keys behind the context's back: no cache
+            keys: Arc::new(crate::store::KeyCache::new(
+                std::time::Duration::ZERO,
+                metrics.key_cache_hits.clone(),
+                metrics.key_cache_misses.clone(),
+            )),
             hsm: fx.hsm.clone(),
             sessions: SessionRegistry::new(metrics.clone()),
             metrics,
@@ -660,10 +667,10 @@ impl Case {
                         "001", "001", "002", "301", "301", "161", "161", "162", "162", "999",
                     ])?
                 };
-                m.set_str(70, code);
+                m.set_str(fields::NETWORK_CODE, code);
                 if matches!(code, "161" | "162") {
                     let kt = *u.choose(&["TAK", "TPK", "TMK", "XYZ"])?;
-                    m.set_str(48, kt);
+                    m.set_str(fields::KEY_TYPE, kt);
                     if code == "162" {
                         let kcv = match (t, kt.parse::<KeyType>()) {
                             (Some(t), Ok(kt)) if u.ratio(3, 4)? => {
@@ -675,7 +682,7 @@ impl Case {
                             Some(k) => k,
                             None => hex::encode_upper(u.bytes(3)?),
                         };
-                        m.set_str(122, &kcv);
+                        m.set_str(fields::KCV, &kcv);
                     }
                 }
             }
@@ -688,7 +695,7 @@ impl Case {
                 let pcode = *u.choose(&[
                     "010000", "011000", "012000", "310000", "311000", "000000", "01000X", "013000",
                 ])?;
-                m.set_str(3, pcode);
+                m.set_str(fields::PROCESSING_CODE, pcode);
                 self.card_fields(u, &mut m, t)?;
             }
             // advices (a station's stand-in withdrawals)
@@ -696,12 +703,15 @@ impl Case {
                 network = false;
                 let mti = *u.choose(&["0220", "0221"])?;
                 m = Message::new(Mti::parse(mti).map_err(|_| arbitrary::Error::IncorrectFormat)?);
-                m.set_str(3, u.choose(&["010000", "010000", "310000"])?);
+                m.set_str(
+                    fields::PROCESSING_CODE,
+                    u.choose(&["010000", "010000", "310000"])?,
+                );
                 self.card_fields(u, &mut m, t)?;
-                m.remove(123);
+                m.remove(fields::PIN_BLOCK);
                 if u.arbitrary::<bool>()? {
-                    m.set_str(37, "612345678901");
-                    m.set_str(38, "A1B2C3");
+                    m.set_str(fields::RRN, "612345678901");
+                    m.set_str(fields::AUTH_CODE, "A1B2C3");
                 }
             }
             // reversals of something sent before, or of nothing
@@ -715,12 +725,23 @@ impl Case {
                     .filter(|&i| {
                         let sent = &self.sent[i].message;
                         sent.mti().as_str() == "0200"
-                            && (!same_terminal || sent.get_str(41) == Some(field41.as_str()))
+                            && (!same_terminal
+                                || sent.get_str(fields::TERMINAL_ID) == Some(field41.as_str()))
                     })
                     .collect();
                 let f90 = if !originals.is_empty() && u.ratio(4, 5)? {
                     let orig = &self.sent[originals[u.choose_index(originals.len())?]].message;
-                    for f in [2u8, 3, 4, 12, 13, 14, 22, 42, 49] {
+                    for f in [
+                        fields::PAN,
+                        fields::PROCESSING_CODE,
+                        fields::AMOUNT,
+                        fields::LOCAL_TIME,
+                        fields::LOCAL_DATE,
+                        fields::EXPIRY,
+                        fields::POS_ENTRY_MODE,
+                        fields::CARD_ACCEPTOR_ID,
+                        fields::CURRENCY,
+                    ] {
                         if let Some(v) = orig.get(f) {
                             m.set(f, v);
                         }
@@ -736,7 +757,7 @@ impl Case {
                     }
                     f
                 };
-                m.set_str(90, &f90);
+                m.set_str(fields::ORIGINAL_DATA, &f90);
             }
         }
         // identity: now, or a recent STAN again (duplicates), or odd values
@@ -745,8 +766,10 @@ impl Case {
             6..=7 if !self.sent.is_empty() => {
                 let prev = &self.sent[u.choose_index(self.sent.len())?].message;
                 (
-                    prev.get_str(11).unwrap_or("000001").to_string(),
-                    prev.get_str(7).unwrap_or("0101000000").to_string(),
+                    prev.get_str(fields::STAN).unwrap_or("000001").to_string(),
+                    prev.get_str(fields::TRANSMISSION_DATE_TIME)
+                        .unwrap_or("0101000000")
+                        .to_string(),
                 )
             }
             8 => (self.next_stan(), "0101000000".into()),
@@ -755,9 +778,9 @@ impl Case {
                 (*u.choose(&["1332250000", "0230120000", "9999999999"])?).to_string(),
             ),
         };
-        m.set_str(7, &f7);
-        m.set_str(11, &stan);
-        m.set_str(41, &field41);
+        m.set_str(fields::TRANSMISSION_DATE_TIME, &f7);
+        m.set_str(fields::STAN, &stan);
+        m.set_str(fields::TERMINAL_ID, &field41);
         // bend a field: set a random one to a random value, or drop one
         for _ in 0..u.int_in_range(0..=2u8)? {
             if !u.ratio(1, 5)? {
@@ -830,10 +853,10 @@ impl Case {
         };
         let currency = if u.ratio(1, 10)? { "978" } else { currency };
         if u.ratio(1, 8)? {
-            m.set_str(35, &format!("{pan}={expiry}101"));
+            m.set_str(fields::TRACK2, &format!("{pan}={expiry}101"));
         } else {
-            m.set_str(2, &pan);
-            m.set_str(14, &expiry);
+            m.set_str(fields::PAN, &pan);
+            m.set_str(fields::EXPIRY, &expiry);
         }
         let amount: i64 = match u.int_in_range(0..=9u8)? {
             0..=5 => i64::from(u.int_in_range(1..=400u32)?) * 100,
@@ -842,13 +865,13 @@ impl Case {
             8 => 999_999_999_999,
             _ => i64::from(u.arbitrary::<u32>()?),
         };
-        m.set_str(4, &format!("{amount:012}"));
+        m.set_str(fields::AMOUNT, &format!("{amount:012}"));
         let now = Utc::now();
-        m.set_str(12, &now.format("%H%M%S").to_string());
-        m.set_str(13, &now.format("%m%d").to_string());
-        m.set_str(22, "051");
-        m.set_str(42, "SWITCHYARD-FUZZ");
-        m.set_str(49, currency);
+        m.set_str(fields::LOCAL_TIME, &now.format("%H%M%S").to_string());
+        m.set_str(fields::LOCAL_DATE, &now.format("%m%d").to_string());
+        m.set_str(fields::POS_ENTRY_MODE, "051");
+        m.set_str(fields::CARD_ACCEPTOR_ID, "SWITCHYARD-FUZZ");
+        m.set_str(fields::CURRENCY, currency);
         let pin = match u.int_in_range(0..=9u8)? {
             0..=6 => PIN.to_string(),
             7..=8 => "9999".to_string(),
@@ -863,8 +886,8 @@ impl Case {
             _ => None,
         };
         match block {
-            Some(b) => m.set_str(123, &b),
-            None => m.set_str(123, &hex::encode_upper(u.bytes(16)?)),
+            Some(b) => m.set_str(fields::PIN_BLOCK, &b),
+            None => m.set_str(fields::PIN_BLOCK, &hex::encode_upper(u.bytes(16)?)),
         }
         Ok(())
     }
@@ -882,8 +905,8 @@ impl Case {
         let packager = self.ctx.packager;
         let field = crate::iso8583::mac_field_for(m);
         if mode == MacMode::Missing {
-            m.remove(64);
-            m.remove(128);
+            m.remove(fields::MAC);
+            m.remove(fields::MAC_SECONDARY);
             return packager.pack(m).ok();
         }
         m.set(field, [0u8; 8]);
@@ -924,13 +947,13 @@ impl Case {
             )));
         };
         let Some(t) = push
-            .get_str(41)
+            .get_str(fields::TERMINAL_ID)
             .and_then(|f| TerminalId::from_field41(f).ok())
             .and_then(|id| self.terms.iter().position(|m| m.id == id))
         else {
             return Ok(Err(Violation(format!(
                 "the switch pushed a key to an unknown terminal: {:?}",
-                push.get_str(41)
+                push.get_str(fields::TERMINAL_ID)
             ))));
         };
         if !self.nm_verifies(t, &push, &raw) {
@@ -938,11 +961,22 @@ impl Case {
                 "a pushed 0800/161 does not verify under the terminal's K_NM".into(),
             )));
         }
-        let kt = push.get_str(48).and_then(|s| s.parse::<KeyType>().ok());
-        let block = push.get_str(120).unwrap_or_default().to_string();
-        let kcv = push.get_str(122).unwrap_or_default().to_string();
+        let kt = push
+            .get_str(fields::KEY_TYPE)
+            .and_then(|s| s.parse::<KeyType>().ok());
+        let block = push
+            .get_str(fields::KEY_BLOCK)
+            .unwrap_or_default()
+            .to_string();
+        let kcv = push.get_str(fields::KCV).unwrap_or_default().to_string();
         let mut answer = Message::new(Mti::NETWORK_RESPONSE);
-        for f in [7u8, 11, 41, 48, 70] {
+        for f in [
+            fields::TRANSMISSION_DATE_TIME,
+            fields::STAN,
+            fields::TERMINAL_ID,
+            fields::KEY_TYPE,
+            fields::NETWORK_CODE,
+        ] {
             if let Some(v) = push.get(f) {
                 answer.set(f, v);
             }
@@ -956,16 +990,16 @@ impl Case {
             };
         let mut confirms = false;
         if accepted {
-            answer.set_str(39, "00");
+            answer.set_str(fields::RESPONSE_CODE, "00");
             confirms = u.ratio(7, 8)?;
             let computed = if confirms {
                 kcv.clone()
             } else {
                 hex::encode_upper(u.bytes(3)?)
             };
-            answer.set_str(122, &computed);
+            answer.set_str(fields::KCV, &computed);
         } else {
-            answer.set_str(39, "63");
+            answer.set_str(fields::RESPONSE_CODE, "63");
         }
         let mode = *u.choose(&[
             MacMode::Correct,
@@ -988,7 +1022,11 @@ impl Case {
     }
 
     fn nm_verifies(&self, t: usize, m: &Message, raw: &[u8]) -> bool {
-        let field = if m.has(128) { 128 } else { 64 };
+        let field = if m.has(fields::MAC_SECONDARY) {
+            128
+        } else {
+            64
+        };
         let w = self.ctx.packager.mac_wire_len();
         let (Some(mac), Some(input)) = (
             m.get(field),
@@ -1001,7 +1039,11 @@ impl Case {
     }
 
     fn tak_verifies(&self, t: usize, m: &Message, raw: &[u8]) -> bool {
-        let field = if m.has(128) { 128 } else { 64 };
+        let field = if m.has(fields::MAC_SECONDARY) {
+            128
+        } else {
+            64
+        };
         let w = self.ctx.packager.mac_wire_len();
         let (Some(mac), Some(input)) = (
             m.get(field),
@@ -1119,7 +1161,10 @@ impl Case {
                 shown()
             ))
         })?;
-        let code = parsed.get_str(39).unwrap_or_default().to_string();
+        let code = parsed
+            .get_str(fields::RESPONSE_CODE)
+            .unwrap_or_default()
+            .to_string();
         if ResponseCode::parse(&code).is_none() {
             return Err(Violation(format!(
                 "answer with an undocumented response code {code:?}: {}",
@@ -1147,9 +1192,9 @@ impl Case {
                 }
             }
         }
-        if parsed.has(64) || parsed.has(128) {
+        if parsed.has(fields::MAC) || parsed.has(fields::MAC_SECONDARY) {
             let t = parsed
-                .get_str(41)
+                .get_str(fields::TERMINAL_ID)
                 .and_then(|f| TerminalId::from_field41(f).ok())
                 .and_then(|id| self.terms.iter().position(|m| m.id == id));
             let verifies = match t {
@@ -1165,10 +1210,10 @@ impl Case {
             }
         }
         // the terminal takes a delivered key (it confirms it with a later 162)
-        if mti == "0810" && code == "00" && parsed.get_str(70) == Some("161") {
+        if mti == "0810" && code == "00" && parsed.get_str(fields::NETWORK_CODE) == Some("161") {
             self.take_offer(&parsed);
         }
-        if mti == "0810" && code == "00" && parsed.get_str(70) == Some("162") {
+        if mti == "0810" && code == "00" && parsed.get_str(fields::NETWORK_CODE) == Some("162") {
             self.take_confirmed(&parsed);
         }
         *self
@@ -1180,16 +1225,18 @@ impl Case {
     }
 
     fn term_of(&self, m: &Message) -> Option<usize> {
-        let id = TerminalId::from_field41(m.get_str(41)?).ok()?;
+        let id = TerminalId::from_field41(m.get_str(fields::TERMINAL_ID)?).ok()?;
         self.terms.iter().position(|t| t.id == id)
     }
 
     fn take_offer(&mut self, answer: &Message) {
         let (Some(t), Some(kt), Some(block), Some(kcv)) = (
             self.term_of(answer),
-            answer.get_str(48).and_then(|s| s.parse::<KeyType>().ok()),
-            answer.get_str(120),
-            answer.get_str(122),
+            answer
+                .get_str(fields::KEY_TYPE)
+                .and_then(|s| s.parse::<KeyType>().ok()),
+            answer.get_str(fields::KEY_BLOCK),
+            answer.get_str(fields::KCV),
         ) else {
             return;
         };
@@ -1207,7 +1254,9 @@ impl Case {
     fn take_confirmed(&mut self, answer: &Message) {
         let (Some(t), Some(kt)) = (
             self.term_of(answer),
-            answer.get_str(48).and_then(|s| s.parse::<KeyType>().ok()),
+            answer
+                .get_str(fields::KEY_TYPE)
+                .and_then(|s| s.parse::<KeyType>().ok()),
         ) else {
             return;
         };

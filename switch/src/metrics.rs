@@ -120,6 +120,11 @@ pub struct SwitchMetrics {
     pub mac_failures: Counter,
     /// `switchyard_pin_failures_total`.
     pub pin_failures: Counter,
+    /// `switchyard_key_cache_hits_total`: usable-key lookups of financial requests served from
+    /// the key cache.
+    pub key_cache_hits: Counter,
+    /// `switchyard_key_cache_misses_total`: usable-key lookups that read the store.
+    pub key_cache_misses: Counter,
     /// `switchyard_keys{type,state}`, refreshed at scrape time.
     pub keys: Family<KeyLabels, Gauge>,
     /// `switchyard_key_age_seconds{type}`: age of the oldest ACTIVE key, refreshed at scrape.
@@ -226,6 +231,18 @@ impl SwitchMetrics {
             "switchyard_pin_failures",
             "PIN verifications that failed (wrong PIN or undecipherable block)",
             pin_failures.clone(),
+        );
+        let key_cache_hits = Counter::default();
+        registry.register(
+            "switchyard_key_cache_hits",
+            "Usable-key lookups of financial requests served from the key cache",
+            key_cache_hits.clone(),
+        );
+        let key_cache_misses = Counter::default();
+        registry.register(
+            "switchyard_key_cache_misses",
+            "Usable-key lookups of financial requests that read the store",
+            key_cache_misses.clone(),
         );
         let keys = Family::<KeyLabels, Gauge>::default();
         registry.register(
@@ -351,6 +368,8 @@ impl SwitchMetrics {
             connections_rejected,
             mac_failures,
             pin_failures,
+            key_cache_hits,
+            key_cache_misses,
             keys,
             key_age_seconds,
             db_pool_connections,
@@ -536,6 +555,8 @@ mod tests {
             "switchyard_frame_errors_total{reason=\"too_large\"} 1",
             "switchyard_mac_failures_total 0",
             "switchyard_pin_failures_total 0",
+            "switchyard_key_cache_hits_total 0",
+            "switchyard_key_cache_misses_total 0",
         ] {
             assert!(text.contains(name), "missing {name} in:\n{text}");
         }

@@ -298,6 +298,11 @@ pub struct KeySettings {
     /// How long a replaced key still verifies PIN blocks and MACs.
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
+    /// How long this process serves a terminal's usable keys from memory after reading them:
+    /// the bound on how late it sees a key change another replica made (its own changes are
+    /// seen at once). `0s` reads the store for every financial request.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
 }
 
 impl Default for KeySettings {
@@ -306,6 +311,7 @@ impl Default for KeySettings {
             lmk_file: None,
             kek_file: None,
             grace: Duration::from_secs(300),
+            cache_ttl: Duration::from_secs(1),
         }
     }
 }
@@ -432,6 +438,12 @@ pub struct SafSettings {
     pub held_reversals_max: usize,
 }
 
+/// Default of `[saf] poll_interval`: how long an idle drainer waits before looking again.
+pub const DEFAULT_SAF_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Default of `[saf] held_reversals_max`.
+pub const DEFAULT_HELD_REVERSALS_MAX: usize = 10_000;
+
 impl Default for SafSettings {
     fn default() -> Self {
         Self {
@@ -440,9 +452,9 @@ impl Default for SafSettings {
             backoff_max: Duration::from_secs(60),
             lease: Duration::from_secs(30),
             batch_size: 100,
-            poll_interval: crate::routing::drainer::DEFAULT_POLL_INTERVAL,
+            poll_interval: DEFAULT_SAF_POLL_INTERVAL,
             in_process_drainer: None,
-            held_reversals_max: crate::routing::held::DEFAULT_CAPACITY,
+            held_reversals_max: DEFAULT_HELD_REVERSALS_MAX,
         }
     }
 }
@@ -491,17 +503,16 @@ impl Default for StationSettings {
 }
 
 impl StationSettings {
-    /// The ceilings for `station`: its override where set, else the defaults.
-    pub fn ceiling_for(&self, station: &str) -> crate::store::ForcePostCeiling {
+    /// The ceilings for `station` as (per advice, per UTC day): its override where set, else
+    /// the defaults.
+    pub fn ceiling_for(&self, station: &str) -> (i64, i64) {
         let o = self.overrides.get(station);
-        crate::store::ForcePostCeiling {
-            per_advice: o
-                .and_then(|o| o.advice_max_amount)
+        (
+            o.and_then(|o| o.advice_max_amount)
                 .unwrap_or(self.advice_max_amount),
-            per_day: o
-                .and_then(|o| o.advice_daily_max_amount)
+            o.and_then(|o| o.advice_daily_max_amount)
                 .unwrap_or(self.advice_daily_max_amount),
-        }
+        )
     }
 
     fn validate(&self) -> Result<(), SettingsError> {
@@ -930,10 +941,8 @@ mod tests {
         )
         .unwrap();
         let s = Settings::load_from(Some(&file), env(&[])).unwrap();
-        let acq = s.stations.ceiling_for("ACQ001");
-        assert_eq!((acq.per_advice, acq.per_day), (300_000, 2_000_000));
-        let other = s.stations.ceiling_for("ACQ002");
-        assert_eq!((other.per_advice, other.per_day), (1_000_000, 2_000_000));
+        assert_eq!(s.stations.ceiling_for("ACQ001"), (300_000, 2_000_000));
+        assert_eq!(s.stations.ceiling_for("ACQ002"), (1_000_000, 2_000_000));
 
         for bad in ["0", "-5", "1000000000000"] {
             let err = Settings::load_from(

@@ -239,6 +239,9 @@ async fn moved_key_rows(backend: Backend) {
     )
     .await;
     assert_eq!(moved, 3);
+    // written behind the switch's back, as another replica would: seen once the usable keys
+    // the switch cached for the terminals end their `[keys] cache_ttl`
+    tokio::time::sleep(sw.running.ctx.settings.keys.cache_ttl).await;
 
     // posing as the victim with the attacker's keys gets nothing
     let mut posing = AtmClient::connect(
@@ -282,6 +285,7 @@ async fn moved_key_rows(backend: Backend) {
     )
     .await;
     assert_eq!(moved, 1);
+    tokio::time::sleep(sw.running.ctx.settings.keys.cache_ttl).await;
     assert_eq!(code(&teller.balance(&card(PAN)).await.unwrap()), "63");
     assert_eq!(
         sample(&sw.metrics().await, "switchyard_pin_failures_total"),

@@ -25,11 +25,11 @@ use serde::de::DeserializeOwned;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::app::SwitchContext;
 use crate::http::client_addr;
 use crate::store::{
     CLAIM_STALE_AFTER, IdempotencyClaim, IdempotencyRecord, NewAudit, StoredAnswer, with_claim,
 };
+use crate::txn::SwitchContext;
 use auth::{Caller, Role, Tokens};
 use error::ApiError;
 use limits::RateLimits;

@@ -12,6 +12,7 @@ use super::{AtmClient, AtmError, CardInput};
 use crate::domain::{KeyType, TerminalId};
 use crate::iso8583::Packager;
 use crate::tls::TlsClient;
+use crate::iso8583::fields;
 
 /// What each connection sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -225,7 +226,11 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
                     Ok(m) => {
                         latencies.push(sent.elapsed().as_micros() as u64);
                         *codes
-                            .entry(m.get_str(39).unwrap_or("none").to_string())
+                            .entry(
+                                m.get_str(fields::RESPONSE_CODE)
+                                    .unwrap_or("none")
+                                    .to_string(),
+                            )
                             .or_default() += 1;
                     }
                     Err(_) => {

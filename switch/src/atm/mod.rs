@@ -17,6 +17,7 @@ use crate::tls::{NetStream, TlsClient};
 
 use crate::crypto::{ClearPin, KeyCheckValue, TerminalKeys};
 use crate::domain::{KeyType, TerminalId};
+use crate::iso8583::fields;
 use crate::iso8583::{Message, Mti, Packager};
 use crate::iso8583::{decode_frame, encode_frame};
 
@@ -107,10 +108,13 @@ impl AtmClient {
         let mti = Mti::parse(mti).map_err(|e| AtmError::Codec(e.to_string()))?;
         let now = Utc::now();
         let mut m = Message::new(mti);
-        m.set_str(7, &now.format("%m%d%H%M%S").to_string());
+        m.set_str(
+            fields::TRANSMISSION_DATE_TIME,
+            &now.format("%m%d%H%M%S").to_string(),
+        );
         let stan = self.next_stan();
-        m.set_str(11, &stan);
-        m.set_str(41, &self.id.to_field41());
+        m.set_str(fields::STAN, &stan);
+        m.set_str(fields::TERMINAL_ID, &self.id.to_field41());
         Ok(m)
     }
 
@@ -199,7 +203,10 @@ impl AtmClient {
         mut message: Message,
         mac: bool,
     ) -> Result<(Message, Vec<u8>), AtmError> {
-        let stan = message.get_str(11).unwrap_or_default().to_string();
+        let stan = message
+            .get_str(fields::STAN)
+            .unwrap_or_default()
+            .to_string();
         let bytes = self.pack(&mut message, mac)?;
         let (answer, raw) = self.exchange_raw(&bytes, &stan).await?;
         if mac {
@@ -215,7 +222,7 @@ impl AtmClient {
         let mut waiting = std::collections::HashSet::new();
         let mut out = BytesMut::new();
         for mut m in messages {
-            waiting.insert(m.get_str(11).unwrap_or_default().to_string());
+            waiting.insert(m.get_str(fields::STAN).unwrap_or_default().to_string());
             let bytes = self.pack(&mut m, true)?;
             encode_frame(&bytes, &mut out).map_err(|e| AtmError::Codec(e.to_string()))?;
         }
@@ -229,15 +236,15 @@ impl AtmClient {
                     .packager
                     .unpack(&raw)
                     .map_err(|e| AtmError::Codec(e.to_string()))?;
-                if m.mti().as_str() == "0800" && m.get_str(70) == Some("161") {
+                if m.mti().as_str() == "0800" && m.get_str(fields::NETWORK_CODE) == Some("161") {
                     self.answer_key_push(&m, &raw).await?;
                     continue;
                 }
-                if !waiting.remove(m.get_str(11).unwrap_or_default()) {
+                if !waiting.remove(m.get_str(fields::STAN).unwrap_or_default()) {
                     return Err(AtmError::Protocol(format!(
                         "answer {} with STAN {:?} nobody waits for",
                         m.mti().as_str(),
-                        m.get_str(11)
+                        m.get_str(fields::STAN)
                     )));
                 }
                 self.check_answer_mac(&m, &raw)?;
@@ -253,7 +260,7 @@ impl AtmClient {
     /// The MAC field is the last one, so the MAC input is the received bytes before it. A
     /// network-management answer (0810) must verify under K_NM, any other under the TAK.
     fn check_answer_mac(&self, answer: &Message, raw: &[u8]) -> Result<(), AtmError> {
-        if !answer.has(64) && !answer.has(128) {
+        if !answer.has(fields::MAC) && !answer.has(fields::MAC_SECONDARY) {
             return Ok(());
         }
         if is_network_management(answer) {
@@ -275,7 +282,7 @@ impl AtmClient {
             Ok(false) => Err(AtmError::Crypto(format!(
                 "the MAC of answer {} (STAN {:?}) does not verify under the terminal's TAK",
                 answer.mti().as_str(),
-                answer.get_str(11)
+                answer.get_str(fields::STAN)
             ))),
             Err(e) => Err(AtmError::Crypto(e.to_string())),
         }
@@ -288,17 +295,17 @@ impl AtmClient {
                 .packager
                 .unpack(&raw)
                 .map_err(|e| AtmError::Codec(e.to_string()))?;
-            if m.mti().as_str() == "0800" && m.get_str(70) == Some("161") {
+            if m.mti().as_str() == "0800" && m.get_str(fields::NETWORK_CODE) == Some("161") {
                 self.answer_key_push(&m, &raw).await?;
                 continue;
             }
-            if m.get_str(11) == Some(stan) {
+            if m.get_str(fields::STAN) == Some(stan) {
                 return Ok((m, raw));
             }
             return Err(AtmError::Protocol(format!(
                 "answer {} with STAN {:?} while waiting for {stan}",
                 m.mti().as_str(),
-                m.get_str(11)
+                m.get_str(fields::STAN)
             )));
         }
     }
@@ -317,17 +324,26 @@ impl AtmClient {
     /// with `63` and its key is not installed.
     pub async fn answer_key_push(&mut self, push: &Message, raw: &[u8]) -> Result<(), AtmError> {
         let kt = push
-            .get_str(48)
+            .get_str(fields::KEY_TYPE)
             .and_then(|s| s.parse::<KeyType>().ok())
             .ok_or_else(|| AtmError::Protocol("key push without a key type in 48".into()))?;
-        let block = push.get_str(120).unwrap_or_default().to_string();
-        let kcv = push.get_str(122).unwrap_or_default().to_string();
+        let block = push
+            .get_str(fields::KEY_BLOCK)
+            .unwrap_or_default()
+            .to_string();
+        let kcv = push.get_str(fields::KCV).unwrap_or_default().to_string();
         let mut answer = Message::new(
             push.mti()
                 .response()
                 .ok_or_else(|| AtmError::Protocol("0800 has no response MTI".into()))?,
         );
-        for f in [7u8, 11, 41, 48, 70] {
+        for f in [
+            fields::TRANSMISSION_DATE_TIME,
+            fields::STAN,
+            fields::TERMINAL_ID,
+            fields::KEY_TYPE,
+            fields::NETWORK_CODE,
+        ] {
             if let Some(v) = push.get(f) {
                 answer.set(f, v);
             }
@@ -345,11 +361,11 @@ impl AtmClient {
         };
         match accepted {
             Ok(computed) => {
-                answer.set_str(39, "00");
-                answer.set_str(122, &computed.to_string());
+                answer.set_str(fields::RESPONSE_CODE, "00");
+                answer.set_str(fields::KCV, &computed.to_string());
                 self.key_changes.push(kt);
             }
-            Err(_) => answer.set_str(39, "63"),
+            Err(_) => answer.set_str(fields::RESPONSE_CODE, "63"),
         }
         let bytes = self.pack(&mut answer, true)?;
         self.send(&bytes).await
@@ -365,7 +381,7 @@ impl AtmClient {
                     .packager
                     .unpack(&raw)
                     .map_err(|e| AtmError::Codec(e.to_string()))?;
-                if m.mti().as_str() == "0800" && m.get_str(70) == Some("161") {
+                if m.mti().as_str() == "0800" && m.get_str(fields::NETWORK_CODE) == Some("161") {
                     self.answer_key_push(&m, &raw).await?;
                     return Ok::<(), AtmError>(());
                 }
@@ -388,7 +404,7 @@ impl AtmClient {
     /// could not authenticate us for (`63`, `58`, `30` come without a MAC).
     pub async fn network(&mut self, code: &str) -> Result<Message, AtmError> {
         let mut m = self.new_request("0800")?;
-        m.set_str(70, code);
+        m.set_str(fields::NETWORK_CODE, code);
         self.network_request(m).await
     }
 
@@ -397,8 +413,13 @@ impl AtmClient {
     /// authenticate us for.
     async fn network_request(&mut self, message: Message) -> Result<Message, AtmError> {
         let (answer, _) = self.request(message, true).await?;
-        let unmacd = !answer.has(64) && !answer.has(128);
-        if unmacd && !matches!(answer.get_str(39), Some("63" | "58" | "30")) {
+        let unmacd = !answer.has(fields::MAC) && !answer.has(fields::MAC_SECONDARY);
+        if unmacd
+            && !matches!(
+                answer.get_str(fields::RESPONSE_CODE),
+                Some("63" | "58" | "30")
+            )
+        {
             return Err(AtmError::Crypto(
                 "the switch's 0810 carries no MAC: not talking to the real switch?".into(),
             ));
@@ -409,12 +430,15 @@ impl AtmClient {
     /// Terminal-initiated key exchange: 161, unwrap, 162 with the KCV. Returns the KCV.
     pub async fn exchange_key(&mut self, kt: KeyType) -> Result<String, AtmError> {
         let mut m = self.new_request("0800")?;
-        m.set_str(70, "161");
-        m.set_str(48, kt.as_str());
+        m.set_str(fields::NETWORK_CODE, "161");
+        m.set_str(fields::KEY_TYPE, kt.as_str());
         let answer = self.network_request(m).await?;
         expect_code(&answer, "00")?;
-        let block = answer.get_str(120).unwrap_or_default().to_string();
-        let kcv = answer.get_str(122).unwrap_or_default().to_string();
+        let block = answer
+            .get_str(fields::KEY_BLOCK)
+            .unwrap_or_default()
+            .to_string();
+        let kcv = answer.get_str(fields::KCV).unwrap_or_default().to_string();
         let kcv = kcv
             .parse::<KeyCheckValue>()
             .map_err(|e| AtmError::Protocol(format!("field 122: {e}")))?;
@@ -424,9 +448,9 @@ impl AtmClient {
             .map_err(|e| AtmError::Crypto(e.to_string()))?
             .to_string();
         let mut confirm = self.new_request("0800")?;
-        confirm.set_str(70, "162");
-        confirm.set_str(48, kt.as_str());
-        confirm.set_str(122, &computed);
+        confirm.set_str(fields::NETWORK_CODE, "162");
+        confirm.set_str(fields::KEY_TYPE, kt.as_str());
+        confirm.set_str(fields::KCV, &computed);
         let answer = self.network_request(confirm).await?;
         expect_code(&answer, "00")?;
         Ok(computed)
@@ -441,21 +465,21 @@ impl AtmClient {
     ) -> Result<Message, AtmError> {
         let mut m = self.new_request("0200")?;
         let now = Utc::now();
-        m.set_str(2, &card.pan);
-        m.set_str(3, processing_code);
-        m.set_str(4, &format!("{amount:012}"));
-        m.set_str(12, &now.format("%H%M%S").to_string());
-        m.set_str(13, &now.format("%m%d").to_string());
-        m.set_str(14, &card.expiry);
-        m.set_str(22, "051");
-        m.set_str(42, "SWITCHYARD-ATM ");
-        m.set_str(49, &card.currency);
+        m.set_str(fields::PAN, &card.pan);
+        m.set_str(fields::PROCESSING_CODE, processing_code);
+        m.set_str(fields::AMOUNT, &format!("{amount:012}"));
+        m.set_str(fields::LOCAL_TIME, &now.format("%H%M%S").to_string());
+        m.set_str(fields::LOCAL_DATE, &now.format("%m%d").to_string());
+        m.set_str(fields::EXPIRY, &card.expiry);
+        m.set_str(fields::POS_ENTRY_MODE, "051");
+        m.set_str(fields::CARD_ACCEPTOR_ID, "SWITCHYARD-ATM ");
+        m.set_str(fields::CURRENCY, &card.currency);
         let pin = ClearPin::new(&card.pin).map_err(|e| AtmError::Crypto(e.to_string()))?;
         let block = self
             .keys
             .encipher_pin(&card.pan, &pin)
             .map_err(|e| AtmError::Crypto(e.to_string()))?;
-        m.set_str(123, &hex::encode_upper(block));
+        m.set_str(fields::PIN_BLOCK, &hex::encode_upper(block));
         Ok(m)
     }
 
@@ -479,12 +503,22 @@ impl AtmClient {
     /// Reversal (0400) of `original`.
     pub async fn reverse(&mut self, original: &Message) -> Result<Message, AtmError> {
         let mut m = self.new_request("0400")?;
-        for f in [2u8, 3, 4, 12, 13, 14, 22, 42, 49] {
+        for f in [
+            fields::PAN,
+            fields::PROCESSING_CODE,
+            fields::AMOUNT,
+            fields::LOCAL_TIME,
+            fields::LOCAL_DATE,
+            fields::EXPIRY,
+            fields::POS_ENTRY_MODE,
+            fields::CARD_ACCEPTOR_ID,
+            fields::CURRENCY,
+        ] {
             if let Some(v) = original.get(f) {
                 m.set(f, v);
             }
         }
-        m.set_str(90, &original_data_elements(original));
+        m.set_str(fields::ORIGINAL_DATA, &original_data_elements(original));
         Ok(self.request(m, true).await?.0)
     }
 }
@@ -499,8 +533,10 @@ pub fn original_data_elements(original: &Message) -> String {
     format!(
         "{}{}{}{}",
         original.mti().as_str(),
-        original.get_str(11).unwrap_or("000000"),
-        original.get_str(7).unwrap_or("0000000000"),
+        original.get_str(fields::STAN).unwrap_or("000000"),
+        original
+            .get_str(fields::TRANSMISSION_DATE_TIME)
+            .unwrap_or("0000000000"),
         "0".repeat(22)
     )
 }
@@ -529,7 +565,7 @@ impl std::fmt::Debug for CardInput {
 
 /// Fails unless field 39 is `code`.
 pub fn expect_code(m: &Message, code: &str) -> Result<(), AtmError> {
-    match m.get_str(39) {
+    match m.get_str(fields::RESPONSE_CODE) {
         Some(c) if c == code => Ok(()),
         other => Err(AtmError::Protocol(format!(
             "{} answered {other:?}, expected {code}",

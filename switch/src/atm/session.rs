@@ -10,6 +10,7 @@ use super::{AtmClient, AtmError, CardInput, expect_code};
 use crate::domain::{KeyType, TerminalId};
 use crate::iso8583::Packager;
 use crate::tls::TlsClient;
+use crate::iso8583::fields;
 
 /// What the session needs.
 #[derive(Debug, Clone)]
@@ -53,7 +54,7 @@ fn step<E: std::fmt::Display>(name: &'static str) -> impl FnOnce(E) -> StepError
 
 /// The available balance of field 54 (second entry, minor units), as `5000.00`.
 fn balance_of(m: &crate::iso8583::Message) -> String {
-    m.get_str(54)
+    m.get_str(fields::ADDITIONAL_AMOUNTS)
         .and_then(|f| f.get(28..40))
         .and_then(|amount| amount.parse::<i64>().ok())
         .map(|minor| format!("{}.{:02}", minor / 100, minor % 100))
@@ -125,7 +126,7 @@ pub async fn run(opts: SessionOptions, mut say: impl FnMut(String)) -> Result<()
     expect_code(&m, "00").map_err(step("withdrawal"))?;
     say(format!(
         "0200 withdrawal 1500.00 → 0210 39=00 auth code {}, available {}",
-        m.get_str(38).unwrap_or("?"),
+        m.get_str(fields::AUTH_CODE).unwrap_or("?"),
         balance_of(&m)
     ));
     let m = atm.reverse(&request).await.map_err(step("reversal"))?;
@@ -134,7 +135,7 @@ pub async fn run(opts: SessionOptions, mut say: impl FnMut(String)) -> Result<()
     let m = atm.balance(&opts.card).await.map_err(step("balance"))?;
     say(format!(
         "0200 balance inquiry → 0210 39={}, available {}",
-        m.get_str(39).unwrap_or("?"),
+        m.get_str(fields::RESPONSE_CODE).unwrap_or("?"),
         balance_of(&m)
     ));
     let path = format!("/v1/terminals/{}/keys/TAK/rotate", opts.terminal);

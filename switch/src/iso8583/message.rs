@@ -411,6 +411,7 @@ impl fmt::Debug for Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::iso8583::fields;
     use rstest::rstest;
 
     #[rstest]
@@ -456,67 +457,76 @@ mod tests {
     #[test]
     fn fields_come_back_in_field_order_whatever_the_insertion_order() {
         let mut msg = Message::new(Mti::FINANCIAL_REQUEST);
-        msg.set_str(41, "ATM00001");
-        msg.set_str(3, "011000");
-        msg.set(128, [1u8, 2, 3, 4, 5, 6, 7, 8]);
-        msg.set_str(11, "000001");
-        msg.set_str(2, "6011000000000004");
+        msg.set_str(fields::TERMINAL_ID, "ATM00001");
+        msg.set_str(fields::PROCESSING_CODE, "011000");
+        msg.set(fields::MAC_SECONDARY, [1u8, 2, 3, 4, 5, 6, 7, 8]);
+        msg.set_str(fields::STAN, "000001");
+        msg.set_str(fields::PAN, "6011000000000004");
         let numbers: Vec<u8> = msg.fields().map(|(n, _)| n).collect();
         assert_eq!(numbers, vec![2, 3, 11, 41, 128]);
-        assert_eq!(msg.get_str(41), Some("ATM00001"));
-        assert_eq!(msg.get(128), Some(&[1u8, 2, 3, 4, 5, 6, 7, 8][..]));
-        assert_eq!(msg.get(4), None);
-        assert!(msg.has(11) && !msg.has(12));
+        assert_eq!(msg.get_str(fields::TERMINAL_ID), Some("ATM00001"));
+        assert_eq!(
+            msg.get(fields::MAC_SECONDARY),
+            Some(&[1u8, 2, 3, 4, 5, 6, 7, 8][..])
+        );
+        assert_eq!(msg.get(fields::AMOUNT), None);
+        assert!(msg.has(fields::STAN) && !msg.has(fields::LOCAL_TIME));
         assert_eq!(msg.len(), 5);
     }
 
     #[test]
     fn replacing_and_removing_keep_other_fields_intact() {
         let mut msg = Message::new(Mti::FINANCIAL_REQUEST);
-        msg.set_str(11, "000001");
-        msg.set_str(39, "00");
-        msg.set_str(41, "ATM00001");
-        msg.set_str(39, "5"); // shorter: in place
-        msg.set_str(11, "0000000002"); // longer: appended
-        assert_eq!(msg.get_str(39), Some("5"));
-        assert_eq!(msg.get_str(11), Some("0000000002"));
-        assert_eq!(msg.get_str(41), Some("ATM00001"));
-        assert!(msg.remove(39));
-        assert!(!msg.remove(39));
-        assert_eq!(msg.get(39), None);
-        assert_eq!(msg.get_str(41), Some("ATM00001"));
+        msg.set_str(fields::STAN, "000001");
+        msg.set_str(fields::RESPONSE_CODE, "00");
+        msg.set_str(fields::TERMINAL_ID, "ATM00001");
+        msg.set_str(fields::RESPONSE_CODE, "5"); // shorter: in place
+        msg.set_str(fields::STAN, "0000000002"); // longer: appended
+        assert_eq!(msg.get_str(fields::RESPONSE_CODE), Some("5"));
+        assert_eq!(msg.get_str(fields::STAN), Some("0000000002"));
+        assert_eq!(msg.get_str(fields::TERMINAL_ID), Some("ATM00001"));
+        assert!(msg.remove(fields::RESPONSE_CODE));
+        assert!(!msg.remove(fields::RESPONSE_CODE));
+        assert_eq!(msg.get(fields::RESPONSE_CODE), None);
+        assert_eq!(msg.get_str(fields::TERMINAL_ID), Some("ATM00001"));
         assert_eq!(msg.fields().count(), 2);
     }
 
     #[test]
     fn many_replacements_compact_the_arena_without_losing_values() {
         let mut msg = Message::new(Mti::FINANCIAL_REQUEST);
-        msg.set_str(41, "ATM00001");
+        msg.set_str(fields::TERMINAL_ID, "ATM00001");
         for i in 0..1000u32 {
-            msg.set(48, format!("{i:0>width$}", width = (i % 50) as usize + 1));
+            msg.set(
+                fields::KEY_TYPE,
+                format!("{i:0>width$}", width = (i % 50) as usize + 1),
+            );
         }
-        assert_eq!(msg.get_str(48), Some(format!("{:0>50}", 999).as_str()));
-        assert_eq!(msg.get_str(41), Some("ATM00001"));
+        assert_eq!(
+            msg.get_str(fields::KEY_TYPE),
+            Some(format!("{:0>50}", 999).as_str())
+        );
+        assert_eq!(msg.get_str(fields::TERMINAL_ID), Some("ATM00001"));
         assert!(msg.arena.len() < 1000, "arena grew to {}", msg.arena.len());
     }
 
     #[test]
     fn get_str_is_none_for_non_utf8() {
         let mut msg = Message::new(Mti::FINANCIAL_REQUEST);
-        msg.set(64, [0xff, 0xfe]);
-        assert_eq!(msg.get_str(64), None);
-        assert_eq!(msg.get(64), Some(&[0xff, 0xfe][..]));
+        msg.set(fields::MAC, [0xff, 0xfe]);
+        assert_eq!(msg.get_str(fields::MAC), None);
+        assert_eq!(msg.get(fields::MAC), Some(&[0xff, 0xfe][..]));
     }
 
     #[test]
     fn equality_ignores_storage_layout() {
         let mut a = Message::new(Mti::FINANCIAL_REQUEST);
-        a.set_str(3, "011000");
-        a.set_str(11, "000009");
+        a.set_str(fields::PROCESSING_CODE, "011000");
+        a.set_str(fields::STAN, "000009");
         let mut b = Message::new(Mti::FINANCIAL_REQUEST);
-        b.set_str(11, "999999");
-        b.set_str(3, "011000");
-        b.set_str(11, "000009");
+        b.set_str(fields::STAN, "999999");
+        b.set_str(fields::PROCESSING_CODE, "011000");
+        b.set_str(fields::STAN, "000009");
         assert_eq!(a, b);
         b.set_mti(Mti::FINANCIAL_RESPONSE);
         assert_ne!(a, b);
@@ -534,13 +544,13 @@ mod tests {
     #[test]
     fn debug_redacts_cardholder_and_key_data() {
         let mut msg = Message::new(Mti::FINANCIAL_REQUEST);
-        msg.set_str(2, "6011000000000004");
-        msg.set_str(14, "2812");
-        msg.set_str(35, "6011000000000004=2812101");
-        msg.set_str(41, "ATM00001");
-        msg.set(52, [0x12u8; 8]);
-        msg.set_str(120, "D0112P0AE00E0000SECRETKEYBLOCK");
-        msg.set_str(123, "4A1B2C3D4E5F60718293A4B5C6D7E8F9");
+        msg.set_str(fields::PAN, "6011000000000004");
+        msg.set_str(fields::EXPIRY, "2812");
+        msg.set_str(fields::TRACK2, "6011000000000004=2812101");
+        msg.set_str(fields::TERMINAL_ID, "ATM00001");
+        msg.set(fields::PIN_DATA, [0x12u8; 8]);
+        msg.set_str(fields::KEY_BLOCK, "D0112P0AE00E0000SECRETKEYBLOCK");
+        msg.set_str(fields::PIN_BLOCK, "4A1B2C3D4E5F60718293A4B5C6D7E8F9");
         let shown = format!("{msg:?}");
         assert!(shown.contains("601100******0004"), "{shown}");
         assert!(shown.contains("ATM00001"), "{shown}");

@@ -3,6 +3,7 @@
 
 mod bitmap;
 mod field;
+pub mod fields;
 mod frame;
 mod message;
 mod packager;

@@ -671,6 +671,7 @@ fn hex_pair_first_ok(pair: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::iso8583::fields;
     use proptest::prelude::*;
     use rstest::rstest;
 
@@ -829,7 +830,7 @@ mod tests {
     /// The typical 0200 of the benchmark, with MAC.
     fn withdrawal() -> Message {
         let mut msg = golden_message("withdrawal_0200");
-        msg.set_str(25, "00");
+        msg.set_str(fields::POS_CONDITION_CODE, "00");
         msg
     }
 
@@ -1121,9 +1122,9 @@ mod tests {
         );
         let partial = err.partial.unwrap();
         assert_eq!(partial.mti(), Mti::FINANCIAL_REQUEST);
-        assert_eq!(partial.get_str(11), Some("000777"));
-        assert_eq!(partial.get_str(41), Some("ATM00042"));
-        assert!(!partial.has(49));
+        assert_eq!(partial.get_str(fields::STAN), Some("000777"));
+        assert_eq!(partial.get_str(fields::TERMINAL_ID), Some("ATM00042"));
+        assert!(!partial.has(fields::CURRENCY));
     }
 
     #[test]
@@ -1144,10 +1145,10 @@ mod tests {
     /// A 0200 with primary-bitmap fields only (so its MAC goes in 64).
     fn primary_only() -> Message {
         let mut msg = Message::new(Mti::FINANCIAL_REQUEST);
-        msg.set_str(3, "311000");
-        msg.set_str(11, "000126");
-        msg.set_str(41, "ATM00001");
-        msg.set(52, [0x11u8; 8]);
+        msg.set_str(fields::PROCESSING_CODE, "311000");
+        msg.set_str(fields::STAN, "000126");
+        msg.set_str(fields::TERMINAL_ID, "ATM00001");
+        msg.set(fields::PIN_DATA, [0x11u8; 8]);
         msg
     }
 
@@ -1155,17 +1156,17 @@ mod tests {
     fn mac_field_moves_to_128_with_secondary_fields() {
         let mut msg = primary_only();
         assert_eq!(mac_field_for(&msg), 64);
-        msg.set(128, [0u8; 8]);
+        msg.set(fields::MAC_SECONDARY, [0u8; 8]);
         assert_eq!(
             mac_field_for(&msg),
             64,
             "128 alone is the MAC, not a reason for it"
         );
-        msg.remove(128);
-        msg.set_str(90, &"0".repeat(42));
+        msg.remove(fields::MAC_SECONDARY);
+        msg.set_str(fields::ORIGINAL_DATA, &"0".repeat(42));
         assert_eq!(mac_field_for(&msg), 128);
-        msg.remove(90);
-        msg.set_str(127, "x");
+        msg.remove(fields::ORIGINAL_DATA);
+        msg.set_str(fields::PRIVATE_USE, "x");
         assert_eq!(mac_field_for(&msg), 128);
         // The SPEC's PIN block lives in 123, so a 0200 with a PIN carries its MAC in 128.
         assert_eq!(mac_field_for(&withdrawal()), 128);
@@ -1198,7 +1199,7 @@ mod tests {
     fn mac_input_is_the_packed_message_up_to_the_mac() {
         for packager in [Packager::ascii(), Packager::binary_bitmap()] {
             let mut msg = withdrawal();
-            msg.remove(64);
+            msg.remove(fields::MAC);
             check_mac_layout(packager, msg);
             check_mac_layout(packager, golden_message("reversal_0420_secondary"));
             check_mac_layout(packager, Message::new(Mti::NETWORK_REQUEST));
@@ -1209,7 +1210,7 @@ mod tests {
             .unwrap();
         assert_eq!(input[4 + 7] & 1, 1, "bit 64 must be set in the MAC input");
         let mut msg = withdrawal();
-        msg.remove(64);
+        msg.remove(fields::MAC);
         let input = Packager::binary_bitmap().pack_mac_input(&msg).unwrap();
         assert_eq!(
             input[4 + 8 + 7] & 1,
@@ -1222,7 +1223,7 @@ mod tests {
     fn pack_with_mac_packs_once_what_set_then_pack_would() {
         for packager in [Packager::ascii(), Packager::binary_bitmap()] {
             for mut msg in [primary_only(), withdrawal()] {
-                msg.remove(64);
+                msg.remove(fields::MAC);
                 let expected_input = packager.pack_mac_input(&msg).unwrap();
                 let packed = packager
                     .pack_with_mac(&mut msg, |input| {
@@ -1247,7 +1248,10 @@ mod tests {
                 .to_string(),
             "failed to validate field 64: expected 8 bytes, got 4"
         );
-        assert!(!msg.has(64), "no MAC is stored when packing failed");
+        assert!(
+            !msg.has(fields::MAC),
+            "no MAC is stored when packing failed"
+        );
         #[derive(Debug, PartialEq)]
         enum HsmError {
             NoKey,
@@ -1267,7 +1271,7 @@ mod tests {
     #[test]
     fn mac_input_refuses_a_field_after_the_mac() {
         let mut msg = primary_only();
-        msg.set(128, [0u8; 8]);
+        msg.set(fields::MAC_SECONDARY, [0u8; 8]);
         assert_eq!(
             Packager::ascii().pack_mac_input(&msg),
             Err(PackError::MacNotLast {
@@ -1286,16 +1290,16 @@ mod tests {
             packager.received_mac(&raw, &msg),
             Err(MacLayoutError::Missing { field: 64 })
         );
-        msg.set(64, [0u8; 8]);
-        msg.set(128, [0u8; 8]);
+        msg.set(fields::MAC, [0u8; 8]);
+        msg.set(fields::MAC_SECONDARY, [0u8; 8]);
         let raw = packager.pack(&msg).unwrap();
         assert_eq!(
             packager.received_mac(&raw, &msg),
             Err(MacLayoutError::NotLast { mac: 64, last: 128 })
         );
         let mut msg = golden_message("reversal_0420_secondary");
-        msg.remove(128);
-        msg.set(64, [0u8; 8]);
+        msg.remove(fields::MAC_SECONDARY);
+        msg.set(fields::MAC, [0u8; 8]);
         let raw = packager.pack(&msg).unwrap();
         assert_eq!(
             packager.received_mac(&raw, &msg),
@@ -1378,8 +1382,8 @@ mod tests {
         #[test]
         fn mac_input_matches_the_packed_prefix(packager in packager_strategy(), msg in message_strategy(20)) {
             let mut msg = msg;
-            msg.remove(64);
-            msg.remove(128);
+            msg.remove(fields::MAC);
+            msg.remove(fields::MAC_SECONDARY);
             check_mac_layout(packager, msg);
         }
 

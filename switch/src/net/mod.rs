@@ -1,4 +1,7 @@
 //! The ISO 8583 channel: listener, framed connections, sessions, graceful shutdown.
+//!
+//! The channel knows frames and connections, not transactions: it serves any [`FrameHandler`]
+//! (the transaction layer is one), so nothing here imports `txn` or the wiring.
 
 pub mod connection;
 pub mod server;
@@ -8,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 
+use async_trait::async_trait;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -51,4 +55,17 @@ impl ConnState {
             close_after_reply: false,
         }
     }
+}
+
+/// What the channel asks of the application: one frame in, at most one frame out.
+#[async_trait]
+pub trait FrameHandler: Send + Sync + std::fmt::Debug + 'static {
+    /// Handles one frame received on `conn`; returns the bytes to answer with, if any. Sets
+    /// `conn.close_after_reply` when the connection must close after this answer.
+    async fn handle_frame(&self, conn: &mut ConnState, frame: &[u8]) -> Option<Vec<u8>>;
+    /// Whether `frame` may be processed beside the connection's loop, answered whenever it
+    /// finishes (an acquirer station's pipelined financial messages), instead of in order.
+    fn runs_concurrently(&self, conn: &ConnState, frame: &[u8]) -> bool;
+    /// The connection ended (after its last answer was written): release what it held.
+    async fn connection_closed(&self, conn: &mut ConnState);
 }

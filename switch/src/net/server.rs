@@ -36,32 +36,45 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::ConnState;
 use super::connection::{Connection, ReadError};
-use crate::app::SwitchContext;
+use super::{ConnState, FrameHandler};
 use crate::iso8583::FrameError;
-use crate::store::TerminalKind;
+use crate::metrics::Metrics;
+use crate::settings::IsoSettings;
 use crate::tls::{NetStream, ReloadingAcceptor};
-use crate::txn;
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Financial messages of one station connection processed at once.
 pub const STATION_PIPELINE: usize = 128;
 
+/// What a connection task needs besides its socket: the application's handler, the channel's
+/// limits, and where to count.
+struct Channel {
+    handler: Arc<dyn FrameHandler>,
+    settings: IsoSettings,
+    metrics: Metrics,
+}
+
 /// Accepts connections until `shutdown` is cancelled, then returns; connection tasks are spawned
-/// on `tracker` so the caller can wait for them to finish.
+/// on `tracker` so the caller can wait for them to finish. Every frame goes to `handler`; the
+/// limits are `[iso8583]`'s.
 pub async fn serve(
     listener: TcpListener,
-    ctx: Arc<SwitchContext>,
+    handler: Arc<dyn FrameHandler>,
+    settings: IsoSettings,
+    metrics: Metrics,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     tls: Option<Arc<ReloadingAcceptor>>,
 ) {
-    let limit = Arc::new(Semaphore::new(ctx.settings.iso8583.max_connections));
-    let per_ip = Arc::new(PerIpConnections::new(
-        ctx.settings.iso8583.max_connections_per_ip,
-    ));
+    let ctx = Arc::new(Channel {
+        handler,
+        settings,
+        metrics,
+    });
+    let limit = Arc::new(Semaphore::new(ctx.settings.max_connections));
+    let per_ip = Arc::new(PerIpConnections::new(ctx.settings.max_connections_per_ip));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -78,13 +91,13 @@ pub async fn serve(
         };
         let Some(ip_slot) = per_ip.clone().admit(remote.ip()) else {
             ctx.metrics.connection_rejected("per_ip_limit");
-            debug!(%remote, max = ctx.settings.iso8583.max_connections_per_ip, "connection refused: max_connections_per_ip reached");
+            debug!(%remote, max = ctx.settings.max_connections_per_ip, "connection refused: max_connections_per_ip reached");
             drop(stream);
             continue;
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             ctx.metrics.connection_rejected("max_connections");
-            warn!(%remote, max = ctx.settings.iso8583.max_connections, "connection refused: max_connections reached");
+            warn!(%remote, max = ctx.settings.max_connections, "connection refused: max_connections reached");
             drop(stream);
             continue;
         };
@@ -167,7 +180,7 @@ impl Drop for IpSlot {
 }
 
 async fn handle_connection(
-    ctx: Arc<SwitchContext>,
+    ctx: Arc<Channel>,
     stream: NetStream,
     remote: std::net::SocketAddr,
     shutdown: CancellationToken,
@@ -178,7 +191,7 @@ async fn handle_connection(
     connected.inc();
     debug!(conn_id, %remote, "connection opened");
 
-    let mut conn = Connection::new(stream, ctx.settings.iso8583.max_frame_bytes);
+    let mut conn = Connection::new(stream, ctx.settings.max_frame_bytes);
     let (outbound_tx, mut outbound_rx) = mpsc::channel(64);
     let pipeline = Arc::new(Semaphore::new(STATION_PIPELINE));
     let mut state = ConnState {
@@ -191,13 +204,13 @@ async fn handle_connection(
         close: CancellationToken::new(),
         close_after_reply: false,
     };
-    let idle = ctx.settings.iso8583.idle_timeout;
+    let idle = ctx.settings.idle_timeout;
     let mut idle_deadline = Instant::now() + idle;
     let mut was_signed_on = false;
     // Until it signs on, a connection has `signon_timeout` and a few frames to do so.
-    let signon_timeout = ctx.settings.iso8583.signon_timeout;
+    let signon_timeout = ctx.settings.signon_timeout;
     let mut signon_deadline = Instant::now() + signon_timeout;
-    let max_unauthenticated = ctx.settings.iso8583.max_unauthenticated_frames;
+    let max_unauthenticated = ctx.settings.max_unauthenticated_frames;
     let mut unauthenticated_frames = 0u32;
 
     loop {
@@ -224,13 +237,13 @@ async fn handle_connection(
                 Ok(Some(frame)) => {
                     idle_deadline = Instant::now() + idle;
                     state.last_seen.store(Utc::now().timestamp_millis(), Ordering::Relaxed);
-                    if state.terminal_kind == Some(TerminalKind::Station) && txn::is_financial(&frame) {
+                    if ctx.handler.runs_concurrently(&state, &frame) {
                         // waits (and stops reading) while the pipeline is full
                         let Ok(permit) = pipeline.clone().acquire_owned().await else { break };
                         let mut view = state.view();
-                        let (ctx, out) = (ctx.clone(), state.outbound.clone());
+                        let (handler, out) = (ctx.handler.clone(), state.outbound.clone());
                         tokio::spawn(async move {
-                            if let Some(reply) = txn::handle_frame(&ctx, &mut view, &frame).await {
+                            if let Some(reply) = handler.handle_frame(&mut view, &frame).await {
                                 let _ = out.send(reply).await;
                             }
                             drop(permit);
@@ -239,7 +252,7 @@ async fn handle_connection(
                     }
                     // The transaction runs to completion even if shutdown starts meanwhile:
                     // it is not part of the select, so it cannot be dropped half-way.
-                    let reply = txn::handle_frame(&ctx, &mut state, &frame).await;
+                    let reply = ctx.handler.handle_frame(&mut state, &frame).await;
                     if let Some(reply) = reply
                         && let Err(err) = conn.write_frame(&reply).await {
                             debug!(conn_id, error = %err, "failed to write reply");
@@ -303,12 +316,7 @@ async fn handle_connection(
         }
     }
     conn.shutdown().await;
-    if let Some(terminal) = state.terminal.take()
-        && ctx.sessions.remove(&terminal, conn_id)
-    {
-        ctx.audit_session(&terminal, "session.disconnect", &remote)
-            .await;
-    }
+    ctx.handler.connection_closed(&mut state).await;
     if was_signed_on {
         signed_on.dec();
     } else {

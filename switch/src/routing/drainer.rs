@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 use super::{LinkError, UpstreamLink, Upstreams};
 use crate::crypto::Hsm;
 use crate::domain::mask_pan;
+use crate::iso8583::fields;
 use crate::iso8583::{Message, Mti, Packager};
 use crate::settings::SafSettings;
 use crate::store::{Advice, AdviceFailure, AdviceMti, RetryPolicy, Store, StoreError};
@@ -254,7 +255,9 @@ pub fn advice_message(hsm: &dyn Hsm, advice: &Advice) -> Result<Message, String>
     if let Some(n) = required.iter().find(|&&n| !m.has(n)) {
         return Err(format!("payload has no field {n}"));
     }
-    if m.get_str(4).is_some_and(|a| a.bytes().all(|b| b == b'0')) {
+    if m.get_str(fields::AMOUNT)
+        .is_some_and(|a| a.bytes().all(|b| b == b'0'))
+    {
         return Err("payload field 4: the amount is zero".into());
     }
     // the field table passed every value; packing is the last word on what can be sent
@@ -303,7 +306,7 @@ pub async fn deliver(hsm: &dyn Hsm, link: &UpstreamLink, advice: &Advice) -> Del
 }
 
 /// How long an idle drainer waits before looking again (also `[saf].poll_interval`'s default).
-pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
+pub const DEFAULT_POLL_INTERVAL: Duration = crate::settings::DEFAULT_SAF_POLL_INTERVAL;
 
 #[cfg(test)]
 mod tests {
@@ -340,8 +343,8 @@ mod tests {
         let hsm = hsm();
         let m = advice_message(&hsm, &advice(1)).unwrap();
         assert_eq!(m.mti().as_str(), "0220");
-        assert_eq!(m.get_str(4), Some("000000005000"));
-        assert!(!m.has(64), "the stored MAC is never replayed");
+        assert_eq!(m.get_str(fields::AMOUNT), Some("000000005000"));
+        assert!(!m.has(fields::MAC), "the stored MAC is never replayed");
         assert_eq!(
             advice_message(&hsm, &advice(2)).unwrap().mti().as_str(),
             "0221"
@@ -352,12 +355,12 @@ mod tests {
     fn the_pan_is_stored_sealed_and_sent_in_clear() {
         let hsm = hsm();
         let mut m = Message::new(Mti::parse("0220").unwrap());
-        m.set_str(2, "4111111111111111");
-        m.set_str(3, "010000");
-        m.set_str(4, "000000005000");
-        m.set_str(7, "1122153045");
-        m.set_str(11, "000042");
-        m.set(64, [0u8; 8]);
+        m.set_str(fields::PAN, "4111111111111111");
+        m.set_str(fields::PROCESSING_CODE, "010000");
+        m.set_str(fields::AMOUNT, "000000005000");
+        m.set_str(fields::TRANSMISSION_DATE_TIME, "1122153045");
+        m.set_str(fields::STAN, "000042");
+        m.set(fields::MAC, [0u8; 8]);
         let payload = advice_payload(&hsm, &m).unwrap();
         let stored = payload.to_string();
         assert!(!stored.contains("4111111111111111"), "{stored}");
@@ -366,8 +369,8 @@ mod tests {
         let mut a = advice(1);
         a.payload = payload;
         let sent = advice_message(&hsm, &a).unwrap();
-        assert_eq!(sent.get_str(2), Some("4111111111111111"));
-        assert_eq!(sent.get_str(4), Some("000000005000"));
+        assert_eq!(sent.get_str(fields::PAN), Some("4111111111111111"));
+        assert_eq!(sent.get_str(fields::AMOUNT), Some("000000005000"));
         // sealed under another LMK (or altered): refused, and the reason shows no card data
         let err = advice_message(&self::hsm(), &a).unwrap_err();
         assert!(err.contains("field 2") && !err.contains("4111"), "{err}");

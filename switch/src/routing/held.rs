@@ -42,7 +42,7 @@ use crate::store::{Advice, AdviceId, AdviceStatus, NewAdvice, Store, StoreError}
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Default of `[saf] held_reversals_max`.
-pub const DEFAULT_CAPACITY: usize = 10_000;
+pub const DEFAULT_CAPACITY: usize = crate::settings::DEFAULT_HELD_REVERSALS_MAX;
 
 /// The held reversal advices of this process, oldest first.
 #[derive(Debug)]

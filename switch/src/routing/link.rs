@@ -36,6 +36,7 @@ use super::backoff::ReconnectBackoff;
 use super::breaker::{BreakerConfig, CircuitBreaker};
 use crate::crypto::{ClearKey, Hsm, KeyCheckValue};
 use crate::domain::{KeyOwner, KeyType, TerminalId, WrappedKey};
+use crate::iso8583::fields;
 use crate::iso8583::{Message, Mti, Packager, decode_frame, encode_frame};
 use crate::metrics::Metrics;
 use crate::settings::{ClientTlsSettings, UpstreamSettings};
@@ -95,7 +96,7 @@ pub struct LinkAnswer {
 impl LinkAnswer {
     /// Field 39.
     pub fn code(&self) -> &str {
-        self.message.get_str(39).unwrap_or("")
+        self.message.get_str(fields::RESPONSE_CODE).unwrap_or("")
     }
 }
 
@@ -426,15 +427,21 @@ impl UpstreamLink {
         mac: LinkMac,
     ) -> Result<LinkAnswer, LinkError> {
         let local = |e: String| LinkError::Local(self.name.clone(), e);
-        message.set_str(41, &self.station.to_field41());
-        if !message.has(7) {
-            message.set_str(7, &Utc::now().format("%m%d%H%M%S").to_string());
+        message.set_str(fields::TERMINAL_ID, &self.station.to_field41());
+        if !message.has(fields::TRANSMISSION_DATE_TIME) {
+            message.set_str(
+                fields::TRANSMISSION_DATE_TIME,
+                &Utc::now().format("%m%d%H%M%S").to_string(),
+            );
         }
-        if !message.has(11) {
+        if !message.has(fields::STAN) {
             let stan = self.next_stan().await?;
-            message.set_str(11, &stan);
+            message.set_str(fields::STAN, &stan);
         }
-        let stan = message.get_str(11).unwrap_or_default().to_string();
+        let stan = message
+            .get_str(fields::STAN)
+            .unwrap_or_default()
+            .to_string();
         let key = (self.station.as_str().to_string(), stan);
         let packager = self.deps.packager;
         let field = crate::iso8583::mac_field_for(&message);
@@ -513,10 +520,17 @@ impl UpstreamLink {
     /// Financial answers are MACed by the issuer under the link TAK (`tak`), network-management
     /// answers under K_NM (SPEC §3); declines for a format or MAC problem may come without one.
     fn answer_mac_ok(&self, tak: &WrappedKey, answer: &Message, mac_key: LinkMac) -> bool {
-        let field = if answer.has(128) { 128 } else { 64 };
+        let field = if answer.has(fields::MAC_SECONDARY) {
+            128
+        } else {
+            64
+        };
         let Some(mac) = answer.get(field).map(<[u8]>::to_vec) else {
             // answers to what the issuer could not authenticate or place carry no MAC
-            return matches!(answer.get_str(39), Some("30" | "12" | "58"));
+            return matches!(
+                answer.get_str(fields::RESPONSE_CODE),
+                Some("30" | "12" | "58")
+            );
         };
         let mut unsigned = answer.clone();
         unsigned.set(field, vec![0u8; 8]);
@@ -700,7 +714,7 @@ impl UpstreamLink {
     ) -> Result<LinkAnswer, String> {
         let mti = Mti::parse("0800").map_err(|e| e.to_string())?;
         let mut m = Message::new(mti);
-        m.set_str(70, code);
+        m.set_str(fields::NETWORK_CODE, code);
         for (n, v) in fields {
             m.set_str(*n, v);
         }
@@ -754,11 +768,11 @@ impl UpstreamLink {
         expect_approved(&answer, "key change 161")?;
         let block = answer
             .message
-            .get_str(120)
+            .get_str(fields::KEY_BLOCK)
             .ok_or("key change 161: answer without a key block (120)")?;
         let kcv = answer
             .message
-            .get_str(122)
+            .get_str(fields::KCV)
             .ok_or("key change 161: answer without a KCV (122)")?
             .parse::<KeyCheckValue>()
             .map_err(|e| format!("key change 161: field 122: {e}"))?;
@@ -863,8 +877,12 @@ async fn read_loop(
                         continue;
                     }
                     let key = (
-                        message.get_str(41).unwrap_or("").trim_end().to_string(),
-                        message.get_str(11).unwrap_or("").to_string(),
+                        message
+                            .get_str(fields::TERMINAL_ID)
+                            .unwrap_or("")
+                            .trim_end()
+                            .to_string(),
+                        message.get_str(fields::STAN).unwrap_or("").to_string(),
                     );
                     match lock(&pending).remove(&key) {
                         Some(waiter) => {
@@ -899,18 +917,23 @@ async fn read_loop(
 
 fn answer_issuer_request(signer: &NmSigner, request: &Message, raw: &[u8]) -> Option<Vec<u8>> {
     let authentic = signer.verify(request, raw);
-    let code = match request.get_str(70) {
+    let code = match request.get_str(fields::NETWORK_CODE) {
         _ if !authentic => "63",
         Some("301") => "00",
         _ => "12",
     };
     let mut answer = Message::new(request.mti().response()?);
-    for f in [7u8, 11, 41, 70] {
+    for f in [
+        fields::TRANSMISSION_DATE_TIME,
+        fields::STAN,
+        fields::TERMINAL_ID,
+        fields::NETWORK_CODE,
+    ] {
         if let Some(v) = request.get(f) {
             answer.set(f, v);
         }
     }
-    answer.set_str(39, code);
+    answer.set_str(fields::RESPONSE_CODE, code);
     if authentic {
         signer.pack(answer)
     } else {

@@ -30,6 +30,7 @@ use crate::domain::{KeyOwner, KeyState, KeyType, ResponseCode, TerminalId, Wrapp
 mod engine;
 mod error;
 mod idempotency;
+mod key_cache;
 mod models;
 mod postgres;
 mod saf;
@@ -40,6 +41,7 @@ mod sqlite;
 pub use engine::CoreStore;
 pub use error::{BoxError, StoreError};
 pub use idempotency::{CLAIM_STALE_AFTER, with_claim};
+pub use key_cache::{KeyCache, KeyCachingStore, Lookup, usable_at};
 pub use models::*;
 pub use postgres::{PgEngine, PostgresStore};
 pub use saf::{

@@ -25,36 +25,30 @@
 use chrono::Utc;
 use tracing::{info, warn};
 
-use super::authorize::{
-    Operation, Route, card_data, fill_outcome, identity, new_auth_code, new_rrn,
-    parse_processing_code, route_for,
-};
+use super::SwitchContext;
+use super::authorize::{Route, fill_outcome, new_auth_code, new_rrn, route_for};
+use super::posting::{CardRef, Journaled, Posting, auth_request};
+use super::request::AdviceBooking;
 use super::{Reply, authenticate, request_digest, response_to};
-use crate::app::SwitchContext;
 use crate::domain::{ResponseCode, TerminalId};
 use crate::iso8583::Message;
-use crate::store::{AuthKind, AuthOutcome, AuthRequest, JournalEntry, NewAudit, StoreError};
+use crate::iso8583::fields;
+use crate::store::{AuthKind, AuthOutcome, ForcePostCeiling, JournalEntry, NewAudit, StoreError};
 
-/// Handles an 0220 or 0221 from a signed-on station.
+/// Handles an 0220 or 0221 from a signed-on station, read into `booking`.
 pub async fn handle(
     ctx: &SwitchContext,
     station: &TerminalId,
+    booking: &AdviceBooking,
     request: &Message,
     raw: &[u8],
 ) -> Option<Reply> {
     let plain = |code| response_to(request, code).map(|m| Reply::plain(m, "advice"));
-    match request.get_str(3).map(parse_processing_code) {
-        None => return plain(ResponseCode::FormatError),
-        Some(Some((Operation::Withdrawal, _))) => {}
-        // stand-in approves withdrawals only; nothing else is ever advised
-        Some(_) => return plain(ResponseCode::InvalidTransaction),
-    }
-    let amount = request.get_str(4).and_then(|a| a.parse::<i64>().ok());
-    let (Some(id), Some((pan, _expiry)), Some(amount)) =
-        (identity(station, request), card_data(request), amount)
-    else {
-        return plain(ResponseCode::FormatError);
-    };
+    let (id, pan, amount) = (
+        booking.trace.identity(station),
+        &booking.pan,
+        booking.amount,
+    );
 
     let tak = match authenticate(ctx, station, request, raw).await {
         Ok(tak) => tak,
@@ -78,11 +72,11 @@ pub async fn handle(
     // answers it from the journal (or `94` for other content) without booking it again.
     let digest = request_digest(ctx, raw);
 
-    if route_for(&ctx.settings, &pan) != Route::OnUs {
+    if route_for(&ctx.settings, pan) != Route::OnUs {
         return coded(ResponseCode::InvalidCard);
     }
     // stand-in data the acquirer holds for us is no card of ours to book
-    let card = match ctx.store.find_card(&ctx.hsm.pan_token(&pan)).await {
+    let card = match ctx.store.find_card(&ctx.hsm.pan_token(pan)).await {
         Ok(Some(card)) if card.upstream.is_none() => card,
         Ok(_) => {
             info!(%station, stan = %id.stan, "advice refused: card not issued here");
@@ -92,26 +86,32 @@ pub async fn handle(
     };
 
     let now = Utc::now();
-    let auth = AuthRequest {
+    let (per_advice, per_day) = ctx.settings.stations.ceiling_for(station.as_str());
+    let head = Journaled {
         identity: id,
         digest,
         mti: request.mti().as_str().to_string(),
         kind: AuthKind::Withdrawal { amount },
-        card_id: Some(card.id),
-        account_id: Some(card.account_id),
-        currency: request.get_str(49).unwrap_or_default().to_string(),
+        currency: request
+            .get_str(fields::CURRENCY)
+            .unwrap_or_default()
+            .to_string(),
         // the acquirer's references are what the cardholder's receipt shows: keep them
-        rrn: reference(request, 37, 12).unwrap_or_else(|| new_rrn(now)),
-        auth_code: reference(request, 38, 6).unwrap_or_else(new_auth_code),
-        decline: None,
+        rrn: reference(request, fields::RRN, 12).unwrap_or_else(|| new_rrn(now)),
+        auth_code: reference(request, fields::AUTH_CODE, 6).unwrap_or_else(new_auth_code),
         now,
-        advice: None,
-        issuer_answer: None,
-        force_post: true,
-        force_post_ceiling: Some(ctx.settings.stations.ceiling_for(station.as_str())),
-        upstream_ref: None,
-        pin_try: None,
     };
+    let posting = Posting::ForcedAdvice {
+        card: CardRef {
+            card_id: card.id,
+            account_id: card.account_id,
+        },
+        ceiling: ForcePostCeiling {
+            per_advice,
+            per_day,
+        },
+    };
+    let auth = auth_request(head, posting);
     match ctx.store.authorize(&auth).await {
         Ok(AuthOutcome::Done(entry)) | Ok(AuthOutcome::Duplicate(entry)) => {
             if entry.approved() {
@@ -164,10 +164,13 @@ mod tests {
     #[test]
     fn references_are_kept_only_when_well_formed() {
         let mut m = Message::new(Mti::parse("0220").unwrap());
-        m.set_str(37, "612345678901");
-        m.set_str(38, "12 456");
-        assert_eq!(reference(&m, 37, 12).as_deref(), Some("612345678901"));
-        assert_eq!(reference(&m, 38, 6), None);
-        assert_eq!(reference(&m, 41, 8), None);
+        m.set_str(fields::RRN, "612345678901");
+        m.set_str(fields::AUTH_CODE, "12 456");
+        assert_eq!(
+            reference(&m, fields::RRN, 12).as_deref(),
+            Some("612345678901")
+        );
+        assert_eq!(reference(&m, fields::AUTH_CODE, 6), None);
+        assert_eq!(reference(&m, fields::TERMINAL_ID, 8), None);
     }
 }

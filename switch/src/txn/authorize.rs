@@ -12,19 +12,22 @@ use chrono::{Datelike, Utc};
 use rand::RngExt;
 use tracing::{info, warn};
 
+use super::SwitchContext;
+use super::posting::{CardRef, Journaled, Posting, auth_request};
+use super::request::Financial;
 use super::{Reply, authenticate, request_digest, response_to};
-use crate::app::SwitchContext;
 use crate::crypto::{HsmError, PinCheck, Pvv};
 use crate::domain::{KeyType, ResponseCode, TerminalId, WrappedKey};
 use crate::iso8583::Message;
-use crate::store::{
-    AuthKind, AuthOutcome, AuthRequest, Card, JournalEntry, PinReservation, PinTry, RequestIdentity,
-};
+use crate::iso8583::fields;
+use crate::store::{AuthKind, AuthOutcome, Card, JournalEntry, PinReservation, PinTry};
 
 /// What a processing code asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Operation {
+pub enum Operation {
+    /// `31xx00`.
     Balance,
+    /// `01xx00`.
     Withdrawal,
 }
 
@@ -46,10 +49,13 @@ pub(crate) fn parse_processing_code(code: &str) -> Option<(Operation, &str)> {
 
 /// PAN and expiry from field 2 + 14, or from track 2 (`PAN=YYMM…`, `D` accepted as separator).
 pub(crate) fn card_data(request: &Message) -> Option<(String, String)> {
-    if let (Some(pan), Some(expiry)) = (request.get_str(2), request.get_str(14)) {
+    if let (Some(pan), Some(expiry)) = (
+        request.get_str(fields::PAN),
+        request.get_str(fields::EXPIRY),
+    ) {
         return Some((pan.to_string(), expiry.to_string()));
     }
-    let track2 = request.get_str(35)?;
+    let track2 = request.get_str(fields::TRACK2)?;
     let sep = track2.find(['=', 'D', 'd'])?;
     let pan = &track2[..sep];
     let expiry = track2.get(sep + 1..sep + 5)?;
@@ -60,17 +66,6 @@ pub(crate) fn card_data(request: &Message) -> Option<(String, String)> {
         return None;
     }
     Some((pan.to_string(), expiry.to_string()))
-}
-
-/// The request's identity (SPEC §3): terminal, STAN (11) and transmission date-time (7).
-pub(crate) fn identity(terminal: &TerminalId, request: &Message) -> Option<RequestIdentity> {
-    let stan = request.get_str(11)?;
-    let transmission = request.get_str(7)?;
-    Some(RequestIdentity {
-        terminal_id: terminal.clone(),
-        stan: stan.to_string(),
-        transmission: transmission.to_string(),
-    })
 }
 
 /// Where a PAN goes: our ledger, a named upstream, or nowhere.
@@ -109,43 +104,21 @@ pub(crate) fn is_expired(expiry: &str, now: chrono::DateTime<Utc>) -> bool {
     (year, mm) < (now.year(), now.month())
 }
 
-/// Handles an 0200 from a signed-on terminal.
+/// Handles an 0200 from a signed-on terminal, read into `fin`. The whole flow, top to bottom:
+/// authenticate → dedupe → route (card and PIN here, or the issuer) → post → answer.
 pub async fn handle(
     ctx: &SwitchContext,
     terminal: &TerminalId,
+    fin: &Financial,
     request: &Message,
     raw: &[u8],
 ) -> Option<Reply> {
-    let plain = |code| response_to(request, code).map(|m| Reply::plain(m, "financial"));
-    let Some((op, account_type)) = request.get_str(3).and_then(parse_processing_code) else {
-        return plain(if request.has(3) {
-            ResponseCode::InvalidTransaction
-        } else {
-            ResponseCode::FormatError
-        });
-    };
-    let kind = match op {
-        Operation::Balance => "balance",
-        Operation::Withdrawal => "withdrawal",
-    };
-    let plain = |code| response_to(request, code).map(|m| Reply::plain(m, kind));
-    let (Some(id), Some((pan, expiry))) = (identity(terminal, request), card_data(request)) else {
-        return plain(ResponseCode::FormatError);
-    };
+    let kind = fin.kind();
 
+    // 1. authenticate: nothing unauthenticated is journaled or answered under a MAC
     let tak = match authenticate(ctx, terminal, request, raw).await {
         Ok(tak) => tak,
-        Err(code) => return plain(code),
-    };
-    let answer = |entry: &JournalEntry| {
-        response_to(request, ResponseCode::Approved).map(|mut m| {
-            fill_from_journal(&mut m, entry, account_type);
-            Reply {
-                message: m,
-                mac_key: tak.clone(),
-                kind,
-            }
-        })
+        Err(code) => return response_to(request, code).map(|m| Reply::plain(m, kind)),
     };
     let coded = |code: ResponseCode| {
         response_to(request, code).map(|m| Reply {
@@ -154,68 +127,74 @@ pub async fn handle(
             kind,
         })
     };
+    let answer = |entry: &JournalEntry| {
+        coded(ResponseCode::Approved).map(|mut reply| {
+            fill_from_journal(&mut reply.message, entry, &fin.account_type);
+            reply
+        })
+    };
 
+    // 2. dedupe: a retransmission gets its original answer, other content under its identity `94`
+    let identity = fin.trace.identity(terminal);
     let digest = request_digest(ctx, raw);
-    match ctx.store.find_request(&id).await {
+    match ctx.store.find_request(&identity).await {
         Ok(Some(entry)) if entry.digest == digest => return answer(&entry),
         Ok(Some(_)) => return coded(ResponseCode::Duplicate),
         Ok(None) => {}
         Err(_) => return coded(ResponseCode::SystemMalfunction),
     }
-
-    let amount = match op {
-        Operation::Balance => 0,
-        Operation::Withdrawal => match request.get_str(4).map(str::parse::<i64>) {
-            Some(Ok(a)) => a,
-            _ => return coded(ResponseCode::FormatError),
-        },
+    let Some(amount) = fin.amount else {
+        return coded(ResponseCode::FormatError);
     };
     let now = Utc::now();
-    let mut auth = AuthRequest {
-        identity: id,
+    let head = Journaled {
+        identity,
         digest,
         mti: request.mti().as_str().to_string(),
-        kind: match op {
+        kind: match fin.operation {
             Operation::Balance => AuthKind::Balance,
             Operation::Withdrawal => AuthKind::Withdrawal { amount },
         },
-        card_id: None,
-        account_id: None,
-        currency: request.get_str(49).unwrap_or_default().to_string(),
+        currency: request
+            .get_str(fields::CURRENCY)
+            .unwrap_or_default()
+            .to_string(),
         rrn: new_rrn(now),
         auth_code: new_auth_code(),
-        decline: None,
         now,
-        advice: None,
-        issuer_answer: None,
-        force_post: false,
-        force_post_ceiling: None,
-        upstream_ref: None,
-        pin_try: None,
     };
 
-    let decline = match route_for(&ctx.settings, &pan) {
-        Route::OnUs => check_card_and_pin(ctx, terminal, request, &pan, &expiry, &mut auth).await,
-        Route::Unroutable => Err(ResponseCode::InvalidCard),
+    // 3. route: what to post
+    let decided = match route_for(&ctx.settings, &fin.pan) {
+        Route::OnUs => on_us(ctx, terminal, request, fin, now).await,
+        Route::Unroutable => Ok(Posting::decline(ResponseCode::InvalidCard)),
         Route::Upstream(name) => {
-            super::routed::authorize(ctx, terminal, request, &pan, &expiry, &mut auth, &name).await
+            super::routed::authorize(ctx, terminal, request, fin, &head, &name).await
         }
     };
-    match decline {
-        Ok(()) => {}
-        Err(ResponseCode::SystemMalfunction) => {
-            release_pin_try(ctx, terminal, &auth).await;
+    let posting = match decided {
+        Ok(posting) => posting,
+        Err(Unposted { pin_try }) => {
+            release_pin_try(ctx, terminal, pin_try.as_ref()).await;
             return coded(ResponseCode::SystemMalfunction);
         }
-        Err(code) => auth.decline = Some(code),
-    }
+    };
 
-    let outcome = ctx.store.authorize(&auth).await;
+    // 4. post: one store transaction
+    let pin_try = posting.pin_try().cloned();
+    let stand_in = posting.is_stand_in();
+    let issuer_approval = match &posting {
+        Posting::IssuerAnswer {
+            answer,
+            upstream_ref: Some(reference),
+        } if answer.response_code == ResponseCode::Approved => Some(reference.clone()),
+        _ => None,
+    };
+    let outcome = ctx.store.authorize(&auth_request(head, posting)).await;
     if outcome.is_err() {
-        release_pin_try(ctx, terminal, &auth).await;
+        release_pin_try(ctx, terminal, pin_try.as_ref()).await;
     }
-    if let (Some(issuer), Some(reference)) = (&auth.issuer_answer, &auth.upstream_ref)
-        && issuer.response_code == ResponseCode::Approved
+    if let Some(reference) = &issuer_approval
         && !matches!(&outcome, Ok(AuthOutcome::Done(e)) if e.approved())
     {
         // The issuer approved a withdrawal we will not pay out: it was reversed before the
@@ -223,10 +202,11 @@ pub async fn handle(
         warn!(%terminal, reference, "issuer approval not paid out; queuing a reversal for the issuer");
         let _ = super::routed::forward_reversal(ctx, reference, request).await;
     }
+
+    // 5. answer
     match outcome {
         Ok(AuthOutcome::Done(entry)) => {
-            if entry.approved() && op == Operation::Withdrawal {
-                let stand_in = auth.advice.is_some();
+            if entry.approved() && fin.operation == Operation::Withdrawal {
                 if stand_in {
                     ctx.metrics.standin.inc();
                 }
@@ -243,32 +223,68 @@ pub async fn handle(
     }
 }
 
-/// Card status and PIN. `Err(code)` is the decline to journal (`96` is not journaled).
-async fn check_card_and_pin(
+/// A request that will not be journaled (answered `96`), with the PIN try it must give back.
+#[derive(Debug, Default)]
+pub(crate) struct Unposted {
+    /// The try reserved (and checked) before it failed.
+    pub pin_try: Option<PinTry>,
+}
+
+/// An on-us card: status and PIN decide between a decline and a ledger posting.
+async fn on_us(
+    ctx: &SwitchContext,
+    terminal: &TerminalId,
+    request: &Message,
+    fin: &Financial,
+    now: chrono::DateTime<Utc>,
+) -> Result<Posting, Unposted> {
+    let card: Card = match ctx.store.find_card(&ctx.hsm.pan_token(&fin.pan)).await {
+        Ok(Some(card)) if card.upstream.is_none() => card,
+        Ok(_) => return Ok(Posting::decline(ResponseCode::InvalidCard)),
+        Err(_) => return Err(Unposted::default()),
+    };
+    card_posting(ctx, terminal, request, &fin.pan, &fin.expiry, &card, now).await
+}
+
+/// A registered card's checks (expiry, PIN block status, PIN) and, when they pass, its ledger
+/// posting. Shared by on-us requests and stand-in.
+pub(crate) async fn card_posting(
     ctx: &SwitchContext,
     terminal: &TerminalId,
     request: &Message,
     pan: &str,
     expiry: &str,
-    auth: &mut AuthRequest,
-) -> Result<(), ResponseCode> {
-    let card: Card = match ctx.store.find_card(&ctx.hsm.pan_token(pan)).await {
-        Ok(Some(card)) if card.upstream.is_none() => card,
-        Ok(_) => return Err(ResponseCode::InvalidCard),
-        Err(_) => return Err(ResponseCode::SystemMalfunction),
+    card: &Card,
+    now: chrono::DateTime<Utc>,
+) -> Result<Posting, Unposted> {
+    let on = CardRef {
+        card_id: card.id.clone(),
+        account_id: card.account_id.clone(),
     };
-    auth.card_id = Some(card.id.clone());
-    auth.account_id = Some(card.account_id.clone());
-    if card.expiry != expiry {
-        return Err(ResponseCode::ExpiredCard);
-    }
-    if is_expired(&card.expiry, auth.now) {
-        return Err(ResponseCode::ExpiredCard);
+    let decline = |code, pin_try| {
+        Ok(Posting::Decline {
+            code,
+            card: Some(on.clone()),
+            pin_try,
+        })
+    };
+    if card.expiry != expiry || is_expired(&card.expiry, now) {
+        return decline(ResponseCode::ExpiredCard, None);
     }
     if card.pin_blocked {
-        return Err(ResponseCode::PinTriesExceeded);
+        return decline(ResponseCode::PinTriesExceeded, None);
     }
-    verify_pin(ctx, terminal, request, pan, &card, auth).await
+    match verify_pin(ctx, terminal, request, pan, card).await {
+        Ok(pin_try) if pin_try.correct => Ok(Posting::Ledger {
+            card: on.clone(),
+            pin_try: Some(pin_try),
+            stand_in: None,
+        }),
+        // the store journals 75 instead when this is the third consecutive wrong PIN
+        Ok(pin_try) => decline(ResponseCode::IncorrectPin, Some(pin_try)),
+        Err(ResponseCode::SystemMalfunction) => Err(Unposted::default()),
+        Err(code) => decline(code, None),
+    }
 }
 
 /// How long a request waits for PIN tries other requests hold to settle before it answers `75`:
@@ -282,12 +298,14 @@ const PIN_TRY_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 /// Verifies the PIN block of field 123 against the card's PVV under the terminal's TPK (or one
 /// in its grace window), under a PIN try reserved first (SPEC §4).
 ///
+/// `Ok` with the settled try (`correct` or not); `Err` for an answer that consumed no try.
+///
 /// The try is reserved in the database before the HSM sees the block, in one statement, so
 /// concurrent requests for one card (many terminals, a station's pipelined requests) never
 /// check more than three PINs between resets: with three wrong PINs settled the answer is `75`
 /// and the PIN is not checked; while tries in flight fill the three, the request waits for
 /// them to settle (at most [`PIN_TRY_WAIT`], then `75`). The reserved try is settled in the journal transaction
-/// ([`crate::store::PinTry`] on `auth`): a wrong PIN counts (`55`, `75` when it is the third
+/// (the [`Posting`]'s [`PinTry`]): a wrong PIN counts (`55`, `75` when it is the third
 /// consecutive one), a correct one ends the run of settled wrong PINs without touching tries
 /// other requests are still checking. A request that fails before its journal row commits
 /// (`96`) gives its try back, so no try is ever consumed without a journal record saying why.
@@ -297,9 +315,8 @@ pub(crate) async fn verify_pin(
     request: &Message,
     pan: &str,
     card: &Card,
-    auth: &mut AuthRequest,
-) -> Result<(), ResponseCode> {
-    let (block, tpks) = pin_block_and_tpks(ctx, terminal, request).await?;
+) -> Result<PinTry, ResponseCode> {
+    let (block, tpks, cached) = pin_block_and_tpks(ctx, terminal, request).await?;
     let pvv = Pvv::from_hex(&card.pvv).map_err(|_| {
         warn!(card = %card.id, "stored PVV is unreadable");
         ResponseCode::SystemMalfunction
@@ -321,26 +338,33 @@ pub(crate) async fn verify_pin(
             Err(_) => return Err(ResponseCode::SystemMalfunction),
         }
     }
-    let mut matched = false;
-    let mut compared = false;
-    for tpk in &tpks {
-        match ctx.hsm.verify_pin(tpk, pan, &block, &pvv) {
-            Ok(PinCheck::Match) => {
-                matched = true;
-                compared = true;
-                break;
-            }
-            Ok(_) => compared = true,
-            Err(
-                err @ (HsmError::StoredKey(_)
-                | HsmError::WrongOwner { .. }
-                | HsmError::WrongKeyType { .. }),
-            ) => warn!(%terminal, error = %err, "TPK refused by the HSM"),
-            Err(err) => {
-                compared = true;
-                warn!(%terminal, error = %err, "PIN verification error");
+    // (matched, compared): whether a TPK opened the block to a match, and whether any opened it
+    let check = |tpks: &[WrappedKey]| {
+        let mut compared = false;
+        for tpk in tpks {
+            match ctx.hsm.verify_pin(tpk, pan, &block, &pvv) {
+                Ok(PinCheck::Match) => return (true, true),
+                Ok(_) => compared = true,
+                Err(
+                    err @ (HsmError::StoredKey(_)
+                    | HsmError::WrongOwner { .. }
+                    | HsmError::WrongKeyType { .. }),
+                ) => warn!(%terminal, error = %err, "TPK refused by the HSM"),
+                Err(err) => {
+                    compared = true;
+                    warn!(%terminal, error = %err, "PIN verification error");
+                }
             }
         }
+        (false, compared)
+    };
+    let (mut matched, mut compared) = check(&tpks);
+    if !matched && cached {
+        // cached keys may miss a TPK another replica activated since: a try is never counted
+        // wrong on them alone
+        let (again_matched, again_compared) = check(&newer_tpks(ctx, terminal, &tpks).await);
+        matched = again_matched;
+        compared |= again_compared;
     }
     if !compared {
         // The terminal has no TPK the HSM will open (none, or one bound to another terminal:
@@ -350,23 +374,20 @@ pub(crate) async fn verify_pin(
         }
         return Err(ResponseCode::SecurityViolation);
     }
-    auth.pin_try = Some(PinTry {
+    if !matched {
+        ctx.metrics.pin_failures.inc();
+    }
+    Ok(PinTry {
         card_id: card.id.clone(),
         correct: matched,
-    });
-    if matched {
-        return Ok(());
-    }
-    ctx.metrics.pin_failures.inc();
-    // the store journals 75 instead when this is the third consecutive wrong PIN
-    Err(ResponseCode::IncorrectPin)
+    })
 }
 
-/// Gives back the PIN try `auth` reserved when its journal transaction will not settle it (the
+/// Gives back a reserved PIN try when its journal transaction will not settle it (the
 /// request is answered `96`). If the store cannot take even that, the try stops counting after
 /// [`crate::store::PIN_RESERVATION_TTL`].
-async fn release_pin_try(ctx: &SwitchContext, terminal: &TerminalId, auth: &AuthRequest) {
-    let Some(pin) = &auth.pin_try else {
+async fn release_pin_try(ctx: &SwitchContext, terminal: &TerminalId, pin_try: Option<&PinTry>) {
+    let Some(pin) = pin_try else {
         return;
     };
     if let Err(err) = ctx.store.release_pin_try(&pin.card_id).await {
@@ -375,30 +396,53 @@ async fn release_pin_try(ctx: &SwitchContext, terminal: &TerminalId, auth: &Auth
 }
 
 /// The PIN block of field 123 (hex of 16 bytes) and the terminal's TPKs that may have
-/// enciphered it: the ACTIVE one, then those still in their grace window. `55` without a
-/// readable block, `96` when the store fails.
+/// enciphered it: the ACTIVE one, then those still in their grace window, from the key cache
+/// (the flag says so; see [`newer_tpks`]). `55` without a readable block, `96` when the store
+/// fails.
 pub(crate) async fn pin_block_and_tpks(
     ctx: &SwitchContext,
     terminal: &TerminalId,
     request: &Message,
-) -> Result<([u8; 16], Vec<WrappedKey>), ResponseCode> {
+) -> Result<([u8; 16], Vec<WrappedKey>, bool), ResponseCode> {
     let block = request
-        .get_str(123)
+        .get_str(fields::PIN_BLOCK)
         .and_then(|hex_block| hex::decode(hex_block).ok())
         .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok())
         .ok_or(ResponseCode::IncorrectPin)?;
-    let keys = ctx
-        .store
-        .keys_for_use(terminal, KeyType::Tpk, Utc::now())
+    let lookup = ctx
+        .keys
+        .usable(ctx.store.as_ref(), terminal, KeyType::Tpk, Utc::now())
         .await
         .map_err(|_| ResponseCode::SystemMalfunction)?;
-    let tpks = keys
-        .active
+    Ok((block, usable_tpks(lookup.keys), lookup.cached))
+}
+
+fn usable_tpks(keys: crate::store::UsableKeys) -> Vec<WrappedKey> {
+    keys.active
         .into_iter()
         .chain(keys.in_grace)
         .map(|k| k.wrapped)
-        .collect();
-    Ok((block, tpks))
+        .collect()
+}
+
+/// The terminal's usable TPKs read from the store now, except those in `seen`: asked when a
+/// PIN block opened under none of the cached ones. Empty when the store cannot say.
+pub(crate) async fn newer_tpks(
+    ctx: &SwitchContext,
+    terminal: &TerminalId,
+    seen: &[WrappedKey],
+) -> Vec<WrappedKey> {
+    match ctx
+        .keys
+        .read(ctx.store.as_ref(), terminal, KeyType::Tpk, Utc::now())
+        .await
+    {
+        Ok(lookup) => usable_tpks(lookup.keys)
+            .into_iter()
+            .filter(|k| !seen.contains(k))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// Sets 37, 38, 39 and (for approvals with balances) 54 from the journal entry.
@@ -406,7 +450,7 @@ fn fill_from_journal(m: &mut Message, entry: &JournalEntry, account_type: &str) 
     fill_outcome(m, entry);
     if let (Some(ledger), Some(available)) = (entry.ledger_balance, entry.available_balance) {
         m.set_str(
-            54,
+            fields::ADDITIONAL_AMOUNTS,
             &additional_amounts(account_type, &entry.currency, ledger, available),
         );
     }
@@ -415,10 +459,10 @@ fn fill_from_journal(m: &mut Message, entry: &JournalEntry, account_type: &str) 
 /// Sets 39, 37 and (when approved) 38 from the journal entry: what every answer to a
 /// journaled request repeats byte for byte.
 pub(crate) fn fill_outcome(m: &mut Message, entry: &JournalEntry) {
-    m.set_str(39, &entry.response_code);
-    m.set_str(37, &entry.rrn);
+    m.set_str(fields::RESPONSE_CODE, &entry.response_code);
+    m.set_str(fields::RRN, &entry.rrn);
     if let Some(code) = &entry.auth_code {
-        m.set_str(38, code);
+        m.set_str(fields::AUTH_CODE, code);
     }
 }
 

@@ -13,9 +13,11 @@ use chrono::Utc;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
+use super::SwitchContext;
+use super::request::NetworkAction;
 use super::{Reply, network, response_to};
-use crate::app::SwitchContext;
 use crate::domain::{KeyOwner, KeyState, KeyType, ResponseCode, TerminalId, WrappedKey};
+use crate::iso8583::fields;
 use crate::iso8583::{Message, Mti};
 use crate::net::ConnState;
 use crate::store::{KeyRecord, KeyTransition, NewAudit, NewKey, StoreError};
@@ -24,7 +26,11 @@ use crate::store::{KeyRecord, KeyTransition, NewAudit, NewKey, StoreError};
 const EXCHANGEABLE: [KeyType; 2] = [KeyType::Tpk, KeyType::Tak];
 
 fn parse_key_type(request: &Message) -> Option<KeyType> {
-    let kt = request.get_str(48)?.trim().parse::<KeyType>().ok()?;
+    let kt = request
+        .get_str(fields::KEY_TYPE)?
+        .trim()
+        .parse::<KeyType>()
+        .ok()?;
     EXCHANGEABLE.contains(&kt).then_some(kt)
 }
 
@@ -34,15 +40,16 @@ pub async fn handle_request(
     ctx: &SwitchContext,
     terminal: &TerminalId,
     tmk: &WrappedKey,
+    action: NetworkAction,
     request: &Message,
 ) -> Option<Reply> {
     let answer = |code| response_to(request, code).map(|m| Reply::plain(m, "key_exchange"));
     let Some(kt) = parse_key_type(request) else {
         return answer(ResponseCode::FormatError);
     };
-    let result = match request.get_str(70) {
-        Some("161") => deliver(ctx, terminal, tmk, kt, request).await,
-        Some("162") => confirm(ctx, terminal, kt, request).await,
+    let result = match action {
+        NetworkAction::KeyRequest => deliver(ctx, terminal, tmk, kt, request).await,
+        NetworkAction::KeyConfirm => confirm(ctx, terminal, kt, request).await,
         _ => return answer(ResponseCode::InvalidTransaction),
     };
     match result {
@@ -64,9 +71,9 @@ async fn deliver(
     let block = key_block_for(ctx, terminal, tmk, &key)?;
     let mut message =
         response_to(request, ResponseCode::Approved).ok_or(ResponseCode::FormatError)?;
-    message.set_str(48, kt.as_str());
-    message.set_str(120, &block);
-    message.set_str(122, &key.kcv);
+    message.set_str(fields::KEY_TYPE, kt.as_str());
+    message.set_str(fields::KEY_BLOCK, &block);
+    message.set_str(fields::KCV, &key.kcv);
     Ok(Reply::plain(message, "key_exchange"))
 }
 
@@ -76,7 +83,7 @@ async fn confirm(
     kt: KeyType,
     request: &Message,
 ) -> Result<Reply, ResponseCode> {
-    let Some(kcv) = request.get_str(122) else {
+    let Some(kcv) = request.get_str(fields::KCV) else {
         return Err(ResponseCode::FormatError);
     };
     let outcome = activate_matching(ctx, terminal, Some(kt), kcv).await;
@@ -87,7 +94,7 @@ async fn confirm(
         Activation::Failed => ResponseCode::SystemMalfunction,
     };
     let mut message = response_to(request, code).ok_or(ResponseCode::FormatError)?;
-    message.set_str(48, kt.as_str());
+    message.set_str(fields::KEY_TYPE, kt.as_str());
     Ok(Reply::plain(message, "key_exchange"))
 }
 
@@ -295,14 +302,17 @@ pub async fn push_key(ctx: &SwitchContext, terminal: &TerminalId, key: &KeyRecor
         return false;
     };
     let mut message = Message::new(mti);
-    message.set_str(7, &Utc::now().format("%m%d%H%M%S").to_string());
+    message.set_str(
+        fields::TRANSMISSION_DATE_TIME,
+        &Utc::now().format("%m%d%H%M%S").to_string(),
+    );
     let stan = PUSH_STAN.fetch_add(1, Ordering::Relaxed) % 1_000_000;
-    message.set_str(11, &format!("{stan:06}"));
-    message.set_str(41, &terminal.to_field41());
-    message.set_str(48, key.key_type.as_str());
-    message.set_str(70, "161");
-    message.set_str(120, &block);
-    message.set_str(122, &key.kcv);
+    message.set_str(fields::STAN, &format!("{stan:06}"));
+    message.set_str(fields::TERMINAL_ID, &terminal.to_field41());
+    message.set_str(fields::KEY_TYPE, key.key_type.as_str());
+    message.set_str(fields::NETWORK_CODE, "161");
+    message.set_str(fields::KEY_BLOCK, &block);
+    message.set_str(fields::KCV, &key.kcv);
     let packed = network::mac_under_nm(ctx, &tmk, terminal, &mut message)
         .and_then(|()| ctx.packager.pack(&message).map_err(|e| e.to_string()));
     match packed {
@@ -341,7 +351,7 @@ pub async fn on_terminal_answer(
     let Some(terminal) = &conn.terminal else {
         return;
     };
-    if answer.get_str(70) != Some("161") {
+    if answer.get_str(fields::NETWORK_CODE) != Some("161") {
         return;
     }
     match network::authenticate(ctx, terminal, answer, raw).await {
@@ -362,14 +372,14 @@ pub async fn on_terminal_answer(
         }
         network::NmAuth::Unavailable => return,
     }
-    if answer.get_str(39) != Some("00") {
-        info!(%terminal, code = ?answer.get_str(39), "terminal declined a key change; key stays PENDING");
+    if answer.get_str(fields::RESPONSE_CODE) != Some("00") {
+        info!(%terminal, code = ?answer.get_str(fields::RESPONSE_CODE), "terminal declined a key change; key stays PENDING");
         if let Some(kt) = parse_key_type(answer) {
             ctx.key_answers.answered(terminal, kt);
         }
         return;
     }
-    let Some(kcv) = answer.get_str(122) else {
+    let Some(kcv) = answer.get_str(fields::KCV) else {
         return;
     };
     let kt = parse_key_type(answer);

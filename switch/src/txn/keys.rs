@@ -9,8 +9,8 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::SwitchContext;
 use super::key_exchange::{pending_or_new, push_key};
-use crate::app::SwitchContext;
 use crate::domain::{KeyOwner, KeyState, KeyType, TerminalId};
 use crate::health::ScrapeRefresh;
 use crate::metrics::{KeyLabels, TypeLabel};

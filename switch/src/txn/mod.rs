@@ -8,9 +8,12 @@
 
 pub mod advice;
 pub mod authorize;
+mod context;
 pub mod key_exchange;
 pub mod keys;
 pub mod network;
+pub mod posting;
+pub mod request;
 pub mod reversal;
 pub mod routed;
 
@@ -18,11 +21,13 @@ use std::time::Instant;
 
 use tracing::{debug, warn};
 
-use crate::app::SwitchContext;
 use crate::domain::{ResponseCode, TerminalId, WrappedKey};
+use crate::iso8583::fields;
 use crate::iso8583::{Message, Mti, UnpackError};
-use crate::net::ConnState;
+use crate::net::{ConnState, FrameHandler};
 use crate::store::{StoreError, TerminalKind};
+pub use context::SwitchContext;
+use request::Request;
 
 /// An answer, and the TAK to MAC it under when it must carry a MAC.
 #[derive(Debug)]
@@ -48,7 +53,24 @@ impl Reply {
 
 /// Fields echoed from a request into its answer (SPEC §3). Track 2 (35) and the PIN block
 /// (123) are deliberately not echoed: an answer never carries more card data than it needs.
-const ECHOED_FIELDS: &[u8] = &[2, 3, 4, 7, 11, 12, 13, 14, 22, 32, 37, 41, 42, 49, 70, 90];
+const ECHOED_FIELDS: &[u8] = &[
+    fields::PAN,
+    fields::PROCESSING_CODE,
+    fields::AMOUNT,
+    fields::TRANSMISSION_DATE_TIME,
+    fields::STAN,
+    fields::LOCAL_TIME,
+    fields::LOCAL_DATE,
+    fields::EXPIRY,
+    fields::POS_ENTRY_MODE,
+    fields::ACQUIRER_ID,
+    fields::RRN,
+    fields::TERMINAL_ID,
+    fields::CARD_ACCEPTOR_ID,
+    fields::CURRENCY,
+    fields::NETWORK_CODE,
+    fields::ORIGINAL_DATA,
+];
 
 /// The answer skeleton for `request`: response MTI, echoed fields, field 39.
 pub fn response_to(request: &Message, code: ResponseCode) -> Option<Message> {
@@ -60,8 +82,29 @@ pub fn response_to(request: &Message, code: ResponseCode) -> Option<Message> {
             out.set(field, value);
         }
     }
-    out.set_str(39, code.as_str());
+    out.set_str(fields::RESPONSE_CODE, code.as_str());
     Some(out)
+}
+
+/// The transaction layer as the channel sees it.
+#[async_trait::async_trait]
+impl FrameHandler for SwitchContext {
+    async fn handle_frame(&self, conn: &mut ConnState, frame: &[u8]) -> Option<Vec<u8>> {
+        handle_frame(self, conn, frame).await
+    }
+
+    fn runs_concurrently(&self, conn: &ConnState, frame: &[u8]) -> bool {
+        conn.terminal_kind == Some(TerminalKind::Station) && is_financial(frame)
+    }
+
+    async fn connection_closed(&self, conn: &mut ConnState) {
+        if let Some(terminal) = conn.terminal.take()
+            && self.sessions.remove(&terminal, conn.conn_id)
+        {
+            self.audit_session(&terminal, "session.disconnect", &conn.remote)
+                .await;
+        }
+    }
 }
 
 /// Handles one frame. Returns the bytes to send back, if any.
@@ -76,36 +119,48 @@ pub async fn handle_frame(
         Err(err) => return format_error(ctx, conn, err),
     };
     let mti = request.mti();
-    let reply = match mti.as_str() {
-        "0800" => network::handle(ctx, conn, &request, frame).await,
-        "0810" => {
+    let reply = match Request::from_message(&request) {
+        Request::Network(action) => network::handle(ctx, conn, action, &request, frame).await,
+        Request::PushAnswer => {
             key_exchange::on_terminal_answer(ctx, conn, &request, frame).await;
             return None;
         }
-        "0200" => match signed_on_terminal(conn, &request) {
-            Ok(tid) => authorize::handle(ctx, &tid, &request, frame).await,
+        Request::Financial(read) => match signed_on_terminal(conn, &request) {
             Err(code) => refuse(&request, code, "financial"),
+            Ok(tid) => match read {
+                Ok(fin) => authorize::handle(ctx, &tid, &fin, &request, frame).await,
+                Err(refused) => refuse(&request, refused.code, refused.kind),
+            },
         },
-        "0220" | "0221" => match signed_on_terminal(conn, &request) {
-            // Only an acquiring switch books cash it paid out on our behalf.
-            Ok(tid) if conn.terminal_kind == Some(TerminalKind::Station) => {
-                advice::handle(ctx, &tid, &request, frame).await
-            }
-            Ok(_) => refuse(&request, ResponseCode::InvalidTransaction, "advice"),
+        Request::Advice(read) => match signed_on_terminal(conn, &request) {
             Err(code) => refuse(&request, code, "advice"),
+            // Only an acquiring switch books cash it paid out on our behalf.
+            Ok(_) if conn.terminal_kind != Some(TerminalKind::Station) => {
+                refuse(&request, ResponseCode::InvalidTransaction, "advice")
+            }
+            Ok(tid) => match read {
+                Ok(booking) => advice::handle(ctx, &tid, &booking, &request, frame).await,
+                Err(refused) => refuse(&request, refused.code, refused.kind),
+            },
         },
-        "0400" | "0420" | "0421" => match signed_on_terminal(conn, &request) {
-            Ok(tid) => reversal::handle(ctx, &tid, &request, frame).await,
+        Request::Reversal(read) => match signed_on_terminal(conn, &request) {
             Err(code) => refuse(&request, code, "reversal"),
+            Ok(tid) => match read {
+                Ok(reversal) => reversal::handle(ctx, &tid, &reversal, &request, frame).await,
+                Err(refused) => refuse(&request, refused.code, refused.kind),
+            },
         },
-        _ => refuse(&request, ResponseCode::InvalidTransaction, "other"),
+        Request::Unsupported => refuse(&request, ResponseCode::InvalidTransaction, "other"),
     };
     let Some(reply) = reply else {
         // A request we cannot even answer (e.g. a response MTI we did not expect).
         ctx.metrics.message(mti.as_str(), None);
         return None;
     };
-    let code = reply.message.get_str(39).map(str::to_string);
+    let code = reply
+        .message
+        .get_str(fields::RESPONSE_CODE)
+        .map(str::to_string);
     let bytes = match pack_reply(ctx, reply.message, reply.mac_key.as_ref()) {
         Ok(bytes) => bytes,
         Err(err) => {
@@ -130,7 +185,10 @@ fn signed_on_terminal(conn: &ConnState, request: &Message) -> Result<TerminalId,
     let Some(tid) = &conn.terminal else {
         return Err(ResponseCode::NotPermittedToTerminal);
     };
-    match request.get_str(41).map(TerminalId::from_field41) {
+    match request
+        .get_str(fields::TERMINAL_ID)
+        .map(TerminalId::from_field41)
+    {
         Some(Ok(named)) if &named == tid => Ok(tid.clone()),
         _ => Err(ResponseCode::NotPermittedToTerminal),
     }
@@ -242,7 +300,7 @@ async fn audit_mac_failure(ctx: &SwitchContext, terminal: &TerminalId, request: 
         result: "refused: MAC does not verify (63)".into(),
         detail: serde_json::json!({
             "mti": request.mti().as_str(),
-            "stan": request.get_str(11),
+            "stan": request.get_str(fields::STAN),
         }),
     };
     if let Err(StoreError::Unavailable(_)) = ctx.store.append_audit(&entry).await {
@@ -263,31 +321,44 @@ pub async fn verify_request_mac(
     let Ok((input, mac)) = ctx.packager.received_mac(raw, request) else {
         return MacCheck::Invalid;
     };
-    let keys = match ctx
-        .store
-        .keys_for_use(terminal, crate::domain::KeyType::Tak, chrono::Utc::now())
+    let now = chrono::Utc::now();
+    let tak = crate::domain::KeyType::Tak;
+    let mut lookup = match ctx
+        .keys
+        .usable(ctx.store.as_ref(), terminal, tak, now)
         .await
     {
-        Ok(k) => k,
+        Ok(l) => l,
         Err(_) => return MacCheck::Unavailable,
     };
-    let candidates = keys.active.iter().chain(keys.in_grace.iter());
-    for key in candidates {
-        if let Ok(true) = ctx.hsm.verify_mac(&key.wrapped, input, mac) {
-            // NIST SP 800-57: a key past ACTIVE may still verify (process) what was made
-            // under it during its grace, but never protects anything new. The answer goes out
-            // under the ACTIVE TAK: the sender confirmed it (162, or the 0810 to a pushed 161)
-            // before it became ACTIVE, so it holds it.
-            return match &keys.active {
-                Some(active) => MacCheck::Valid(Some(active.wrapped.clone())),
-                None => {
-                    warn!(%terminal, "request MACed under a TAK in grace, but no TAK is ACTIVE to answer under");
-                    MacCheck::Invalid
-                }
-            };
+    loop {
+        let keys = &lookup.keys;
+        let candidates = keys.active.iter().chain(keys.in_grace.iter());
+        for key in candidates {
+            if let Ok(true) = ctx.hsm.verify_mac(&key.wrapped, input, mac) {
+                // NIST SP 800-57: a key past ACTIVE may still verify (process) what was made
+                // under it during its grace, but never protects anything new. The answer goes
+                // out under the ACTIVE TAK: the sender confirmed it (162, or the 0810 to a
+                // pushed 161) before it became ACTIVE, so it holds it.
+                return match &keys.active {
+                    Some(active) => MacCheck::Valid(Some(active.wrapped.clone())),
+                    None => {
+                        warn!(%terminal, "request MACed under a TAK in grace, but no TAK is ACTIVE to answer under");
+                        MacCheck::Invalid
+                    }
+                };
+            }
         }
+        if !lookup.cached {
+            return MacCheck::Invalid;
+        }
+        // Cached keys may miss a TAK another replica activated since they were read: never
+        // refuse on them alone.
+        lookup = match ctx.keys.read(ctx.store.as_ref(), terminal, tak, now).await {
+            Ok(l) => l,
+            Err(_) => return MacCheck::Unavailable,
+        };
     }
-    MacCheck::Invalid
 }
 
 /// Identity of a request's content for duplicate detection: SHA-256 over the message without

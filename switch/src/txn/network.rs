@@ -12,10 +12,12 @@
 use chrono::{DateTime, Datelike, Duration as ChronoDuration, NaiveDate, TimeZone, Utc};
 use tracing::{info, warn};
 
+use super::SwitchContext;
+use super::request::NetworkAction;
 use super::{Reply, key_exchange, response_to};
-use crate::app::SwitchContext;
 use crate::domain::{KeyType, ResponseCode, TerminalId, WrappedKey};
 use crate::iso8583::Message;
+use crate::iso8583::fields;
 use crate::net::ConnState;
 use crate::net::session::SessionHandle;
 use crate::store::{NewAudit, TerminalKind};
@@ -29,11 +31,15 @@ pub const SIGN_ON_REPLAY_WINDOW: ChronoDuration = ChronoDuration::days(7);
 pub async fn handle(
     ctx: &SwitchContext,
     conn: &mut ConnState,
+    action: NetworkAction,
     request: &Message,
     raw: &[u8],
 ) -> Option<Reply> {
     let plain = |code| response_to(request, code).map(|m| Reply::plain(m, "network"));
-    let terminal = match request.get_str(41).map(TerminalId::from_field41) {
+    let terminal = match request
+        .get_str(fields::TERMINAL_ID)
+        .map(TerminalId::from_field41)
+    {
         Some(Ok(tid)) => tid,
         // Field 41 is mandatory in every 0800 of the profile.
         _ => return plain(ResponseCode::FormatError),
@@ -42,8 +48,8 @@ pub async fn handle(
         NmAuth::Valid(tmk) => tmk,
         NmAuth::NoTmk => {
             info!(%terminal, remote = %conn.remote, "0800 refused: terminal not registered or without an ACTIVE TMK");
-            let action = match request.get_str(70) {
-                Some("001") => "session.sign-on-refused",
+            let audited = match action {
+                NetworkAction::SignOn => "session.sign-on-refused",
                 _ => "message.network",
             };
             audit_refusal(
@@ -51,7 +57,7 @@ pub async fn handle(
                 &terminal,
                 conn,
                 request,
-                action,
+                audited,
                 "refused: not registered (58)",
             )
             .await;
@@ -59,7 +65,7 @@ pub async fn handle(
         }
         NmAuth::Invalid => {
             ctx.metrics.mac_failures.inc();
-            warn!(%terminal, remote = %conn.remote, code = ?request.get_str(70), "0800 refused: network-management MAC does not verify");
+            warn!(%terminal, remote = %conn.remote, code = ?request.get_str(fields::NETWORK_CODE), "0800 refused: network-management MAC does not verify");
             audit_refusal(
                 ctx,
                 &terminal,
@@ -73,9 +79,9 @@ pub async fn handle(
         }
         NmAuth::Unavailable => return plain(ResponseCode::SystemMalfunction),
     };
-    let code = match request.get_str(70) {
-        Some("001") => sign_on(ctx, conn, request, &terminal).await,
-        Some("002") => {
+    let code = match action {
+        NetworkAction::SignOn => sign_on(ctx, conn, request, &terminal).await,
+        NetworkAction::SignOff => {
             if conn.terminal.as_ref() == Some(&terminal) {
                 conn.terminal = None;
                 conn.terminal_kind = None;
@@ -88,17 +94,18 @@ pub async fn handle(
         }
         // Echo keeps a session alive; from a connection that is not signed on as this terminal
         // it proves nothing, so it is refused like any other message.
-        Some("301") if conn.terminal.as_ref() == Some(&terminal) => ResponseCode::Approved,
-        Some("301") => ResponseCode::NotPermittedToTerminal,
-        Some("161") | Some("162") => {
+        NetworkAction::Echo if conn.terminal.as_ref() == Some(&terminal) => ResponseCode::Approved,
+        NetworkAction::Echo => ResponseCode::NotPermittedToTerminal,
+        NetworkAction::KeyRequest | NetworkAction::KeyConfirm => {
             if conn.terminal.as_ref() != Some(&terminal) {
                 ResponseCode::NotPermittedToTerminal
             } else {
-                let reply = key_exchange::handle_request(ctx, &terminal, &tmk, request).await?;
+                let reply =
+                    key_exchange::handle_request(ctx, &terminal, &tmk, action, request).await?;
                 return Some(nm_reply(ctx, &tmk, &terminal, reply.message, reply.kind));
             }
         }
-        _ => ResponseCode::InvalidTransaction,
+        NetworkAction::Other => ResponseCode::InvalidTransaction,
     };
     let message = response_to(request, code)?;
     Some(nm_reply(ctx, &tmk, &terminal, message, "network"))
@@ -205,8 +212,8 @@ pub async fn audit_refusal(
         result: result.into(),
         detail: serde_json::json!({
             "mti": message.mti().as_str(),
-            "networkCode": message.get_str(70),
-            "stan": message.get_str(11),
+            "networkCode": message.get_str(fields::NETWORK_CODE),
+            "stan": message.get_str(fields::STAN),
             "remoteAddress": conn.remote.to_string(),
         }),
     };
@@ -252,7 +259,10 @@ async fn sign_on(
     // Replay protection: the (11, 7) of every accepted sign-on is remembered for the window, and
     // a sign-on sent outside the window is stale (its identity may have been forgotten).
     let now = Utc::now();
-    let (Some(stan), Some(f7)) = (request.get_str(11), request.get_str(7)) else {
+    let (Some(stan), Some(f7)) = (
+        request.get_str(fields::STAN),
+        request.get_str(fields::TRANSMISSION_DATE_TIME),
+    ) else {
         return ResponseCode::FormatError;
     };
     let Some(sent) = transmission_time(f7, now) else {

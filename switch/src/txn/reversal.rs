@@ -6,42 +6,26 @@
 
 use chrono::Utc;
 
-use super::authorize::{identity, new_rrn};
+use super::SwitchContext;
+use super::authorize::new_rrn;
+use super::request::Reversal;
 use super::{Reply, authenticate, request_digest, response_to};
-use crate::app::SwitchContext;
 use crate::domain::{ResponseCode, TerminalId};
 use crate::iso8583::Message;
-use crate::store::{AuthOutcome, RequestIdentity, ReversalRequest};
+use crate::iso8583::fields;
+use crate::store::{AuthOutcome, ReversalRequest};
 
-/// Original data elements (field 90): MTI 4, STAN 6, transmission date-time 10, then acquiring
-/// and forwarding institution ids (11 + 11) which we do not need to find the original.
-fn original_identity(terminal: &TerminalId, field90: &str) -> Option<RequestIdentity> {
-    if field90.len() < 20 || !field90.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    Some(RequestIdentity {
-        terminal_id: terminal.clone(),
-        stan: field90[4..10].to_string(),
-        transmission: field90[10..20].to_string(),
-    })
-}
-
-/// Handles 0400, 0420 and 0421 from a signed-on terminal.
+/// Handles 0400, 0420 and 0421 from a signed-on terminal, read into `reversal`.
 pub async fn handle(
     ctx: &SwitchContext,
     terminal: &TerminalId,
+    reversal: &Reversal,
     request: &Message,
     raw: &[u8],
 ) -> Option<Reply> {
     let plain = |code| response_to(request, code).map(|m| Reply::plain(m, "reversal"));
-    let (Some(id), Some(original)) = (
-        identity(terminal, request),
-        request
-            .get_str(90)
-            .and_then(|f| original_identity(terminal, f)),
-    ) else {
-        return plain(ResponseCode::FormatError);
-    };
+    let id = reversal.trace.identity(terminal);
+    let original = reversal.original.identity(terminal);
     let tak = match authenticate(ctx, terminal, request, raw).await {
         Ok(tak) => tak,
         Err(code) => return plain(code),
@@ -81,7 +65,7 @@ pub async fn handle(
                 code = ResponseCode::SystemMalfunction;
             }
             coded(code).map(|mut reply| {
-                reply.message.set_str(37, &entry.rrn);
+                reply.message.set_str(fields::RRN, &entry.rrn);
                 reply
             })
         }
@@ -90,21 +74,5 @@ pub async fn handle(
             tracing::warn!(%terminal, error = %err, "reversal failed in the store");
             coded(ResponseCode::SystemMalfunction)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn field_90_names_the_original() {
-        let tid = TerminalId::new("ATM1").unwrap();
-        let f90 = "020000012311221530450000000000000000000000";
-        let id = original_identity(&tid, f90).unwrap();
-        assert_eq!(id.stan, "000123");
-        assert_eq!(id.transmission, "1122153045");
-        assert!(original_identity(&tid, "0200").is_none());
-        assert!(original_identity(&tid, "02000001231122153045XXXXXXXXXXX").is_none());
     }
 }

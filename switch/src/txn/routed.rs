@@ -24,16 +24,28 @@
 use chrono::{DateTime, Utc};
 use tracing::{error, info, warn};
 
-use super::authorize::{is_expired, pin_block_and_tpks, verify_pin};
-use crate::app::SwitchContext;
+use super::SwitchContext;
+use super::authorize::{Unposted, card_posting, pin_block_and_tpks};
+use super::posting::{Journaled, Posting, StandIn};
+use super::request::Financial;
 use crate::domain::{ResponseCode, TerminalId};
+use crate::iso8583::fields;
 use crate::iso8583::{Message, Mti};
 use crate::routing::drainer::advice_payload;
 use crate::routing::{LinkAnswer, LinkError, UpstreamLink};
-use crate::store::{AdviceMti, AuthKind, AuthRequest, IssuerAnswer, NewAdvice};
+use crate::store::{AdviceMti, AuthKind, IssuerAnswer, NewAdvice};
 
 /// Fields of the terminal's request that travel to the issuer as they are.
-const FORWARDED: &[u8] = &[2, 3, 4, 12, 13, 14, 22, 49];
+const FORWARDED: &[u8] = &[
+    fields::PAN,
+    fields::PROCESSING_CODE,
+    fields::AMOUNT,
+    fields::LOCAL_TIME,
+    fields::LOCAL_DATE,
+    fields::EXPIRY,
+    fields::POS_ENTRY_MODE,
+    fields::CURRENCY,
+];
 
 /// Priority of reversal advices: delivered before stand-in advices, so the issuer never sees a
 /// stand-in debit while an uncertain one is still unreversed.
@@ -41,36 +53,40 @@ const REVERSAL_PRIORITY: u8 = 0;
 /// Priority of stand-in advices.
 const STAND_IN_PRIORITY: u8 = 1;
 
-/// Fills `auth` for a card routed to `upstream`. `Err(code)` is a decline to journal (`96` is
-/// not journaled by the caller).
+/// What to post for a card routed to `upstream`: the issuer's answer, a stand-in approval or
+/// decline, or a decline of our own. `Err` is answered `96` and not journaled.
 pub(crate) async fn authorize(
     ctx: &SwitchContext,
     terminal: &TerminalId,
     request: &Message,
-    pan: &str,
-    expiry: &str,
-    auth: &mut AuthRequest,
+    fin: &Financial,
+    head: &Journaled,
     upstream: &str,
-) -> Result<(), ResponseCode> {
+) -> Result<Posting, Unposted> {
     let Some(link) = ctx.upstreams.get(upstream) else {
         // settings validation makes this unreachable; answer as for an unreachable issuer
-        return Err(ResponseCode::IssuerUnavailable);
+        return Ok(Posting::decline(ResponseCode::IssuerUnavailable));
     };
-    if matches!(auth.kind, AuthKind::Withdrawal { .. }) && ctx.held_reversals.is_full() {
+    if matches!(head.kind, AuthKind::Withdrawal { .. }) && ctx.held_reversals.is_full() {
         // every held reversal is a debit an issuer keeps until the store is back: no new one
         // may arise that could not be held (`[saf] held_reversals_max`)
         warn!(
             upstream,
             "routed withdrawal refused: the hold of reversal advices is full"
         );
-        return Err(ResponseCode::SystemMalfunction);
+        return Err(Unposted::default());
     }
-    let sent = forward(ctx, link, terminal, request, pan, auth).await?;
+    let sent = match forward(ctx, link, terminal, request, &fin.pan, head).await {
+        Ok(sent) => sent,
+        Err(ResponseCode::SystemMalfunction) => return Err(Unposted::default()),
+        Err(code) => return Ok(Posting::decline(code)),
+    };
     match sent.result {
         Ok(answer) if !matches!(answer.code(), "91" | "96" | "63" | "58") => {
-            auth.issuer_answer = Some(issuer_answer(&answer));
-            auth.upstream_ref = sent.message.as_ref().map(|m| upstream_ref(link, m));
-            Ok(())
+            Ok(Posting::IssuerAnswer {
+                answer: issuer_answer(&answer),
+                upstream_ref: sent.message.as_ref().map(|m| upstream_ref(link, m)),
+            })
         }
         Ok(answer) => {
             info!(
@@ -78,20 +94,23 @@ pub(crate) async fn authorize(
                 code = answer.code(),
                 "issuer unavailable; trying stand-in"
             );
-            stand_in(ctx, link, terminal, request, pan, expiry, auth).await
+            stand_in(ctx, link, terminal, request, fin, head).await
         }
         Err(err) if err.maybe_delivered() => {
             warn!(upstream, error = %err, "no answer from the issuer");
-            if matches!(auth.kind, AuthKind::Withdrawal { .. })
+            if matches!(head.kind, AuthKind::Withdrawal { .. })
                 && let Some(message) = &sent.message
+                && queue_reversal(ctx, link, &upstream_ref(link, message), message)
+                    .await
+                    .is_err()
             {
-                queue_reversal(ctx, link, &upstream_ref(link, message), message).await?;
+                return Err(Unposted::default());
             }
-            stand_in(ctx, link, terminal, request, pan, expiry, auth).await
+            stand_in(ctx, link, terminal, request, fin, head).await
         }
         Err(err) => {
             info!(upstream, error = %err, "issuer unavailable; trying stand-in");
-            stand_in(ctx, link, terminal, request, pan, expiry, auth).await
+            stand_in(ctx, link, terminal, request, fin, head).await
         }
     }
 }
@@ -110,7 +129,7 @@ async fn forward(
     terminal: &TerminalId,
     request: &Message,
     pan: &str,
-    auth: &AuthRequest,
+    head: &Journaled,
 ) -> Result<Sent, ResponseCode> {
     let not_sent = |err| {
         Ok(Sent {
@@ -122,21 +141,29 @@ async fn forward(
         link.report_down();
         return not_sent(LinkError::Down(link.name().to_string()));
     }
-    let (block, tpks) = pin_block_and_tpks(ctx, terminal, request).await?;
-    let mut translated = None;
-    for tpk in &tpks {
-        match link.translate_pin(tpk, pan, &block) {
-            Ok(out) => {
-                translated = Some(out);
-                break;
+    let (block, tpks, cached) = pin_block_and_tpks(ctx, terminal, request).await?;
+    let translate = |tpks: &[crate::domain::WrappedKey]| {
+        for tpk in tpks {
+            match link.translate_pin(tpk, pan, &block) {
+                Ok(out) => return Ok(Some(out)),
+                Err(err @ LinkError::Down(_)) => return Err(err),
+                Err(_) => {}
             }
-            Err(err @ LinkError::Down(_)) => {
-                link.report_down();
-                return not_sent(err);
-            }
-            Err(_) => {}
         }
+        Ok(None)
+    };
+    let mut translated = translate(&tpks);
+    if matches!(translated, Ok(None)) && cached {
+        // a TPK another replica activated may be missing from the cached keys
+        translated = translate(&super::authorize::newer_tpks(ctx, terminal, &tpks).await);
     }
+    let translated = match translated {
+        Ok(found) => found,
+        Err(err) => {
+            link.report_down();
+            return not_sent(err);
+        }
+    };
     let Some(translated) = translated else {
         // not a format 4 block under any key the terminal holds: the issuer could only say 55
         ctx.metrics.pin_failures.inc();
@@ -149,21 +176,24 @@ async fn forward(
             message.set(f, v);
         }
     }
-    if !message.has(2) {
+    if !message.has(fields::PAN) {
         // track 2 only: the issuer gets PAN and expiry, never the track
-        message.set_str(2, pan);
+        message.set_str(fields::PAN, pan);
     }
     if let Some((_, expiry)) = super::authorize::card_data(request) {
-        message.set_str(14, &expiry);
+        message.set_str(fields::EXPIRY, &expiry);
     }
-    message.set_str(37, &auth.rrn);
-    message.set_str(123, &hex::encode_upper(translated));
+    message.set_str(fields::RRN, &head.rrn);
+    message.set_str(fields::PIN_BLOCK, &hex::encode_upper(translated));
     let stan = match link.next_stan().await {
         Ok(s) => s,
         Err(err) => return not_sent(err),
     };
-    message.set_str(7, &transmission_time(Utc::now()));
-    message.set_str(11, &stan);
+    message.set_str(
+        fields::TRANSMISSION_DATE_TIME,
+        &transmission_time(Utc::now()),
+    );
+    message.set_str(fields::STAN, &stan);
     let result = link.request(message.clone()).await;
     Ok(Sent {
         message: Some(message),
@@ -176,14 +206,19 @@ fn issuer_answer(answer: &LinkAnswer) -> IssuerAnswer {
     let code = ResponseCode::parse(answer.code()).unwrap_or(ResponseCode::DoNotHonour);
     let (ledger, available) = answer
         .message
-        .get_str(54)
+        .get_str(fields::ADDITIONAL_AMOUNTS)
         .map(parse_balances)
         .unwrap_or((None, None));
     let approved = code == ResponseCode::Approved;
     IssuerAnswer {
         response_code: code,
         auth_code: approved
-            .then(|| answer.message.get_str(38).map(str::to_string))
+            .then(|| {
+                answer
+                    .message
+                    .get_str(fields::AUTH_CODE)
+                    .map(str::to_string)
+            })
             .flatten(),
         ledger_balance: approved.then_some(ledger).flatten(),
         available_balance: approved.then_some(available).flatten(),
@@ -213,66 +248,79 @@ fn parse_balances(field: &str) -> (Option<i64>, Option<i64>) {
     (ledger, available)
 }
 
-/// Stand-in processing for an unavailable issuer.
+/// Stand-in processing for an unavailable issuer: within the link's policy, the card's shared
+/// stand-in data and PIN decide, and an approval carries the 0220 that tells the issuer.
 async fn stand_in(
     ctx: &SwitchContext,
     link: &UpstreamLink,
     terminal: &TerminalId,
     request: &Message,
-    pan: &str,
-    expiry: &str,
-    auth: &mut AuthRequest,
-) -> Result<(), ResponseCode> {
+    fin: &Financial,
+    head: &Journaled,
+) -> Result<Posting, Unposted> {
+    let unavailable = Ok(Posting::decline(ResponseCode::IssuerUnavailable));
     let policy = &link.settings().stand_in;
-    let AuthKind::Withdrawal { amount } = auth.kind else {
+    let AuthKind::Withdrawal { amount } = head.kind else {
         // no balance to tell on the issuer's behalf
-        return Err(ResponseCode::IssuerUnavailable);
+        return unavailable;
     };
     if !policy.enabled || amount > policy.max_amount {
-        return Err(ResponseCode::IssuerUnavailable);
+        return unavailable;
     }
-    let card = match ctx.store.find_card(&ctx.hsm.pan_token(pan)).await {
+    let card = match ctx.store.find_card(&ctx.hsm.pan_token(&fin.pan)).await {
         Ok(Some(card)) if card.upstream.as_deref() == Some(link.name()) => card,
         // no stand-in data shared for this card: stand-in never skips the PIN
-        Ok(_) => return Err(ResponseCode::IssuerUnavailable),
-        Err(_) => return Err(ResponseCode::SystemMalfunction),
+        Ok(_) => return unavailable,
+        Err(_) => return Err(Unposted::default()),
     };
-    auth.card_id = Some(card.id.clone());
-    auth.account_id = Some(card.account_id.clone());
-    if card.expiry != expiry || is_expired(&card.expiry, auth.now) {
-        return Err(ResponseCode::ExpiredCard);
-    }
-    if card.pin_blocked {
-        return Err(ResponseCode::PinTriesExceeded);
-    }
-    verify_pin(ctx, terminal, request, pan, &card, auth).await?;
-    let stan = link
-        .next_stan()
-        .await
-        .map_err(|_| ResponseCode::SystemMalfunction)?;
-    let mut advice = Message::new(Mti::parse("0220").map_err(|_| ResponseCode::SystemMalfunction)?);
+    let posting = card_posting(
+        ctx,
+        terminal,
+        request,
+        &fin.pan,
+        &fin.expiry,
+        &card,
+        head.now,
+    )
+    .await?;
+    let Posting::Ledger { card, pin_try, .. } = posting else {
+        return Ok(posting);
+    };
+    let unposted = || Unposted {
+        pin_try: pin_try.clone(),
+    };
+    let stan = link.next_stan().await.map_err(|_| unposted())?;
+    let mut advice = Message::new(Mti::parse("0220").map_err(|_| unposted())?);
     for &f in FORWARDED {
         if let Some(v) = request.get(f) {
             advice.set(f, v);
         }
     }
-    advice.set_str(2, pan);
-    advice.set_str(14, expiry);
-    advice.set_str(7, &transmission_time(auth.now));
-    advice.set_str(11, &stan);
-    advice.set_str(37, &auth.rrn);
-    advice.set_str(38, &auth.auth_code);
-    advice.set_str(41, &link.station().to_field41());
-    auth.upstream_ref = Some(upstream_ref(link, &advice));
-    auth.advice = Some(new_advice(
+    advice.set_str(fields::PAN, &fin.pan);
+    advice.set_str(fields::EXPIRY, &fin.expiry);
+    advice.set_str(fields::TRANSMISSION_DATE_TIME, &transmission_time(head.now));
+    advice.set_str(fields::STAN, &stan);
+    advice.set_str(fields::RRN, &head.rrn);
+    advice.set_str(fields::AUTH_CODE, &head.auth_code);
+    advice.set_str(fields::TERMINAL_ID, &link.station().to_field41());
+    let upstream_ref = upstream_ref(link, &advice);
+    let advice = new_advice(
         ctx,
         link,
         AdviceMti::Advice0220,
         STAND_IN_PRIORITY,
         &advice,
-        auth.now,
-    )?);
-    Ok(())
+        head.now,
+    )
+    .map_err(|_| unposted())?;
+    Ok(Posting::Ledger {
+        card,
+        pin_try,
+        stand_in: Some(StandIn {
+            advice,
+            upstream_ref,
+        }),
+    })
 }
 
 /// `upstream:MTI:STAN:transmission`: how the issuer knows a message we sent or advised.
@@ -281,8 +329,10 @@ fn upstream_ref(link: &UpstreamLink, message: &Message) -> String {
         "{}:{}:{}:{}",
         link.name(),
         message.mti().as_str(),
-        message.get_str(11).unwrap_or_default(),
-        message.get_str(7).unwrap_or_default()
+        message.get_str(fields::STAN).unwrap_or_default(),
+        message
+            .get_str(fields::TRANSMISSION_DATE_TIME)
+            .unwrap_or_default()
     )
 }
 
@@ -335,17 +385,20 @@ async fn queue_reversal(
     };
     let mut reversal =
         Message::new(Mti::parse("0420").map_err(|_| ResponseCode::SystemMalfunction)?);
-    for f in [2u8, 3, 4, 12, 13, 14, 22, 49] {
+    for &f in FORWARDED {
         if let Some(v) = source.get(f) {
             reversal.set(f, v);
         }
     }
-    reversal.set_str(7, &transmission_time(now));
+    reversal.set_str(fields::TRANSMISSION_DATE_TIME, &transmission_time(now));
     if let Some(stan) = &stan_new {
-        reversal.set_str(11, stan);
+        reversal.set_str(fields::STAN, stan);
     }
-    reversal.set_str(41, &link.station().to_field41());
-    reversal.set_str(90, &format!("{mti}{stan}{f7}{}", "0".repeat(22)));
+    reversal.set_str(fields::TERMINAL_ID, &link.station().to_field41());
+    reversal.set_str(
+        fields::ORIGINAL_DATA,
+        &format!("{mti}{stan}{f7}{}", "0".repeat(22)),
+    );
     let mut advice = new_advice(
         ctx,
         link,
@@ -393,8 +446,10 @@ fn new_advice(
         idempotency_key: format!(
             "{}:{}:{}",
             link.station(),
-            message.get_str(11).unwrap_or_default(),
-            message.get_str(7).unwrap_or_default()
+            message.get_str(fields::STAN).unwrap_or_default(),
+            message
+                .get_str(fields::TRANSMISSION_DATE_TIME)
+                .unwrap_or_default()
         ),
         payload,
         reference: None,
