@@ -57,7 +57,8 @@ use crate::domain::{KeyState, KeyType, TerminalId, WrappedKey};
 
 /// The keys of `rows` a terminal's traffic may be checked against at `now`: the newest ACTIVE
 /// key, the newest PENDING key, and the EXPIRED keys whose grace ends after `now`, newest first.
-/// The rule `keys_for_use` applies in SQL on both backends, as a pure function.
+/// The store's `keys_for_use` applies it to the rows its query selects; the cache to every row
+/// it holds, so both answer alike.
 pub fn usable_at(rows: impl IntoIterator<Item = KeyRecord>, now: DateTime<Utc>) -> UsableKeys {
     let mut rows: Vec<KeyRecord> = rows.into_iter().collect();
     rows.sort_by_key(|k| std::cmp::Reverse(k.version));

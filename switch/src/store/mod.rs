@@ -503,27 +503,6 @@ fn migration_status_from(applied: &[i64], list: &[EmbeddedMigration]) -> Migrati
 // ---------------------------------------------------------------------------------------------
 // Pure rules shared by both backends
 
-/// The keys of one (terminal, key type) a request may be verified with at `now` (SPEC §4): the
-/// newest ACTIVE and the newest PENDING key, and every EXPIRED key whose grace lasts past `now`
-/// (newest first). Whatever else `keys` holds is left out, so a caller may pass every key the
-/// terminal has of that type (a cache does) and get the same answer as the store's query.
-pub fn usable_keys(keys: impl IntoIterator<Item = KeyRecord>, now: DateTime<Utc>) -> UsableKeys {
-    let mut keys: Vec<KeyRecord> = keys.into_iter().collect();
-    keys.sort_by_key(|k| std::cmp::Reverse(k.version));
-    let mut usable = UsableKeys::default();
-    for key in keys {
-        match key.state {
-            KeyState::Active if usable.active.is_none() => usable.active = Some(key),
-            KeyState::Pending if usable.pending.is_none() => usable.pending = Some(key),
-            KeyState::Expired if key.grace_until.is_some_and(|until| until > now) => {
-                usable.in_grace.push(key)
-            }
-            _ => {}
-        }
-    }
-    usable
-}
-
 /// Checks a lifecycle step against SPEC §4.
 fn check_transition(from: KeyState, to: KeyTransition) -> Result<(), StoreError> {
     let allowed = match to {

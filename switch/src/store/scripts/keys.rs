@@ -320,7 +320,7 @@ pub(crate) async fn for_use(
         .iter()
         .map(key_from_row)
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(usable_keys(keys, now))
+    Ok(usable_at(keys, now))
 }
 
 pub(crate) async fn transition(
