@@ -184,7 +184,10 @@ fn cell(row: &PgRow, i: usize) -> Result<Cell, StoreError> {
         "FLOAT4" => Cell::Real(f64::from(row.try_get::<f32, _>(i)?)),
         "BOOL" => Cell::Bool(row.try_get::<bool, _>(i)?),
         "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" => Cell::Text(row.try_get::<String, _>(i)?),
-        "TIMESTAMPTZ" => Cell::Time(timestamptz(row, i)?),
+        "TIMESTAMPTZ" => match timestamptz(row, i) {
+            Ok(t) => Cell::Time(t),
+            Err(_) => Cell::Unreadable("out of range".into()),
+        },
         other => {
             return Err(StoreError::corrupt(format!(
                 "column {}: type {other} is not read by the store (cast it in the query)",

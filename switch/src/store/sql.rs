@@ -165,6 +165,10 @@ pub(crate) enum Cell {
     Text(String),
     Bool(bool),
     Time(DateTime<Utc>),
+    /// A stored value the engine could not decode (a timestamp no clock can hold, say). It is
+    /// an error only for the one who reads this column, so a caller can still pick the rest of
+    /// the row apart (the SAF lease dead-letters such advices instead of failing).
+    Unreadable(String),
 }
 
 /// A result row: the statement's column names (shared by its rows) and this row's values.
@@ -189,7 +193,11 @@ impl Row {
 
     /// The value of column `col` as `T`; a NULL or a value of another kind is `Corrupt`.
     pub(crate) fn try_get<T: FromCell>(&self, col: &str) -> Result<T, StoreError> {
-        T::from_cell(self.cell(col)?).ok_or_else(|| StoreError::corrupt(col.to_string()))
+        let cell = self.cell(col)?;
+        if let Cell::Unreadable(why) = cell {
+            return Err(StoreError::corrupt(format!("{col}: {why}")));
+        }
+        T::from_cell(cell).ok_or_else(|| StoreError::corrupt(col.to_string()))
     }
 
     /// The first column (scalar queries).
