@@ -467,6 +467,8 @@ impl AtmMachine {
                 if key == Key::TakeCash {
                     self.cash = None;
                     self.screen = S::ReceiptQuestion;
+                } else if side(SideKey::R4) {
+                    return self.cancel();
                 }
                 None
             }
