@@ -1,6 +1,7 @@
 //! `switchyard-switch demo`: the local quick start (SPEC §2). Embedded SQLite in a temporary or
 //! given directory, freshly generated LMK, KEK and admin tokens, a switch on loopback, then a
-//! simulated ATM through a whole session; keeps serving until Ctrl-C unless `--once`.
+//! simulated ATM through a whole session; then, unless `--once`, the web ATM (SPEC §7a) as a
+//! terminal of its own with test cards, and keeps serving until Ctrl-C.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -34,6 +35,9 @@ pub struct DemoArgs {
     /// Metrics and probes listener.
     #[arg(long, default_value = "127.0.0.1:9090")]
     pub metrics_listen: SocketAddr,
+    /// The web ATM's page (not started with `--once`).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub web_listen: SocketAddr,
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -139,6 +143,8 @@ pub async fn run(args: DemoArgs, config: Option<&Path>) -> anyhow::Result<()> {
             format!("601100000{suffix:05}00")[..16].to_string(),
         )
     };
+    let web_admin = admin.clone();
+    let web_kek = kek.clone();
     let opts = SessionOptions {
         iso_addr: running.iso_addr.to_string(),
         admin,
@@ -171,8 +177,62 @@ pub async fn run(args: DemoArgs, config: Option<&Path>) -> anyhow::Result<()> {
         return Ok(());
     }
     println!();
+    let web = start_web_atm(
+        &args,
+        &web_admin,
+        &web_kek,
+        &running.iso_addr.to_string(),
+        packager,
+    )
+    .await;
+    match &web {
+        Ok((url, _, _)) => println!(
+            "Web ATM: {url}  (insert a test card, PIN {})",
+            crate::atm::web::setup::TEST_PIN
+        ),
+        Err(err) => println!("web ATM not started: {err:#}"),
+    }
     println!("The switch keeps serving; press Ctrl-C to stop.");
     app::wait_for_signal().await;
+    if let Ok((_, shutdown, task)) = web {
+        shutdown.cancel();
+        let _ = task.await;
+    }
     running.stop().await;
     Ok(())
+}
+
+/// Provisions the web ATM's terminal and test cards on the demo switch and serves its page.
+async fn start_web_atm(
+    args: &DemoArgs,
+    admin: &AdminClient,
+    kek: &[u8],
+    iso_addr: &str,
+    packager: &'static Packager,
+) -> anyhow::Result<(
+    String,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+)> {
+    use crate::atm::web::{WebAtm, WebAtmConfig, setup};
+    let listener = tokio::net::TcpListener::bind(args.web_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "failed to listen on {}; pass --web-listen with a free port",
+                args.web_listen
+            )
+        })?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let provisioned = setup::provision(admin, kek, &setup::SetupOptions::default()).await?;
+    let atm = WebAtm::new(WebAtmConfig {
+        iso_addr: iso_addr.to_string(),
+        terminal: provisioned.terminal,
+        keys: provisioned.keys,
+        packager,
+        cards: provisioned.cards,
+    });
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(atm.serve(listener, shutdown.clone()));
+    Ok((url, shutdown, task))
 }

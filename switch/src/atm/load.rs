@@ -1,9 +1,16 @@
 //! `switchyard-atm load`: N provisioned terminals on N connections, each sending one scenario
 //! in a loop (closed loop, or paced to a target total rate), then throughput and latency
 //! percentiles. Every request is a real, MACed, PIN-carrying message; every answer is checked.
+//! With `progress`, provisioning shows a progress bar and the run a live line each second
+//! (answered/s, errors, p99 so far) on stderr.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
 
 use rand::RngExt;
 
@@ -51,6 +58,116 @@ pub struct LoadOptions {
     pub card_admin: Option<AdminClient>,
     /// TLS to the ISO 8583 port (`[iso8583.tls]`), or plain TCP.
     pub tls: Option<TlsClient>,
+    /// Show a provisioning progress bar and a live line each second on stderr.
+    pub progress: bool,
+}
+
+/// Counters the connections share while running, for the live line: approximate latency
+/// percentiles from a log-linear histogram (16 sub-buckets per power of two, within ~6%),
+/// so recording is one atomic add and no lock is taken on the request path.
+#[derive(Debug)]
+pub struct LiveStats {
+    answered: AtomicU64,
+    errors: AtomicU64,
+    buckets: Vec<AtomicU64>,
+}
+
+const BUCKETS: usize = 32 + 59 * 16;
+
+impl Default for LiveStats {
+    fn default() -> Self {
+        Self {
+            answered: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+fn bucket_of(us: u64) -> usize {
+    if us < 32 {
+        return us as usize;
+    }
+    let e = 63 - us.leading_zeros() as usize;
+    32 + (e - 5) * 16 + ((us >> (e - 4)) & 0xF) as usize
+}
+
+/// The highest latency (µs) bucket `i` holds.
+fn bucket_high(i: usize) -> u64 {
+    if i < 32 {
+        return i as u64;
+    }
+    let e = (i - 32) / 16 + 5;
+    let sub = ((i - 32) % 16) as u128;
+    let high = ((16 + sub + 1) << (e - 4)) - 1;
+    u64::try_from(high).unwrap_or(u64::MAX)
+}
+
+impl LiveStats {
+    /// Records one answer that took `us` microseconds.
+    pub fn answered(&self, us: u64) {
+        self.answered.fetch_add(1, Ordering::Relaxed);
+        self.buckets[bucket_of(us).min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records one failed request.
+    pub fn error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Answers and errors so far.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.answered.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The `p`th percentile so far in microseconds (upper edge of its bucket).
+    pub fn percentile_us(&self, p: f64) -> u64 {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return 0;
+        }
+        let rank = ((p / 100.0) * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return bucket_high(i);
+            }
+        }
+        bucket_high(BUCKETS - 1)
+    }
+}
+
+/// The live line: answered in the last interval per second, errors, p99 so far.
+pub fn live_line(answered_per_s: f64, errors: u64, p99_us: u64, elapsed: Duration) -> String {
+    format!(
+        "{:>4}s  answered {answered_per_s:>8.0}/s  errors {errors}  p99 so far {:.2} ms",
+        elapsed.as_secs(),
+        p99_us as f64 / 1000.0
+    )
+}
+
+fn provisioning_bar(show: bool, total: usize) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} provisioning [{bar:40}] {pos}/{len} terminals ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar
 }
 
 /// Results.
@@ -138,7 +255,9 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
     };
     let mut clients = Vec::with_capacity(opts.connections);
     let needs_card = opts.scenario != Scenario::Echo;
+    let bar = provisioning_bar(opts.progress, opts.connections);
     for i in 0..opts.connections {
+        bar.inc(1);
         let id = TerminalId::new(format!("L{run_tag}{i:04}")).map_err(|e| LoadError::Terminal {
             terminal: format!("#{i}"),
             source: AtmError::Protocol(e.to_string()),
@@ -191,15 +310,21 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         };
         clients.push((client, card));
     }
+    bar.finish_and_clear();
 
     let per_connection_interval = opts
         .rate
         .map(|r| Duration::from_secs_f64(opts.connections as f64 / r.max(0.001)));
     let started = Instant::now();
     let deadline = started + opts.duration;
+    let live = Arc::new(LiveStats::default());
+    let reporter = opts
+        .progress
+        .then(|| tokio::spawn(report_live(live.clone(), started)));
     let mut tasks = Vec::new();
     for (mut client, card) in clients {
         let scenario = opts.scenario;
+        let live = live.clone();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(4096);
             let mut codes: BTreeMap<String, u64> = BTreeMap::new();
@@ -224,7 +349,9 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
                 };
                 match answer {
                     Ok(m) => {
-                        latencies.push(sent.elapsed().as_micros() as u64);
+                        let us = sent.elapsed().as_micros() as u64;
+                        live.answered(us);
+                        latencies.push(us);
                         *codes
                             .entry(
                                 m.get_str(fields::RESPONSE_CODE)
@@ -234,6 +361,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
                             .or_default() += 1;
                     }
                     Err(_) => {
+                        live.error();
                         errors += 1;
                         break;
                     }
@@ -257,6 +385,10 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         }
     }
     report.elapsed = started.elapsed();
+    if let Some(reporter) = reporter {
+        reporter.abort();
+        let _ = reporter.await;
+    }
     all.sort_unstable();
     report.answered = all.len() as u64;
     report.p50_us = percentile(&all, 50.0);
@@ -266,9 +398,61 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
     Ok(report)
 }
 
+/// Prints [`live_line`] each second: on a terminal as one line redrawn in place (indicatif),
+/// elsewhere (CI logs) as a plain line per second.
+async fn report_live(live: Arc<LiveStats>, started: Instant) {
+    let spinner = if std::io::stderr().is_terminal() {
+        let s = ProgressBar::new_spinner();
+        s.set_style(
+            ProgressStyle::with_template("{spinner} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        Some(s)
+    } else {
+        None
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut last = (0u64, Instant::now());
+    loop {
+        tick.tick().await;
+        let (answered, errors) = live.totals();
+        let now = Instant::now();
+        let rate = (answered - last.0) as f64 / now.duration_since(last.1).as_secs_f64().max(1e-9);
+        last = (answered, now);
+        let line = live_line(rate, errors, live.percentile_us(99.0), started.elapsed());
+        match &spinner {
+            Some(s) => {
+                s.set_message(line);
+                s.tick();
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::percentile;
+    use super::*;
+
+    #[test]
+    fn live_histogram_percentiles_are_within_a_bucket() {
+        let live = LiveStats::default();
+        for us in 1..=10_000u64 {
+            live.answered(us);
+        }
+        live.error();
+        assert_eq!(live.totals(), (10_000, 1));
+        let p99 = live.percentile_us(99.0);
+        assert!((9_900..=9_900 * 107 / 100).contains(&p99), "{p99}");
+        let p50 = live.percentile_us(50.0);
+        assert!((5_000..=5_000 * 107 / 100).contains(&p50), "{p50}");
+        assert_eq!(LiveStats::default().percentile_us(99.0), 0);
+        for us in [0, 1, 31, 32, 33, 1000, 123_456, u64::MAX / 2, u64::MAX] {
+            assert!(bucket_high(bucket_of(us)) >= us, "{us}");
+        }
+        assert!(live_line(1234.4, 2, 1500, Duration::from_secs(3)).contains("p99 so far 1.50 ms"));
+    }
 
     #[test]
     fn percentiles_of_a_known_distribution() {

@@ -5,6 +5,7 @@
 pub mod load;
 pub mod provision;
 pub mod session;
+pub mod web;
 
 use std::time::Duration;
 
@@ -58,6 +59,51 @@ pub struct AtmClient {
     timeout: Duration,
     /// Server-initiated key changes answered while waiting for other answers.
     pub key_changes: Vec<KeyType>,
+    /// Exchanges kept for display when [`AtmClient::record_exchanges`] turned recording on.
+    journal: Option<Vec<Exchange>>,
+}
+
+/// Who started an exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initiator {
+    /// The terminal sent the request.
+    Terminal,
+    /// The switch sent the request (a pushed key change).
+    Switch,
+}
+
+/// One request and its answer as the terminal saw them, for the web ATM's ISO 8583 panel.
+/// Holds clear field values (PAN, PIN block): render it only through a masking view.
+#[derive(Clone)]
+pub struct Exchange {
+    /// Who sent `request`.
+    pub initiator: Initiator,
+    /// The request as sent (MAC included).
+    pub request: Message,
+    /// The answer, or `None` when none came.
+    pub answer: Option<Message>,
+    /// Send to answer.
+    pub elapsed: Duration,
+    /// When the request was sent.
+    pub at: chrono::DateTime<Utc>,
+}
+
+impl std::fmt::Debug for Exchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Message's Debug masks the PAN; the PIN block is left out here altogether.
+        f.debug_struct("Exchange")
+            .field("initiator", &self.initiator)
+            .field("request", &self.request.mti().as_str())
+            .field(
+                "answer",
+                &self
+                    .answer
+                    .as_ref()
+                    .map(|a| a.get_str(39).map(str::to_string)),
+            )
+            .field("elapsed", &self.elapsed)
+            .finish()
+    }
 }
 
 impl AtmClient {
@@ -94,7 +140,28 @@ impl AtmClient {
             stan: rand::random::<u32>() % 900_000,
             timeout: Duration::from_secs(10),
             key_changes: Vec::new(),
+            journal: None,
         })
+    }
+
+    /// Starts keeping every request/answer pair (and answered key pushes) for
+    /// [`AtmClient::take_exchanges`]. Off by default: the load generator keeps nothing.
+    pub fn record_exchanges(&mut self) {
+        self.journal.get_or_insert_with(Vec::new);
+    }
+
+    /// The exchanges recorded since the last call.
+    pub fn take_exchanges(&mut self) -> Vec<Exchange> {
+        self.journal
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    fn record(&mut self, exchange: Exchange) {
+        if let Some(journal) = self.journal.as_mut() {
+            journal.push(exchange);
+        }
     }
 
     /// The next STAN (field 11).
@@ -208,7 +275,19 @@ impl AtmClient {
             .unwrap_or_default()
             .to_string();
         let bytes = self.pack(&mut message, mac)?;
-        let (answer, raw) = self.exchange_raw(&bytes, &stan).await?;
+        let at = Utc::now();
+        let started = std::time::Instant::now();
+        let result = self.exchange_raw(&bytes, &stan).await;
+        if self.journal.is_some() {
+            self.record(Exchange {
+                initiator: Initiator::Terminal,
+                request: message,
+                answer: result.as_ref().ok().map(|(a, _)| a.clone()),
+                elapsed: started.elapsed(),
+                at,
+            });
+        }
+        let (answer, raw) = result?;
         if mac {
             self.check_answer_mac(&answer, &raw)?;
         }
@@ -368,7 +447,17 @@ impl AtmClient {
             Err(_) => answer.set_str(fields::RESPONSE_CODE, "63"),
         }
         let bytes = self.pack(&mut answer, true)?;
-        self.send(&bytes).await
+        self.send(&bytes).await?;
+        if self.journal.is_some() {
+            self.record(Exchange {
+                initiator: Initiator::Switch,
+                request: push.clone(),
+                answer: Some(answer),
+                elapsed: Duration::ZERO,
+                at: Utc::now(),
+            });
+        }
+        Ok(())
     }
 
     /// Waits up to `timeout` for a server-initiated key change and answers it.
