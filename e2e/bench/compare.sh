@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# Our authorization path against the database's own ceiling for the same work, side by side in
+# one run on one machine, with ratios (issue 11; BENCHMARKS.md "Side by side").
+#
+#   e2e/bench/compare.sh                # SQLite and PostgreSQL (a throwaway cluster from .ci/postgres.sh)
+#   BACKENDS=sqlite e2e/bench/compare.sh
+#
+# For each backend:
+#   1. the ceiling: the same transactions issued by the database's own tools —
+#      PostgreSQL: pgbench with a withdrawal-shaped script (journal insert + guarded balance
+#      update + daily total upsert, one commit each) and a balance-shaped one (balance read +
+#      journal insert); SQLite: Python's sqlite3 module (WAL, synchronous=FULL), one commit per
+#      withdrawal, in as many threads as the machine has cores;
+#   2. the switch: `switchyard-atm load` against a release `switchyard-switch serve` on the same
+#      database, every request a MACed 0200 with a format 4 PIN block;
+#   3. the ratio, and the CPU the load generator used (so it is seen not to be the bottleneck).
+#
+# Env: CONNECTIONS (64), DURATION (seconds, 10), SCENARIOS ("balance withdrawal"), PROFILE
+# (release; `debug` only checks the script itself, its figures mean nothing).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+connections=${CONNECTIONS:-64}
+seconds=${DURATION:-10}
+scenarios=${SCENARIOS:-balance withdrawal}
+backends=${BACKENDS:-sqlite postgres}
+
+profile=${PROFILE:-release}
+if [[ $profile == release ]]; then
+    cargo build --release --locked -q -p switchyard-switch --bins
+else
+    cargo build --locked -q -p switchyard-switch --bins
+fi
+bin=${CARGO_TARGET_DIR:-target}/$profile
+dir=$(mktemp -d /tmp/switchyard-compare.XXXXXX)
+pg_dir=$dir/pg
+cleanup() {
+    kill "${pid:-}" 2>/dev/null || true
+    wait "${pid:-}" 2>/dev/null || true
+    [[ -d $pg_dir ]] && bash .ci/postgres.sh stop "$pg_dir" >/dev/null 2>&1 || true
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$dir/lmk.hex"
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$dir/kek.hex"
+printf 'admin:%s\n' "$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')" > "$dir/tokens"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# --- the ceilings -------------------------------------------------------------------------
+
+sqlite_ceiling() { # prints withdrawals/s
+    python3 - "$dir/ceiling.db" "$seconds" "$(nproc)" <<'PY'
+import sqlite3, sys, threading, time, uuid
+path, seconds, threads = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+db = sqlite3.connect(path)
+db.executescript("""
+PRAGMA journal_mode=WAL;
+CREATE TABLE accounts (id TEXT PRIMARY KEY, balance INTEGER NOT NULL, lim INTEGER NOT NULL);
+CREATE TABLE daily (account_id TEXT, day TEXT, total INTEGER, PRIMARY KEY (account_id, day));
+CREATE TABLE journal (id TEXT PRIMARY KEY, account_id TEXT, amount INTEGER, code TEXT,
+                      balance INTEGER, created_at INTEGER);
+""")
+db.executemany("INSERT INTO accounts VALUES (?, 1000000000000, 1000000000000)",
+               [(f"acct-{i}",) for i in range(256)])
+db.commit(); db.close()
+done = [0] * threads
+stop = time.monotonic() + seconds
+def worker(n):
+    c = sqlite3.connect(path, isolation_level=None, timeout=30)
+    c.execute("PRAGMA synchronous=FULL")
+    i = 0
+    while time.monotonic() < stop:
+        acct = f"acct-{(n * 7919 + i) % 256}"
+        c.execute("BEGIN IMMEDIATE")
+        bal, lim = c.execute("SELECT balance, lim FROM accounts WHERE id = ?", (acct,)).fetchone()
+        total = c.execute("SELECT COALESCE((SELECT total FROM daily WHERE account_id = ? AND day = '2026-11-30'), 0)", (acct,)).fetchone()[0]
+        if bal >= 100 and total + 100 <= lim:
+            c.execute("UPDATE accounts SET balance = balance - 100 WHERE id = ?", (acct,))
+            c.execute("INSERT INTO daily VALUES (?, '2026-11-30', 100) ON CONFLICT (account_id, day) DO UPDATE SET total = total + 100", (acct,))
+        c.execute("INSERT INTO journal VALUES (?, ?, 100, '00', ?, ?)", (str(uuid.uuid4()), acct, bal - 100, time.time_ns()))
+        c.execute("COMMIT")
+        i += 1
+    done[n] = i
+ts = [threading.Thread(target=worker, args=(n,)) for n in range(threads)]
+start = time.monotonic()
+[t.start() for t in ts]; [t.join() for t in ts]
+print(f"{sum(done) / (time.monotonic() - start):.0f}")
+PY
+}
+
+pg_ceiling() { # $1: withdrawal|balance; prints tps
+    local shape=$1 script=$dir/pgbench-$1.sql
+    if [[ $shape == withdrawal ]]; then
+        cat > "$script" <<'SQL'
+\set a random(1, 256)
+BEGIN;
+SELECT pg_advisory_xact_lock(hashtextextended('bench' || :client_id || ':' || :a, 0));
+INSERT INTO bench_journal (account_id, amount, code) VALUES (:a, 100, '96') RETURNING id;
+SELECT balance, lim FROM bench_accounts WHERE id = :a FOR NO KEY UPDATE;
+UPDATE bench_accounts SET balance = balance - 100 WHERE id = :a AND balance >= 100 RETURNING balance;
+INSERT INTO bench_daily VALUES (:a, current_date, 100) ON CONFLICT (account_id, day) DO UPDATE SET total = bench_daily.total + 100;
+UPDATE bench_journal SET code = '00' WHERE id = currval('bench_journal_id_seq');
+COMMIT;
+SQL
+    else
+        cat > "$script" <<'SQL'
+\set a random(1, 256)
+BEGIN;
+INSERT INTO bench_journal (account_id, amount, code) VALUES (:a, 0, '96') RETURNING id;
+SELECT balance FROM bench_accounts WHERE id = :a FOR NO KEY UPDATE;
+UPDATE bench_journal SET code = '00' WHERE id = currval('bench_journal_id_seq');
+COMMIT;
+SQL
+    fi
+    pgbench -n -q -c "$connections" -j 2 -T "$seconds" -f "$script" "$pg_url" 2>/dev/null \
+        | awk '/^tps/ {printf "%.0f\n", $3}'
+}
+
+pg_prepare() {
+    eval "$(bash .ci/postgres.sh start "$pg_dir")"
+    pg_url=$SWITCHYARD_TEST_DATABASE_URL
+    psql -q "$pg_url" <<'SQL'
+CREATE TABLE bench_accounts (id INT PRIMARY KEY, balance BIGINT NOT NULL, lim BIGINT NOT NULL);
+CREATE TABLE bench_daily (account_id INT, day DATE, total BIGINT, PRIMARY KEY (account_id, day));
+CREATE TABLE bench_journal (id BIGSERIAL PRIMARY KEY, account_id INT, amount BIGINT, code TEXT,
+                            created_at TIMESTAMPTZ DEFAULT now());
+INSERT INTO bench_accounts SELECT g, 1000000000000, 1000000000000 FROM generate_series(1, 256) g;
+SQL
+}
+
+# --- the switch ---------------------------------------------------------------------------
+
+serve() { # $1: database URL
+    iso=$(free_port); admin=$(free_port); metrics=$(free_port)
+    SWITCHYARD_ISO8583__LISTEN=127.0.0.1:$iso \
+    SWITCHYARD_ISO8583__MAX_CONNECTIONS_PER_IP=1000000 \
+    SWITCHYARD_ADMIN__RATE_LIMIT_PER_SECOND=100000 \
+    SWITCHYARD_ADMIN__RATE_LIMIT_BURST=100000 \
+    SWITCHYARD_ADMIN__LISTEN=127.0.0.1:$admin \
+    SWITCHYARD_METRICS__LISTEN=127.0.0.1:$metrics \
+    SWITCHYARD_ADMIN__TOKENS_FILE=$dir/tokens \
+    SWITCHYARD_KEYS__LMK_FILE=$dir/lmk.hex \
+    SWITCHYARD_KEYS__KEK_FILE=$dir/kek.hex \
+    SWITCHYARD_DATABASE__URL=$1 \
+    SWITCHYARD_DATABASE__MAX_CONNECTIONS=${POOL:-32} \
+    SWITCHYARD_ROUTING__ON_US='["6011"]' \
+    RUST_LOG=warn "$bin/switchyard-switch" serve --migrate --log-format json > "$dir/switch.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 200); do
+        curl -sf "http://127.0.0.1:$metrics/readyz" >/dev/null && return 0
+        sleep 0.1
+    done
+    echo "the switch did not become ready; its log:" >&2
+    tail -20 "$dir/switch.log" >&2
+    exit 1
+}
+
+stop_switch() {
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    pid=
+}
+
+load() { # $1: scenario; prints "rate p99 cpu%"
+    local out=$dir/load.out
+    /usr/bin/time -f '%U %S' -o "$dir/time.out" \
+        "$bin/switchyard-atm" --iso "127.0.0.1:$iso" --admin "http://127.0.0.1:$admin" \
+        --token-file "$dir/tokens" --kek-file "$dir/kek.hex" \
+        load --connections "$connections" --duration "${seconds}s" --scenario "$1" > "$out" 2>&1
+    local rate p99 cpu
+    rate=$(sed -n 's/.*= \([0-9]*\)\/s.*/\1/p' "$out" | tail -1)
+    p99=$(sed -n 's/.*p99 \([0-9.]*\) ms.*/\1/p' "$out" | tail -1)
+    cpu=$(awk -v s="$seconds" '{printf "%.0f", ($1 + $2) * 100 / s}' "$dir/time.out")
+    echo "${rate:-0} ${p99:-?} $cpu"
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.0f %%", a * 100 / b; else print "n/a" }'; }
+
+printf '%-10s %-11s %12s %10s %10s %8s %14s\n' backend scenario switch/s "p99 ms" ceiling/s share "atm-load CPU"
+for backend in $backends; do
+    case $backend in
+        sqlite)
+            ceiling_withdrawal=$(sqlite_ceiling)
+            ceiling_balance=$ceiling_withdrawal
+            serve "sqlite://$dir/switch.db"
+            ;;
+        postgres)
+            pg_prepare
+            ceiling_withdrawal=$(pg_ceiling withdrawal)
+            ceiling_balance=$(pg_ceiling balance)
+            serve "$pg_url"
+            ;;
+        *) echo "unknown backend $backend" >&2; exit 2 ;;
+    esac
+    for scenario in $scenarios; do
+        read -r rate p99 cpu < <(load "$scenario")
+        ceiling=$ceiling_withdrawal
+        [[ $scenario == balance ]] && ceiling=$ceiling_balance
+        printf '%-10s %-11s %12s %10s %10s %8s %13s%%\n' "$backend" "$scenario" "$rate" "$p99" \
+            "$ceiling" "$(ratio "$rate" "$ceiling")" "$cpu"
+    done
+    stop_switch
+done
