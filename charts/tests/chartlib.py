@@ -23,8 +23,19 @@ RELEASE = "switchyard"
 NAMESPACE = "switchyard-system"
 
 
+# A cluster with the Prometheus Operator, as `helm template --api-versions` would be told.
+MONITORING_API_VERSIONS = (
+    "monitoring.coreos.com/v1",
+    "monitoring.coreos.com/v1/ServiceMonitor",
+    "monitoring.coreos.com/v1/PrometheusRule",
+)
+
+
 def render(values: dict | None = None, **kw):
-    """The chart rendered like `helm template switchyard charts/switchyard -n switchyard-system`."""
+    """The chart rendered like `helm template switchyard charts/switchyard -n switchyard-system
+    --api-versions monitoring.coreos.com/v1/…` (pass api_versions=() for a cluster without the
+    Prometheus Operator)."""
+    kw.setdefault("api_versions", MONITORING_API_VERSIONS)
     kw.setdefault("release_name", RELEASE)
     kw.setdefault("namespace", NAMESPACE)
     return render_chart(CHART, values or {}, **kw)

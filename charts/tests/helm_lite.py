@@ -7,8 +7,9 @@ lists and maps with variables, define/include, pipelines, variables) and the Hel
 functions the chart calls. Any other function or construct raises `TemplateError`, so a
 template that strays from the subset fails the checks instead of rendering wrongly.
 
-Known differences from Helm (stated so nobody relies on them): no `.Capabilities`, no `tpl`,
-`lookup` or `required`; values are validated against values.schema.json as Helm does, but the
+Known differences from Helm (stated so nobody relies on them): `.Capabilities` has only
+`APIVersions.Has` (and `KubeVersion.Version`), fed from the caller's list like
+`helm template --api-versions`; no `tpl`, `lookup` or `required`; values are validated against values.schema.json as Helm does, but the
 error text differs; numbers print as Go's `%v` would for float64, which is what Helm does.
 """
 
@@ -359,7 +360,13 @@ def _default(d: Any, v: Any = None) -> Any:
     return v if truthy(v) else d
 
 
+def _fail(msg: Any) -> Any:
+    # Helm aborts the whole render with this prefix.
+    raise TemplateError(f"execution error: {go_format(msg)}")
+
+
 FUNCS: dict[str, Callable[..., Any]] = {
+    "fail": _fail,
     "toYaml": to_yaml,
     "fromYaml": lambda s: yaml.safe_load(s) or {},
     "nindent": lambda n, s: "\n" + _indent(n, s),
@@ -385,6 +392,34 @@ FUNCS: dict[str, Callable[..., Any]] = {
     "base": lambda p: os.path.basename(p),
     "len": lambda a: len(a),
 }
+
+
+# What `helm template` knows without a cluster: the built-in API groups of Kubernetes 1.33
+# (the subset the chart asks about). Callers add CRD-backed ones like `--api-versions` does.
+BUILTIN_API_VERSIONS = (
+    "v1",
+    "apps/v1",
+    "batch/v1",
+    "policy/v1",
+    "rbac.authorization.k8s.io/v1",
+    "coordination.k8s.io/v1",
+    "apiextensions.k8s.io/v1",
+)
+
+
+class APIVersions:
+    """`.Capabilities.APIVersions`: `Has "group/version"` or `Has "group/version/Kind"`."""
+
+    def __init__(self, versions: tuple[str, ...] | list[str]):
+        self._versions = set(versions)
+
+    def Has(self, version: str) -> bool:  # noqa: N802 - Helm's method name
+        if version in self._versions:
+            return True
+        # "group/version/Kind" is also satisfied by a listed "group/version/Kind" only; a bare
+        # "group/version" entry matches any kind of it, as Helm's list of served versions does.
+        parts = version.split("/")
+        return len(parts) == 3 and "/".join(parts[:2]) in self._versions
 
 
 class Files:
@@ -666,6 +701,7 @@ def render_chart(
     release_name: str = "switchyard",
     namespace: str = "switchyard-system",
     extra_files: dict[str, str] | None = None,
+    api_versions: tuple[str, ...] | list[str] = (),
 ) -> Rendered:
     """Render the chart like `helm template`: values merged over values.yaml and checked
     against values.schema.json, every template rendered, documents split and parsed."""
@@ -689,6 +725,10 @@ def render_chart(
             "AppVersion": chart.get("appVersion", ""),
         },
         "Files": Files(chart_dir, extra_files),
+        "Capabilities": {
+            "APIVersions": APIVersions(list(BUILTIN_API_VERSIONS) + list(api_versions)),
+            "KubeVersion": {"Version": "v1.33.0"},
+        },
     }
     templates = sorted((chart_dir / "templates").rglob("*"))
     parsed: dict[str, list[Node]] = {}
@@ -737,12 +777,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--release", default="switchyard")
     p.add_argument("-n", "--namespace", default="switchyard-system")
     p.add_argument("--notes", action="store_true", help="also print NOTES.txt")
+    p.add_argument(
+        "--api-versions", action="append", default=[], help="API version served (repeatable)"
+    )
     a = p.parse_args(argv)
     values: dict = {}
     for f in a.values:
         values = deep_merge(values, yaml.safe_load(Path(f).read_text()) or {})
     try:
-        r = render_chart(Path(a.chart), values, release_name=a.release, namespace=a.namespace)
+        r = render_chart(
+            Path(a.chart),
+            values,
+            release_name=a.release,
+            namespace=a.namespace,
+            api_versions=a.api_versions,
+        )
     except jsonschema.ValidationError as e:
         where = ".".join(str(x) for x in e.absolute_path) or "(top level)"
         print(f"helm_lite: failed to validate values at {where}: {e.message}", file=sys.stderr)

@@ -28,6 +28,9 @@ def key(o: dict) -> tuple[str, str, str]:
 def by_key(objs: list[dict]) -> dict:
     out = {}
     for o in objs:
+        # Helm hooks (the `helm test` Pod) are not part of the installed release.
+        if "helm.sh/hook" in o["metadata"].get("annotations", {}):
+            continue
         assert key(o) not in out, f"duplicate object {key(o)}"
         out[key(o)] = o
     return out

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import yaml
 from chartlib import CHART, NAMESPACE, render
 from helm_lite import TemplateError
 
@@ -87,7 +88,7 @@ def test_default_names_follow_the_release():
     r = render({"fullnameOverride": "sy"})
     assert {
         o["metadata"]["name"] for o in r.objects if o["kind"] != "CustomResourceDefinition"
-    } == {"sy", "sy-leader-election"}
+    } == {"sy", "sy-leader-election", "sy-test-readyz"}
 
 
 def test_image_tag_defaults_to_app_version_and_digest_wins():
@@ -418,3 +419,45 @@ def test_templates_stay_in_the_plain_subset(tmp_path):
     (chart / "templates" / "extra.yaml").write_text('{{ lookup "v1" "Secret" "ns" "name" }}\n')
     with pytest.raises(TemplateError, match="lookup"):
         render_chart(chart, {})
+
+
+# --- chart hygiene: capabilities guards, the helm test hook, Chart.yaml metadata -----------------
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"), [("serviceMonitor", "ServiceMonitor"), ("prometheusRule", "PrometheusRule")]
+)
+def test_monitoring_objects_fail_clearly_without_the_prometheus_operator_api(value, kind):
+    with pytest.raises(TemplateError, match=rf"{value}.enabled is true but .* {kind}"):
+        render({value: {"enabled": True}}, api_versions=())
+    # Served: rendered; not asked for: nothing, whatever the cluster serves.
+    assert [o for o in render({value: {"enabled": True}}).objects if o["kind"] == kind]
+    assert not [o for o in render(api_versions=()).objects if o["kind"] == kind]
+
+
+def test_helm_test_hook_checks_the_operator_readyz():
+    (pod,) = [o for o in render().objects if o["kind"] == "Pod"]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (svc,) = [o for o in render().objects if o["kind"] == "Service"]
+    url = pod["spec"]["containers"][0]["command"][-1]
+    assert url == (
+        f"http://{svc['metadata']['name']}.{NAMESPACE}.svc:{svc['spec']['ports'][0]['port']}/readyz"
+    )
+    sc = pod["spec"]["containers"][0]["securityContext"]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] and sc["readOnlyRootFilesystem"]
+
+
+def test_chart_metadata_has_home_icon_and_sources():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["home"].startswith("https://")
+    assert chart["sources"] and all(s.startswith("https://") for s in chart["sources"])
+    icon = chart["icon"].rsplit("/", 1)[-1]
+    assert (CHART / icon).is_file(), "the icon the URL points at is committed in the chart"
+
+
+def test_notes_only_name_commands_that_work_after_install():
+    notes = render().notes
+    # After `helm install` the user has no chart directory: no relative file paths to apply.
+    assert "-f examples/" not in notes
+    assert "helm test switchyard -n switchyard-system" in notes
+    assert "kubectl -n payments apply -f - <<'YAML'" in notes and "\nYAML\n" in notes

@@ -6,6 +6,7 @@ runbook section, and the chart ships exactly what promtool tested."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -348,3 +349,95 @@ def test_dashboards_ship_as_sidecar_configmaps_unchanged():
         cm = cms[f"switchyard-operator-dashboard-{file.removesuffix('.json')}"]
         assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
         assert json.loads(cm["data"][file]) == dashboard(file)
+
+
+# --- one alert set: the operator's per-BankSwitch PrometheusRule is this file, scoped -------------
+
+OPERATOR_BIN = REPO / "target" / "debug" / "switchyard-operator"
+ALERTS_TEST = OBSERVABILITY / "alerts_test.yaml"
+SCOPE = 'job=~".+-admin"'
+
+
+def operator_rendered_rule(namespace: str, name: str) -> dict:
+    """The PrometheusRule `switchyard-operator render` produces for a BankSwitch with
+    spec.monitoring.prometheusRule.enabled (the builder the controller applies)."""
+    if not OPERATOR_BIN.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{OPERATOR_BIN} is missing: `cargo build -p switchyard-operator` first")
+        pytest.skip(f"{OPERATOR_BIN} not built; `cargo build -p switchyard-operator`")
+    bs = {
+        "apiVersion": "switchyard.io/v1alpha1",
+        "kind": "BankSwitch",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "image": "registry.example/switchyard/switch:0.1.0",
+            "keys": {
+                "lmkSecretRef": {"name": "k", "key": "lmk"},
+                "kekSecretRef": {"name": "k", "key": "kek"},
+            },
+            "admin": {"tokenSecretRef": {"name": "a", "key": "tokens"}},
+            "monitoring": {"prometheusRule": {"enabled": True}},
+        },
+    }
+    out = subprocess.run(
+        [str(OPERATOR_BIN), "render", "-f", "-"],
+        input=yaml.safe_dump(bs),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    (pr,) = [d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "PrometheusRule"]
+    return pr
+
+
+def test_operator_and_chart_render_the_same_alerts():
+    """The chart's PrometheusRule and the operator's differ only in the scope matcher and the
+    inlined settings; anything else (a rule, threshold, severity, annotation) fails here."""
+    (chart,) = [
+        o
+        for o in render({"prometheusRule": {"enabled": True}}).objects
+        if o["kind"] == "PrometheusRule"
+    ]
+    chart_groups = {g["name"]: g for g in chart["spec"]["groups"]}
+    settings = {
+        r["record"]: r["expr"].strip() for r in chart_groups["switchyard-settings"]["rules"]
+    }
+    operator = operator_rendered_rule("payments", "atm")["spec"]["groups"]
+    assert [g["name"] for g in operator] == [
+        n for n in chart_groups if n not in ("switchyard-settings", "switchyard-operator")
+    ]
+    for group in operator:
+        for ours, theirs in zip(group["rules"], chart_groups[group["name"]]["rules"], strict=True):
+            expected = dict(theirs)
+            expr = theirs["expr"].replace(SCOPE, 'namespace="payments",job="atm-admin"')
+            for record, value in settings.items():
+                expr = expr.replace(record, f"({value})")
+            expected["expr"] = expr
+            assert ours == expected, theirs.get("alert")
+
+
+def test_operator_rendered_rules_pass_promtool(tmp_path):
+    promtool_check_rules(tmp_path, operator_rendered_rule("payments", "atm")["spec"]["groups"])
+
+
+def test_every_switch_selector_carries_the_scope_matcher():
+    for group in yaml.safe_load(ALERTS.read_text())["groups"]:
+        if group["name"] in ("switchyard-settings", "switchyard-operator"):
+            continue
+        for r in group["rules"]:
+            for m in re.finditer(r"\b(switchyard_[a-z0-9_]+|up)\b(\{[^}]*\})?", r["expr"]):
+                assert m.group(2) and SCOPE in m.group(2), f"{r['alert']}: {m.group(0)}"
+
+
+def test_promtool_tests_cover_every_alert_firing_and_quiet():
+    """alerts_test.yaml has, for every alert, a case where it fires and one where it stays quiet."""
+    tests = yaml.safe_load(ALERTS_TEST.read_text())["tests"]
+    fires: set[str] = set()
+    quiet: set[str] = set()
+    for t in tests:
+        for case in t.get("alert_rule_test", []):
+            (fires if case.get("exp_alerts") else quiet).add(case["alertname"])
+    alerts = {r["alert"] for r in alert_rules() if "alert" in r}
+    assert alerts <= fires, f"no promtool case where these fire: {sorted(alerts - fires)}"
+    assert alerts <= quiet, f"no promtool case where these stay quiet: {sorted(alerts - quiet)}"

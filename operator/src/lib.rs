@@ -2,6 +2,7 @@
 //! the switch admin API client and the operator process.
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod bank_switch;
 pub mod crd;
 pub mod events;

@@ -27,12 +27,38 @@ fn crd_has_what_kubectl_users_rely_on() {
         "shortNames:\n    - bsw",
         "categories:\n    - switchyard",
         "status: {}",
-        "jsonPath: .status.conditions[?(@.type==\"Ready\")].status",
+        "jsonPath: .status.ready",
+        "jsonPath: .status.conditions[0].reason",
+        "specReplicasPath: .spec.replicas",
+        "statusReplicasPath: .status.replicas",
+        "labelSelectorPath: .status.selector",
         "jsonPath: .status.storeAndForward.backlog",
         "rule: self.replicas <= 1 || has(self.database)",
         "rule: self.minReplicas <= self.maxReplicas",
         "x-kubernetes-list-type: map",
     ] {
         assert!(yaml.contains(needle), "CRD lacks `{needle}`");
+    }
+    assert!(
+        !yaml.contains("Auto-generated derived type"),
+        "both CRDs need a real top-level description for `kubectl explain`"
+    );
+}
+
+#[test]
+fn conditions_are_a_map_keyed_on_type_in_both_crds() {
+    for crd in crd::all() {
+        let schema = crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .expect("schema");
+        let status = &schema.properties.as_ref().expect("properties")["status"];
+        let conditions = &status.properties.as_ref().expect("status properties")["conditions"];
+        assert_eq!(conditions.x_kubernetes_list_type.as_deref(), Some("map"));
+        assert_eq!(
+            conditions.x_kubernetes_list_map_keys.as_deref(),
+            Some(&["type".to_owned()][..])
+        );
     }
 }

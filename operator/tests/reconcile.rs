@@ -53,6 +53,45 @@ fn fixture(name: &str) -> Value {
     serde_json::to_value(yaml).expect("json")
 }
 
+fn secret_path(name: &str) -> String {
+    format!("/api/v1/namespaces/{NS}/secrets/{name}")
+}
+
+/// Creates every Secret (with its key) that a spec's `*SecretRef` fields name, so the operator's
+/// Secret check passes unless a test removes one.
+fn insert_referenced_secrets(fake: &FakeApi, spec: &Value) {
+    fn walk(v: &Value, out: &mut Vec<(String, String)>) {
+        match v {
+            Value::Object(map) => {
+                for (k, child) in map {
+                    if k.ends_with("SecretRef")
+                        && let (Some(name), Some(key)) =
+                            (child["name"].as_str(), child["key"].as_str())
+                    {
+                        out.push((name.to_owned(), key.to_owned()));
+                    } else {
+                        walk(child, out);
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
+            _ => {}
+        }
+    }
+    let mut refs = Vec::new();
+    walk(spec, &mut refs);
+    for (name, key) in refs {
+        let path = secret_path(&name);
+        let mut secret = fake.get(&path).unwrap_or_else(|| {
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": name, "namespace": NS}, "data": {}})
+        });
+        // base64 of a placeholder value; only presence is checked
+        secret["data"][key] = json!("cGxhY2Vob2xkZXI=");
+        fake.insert(&path, secret);
+    }
+}
+
 struct Harness {
     fake: FakeApi,
     ctx: Arc<Context>,
@@ -69,6 +108,7 @@ impl Harness {
         let fake = FakeApi::new(outcome, monitoring_api);
         let obj = fixture(fixture_name);
         let name = obj["metadata"]["name"].as_str().expect("name").to_owned();
+        insert_referenced_secrets(&fake, &obj["spec"]);
         fake.insert(&bs_path(&name), obj);
         let ctx = Arc::new(Context::new(
             fake.client(),
@@ -530,5 +570,142 @@ async fn failing_api_calls_are_visible_in_status_and_clear_on_success() {
         h.current().status.expect("status").retry,
         None,
         "success clears the retry info"
+    );
+}
+
+#[tokio::test]
+async fn missing_secret_is_degraded_in_one_reconcile_with_one_event_and_nothing_applied() {
+    let h = Harness::new("embedded-minimal.yaml", JobOutcome::Complete, false, None);
+    h.fake.remove(&secret_path("demo-keys"));
+    let writes = h.reconcile().await;
+    assert!(
+        writes
+            .iter()
+            .all(|w| w.path.ends_with("/status") || w.path.contains("/events")),
+        "nothing may be applied before the Secrets exist: {writes:?}"
+    );
+    let degraded = h.condition("Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "SecretNotFound");
+    let message = degraded["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("spec.keys.lmkSecretRef") && message.contains("demo-keys"),
+        "{message}"
+    );
+    assert_eq!(h.condition("Ready")["reason"], "SecretNotFound");
+    let status = h.current().status.expect("status");
+    assert_eq!(
+        status.conditions[0].type_, "Ready",
+        "Ready first: the Status column"
+    );
+    assert_eq!(
+        h.event_reasons()
+            .iter()
+            .filter(|r| *r == "SecretNotFound")
+            .count(),
+        1
+    );
+    // Still missing: no new Event, no write.
+    assert_eq!(h.reconcile().await, vec![]);
+    assert_eq!(
+        h.event_reasons()
+            .iter()
+            .filter(|r| *r == "SecretNotFound")
+            .count(),
+        1
+    );
+    // Created: the next reconcile applies everything and clears the condition.
+    insert_referenced_secrets(&h.fake, &fixture("embedded-minimal.yaml")["spec"]);
+    let writes = h.reconcile().await;
+    assert!(patched(&writes, &deploy_path("demo-switch")), "{writes:?}");
+    assert_eq!(h.condition("Degraded")["status"], "False");
+    assert_eq!(h.condition("Ready")["status"], "True");
+}
+
+#[tokio::test]
+async fn missing_secret_key_is_named() {
+    let h = Harness::new("embedded-minimal.yaml", JobOutcome::Complete, false, None);
+    let mut secret = h.fake.get(&secret_path("demo-admin")).expect("secret");
+    secret["data"] = json!({"other": "eA=="});
+    h.fake.insert(&secret_path("demo-admin"), secret);
+    h.reconcile().await;
+    let degraded = h.condition("Degraded");
+    assert_eq!(degraded["reason"], "SecretKeyMissing");
+    let message = degraded["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("spec.admin.tokenSecretRef") && message.contains("tokens"),
+        "{message}"
+    );
+    assert!(h.event_reasons().contains(&"SecretKeyMissing".to_owned()));
+}
+
+#[tokio::test]
+async fn a_crashing_switch_container_is_quoted_in_degraded() {
+    let h = Harness::new("embedded-minimal.yaml", JobOutcome::Complete, false, None);
+    h.reconcile().await;
+    h.fake.insert(
+        &format!("/api/v1/namespaces/{NS}/pods/demo-switch-abc"),
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "demo-switch-abc", "namespace": NS, "labels": {
+                "app.kubernetes.io/name": "switchyard", "app.kubernetes.io/instance": "demo",
+                "app.kubernetes.io/component": "switch"}},
+            "status": {"containerStatuses": [{"name": "switch", "ready": false, "restartCount": 4,
+                "image": "i", "imageID": "", "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {"terminated": {"exitCode": 78,
+                    "message": "keys.lmk_file: the LMK must be 64 hex digits (32 bytes)"}}}]}}),
+    );
+    h.reconcile().await;
+    let degraded = h.condition("Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "SwitchFailing");
+    let message = degraded["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("64 hex digits") && message.contains("code 78"),
+        "{message}"
+    );
+    assert_eq!(h.condition("Ready")["reason"], "SwitchFailing");
+}
+
+#[tokio::test]
+async fn external_drainer_autoscaler_leaves_replicas_alone() {
+    let saf = SafStats {
+        backlog: 450,
+        in_flight: 0,
+        oldest_age_seconds: 12,
+        dead_letters: 0,
+    };
+    let h = Harness::new("postgres-full.yaml", JobOutcome::Complete, true, Some(saf));
+    h.edit(|spec| spec["storeAndForward"]["drainers"]["autoscaler"] = json!("external"));
+    h.reconcile().await;
+    h.reconcile().await;
+    let drainer = h
+        .fake
+        .get(&deploy_path("acquirer-drainer"))
+        .expect("drainer");
+    assert!(
+        drainer["spec"].get("replicas").is_none(),
+        "replicas must not be in our apply: {}",
+        drainer["spec"]
+    );
+    let status = h.current().status.expect("status");
+    let saf = status.store_and_forward.expect("saf");
+    assert_eq!(saf.backlog, 450);
+    assert!(
+        saf.scaling_reason.contains("external"),
+        "{}",
+        saf.scaling_reason
+    );
+}
+
+#[tokio::test]
+async fn status_carries_the_scale_selector_and_ready_column() {
+    let h = Harness::new("postgres-full.yaml", JobOutcome::Complete, true, None);
+    h.reconcile().await;
+    h.reconcile().await;
+    let status = h.current().status.expect("status");
+    assert_eq!(status.ready, "3/3");
+    assert_eq!(
+        status.selector,
+        "app.kubernetes.io/component=switch,app.kubernetes.io/instance=acquirer,app.kubernetes.io/name=switchyard"
     );
 }

@@ -78,8 +78,36 @@ fn main() -> ExitCode {
         Err(err) => {
             tracing::error!("{err:#}");
             eprintln!("error: {err:#}");
+            write_termination_message(&format!("{err:#}"));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Where Kubernetes reads a container's termination message (the pod spec's default
+/// `terminationMessagePath`); the operator quotes it in the BankSwitch's Degraded condition.
+const TERMINATION_LOG: &str = "/dev/termination-log";
+
+/// Leaves why the switch exited (a malformed LMK or tokens file, an unreachable database) where
+/// Kubernetes shows it in `lastState.terminated.message`. Outside a pod the file does not exist
+/// and nothing is written; the messages never contain key material (errors name files, not
+/// their contents).
+fn write_termination_message(message: &str) {
+    let path = std::env::var_os("SWITCHYARD_TERMINATION_LOG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(TERMINATION_LOG));
+    // Only an existing file: never create /dev entries or stray files on a developer machine.
+    if path.exists() {
+        // Kubernetes keeps at most 4096 bytes of it.
+        let mut text = message.to_owned();
+        if text.len() > 4000 {
+            let mut cut = 4000;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+        }
+        let _ = std::fs::write(&path, text);
     }
 }
 

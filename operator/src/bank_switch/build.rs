@@ -27,7 +27,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::validate::{StorageMode, ValidatedBankSwitch, format_duration, parse_duration};
-use crate::crd::bank_switch::SecretKeyRef;
+use crate::crd::bank_switch::{DrainerAutoscaler, SecretKeyRef};
 
 /// The one server-side-apply field manager of the operator.
 pub const FIELD_MANAGER: &str = "switchyard-operator";
@@ -145,6 +145,9 @@ pub enum BuildError {
         #[source]
         source: toml::ser::Error,
     },
+    /// The embedded alert file could not be rendered.
+    #[error(transparent)]
+    Alerts(#[from] crate::alerts::AlertsError),
 }
 
 /// Names of the derived objects, in one place so builders, apply and tests agree.
@@ -203,8 +206,11 @@ pub fn build_all(
         data_pvc: (!postgres).then(|| build_data_pvc(bs)),
         service_monitor: (monitoring.service_monitor.enabled && inputs.monitoring_api_served)
             .then(|| build_service_monitor(bs)),
-        prometheus_rule: (monitoring.prometheus_rule.enabled && inputs.monitoring_api_served)
-            .then(|| build_prometheus_rule(bs)),
+        prometheus_rule: if monitoring.prometheus_rule.enabled && inputs.monitoring_api_served {
+            Some(build_prometheus_rule(bs)?)
+        } else {
+            None
+        },
         config_map,
     })
 }
@@ -675,6 +681,9 @@ fn base_container(bs: &ValidatedBankSwitch, name: &str, args: Vec<String>) -> Co
         args: Some(args),
         security_context: Some(container_security_context()),
         volume_mounts: Some(volume_mounts(bs)),
+        // The switch writes why it refused to start; without that file, the last log lines.
+        // The operator quotes it in the Degraded condition (status::crash_report).
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Container::default()
     }
 }
@@ -796,7 +805,11 @@ pub fn build_drainer_deployment(
     Deployment {
         metadata: metadata(bs, names::drainer(&bs.name), component::DRAINER),
         spec: Some(DeploymentSpec {
-            replicas: Some(replicas),
+            // External autoscaler: no replicas in our apply, so server-side apply leaves the
+            // field to KEDA/the HPA instead of resetting it on every reconcile.
+            replicas: (bs.spec.store_and_forward.drainers.autoscaler
+                == DrainerAutoscaler::Operator)
+                .then_some(replicas),
             revision_history_limit: Some(5),
             selector: LabelSelector {
                 match_labels: Some(selector_labels(bs, component::DRAINER)),
@@ -972,81 +985,15 @@ pub fn build_service_monitor(bs: &ValidatedBankSwitch) -> DynamicObject {
     )
 }
 
-/// PrometheusRule with the SPEC §8 switch alerts, scoped to this BankSwitch's scrape job.
-pub fn build_prometheus_rule(bs: &ValidatedBankSwitch) -> DynamicObject {
-    let sel = format!(
-        r#"namespace="{}",job="{}""#,
-        bs.namespace,
-        names::admin_service(&bs.name)
-    );
-    let rule = |alert: &str, expr: String, for_: &str, severity: &str, summary: &str| {
-        json!({
-            "alert": alert,
-            "expr": expr,
-            "for": for_,
-            "labels": { "severity": severity, "bankswitch": bs.name },
-            "annotations": { "summary": summary },
-        })
-    };
-    let rules = vec![
-        rule(
-            "SwitchyardSwitchDown",
-            format!("up{{{sel}}} == 0"),
-            "1m",
-            "critical",
-            "A switch pod has not answered scrapes for 1 minute.",
-        ),
-        rule(
-            "SwitchyardHighErrorRate",
-            format!(
-                r#"sum(rate(switchyard_iso_messages_total{{{sel},response_code=~"91|96"}}[5m])) / sum(rate(switchyard_iso_messages_total{{{sel}}}[5m])) > 0.05"#
-            ),
-            "5m",
-            "warning",
-            "More than 5% of responses are 91/96 (issuer unavailable, system malfunction).",
-        ),
-        rule(
-            "SwitchyardSlowTransactions",
-            format!(
-                "histogram_quantile(0.95, sum by (le, type) (rate(switchyard_transaction_duration_seconds_bucket{{{sel}}}[5m]))) > 2"
-            ),
-            "5m",
-            "warning",
-            "p95 transaction latency is above 2 seconds.",
-        ),
-        rule(
-            "SwitchyardSafBacklogHigh",
-            format!("sum(switchyard_saf_backlog{{{sel}}}) > 1000"),
-            "5m",
-            "warning",
-            "More than 1000 store-and-forward messages are waiting.",
-        ),
-        rule(
-            "SwitchyardSafOldestMessage",
-            format!("max(switchyard_saf_oldest_age_seconds{{{sel}}}) > 300"),
-            "1m",
-            "warning",
-            "A store-and-forward message has waited more than 5 minutes.",
-        ),
-        rule(
-            "SwitchyardCircuitOpen",
-            format!("max by (upstream) (switchyard_circuit_state{{{sel}}}) == 2"),
-            "5m",
-            "critical",
-            "An upstream circuit breaker has been open for 5 minutes.",
-        ),
-        rule(
-            "SwitchyardDeadLetters",
-            format!("max(switchyard_saf_dead_letters{{{sel}}}) > 0"),
-            "1m",
-            "warning",
-            "Store-and-forward messages are in the dead-letter list; retry or cancel them.",
-        ),
-    ];
-    monitoring_object(
+/// PrometheusRule with the SPEC §8 switch alerts, scoped to this BankSwitch's scrape job: the
+/// chart's `observability/alerts.yaml` rendered by [`crate::alerts::scoped_groups`], so the
+/// operator and the chart ship one alert set.
+pub fn build_prometheus_rule(bs: &ValidatedBankSwitch) -> Result<DynamicObject, BuildError> {
+    let groups = crate::alerts::scoped_groups(&bs.namespace, &names::admin_service(&bs.name))?;
+    Ok(monitoring_object(
         bs,
         "PrometheusRule",
         &bs.spec.monitoring.prometheus_rule.labels,
-        json!({ "groups": [{ "name": format!("switchyard-{}", bs.name), "rules": rules }] }),
-    )
+        json!({ "groups": groups }),
+    ))
 }

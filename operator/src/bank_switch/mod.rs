@@ -4,6 +4,7 @@ pub mod apply;
 pub mod build;
 pub mod dereference;
 pub mod scaling;
+pub mod secrets;
 pub mod status;
 pub mod validate;
 
@@ -14,7 +15,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -32,7 +33,7 @@ use self::dereference::{MonitoringApis, SafStatsSource, discover_monitoring};
 use self::scaling::{SafObservation, ScalingHistory, ScalingPolicy};
 use self::status::{MigrationState, MonitoringState, Observed};
 use self::validate::{StorageMode, ValidatedBankSwitch};
-use crate::crd::bank_switch::{BankSwitch, BankSwitchStatus};
+use crate::crd::bank_switch::{BankSwitch, BankSwitchStatus, DrainerAutoscaler};
 use crate::crd::condition::{self, ConditionStatus, DATABASE_MIGRATED, DEGRADED, READY};
 use crate::events::error_chain;
 use crate::metrics::Metrics;
@@ -286,6 +287,13 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
             return Ok(Action::await_change());
         }
     };
+    // Every referenced Secret and key must exist before anything is applied: a pod that cannot
+    // mount them would only show as RolloutStuck after the progress deadline.
+    if !validated.spec.paused
+        && let Some(action) = block_on_missing_secrets(ctx, bs, &bs_api, &namespace, &now).await?
+    {
+        return Ok(action);
+    }
     let applier = Applier::new(ctx.client.clone(), &namespace);
     let owner_uid = bs.uid();
     let deployments: Api<Deployment> = applier.api();
@@ -365,7 +373,13 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
             target_backlog_per_replica: drainers.target_backlog_per_replica,
             cooldown: validated.durations.drainer_cooldown,
         };
-        let decision = {
+        let decision = if drainers.autoscaler == DrainerAutoscaler::External {
+            // KEDA/HPA owns the count; report what it set.
+            scaling::ScalingDecision {
+                replicas: current,
+                reason: scaling::ScalingReason::External,
+            }
+        } else {
             let mut histories = ctx
                 .scaling
                 .lock()
@@ -506,6 +520,23 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
         }
     }
 
+    // Why a switch container keeps exiting, from its pods' last termination message.
+    let crash = if paused {
+        None
+    } else {
+        let pods: Api<Pod> = applier.api();
+        let selector = status::pod_selector(&validated);
+        let list = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|source| ApplyError::Get {
+                kind: "Pod".into(),
+                name: selector.clone(),
+                source,
+            })?;
+        status::crash_report(&list.items)
+    };
+
     // status
     let observed = Observed {
         bs: &validated,
@@ -514,6 +545,7 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
         monitoring: monitoring_state,
         saf,
         migrated_image: bs.status.as_ref().and_then(|s| s.migrated_image.clone()),
+        crash,
     };
     let next = status::compute_status(bs.status.as_ref(), &observed, &now);
     publish_transitions(ctx, bs, bs.status.as_ref(), &next).await;
@@ -525,6 +557,52 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
         })?;
 
     Ok(next_action(&validated, &migration))
+}
+
+/// Secrets are not watched (the operator may only `get` them), so a BankSwitch waiting for one
+/// looks again this often.
+pub const SECRET_RECHECK: Duration = Duration::from_secs(30);
+
+/// Checks the referenced Secrets; when one is missing, writes `Degraded` naming it (one Event
+/// per new problem, via the condition transition) and returns the requeue. Nothing is applied.
+async fn block_on_missing_secrets(
+    ctx: &Context,
+    bs: &BankSwitch,
+    bs_api: &Api<BankSwitch>,
+    namespace: &str,
+    now: &Time,
+) -> Result<Option<Action>, ReconcileError> {
+    let problems = secrets::check_secret_refs(&ctx.client, namespace, &bs.spec)
+        .await
+        .map_err(|source| ApplyError::Get {
+            kind: "Secret".into(),
+            name: namespace.to_owned(),
+            source,
+        })?;
+    let Some(first) = problems.first() else {
+        return Ok(None);
+    };
+    let mut message = problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    message.push_str(". Nothing else is changed until it exists.");
+    let status = status::blocked_status(
+        bs.status.as_ref(),
+        bs.metadata.generation,
+        first.kind.reason(),
+        &message,
+        now,
+    );
+    publish_transitions(ctx, bs, bs.status.as_ref(), &status).await;
+    status::write_status(bs_api, bs, &status)
+        .await
+        .map_err(|source| ReconcileError::Status {
+            name: bs.name_any(),
+            source,
+        })?;
+    Ok(Some(Action::requeue(SECRET_RECHECK)))
 }
 
 /// When to look again: at the drainer poll interval when drainers are managed, soon while a

@@ -53,6 +53,8 @@ pub enum ScalingReason {
     ScaledDown,
     /// The switch did not answer; the current count is kept.
     SwitchUnreachable(String),
+    /// `drainers.autoscaler: external`: KEDA or an HPA sets the count; the operator only reads it.
+    External,
 }
 
 impl std::fmt::Display for ScalingReason {
@@ -69,6 +71,9 @@ impl std::fmt::Display for ScalingReason {
             Self::SwitchUnreachable(why) => {
                 write!(f, "switch unreachable, keeping current replicas: {why}")
             }
+            Self::External => f.write_str(
+                "drainers.autoscaler is external: replicas are set by KEDA or an HPA, not the operator",
+            ),
         }
     }
 }

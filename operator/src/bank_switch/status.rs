@@ -2,12 +2,13 @@
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource};
 use serde_json::json;
 
-use super::build::{ADMIN_PORT, FIELD_MANAGER, METRICS_PORT, names};
+use super::build::{ADMIN_PORT, FIELD_MANAGER, METRICS_PORT, component, names, selector_labels};
 use super::dereference::SafStats;
 use super::scaling::ScalingDecision;
 use super::validate::{StorageMode, ValidatedBankSwitch};
@@ -106,6 +107,8 @@ pub struct Observed<'a> {
     pub saf: Option<(Option<SafStats>, ScalingDecision)>,
     /// Image whose migration succeeded before (carried over).
     pub migrated_image: Option<String>,
+    /// A switch container that keeps failing, from [`crash_report`].
+    pub crash: Option<String>,
 }
 
 /// Computes the next status; conditions keep their transition time when unchanged.
@@ -191,6 +194,8 @@ pub fn compute_status(
 
     let degraded = if let MigrationState::Failed { .. } = observed.migration {
         DesiredCondition::new(DEGRADED, true, "MigrationFailed", migrated.message.clone())
+    } else if let Some(crash) = &observed.crash {
+        DesiredCondition::new(DEGRADED, true, "SwitchFailing", crash.clone())
     } else if deadline_exceeded {
         DesiredCondition::new(
             DEGRADED,
@@ -242,16 +247,16 @@ pub fn compute_status(
     if bs.storage_mode == StorageMode::EmbeddedSqlite {
         ready_message.push_str("; embedded SQLite mode, not for production (set spec.database)");
     }
-    let ready_cond = DesiredCondition::new(
-        READY,
-        all_ready,
-        if all_ready {
-            "AllReplicasReady"
-        } else {
-            "ReplicasNotReady"
-        },
-        ready_message,
-    );
+    // Ready comes first and its reason is the `Status` printer column: when something is
+    // degraded, say what (MigrationFailed, RolloutStuck, …) rather than only "not ready".
+    let ready_reason = if all_ready {
+        "AllReplicasReady".to_owned()
+    } else if degraded.status == ConditionStatus::True {
+        degraded.reason.clone()
+    } else {
+        "ReplicasNotReady".to_owned()
+    };
+    let ready_cond = DesiredCondition::new(READY, all_ready, ready_reason, ready_message);
 
     let conditions = merge_conditions(
         previous
@@ -293,11 +298,70 @@ pub fn compute_status(
         conditions,
         replicas,
         ready_replicas: ready,
+        ready: format!("{ready}/{wanted}"),
+        selector: pod_selector(bs),
         endpoints: Some(endpoints(bs)),
         store_and_forward,
         migrated_image,
         retry: None,
     }
+}
+
+/// Longest termination message quoted in a condition.
+const MAX_TERMINATION_MESSAGE: usize = 1024;
+
+/// The first switch container (pod order) that is not running after it exited non-zero, with its
+/// last termination message: the switch writes why it refused to start (a malformed LMK or
+/// tokens file, an unreachable database) and `terminationMessagePolicy:
+/// FallbackToLogsOnError` puts the last log lines there when it could not.
+pub fn crash_report(pods: &[Pod]) -> Option<String> {
+    pods.iter().find_map(|pod| {
+        let name = pod.metadata.name.as_deref().unwrap_or("?");
+        let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+        statuses.iter().find_map(|c| {
+            if c.ready || c.state.as_ref().is_some_and(|s| s.running.is_some()) {
+                return None;
+            }
+            let last = c.last_state.as_ref()?.terminated.as_ref()?;
+            if last.exit_code == 0 {
+                return None;
+            }
+            let mut message = last
+                .message
+                .as_deref()
+                .unwrap_or("")
+                .trim()
+                .replace('\n', " | ");
+            if message.len() > MAX_TERMINATION_MESSAGE {
+                let mut cut = MAX_TERMINATION_MESSAGE;
+                while !message.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                message.truncate(cut);
+                message.push('…');
+            }
+            Some(format!(
+                "container {} of pod {name} exited with code {} ({} restarts): {}",
+                c.name,
+                last.exit_code,
+                c.restart_count,
+                if message.is_empty() {
+                    "no termination message"
+                } else {
+                    &message
+                }
+            ))
+        })
+    })
+}
+
+/// The switch pods' label selector as a string, for the scale subresource.
+pub fn pod_selector(bs: &ValidatedBankSwitch) -> String {
+    selector_labels(bs, component::SWITCH)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// In-cluster addresses of the switch Services.
@@ -327,19 +391,32 @@ pub fn invalid_spec_status(
     message: &str,
     now: &Time,
 ) -> BankSwitchStatus {
+    blocked_status(previous, generation, "InvalidSpec", message, now)
+}
+
+/// Status while the operator refuses to act (`reason`: InvalidSpec, SecretNotFound,
+/// SecretKeyMissing): Ready false and Degraded true with the reason, Progressing false, the
+/// other conditions and figures as they were.
+pub fn blocked_status(
+    previous: Option<&BankSwitchStatus>,
+    generation: Option<i64>,
+    reason: &str,
+    message: &str,
+    now: &Time,
+) -> BankSwitchStatus {
     let mut status = previous.cloned().unwrap_or_default();
     let prev = previous
         .map(|p| p.conditions.as_slice())
         .unwrap_or_default();
+    let waiting = if reason == "InvalidSpec" {
+        "waiting for a spec change"
+    } else {
+        "waiting for the referenced Secret"
+    };
     let mut desired = vec![
-        DesiredCondition::new(READY, false, "InvalidSpec", message),
-        DesiredCondition::new(
-            PROGRESSING,
-            false,
-            "InvalidSpec",
-            "waiting for a spec change",
-        ),
-        DesiredCondition::new(DEGRADED, true, "InvalidSpec", message),
+        DesiredCondition::new(READY, false, reason, message),
+        DesiredCondition::new(PROGRESSING, false, reason, waiting),
+        DesiredCondition::new(DEGRADED, true, reason, message),
     ];
     // Keep the other conditions as they were: nothing was done to change them.
     for kept in [DATABASE_MIGRATED, MONITORING_CONFIGURED] {
@@ -462,6 +539,7 @@ mod tests {
             monitoring: MonitoringState::NotRequested,
             saf: None,
             migrated_image: None,
+            crash: None,
         };
         let s = compute_status(None, &observed, &now());
         assert_eq!(cond(&s, READY).status, ConditionStatus::True);
@@ -483,6 +561,7 @@ mod tests {
             monitoring: MonitoringState::NotRequested,
             saf: None,
             migrated_image: None,
+            crash: None,
         };
         let s = compute_status(None, &observed, &now());
         assert_eq!(cond(&s, DEGRADED).reason, "RolloutStuck");
@@ -513,6 +592,7 @@ mod tests {
             monitoring: MonitoringState::NotRequested,
             saf: Some((None, decision)),
             migrated_image: None,
+            crash: None,
         };
         let s = compute_status(Some(&previous), &observed, &now());
         let saf = s.store_and_forward.expect("saf");

@@ -30,8 +30,14 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
     category = "switchyard",
     namespaced,
     status = "BankSwitchStatus",
-    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status","description":"Whether every wanted switch replica is ready"}"#,
-    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.readyReplicas","description":"Ready switch replicas"}"#,
+    doc = "One Switchyard ISO 8583 bank switch: the switch pods ATMs connect to, their database (PostgreSQL, or embedded SQLite for one replica), key Secrets, BIN routing to upstream issuers, store-and-forward drainers, monitoring and maintenance (hibernation, backups). The operator keeps the derived Deployments, Services, Jobs and monitoring objects in line with it and reports in status.conditions.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.ready","description":"Ready switch pods / desired"}"#,
+    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.conditions[0].reason","description":"Reason of the Ready condition (the first one): what the BankSwitch is waiting for or why it is unhealthy"}"#,
     printcolumn = r#"{"name":"Backlog","type":"integer","jsonPath":".status.storeAndForward.backlog","description":"Store-and-forward messages waiting for delivery"}"#,
     printcolumn = r#"{"name":"Drainers","type":"integer","priority":1,"jsonPath":".status.storeAndForward.drainerReplicas","description":"SAF drainer replicas the operator set"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
@@ -520,6 +526,11 @@ fn default_backoff_max() -> String {
 #[x_kube(validation = kube::core::Rule::new("self.minReplicas <= self.maxReplicas").message("storeAndForward.drainers.minReplicas must not exceed maxReplicas"))]
 #[serde(rename_all = "camelCase")]
 pub struct DrainersSpec {
+    /// Who sets the drainer replica count: `operator` (from the SAF backlog, the fields below) or
+    /// `external` (the operator leaves `replicas` of `<name>-drainer` alone, for a KEDA
+    /// ScaledObject or an HPA; see README "Drainers scaled by KEDA").
+    #[serde(default)]
+    pub autoscaler: DrainerAutoscaler,
     /// Fewest drainer pods. 0 lets drainers scale to zero after a quiet `cooldown`.
     #[serde(default)]
     #[schemars(range(min = 0, max = 100))]
@@ -548,6 +559,7 @@ pub struct DrainersSpec {
 impl Default for DrainersSpec {
     fn default() -> Self {
         Self {
+            autoscaler: DrainerAutoscaler::default(),
             min_replicas: 0,
             max_replicas: default_max_drainers(),
             target_backlog_per_replica: default_target_backlog(),
@@ -556,6 +568,17 @@ impl Default for DrainersSpec {
             resources: None,
         }
     }
+}
+
+/// Who scales the drainer Deployment.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DrainerAutoscaler {
+    /// The operator, from `/v1/saf/stats` (clamp(ceil(backlog / target), min, max)).
+    #[default]
+    Operator,
+    /// Something else (KEDA, HPA); the operator creates the Deployment but never sets replicas.
+    External,
 }
 
 fn default_max_drainers() -> i32 {
@@ -757,8 +780,10 @@ pub struct BankSwitchStatus {
     /// The `metadata.generation` the operator last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Ready, Progressing, Degraded, DatabaseMigrated, MonitoringConfigured.
+    /// Ready (always first; its reason is the `Status` column), Progressing, Degraded,
+    /// DatabaseMigrated, MonitoringConfigured.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Switch pods that exist (from the Deployment).
     #[serde(default)]
@@ -766,6 +791,12 @@ pub struct BankSwitchStatus {
     /// Switch pods that are ready (from the Deployment).
     #[serde(default)]
     pub ready_replicas: i32,
+    /// `ready/desired` switch pods, for `kubectl get` (e.g. `2/3`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ready: String,
+    /// Label selector of the switch pods, for the scale subresource (HPA, KEDA, `kubectl scale`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub selector: String,
     /// In-cluster addresses of the switch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<EndpointsStatus>,

@@ -22,6 +22,7 @@ use super::condition::Condition;
     category = "switchyard",
     namespaced,
     status = "KeyRotationStatus",
+    doc = "Scheduled rotation of terminal working keys (TPK, TAK) for the terminals of one BankSwitch: when (every/cron), which terminals, how new keys become active and how long the previous ones stay accepted. Trigger one at once with the annotation switchyard.io/rotate-now.",
     printcolumn = r#"{"name":"BankSwitch","type":"string","jsonPath":".spec.bankSwitchRef.name"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Next","type":"date","jsonPath":".status.nextRotationAt","description":"When the next rotation starts"}"#,
@@ -206,6 +207,7 @@ pub struct KeyRotationStatus {
     pub history: Vec<RotationRecord>,
     /// Ready, Progressing, Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 

@@ -134,6 +134,10 @@ impl FakeApi {
             .insert(path.to_owned(), obj);
     }
 
+    pub fn remove(&self, path: &str) -> Option<Value> {
+        self.0.lock().expect("lock").objects.remove(path)
+    }
+
     /// Paths of stored objects under a collection prefix, e.g. `/apis/apps/v1/namespaces/ns/deployments/`.
     pub fn names_under(&self, prefix: &str) -> Vec<String> {
         self.0
