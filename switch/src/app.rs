@@ -24,8 +24,8 @@ use crate::routing::drainer::Drainer;
 use crate::routing::held::HeldReversals;
 use crate::routing::{LinkDeps, Upstreams};
 use crate::settings::Settings;
-use crate::tls::ReloadingAcceptor;
 use crate::store::{self, ConnectOptions, KeyCache, KeyCachingStore, Store};
+use crate::tls::ReloadingAcceptor;
 use crate::txn::SwitchContext;
 
 /// Why the switch could not start.

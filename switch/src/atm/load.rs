@@ -18,8 +18,8 @@ use super::provision::AdminClient;
 use super::{AtmClient, AtmError, CardInput};
 use crate::domain::{KeyType, TerminalId};
 use crate::iso8583::Packager;
-use crate::tls::TlsClient;
 use crate::iso8583::fields;
+use crate::tls::TlsClient;
 
 /// What each connection sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -9,8 +9,8 @@ use super::provision::AdminClient;
 use super::{AtmClient, AtmError, CardInput, expect_code};
 use crate::domain::{KeyType, TerminalId};
 use crate::iso8583::Packager;
-use crate::tls::TlsClient;
 use crate::iso8583::fields;
+use crate::tls::TlsClient;
 
 /// What the session needs.
 #[derive(Debug, Clone)]
