@@ -16,7 +16,8 @@
 #   3. the ratio, and the CPU the load generator used (so it is seen not to be the bottleneck).
 #
 # Env: CONNECTIONS (64), DURATION (seconds, 10), SCENARIOS ("balance withdrawal"), PROFILE
-# (release; `debug` only checks the script itself, its figures mean nothing).
+# (release; `debug` only checks the script itself, its figures mean nothing), SKIP_BUILD (set:
+# use the binaries already built).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -26,19 +27,22 @@ scenarios=${SCENARIOS:-balance withdrawal}
 backends=${BACKENDS:-sqlite postgres}
 
 profile=${PROFILE:-release}
-if [[ $profile == release ]]; then
+if [[ -n ${SKIP_BUILD:-} ]]; then
+    :
+elif [[ $profile == release ]]; then
     cargo build --release --locked -q -p switchyard-switch --bins
 else
     cargo build --locked -q -p switchyard-switch --bins
 fi
 bin=${CARGO_TARGET_DIR:-target}/$profile
 dir=$(mktemp -d /tmp/switchyard-compare.XXXXXX)
-pg_dir=$dir/pg
+# outside $dir (mode 0700): the server runs as another user, which must reach its directory
+pg_dir=/tmp/switchyard-compare-pg.$$
 cleanup() {
     kill "${pid:-}" 2>/dev/null || true
     wait "${pid:-}" 2>/dev/null || true
     [[ -d $pg_dir ]] && bash .ci/postgres.sh stop "$pg_dir" >/dev/null 2>&1 || true
-    rm -rf "$dir"
+    rm -rf "$dir" "$pg_dir"
 }
 trap cleanup EXIT
 
@@ -113,7 +117,7 @@ UPDATE bench_journal SET code = '00' WHERE id = currval('bench_journal_id_seq');
 COMMIT;
 SQL
     fi
-    pgbench -n -q -c "$connections" -j 2 -T "$seconds" -f "$script" "$pg_url" 2>/dev/null \
+    pgbench -n -c "$connections" -j 2 -T "$seconds" -f "$script" "$pg_url" 2>/dev/null \
         | awk '/^tps/ {printf "%.0f\n", $3}'
 }
 
