@@ -108,13 +108,17 @@ impl Node {
         assert!(self.child.is_none(), "{} already runs", self.name);
         self.child = Some(self.spawn(&["serve", "--migrate"], &[], "serve.log"));
         let url = format!("{}/readyz", self.metrics);
-        eventually(&format!("{} ready", self.name), 30, || {
-            let url = url.clone();
-            async move {
-                matches!(reqwest::get(&url).await, Ok(r) if r.status().is_success()).then_some(())
-            }
-        })
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !matches!(reqwest::get(&url).await, Ok(r) if r.status().is_success()) {
+            // the process's own words say why it never got ready (a port taken, a store error)
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {} ready; its log:\n{}",
+                self.name,
+                self.log("serve.log")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// SIGKILL: no goodbye, nothing flushed beyond what was committed.

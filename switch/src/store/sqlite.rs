@@ -142,12 +142,15 @@ fn open(
 ) -> Result<SqliteConn, StoreError> {
     let conn = match location {
         Location::File(path) => {
-            let mut flags = OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
-            flags |= if read_only {
-                OpenFlags::SQLITE_OPEN_READ_ONLY
-            } else {
-                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE
-            };
+            // readers open read-write and are made query-only below: a connection opened
+            // read-only cannot recover the WAL index after a crash, and would fail until a
+            // writer had
+            let mut flags = OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI
+                | OpenFlags::SQLITE_OPEN_READ_WRITE;
+            if !read_only {
+                flags |= OpenFlags::SQLITE_OPEN_CREATE;
+            }
             rusqlite::Connection::open_with_flags(path, flags)?
         }
         Location::Memory(name) => rusqlite::Connection::open_with_flags(
@@ -169,6 +172,9 @@ fn open(
     // money: a committed withdrawal must survive a power cut
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    if read_only {
+        conn.pragma_update(None, "query_only", "ON")?;
+    }
     conn.set_prepared_statement_cache_capacity(256);
     Ok(SqliteConn {
         conn,
