@@ -181,7 +181,12 @@ load() { # $1: scenario; prints "rate p99 cpu%"
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.0f %%", a * 100 / b; else print "n/a" }'; }
 
-printf '%-10s %-11s %12s %10s %10s %8s %14s\n' backend scenario switch/s "p99 ms" ceiling/s share "atm-load CPU"
+# PostgreSQL only: database transactions committed per answered request. Outside a transaction
+# every statement is its own, so this counts the switch's round trips per request (plus the
+# load generator's provisioning through the admin API, a few hundred in all).
+xacts() { psql -tA "$pg_url" -c "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"; }
+
+printf '%-10s %-11s %12s %10s %10s %8s %14s %10s\n' backend scenario switch/s "p99 ms" ceiling/s share "atm-load CPU" "xacts/req"
 for backend in $backends; do
     case $backend in
         sqlite)
@@ -198,11 +203,18 @@ for backend in $backends; do
         *) echo "unknown backend $backend" >&2; exit 2 ;;
     esac
     for scenario in $scenarios; do
+        [[ $backend == postgres ]] && x0=$(xacts)
         read -r rate p99 cpu < <(load "$scenario")
+        per=-
+        if [[ $backend == postgres ]]; then
+            sleep 1 # the statistics collector flushes each backend's counts within a second
+            per=$(awk -v a="$x0" -v b="$(xacts)" -v r="$rate" -v s="$seconds" \
+                'BEGIN { if (r > 0) printf "%.2f", (b - a) / (r * s); else print "n/a" }')
+        fi
         ceiling=$ceiling_withdrawal
         [[ $scenario == balance ]] && ceiling=$ceiling_balance
-        printf '%-10s %-11s %12s %10s %10s %8s %13s%%\n' "$backend" "$scenario" "$rate" "$p99" \
-            "$ceiling" "$(ratio "$rate" "$ceiling")" "$cpu"
+        printf '%-10s %-11s %12s %10s %10s %8s %13s%% %10s\n' "$backend" "$scenario" "$rate" "$p99" \
+            "$ceiling" "$(ratio "$rate" "$ceiling")" "$cpu" "$per"
     done
     stop_switch
 done

@@ -122,8 +122,12 @@ stories!(
     accounts_and_cards,
     three_wrong_pins_block_until_reset,
     pin_tries_are_reserved_atomically,
+    concurrent_pin_tries_are_counted_one_after_another,
     authorize_applies_ledger_rules,
     concurrent_withdrawals_never_overdraw,
+    concurrent_withdrawals_never_pass_the_daily_limit,
+    a_stale_view_is_decided_again,
+    the_view_reserves_a_pin_try,
     reversal_restores_funds_exactly_once,
     racing_reversals_credit_once,
     reversal_racing_its_original_nets_to_zero,
@@ -216,6 +220,7 @@ fn withdrawal(acc: &AccountId, terminal: &str, stan: u32, amount: i64) -> AuthRe
         force_post_ceiling: None,
         upstream_ref: None,
         pin_try: None,
+        seen: None,
     }
 }
 
@@ -1022,7 +1027,7 @@ async fn pin_card(store: &Store, acc: &str, token: &str) -> Card {
         .unwrap()
 }
 
-/// A balance inquiry whose PIN was checked under a reserved try.
+/// A balance inquiry whose PIN was checked against the card's PVV as `card` holds it.
 fn pin_checked(card: &Card, stan: u32, correct: bool) -> AuthRequest {
     AuthRequest {
         kind: AuthKind::Balance,
@@ -1031,6 +1036,7 @@ fn pin_checked(card: &Card, stan: u32, correct: bool) -> AuthRequest {
         pin_try: Some(PinTry {
             card_id: card.id.clone(),
             correct,
+            pvv: card.pvv.clone(),
         }),
         ..withdrawal(&card.account_id, "ATM00001", stan, 0)
     }
@@ -1042,10 +1048,8 @@ async fn tries(store: &Store, card: &Card) -> u32 {
 
 async fn three_wrong_pins_block_until_reset(store: Store) {
     let card = pin_card(&store, "ACC-1", "abcd").await;
-    let reserve = || store.reserve_pin_try(&card.id, t0());
     // wrong, wrong, right: the right PIN ends the run
     for (stan, correct) in [(1, false), (2, false)] {
-        assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
         let e = done(
             store
                 .authorize(&pin_checked(&card, stan, correct))
@@ -1055,15 +1059,13 @@ async fn three_wrong_pins_block_until_reset(store: Store) {
         assert_eq!(e.response_code, "55");
     }
     assert_eq!(tries(&store, &card).await, 2);
-    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
     let e = done(store.authorize(&pin_checked(&card, 3, true)).await.unwrap());
     assert_eq!(e.response_code, "00");
     assert_eq!(tries(&store, &card).await, 0, "a good PIN ends the run");
 
-    // three consecutive wrong PINs: 55, 55, 75 (journaled by the store), then no more tries
+    // three consecutive wrong PINs: 55, 55, 75 (journaled by the store), then 75 whatever the PIN
     let mut codes = Vec::new();
     for stan in 4..=6 {
-        assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
         codes.push(
             done(
                 store
@@ -1077,7 +1079,12 @@ async fn three_wrong_pins_block_until_reset(store: Store) {
     assert_eq!(codes, ["55", "55", "75"]);
     let blocked = store.get_card(&card.id).await.unwrap().unwrap();
     assert!(blocked.pin_blocked);
-    assert_eq!(reserve().await.unwrap(), PinReservation::Exhausted);
+    let e = done(store.authorize(&pin_checked(&card, 7, true)).await.unwrap());
+    assert_eq!(
+        e.response_code, "75",
+        "a blocked card stays blocked for the right PIN"
+    );
+    assert_eq!(tries(&store, &card).await, 3);
 
     store.reset_pin(&card.id, "NEW", "admin").await.unwrap();
     let reset = store.get_card(&card.id).await.unwrap().unwrap();
@@ -1085,22 +1092,38 @@ async fn three_wrong_pins_block_until_reset(store: Store) {
         (reset.pin_tries, reset.pin_blocked, reset.pvv.as_str()),
         (0, false, "NEW")
     );
-    assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
+    // a PIN checked against the PVV before the reset says nothing about the new one
+    assert!(matches!(
+        store.authorize(&pin_checked(&card, 8, true)).await,
+        Err(StoreError::Stale)
+    ));
+    assert!(
+        store
+            .find_request(&pin_checked(&card, 8, true).identity)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let e = done(
+        store
+            .authorize(&pin_checked(&reset, 8, true))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(e.response_code, "00");
     let ghost = CardId::new("card-ghost").unwrap();
-    assert!(matches!(
-        store.reserve_pin_try(&ghost, t0()).await,
-        Err(StoreError::NotFound { .. })
-    ));
-    assert!(matches!(
-        store.release_pin_try(&ghost).await,
-        Err(StoreError::NotFound { .. })
-    ));
     assert!(matches!(
         store.reset_pin(&ghost, "X", "admin").await,
         Err(StoreError::NotFound { .. })
     ));
+    let mut lost = pin_checked(&reset, 9, false);
+    lost.pin_try.as_mut().unwrap().card_id = ghost;
+    assert!(matches!(
+        store.authorize(&lost).await,
+        Err(StoreError::NotFound { .. })
+    ));
     // a wrong PIN must be declined 55: anything else is a caller bug, refused
-    let mut confused = pin_checked(&card, 7, false);
+    let mut confused = pin_checked(&reset, 10, false);
     confused.decline = None;
     assert!(matches!(
         store.authorize(&confused).await,
@@ -1172,6 +1195,7 @@ async fn pin_tries_are_reserved_atomically(store: Store) {
         "blocked"
     );
     store.reset_pin(&card.id, "NEW", "admin").await.unwrap();
+    let card = store.get_card(&card.id).await.unwrap().unwrap();
 
     // a correct PIN does not wipe tries other requests reserved and are still checking
     let reserve = || store.reserve_pin_try(&card.id, t0());
@@ -1202,6 +1226,7 @@ async fn pin_tries_are_reserved_atomically(store: Store) {
 
     // a duplicate gives its try back: the original already counted
     store.reset_pin(&card.id, "NEW", "admin").await.unwrap();
+    let card = store.get_card(&card.id).await.unwrap().unwrap();
     assert_eq!(reserve().await.unwrap(), PinReservation::Reserved);
     done(
         store
@@ -1233,6 +1258,201 @@ async fn pin_tries_are_reserved_atomically(store: Store) {
     assert_eq!(
         store.reserve_pin_try(&card.id, stale).await.unwrap(),
         PinReservation::Reserved
+    );
+}
+
+/// SPEC §4: concurrent requests for one card are counted one after another, each answered on
+/// the count before it: however many PINs are checked at once, no more than three wrong ones
+/// are answered between resets, and a retransmission is not counted twice.
+async fn concurrent_pin_tries_are_counted_one_after_another(store: Store) {
+    let card = pin_card(&store, "ACC-1", "abcd").await;
+    // 40 wrong PINs at the same instant: 55, 55, 75, then 75 for the rest
+    let mut tasks = Vec::new();
+    for stan in 1..=40 {
+        let (store, req) = (Arc::clone(&store), pin_checked(&card, stan, false));
+        tasks.push(tokio::spawn(async move {
+            done(store.authorize(&req).await.unwrap()).response_code
+        }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.unwrap());
+    }
+    assert_eq!(codes.iter().filter(|c| *c == "55").count(), 2, "{codes:?}");
+    assert_eq!(codes.iter().filter(|c| *c == "75").count(), 38, "{codes:?}");
+    assert_eq!(tries(&store, &card).await, 3);
+
+    // one wrong PIN left, and eight guesses at once, one of them right: whichever is counted
+    // first decides, as if they had come one by one
+    store.reset_pin(&card.id, "NEW", "admin").await.unwrap();
+    let card = store.get_card(&card.id).await.unwrap().unwrap();
+    for stan in 41..=42 {
+        done(
+            store
+                .authorize(&pin_checked(&card, stan, false))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut tasks = Vec::new();
+    for (i, stan) in (50..58).enumerate() {
+        let (store, req) = (Arc::clone(&store), pin_checked(&card, stan, i == 3));
+        tasks.push(tokio::spawn(async move {
+            done(store.authorize(&req).await.unwrap()).response_code
+        }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.unwrap());
+    }
+    let approved = codes.iter().filter(|c| *c == "00").count();
+    let wrong = codes.iter().filter(|c| *c == "55").count();
+    if approved == 1 {
+        // the right PIN came first: the run restarts, two more wrong ones are 55, then 75s
+        assert_eq!(wrong, 2, "{codes:?}");
+    } else {
+        // a wrong one came first: 75 for it and for everything after it, the right PIN too
+        assert_eq!((approved, wrong), (0, 0), "{codes:?}");
+        assert_eq!(codes[3], "75");
+    }
+    assert_eq!(tries(&store, &card).await, 3, "{codes:?}");
+
+    // a retransmission gets its answer and is not counted again
+    store.reset_pin(&card.id, "NEWER", "admin").await.unwrap();
+    let card = store.get_card(&card.id).await.unwrap().unwrap();
+    done(
+        store
+            .authorize(&pin_checked(&card, 60, false))
+            .await
+            .unwrap(),
+    );
+    assert!(matches!(
+        store
+            .authorize(&pin_checked(&card, 60, false))
+            .await
+            .unwrap(),
+        AuthOutcome::Duplicate(_)
+    ));
+    assert_eq!(tries(&store, &card).await, 1, "one wrong PIN, counted once");
+}
+
+/// Concurrent withdrawals on one account never pass its daily limit (the day's total is part of
+/// what each posting is decided on).
+async fn concurrent_withdrawals_never_pass_the_daily_limit(store: Store) {
+    // 30 withdrawals of 100 at once on a balance of 2,000 and a limit of 1,500: 15 approved
+    let acc = account(&store, "ACC-2", 2_000, 1_500).await;
+    let mut tasks = Vec::new();
+    for stan in 100..130u32 {
+        let (store, acc) = (Arc::clone(&store), acc.clone());
+        tasks.push(tokio::spawn(async move {
+            done(
+                store
+                    .authorize(&withdrawal(&acc, "ATM00002", stan, 100))
+                    .await
+                    .unwrap(),
+            )
+            .response_code
+        }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.unwrap());
+    }
+    assert_eq!(codes.iter().filter(|c| *c == "00").count(), 15, "{codes:?}");
+    assert_eq!(codes.iter().filter(|c| *c == "61").count(), 15, "{codes:?}");
+    assert_eq!(balance(&store, &acc).await, 500);
+}
+
+/// The view reserves a PIN try in the same statement that reads it: three at most between
+/// settlements, settled by the posting decided on it.
+async fn the_view_reserves_a_pin_try(store: Store) {
+    let card = pin_card(&store, "ACC-1", "abcd").await;
+    let key = |stan: u32| ViewKey {
+        identity: identity("ATM00001", stan),
+        card: Some(CardLookup::PanToken(card.pan_token.clone())),
+        account: None,
+        station: None,
+        day: switchyard_switch::store::utc_day(t0()),
+        reserve_pin_at: Some(t0()),
+    };
+    let mut views = Vec::new();
+    for stan in 1..=3 {
+        let view = store.authorization_view(&key(stan)).await.unwrap();
+        assert_eq!(view.pin_reservation(), Some(PinReservation::Reserved));
+        assert_eq!(view.card().map(|c| &c.id), Some(&card.id));
+        views.push(view);
+    }
+    let fourth = store.authorization_view(&key(4)).await.unwrap();
+    assert_eq!(fourth.pin_reservation(), Some(PinReservation::InFlight));
+    // the first settles as a right PIN on its view: one try free again for the fourth
+    let first = views.remove(0);
+    let e = done(
+        store
+            .authorize(&AuthRequest {
+                seen: Some(first),
+                ..pin_checked(&card, 1, true)
+            })
+            .await
+            .unwrap(),
+    );
+    assert_eq!(e.response_code, "00");
+    assert_eq!(
+        store
+            .authorization_view(&key(4))
+            .await
+            .unwrap()
+            .pin_reservation(),
+        Some(PinReservation::Reserved)
+    );
+    // unknown card: nothing reserved, nothing to say
+    let ghost = ViewKey {
+        card: Some(CardLookup::PanToken("no-such-token".into())),
+        ..key(5)
+    };
+    let view = store.authorization_view(&ghost).await.unwrap();
+    assert_eq!((view.card(), view.pin_reservation()), (None, None));
+}
+
+/// The caller's view is posted against when it still holds, and decided again when it does not.
+async fn a_stale_view_is_decided_again(store: Store) {
+    let acc = account(&store, "ACC-1", 10_000, 10_000).await;
+    let first = withdrawal(&acc, "ATM00001", 1, 3_000);
+    let key = ViewKey {
+        identity: first.identity.clone(),
+        card: None,
+        account: Some(acc.clone()),
+        station: None,
+        day: switchyard_switch::store::utc_day(t0()),
+        reserve_pin_at: None,
+    };
+    let view = store.authorization_view(&key).await.unwrap();
+    assert!(view.answered().is_none() && view.card().is_none());
+    // another withdrawal moves the balance after the view was read
+    done(
+        store
+            .authorize(&withdrawal(&acc, "ATM00001", 2, 4_000))
+            .await
+            .unwrap(),
+    );
+    let e = done(
+        store
+            .authorize(&AuthRequest {
+                seen: Some(view),
+                ..first.clone()
+            })
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (e.response_code.as_str(), e.ledger_balance),
+        ("00", Some(3_000)),
+        "decided on the balance after the other withdrawal"
+    );
+    assert_eq!(balance(&store, &acc).await, 3_000);
+    let again = store.authorization_view(&key).await.unwrap();
+    assert_eq!(
+        again.answered().map(|(_, e)| e.id.as_str()),
+        Some(e.id.as_str())
     );
 }
 

@@ -86,6 +86,11 @@ pub enum StoreError {
         #[source]
         source: BoxError,
     },
+    /// A guarded posting found that what it was decided on changed since it was read (another
+    /// request moved the balance, counted a PIN try, claimed the request identity…): nothing was
+    /// written; read again and decide again.
+    #[error("failed to post: the data it was decided on changed meanwhile")]
+    Stale,
     /// A row holds a value the code cannot represent: the data was changed behind our back.
     #[error("failed to read {what}: stored value is corrupt")]
     Corrupt {
@@ -140,6 +145,8 @@ impl From<sqlx::Error> for StoreError {
             E::Database(ref db) if is_unavailable_code(db.code().as_deref()) => {
                 StoreError::Unavailable(Box::new(err))
             }
+            // raised by `switchyard_require` (the `guarded_posts` migration)
+            E::Database(ref db) if db.code().as_deref() == Some("SYSTL") => StoreError::Stale,
             E::Migrate(inner) => StoreError::Migration(*inner),
             E::Database(ref db) => {
                 let violation = if db.is_foreign_key_violation() {

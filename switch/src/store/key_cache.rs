@@ -46,12 +46,12 @@ use prometheus_client::metrics::counter::Counter;
 
 use super::{
     Account, AccountId, Advice, AdviceFailure, AdviceId, AuditRecord, AuthOutcome, AuthRequest,
-    Backend, Card, CardId, Database, EnqueueOutcome, FailOutcome, IdempotencyClaim,
+    AuthView, Backend, Card, CardId, Database, EnqueueOutcome, FailOutcome, IdempotencyClaim,
     IdempotencyRecord, JournalEntry, KeyId, KeyRecord, KeyStats, KeyTransition, LinkKeys,
     MigrationStatus, NewAccount, NewAdvice, NewAudit, NewCard, NewKey, NewRotation, NewTerminal,
     Page, PinReservation, PoolStats, RequestIdentity, RetryPolicy, ReversalRequest, RotationId,
     RotationStatus, SafFilter, SafStats, Store, StoreError, StoredAnswer, Terminal,
-    TerminalSelector, UsableKeys,
+    TerminalSelector, UsableKeys, ViewKey,
 };
 use crate::domain::{KeyState, KeyType, TerminalId, WrappedKey};
 
@@ -374,6 +374,9 @@ impl Database for KeyCachingStore {
     }
     async fn release_pin_try(&self, card: &CardId) -> Result<(), StoreError> {
         self.inner.release_pin_try(card).await
+    }
+    async fn authorization_view(&self, key: &ViewKey) -> Result<AuthView, StoreError> {
+        self.inner.authorization_view(key).await
     }
     async fn reset_pin(&self, card: &CardId, pvv: &str, actor: &str) -> Result<(), StoreError> {
         self.inner.reset_pin(card, pvv, actor).await

@@ -220,6 +220,12 @@ pub trait Database: Send + Sync + std::fmt::Debug {
     /// Gives back a reserved try that will not be settled (the request failed before its
     /// journal transaction committed): it counts as no try at all.
     async fn release_pin_try(&self, card: &CardId) -> Result<(), StoreError>;
+    /// Everything an authorization of `key.identity` is decided on, in one read (one round
+    /// trip): its journal row (a duplicate), the card and its PIN count, the account and the
+    /// day's totals, and (`reserve_pin_at`) a PIN try reserved on the card in the same
+    /// statement. Pass it back in [`AuthRequest::seen`]. `NotFound` never: what is missing is
+    /// `None` in the view.
+    async fn authorization_view(&self, key: &ViewKey) -> Result<AuthView, StoreError>;
     /// New PVV, tries back to 0. Audited.
     async fn reset_pin(&self, card: &CardId, pvv: &str, actor: &str) -> Result<(), StoreError>;
 
@@ -227,7 +233,11 @@ pub trait Database: Send + Sync + std::fmt::Debug {
     async fn find_request(&self, id: &RequestIdentity) -> Result<Option<JournalEntry>, StoreError>;
     /// Authorizes a balance inquiry or withdrawal against the ledger, journals an issuer's
     /// answer, or force-posts an issuer-side advice; queues a stand-in advice with an approval.
-    /// One transaction: the journal row, the debit and the advice commit or vanish together.
+    /// Decided in Rust on the request's [`AuthView`], then written in one guarded statement
+    /// (PostgreSQL: one round trip, no transaction around it): the journal row, the PIN count,
+    /// the debit, the day's total and the advice commit or vanish together, and only if what
+    /// the decision read is unchanged; if it changed, the store reads again and decides again.
+    /// `Stale` only when the PIN was reset since it was checked (check it again).
     async fn authorize(&self, req: &AuthRequest) -> Result<AuthOutcome, StoreError>;
     /// Applies a reversal exactly once (one transaction).
     async fn reverse(&self, req: &ReversalRequest) -> Result<AuthOutcome, StoreError>;
@@ -415,6 +425,11 @@ const SQLITE_MIGRATIONS: &[EmbeddedMigration] = &[
         description: "station_advice_ceilings",
         sql: include_str!("../../../migrations/sqlite/20261130030100_station_advice_ceilings.sql"),
     },
+    EmbeddedMigration {
+        version: 20261201000100,
+        description: "guarded_posts",
+        sql: include_str!("../../../migrations/sqlite/20261201000100_guarded_posts.sql"),
+    },
 ];
 
 /// `migrations/postgres/`, in version order (checked like [`SQLITE_MIGRATIONS`]).
@@ -465,6 +480,11 @@ const POSTGRES_MIGRATIONS: &[EmbeddedMigration] = &[
         sql: include_str!(
             "../../../migrations/postgres/20261130030100_station_advice_ceilings.sql"
         ),
+    },
+    EmbeddedMigration {
+        version: 20261201000100,
+        description: "guarded_posts",
+        sql: include_str!("../../../migrations/postgres/20261201000100_guarded_posts.sql"),
     },
 ];
 
@@ -545,16 +565,6 @@ fn withdrawal_decision(
         ResponseCode::Approved
     }
 }
-
-/// Counts a force-posted advice toward its station's ceilings, in the authorization's
-/// transaction: refuses one above the per-advice ceiling, then adds it to the station's total of
-/// the UTC day unless that would pass the per-day ceiling. One conditional upsert, so concurrent
-/// advices of a station (many drainers) never pass the ceiling together: PostgreSQL re-checks
-/// the `WHERE` on the row it waited for, SQLite has one writer.
-const CLAIM_STATION_ADVICE: &str = "INSERT INTO station_advice_days (station_id, day, total) \
-     SELECT $1, $2, $3 WHERE $3 <= $4 \
-     ON CONFLICT (station_id, day) DO UPDATE SET total = station_advice_days.total + excluded.total \
-     WHERE station_advice_days.total + excluded.total <= $4 RETURNING total";
 
 /// The per-advice part of the ceiling check; `None` when the amount is within it.
 fn over_advice_ceiling(
@@ -676,26 +686,31 @@ fn issuer_journal_answer(answer: &IssuerAnswer) -> (ResponseCode, Answer<'_>) {
 // The limit is written into the statements below as the literal 3.
 const _: () = assert!(PIN_TRIES_LIMIT == 3);
 
-/// Reserves a try: `$1` card, `$2` now, `$3` now − [`PIN_RESERVATION_TTL`]. Reservations whose
-/// newest is older than `$3` no longer count (a process died holding them). One statement, so
-/// the check and the increment are atomic (SQLite's write lock; PostgreSQL's row lock, with the
-/// condition re-checked on the updated row). Returns a row only when a try was reserved.
-const RESERVE_PIN_TRY: &str = "UPDATE cards SET \
-     pin_pending = CASE WHEN pin_pending_at IS NULL OR pin_pending_at < $3 THEN 1 \
-                        ELSE pin_pending + 1 END, \
-     pin_pending_at = $2 \
-     WHERE id = $1 AND pin_tries + CASE WHEN pin_pending_at IS NULL OR pin_pending_at < $3 \
-                                         THEN 0 ELSE pin_pending END < 3 \
-     RETURNING pin_tries";
-
-/// Settles a reserved try in the journal transaction: `$1` card, `$2` whether the PIN was
-/// correct. A correct PIN ends the run of settled wrong PINs; a wrong one extends it (never past
-/// the limit, even if a stale reservation was forgotten). Either way its reservation is given
-/// back, and the others in flight are left alone. Returns the settled wrong PINs.
-const SETTLE_PIN_TRY: &str = "UPDATE cards SET \
-     pin_tries = CASE WHEN $2 THEN 0 WHEN pin_tries >= 3 THEN pin_tries ELSE pin_tries + 1 END, \
-     pin_pending = CASE WHEN pin_pending > 0 THEN pin_pending - 1 ELSE 0 END \
-     WHERE id = $1 RETURNING pin_tries";
+/// Reserves a try on the card whose `$col` is `$1`: `$2` now, `$3` now −
+/// [`PIN_RESERVATION_TTL`]. Reservations whose newest is older than `$3` no longer count (a
+/// process died holding them). One statement, so the check and the increment are atomic
+/// (SQLite's write lock; PostgreSQL's row lock, with the condition re-checked on the updated
+/// row). Changes a row only when a try was reserved.
+macro_rules! reserve_pin_try_on {
+    ($col:literal) => {
+        concat!(
+            "UPDATE cards SET \
+             pin_pending = CASE WHEN pin_pending_at IS NULL OR pin_pending_at < $3 THEN 1 \
+                                ELSE pin_pending + 1 END, \
+             pin_pending_at = $2 \
+             WHERE ",
+            $col,
+            " = $1 AND pin_tries + CASE WHEN pin_pending_at IS NULL OR pin_pending_at < $3 \
+                                        THEN 0 ELSE pin_pending END < 3"
+        )
+    };
+}
+/// By card id, returning the settled tries.
+const RESERVE_PIN_TRY: &str = concat!(reserve_pin_try_on!("id"), " RETURNING pin_tries");
+/// By card id, as a step of the authorization view.
+const RESERVE_PIN_TRY_BY_ID: &str = reserve_pin_try_on!("id");
+/// By PAN token, likewise.
+const RESERVE_PIN_TRY_BY_TOKEN: &str = reserve_pin_try_on!("pan_token");
 
 /// Gives a reserved try back without settling it: `$1` card.
 const RELEASE_PIN_TRY: &str = "UPDATE cards SET \
@@ -758,7 +773,7 @@ fn validate_link_keys(upstream: &str, keys: &LinkKeys) -> Result<(), StoreError>
 }
 
 /// Business day of the withdrawal limit: the UTC date of `now`.
-fn utc_day(now: DateTime<Utc>) -> String {
+pub fn utc_day(now: DateTime<Utc>) -> String {
     now.format("%Y-%m-%d").to_string()
 }
 

@@ -525,8 +525,8 @@ pub enum PinReservation {
 }
 
 /// A PIN try reserved for a request and checked in the HSM, settled by
-/// [`super::Database::authorize`] in the journal transaction, so the count and the journal row
-/// that explains it commit (or vanish) together:
+/// [`super::Database::authorize`] with the journal row that explains it (they are written
+/// together or not at all):
 /// - a wrong PIN turns the reservation into a consecutive failure (`pin_tries + 1`); the
 ///   journal gets `55`, or `75` when that makes three;
 /// - a correct PIN ends the run of settled wrong PINs (`pin_tries = 0`) and gives back its own
@@ -534,12 +534,96 @@ pub enum PinReservation {
 ///   settle after it, as wrong PINs following the correct one;
 /// - a request that turns out to be a duplicate only gives its reservation back (the original
 ///   already counted).
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// The settled count is written only if it is still the one the decision read, so settling
+/// tries concurrently never loses one.
+#[derive(Clone, PartialEq, Eq)]
 pub struct PinTry {
-    /// The card the try was reserved on.
+    /// The card the PIN was checked for.
     pub card_id: CardId,
     /// Whether the PIN matched the card's PVV.
     pub correct: bool,
+    /// The PVV it was checked against: if the PIN was reset since, the check says nothing
+    /// about the new one and the request is decided again ([`super::StoreError::Stale`]).
+    pub pvv: String,
+}
+
+impl fmt::Debug for PinTry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PinTry")
+            .field("card_id", &self.card_id)
+            .field("correct", &self.correct)
+            .field("pvv", &"<redacted>")
+            .finish()
+    }
+}
+
+/// How a request names its card when the view is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CardLookup {
+    /// By id.
+    Id(CardId),
+    /// By the PAN's token (the HSM's keyed hash; never the PAN).
+    PanToken(String),
+}
+
+/// What to read for an authorization ([`super::Database::authorization_view`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewKey {
+    /// The request identity (duplicates, and a reversal that came first).
+    pub identity: RequestIdentity,
+    /// The card, if the request has one.
+    pub card: Option<CardLookup>,
+    /// The account, when it is not the card's.
+    pub account: Option<AccountId>,
+    /// The acquirer station whose advice ceilings count (force-posts).
+    pub station: Option<TerminalId>,
+    /// The business day (UTC `YYYY-MM-DD`) of the daily totals.
+    pub day: String,
+    /// Reserve a PIN try on the card at this time, in the same statement as the read (see
+    /// [`super::Database::reserve_pin_try`]); the view says how it went.
+    pub reserve_pin_at: Option<DateTime<Utc>>,
+}
+
+/// Everything an authorization is decided on, read in one statement: the request identity's
+/// journal row, the card and its PIN count, the account, the day's totals. A posting decided on
+/// it is written only if all of that is unchanged ([`AuthRequest::seen`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthView {
+    pub(crate) key: ViewKey,
+    /// The identity's journal row and its request digest; an empty digest marks a row a
+    /// reversal placed before its original arrived.
+    pub(crate) journal: Option<(String, JournalEntry)>,
+    /// A reversal naming this identity was journaled (by a version that placed no row).
+    pub(crate) reversed_before: bool,
+    pub(crate) card: Option<Card>,
+    pub(crate) account: Option<Account>,
+    /// The account's withdrawals on `key.day`.
+    pub(crate) withdrawn: i64,
+    /// The station's force-posts on `key.day`.
+    pub(crate) station_total: i64,
+    /// How reserving a PIN try went, when the key asked for one and the card exists.
+    pub(crate) pin_reservation: Option<PinReservation>,
+}
+
+impl AuthView {
+    /// The answered request under this identity and its digest, if there is one.
+    pub fn answered(&self) -> Option<(&str, &JournalEntry)> {
+        self.journal
+            .as_ref()
+            .filter(|(digest, _)| !digest.is_empty())
+            .map(|(digest, entry)| (digest.as_str(), entry))
+    }
+
+    /// The card, as read.
+    pub fn card(&self) -> Option<&Card> {
+        self.card.as_ref()
+    }
+
+    /// How reserving a PIN try went (when the key asked for one and the card exists).
+    pub fn pin_reservation(&self) -> Option<PinReservation> {
+        self.pin_reservation
+    }
 }
 
 /// What identifies a request (SPEC §3 duplicates): terminal, STAN (field 11), transmission
@@ -597,7 +681,7 @@ pub enum AuthKind {
     },
 }
 
-/// A financial request to authorize against the local ledger, in one database transaction.
+/// A financial request to authorize against the local ledger, written all together or not at all.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuthRequest {
     /// Duplicate-detection identity.
@@ -643,10 +727,14 @@ pub struct AuthRequest {
     /// `upstream:MTI:STAN:transmission` of the message sent (or advised) to an issuer for this
     /// request, kept in the journal so a later reversal can be forwarded.
     pub upstream_ref: Option<String>,
-    /// The PIN try this request reserved and checked, settled in the journal transaction (see
-    /// [`PinTry`]). A wrong PIN must come with `decline` = `55`; the store journals `75` instead
-    /// when it is the third consecutive one.
+    /// The PIN checked for this request, counted with its journal row (see [`PinTry`]). A wrong
+    /// PIN must come with `decline` = `55`; the store journals `75` instead when it is the
+    /// third consecutive one.
     pub pin_try: Option<PinTry>,
+    /// The view the caller decided on (its card and PIN checks), read with
+    /// [`super::Database::authorization_view`] for this request: the store posts against it
+    /// and reads again only if it changed. `None`: the store reads it.
+    pub seen: Option<AuthView>,
 }
 
 /// How much an issuer force-posts from one acquirer station's advices (`[stations]`).

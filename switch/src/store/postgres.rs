@@ -21,7 +21,7 @@ use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, Column, Postgres, Row as _, TypeInfo, ValueRef};
 
 use super::engine::{CoreStore, Engine, Script};
-use super::sql::{Arg, Cell, Conn, Dialect, Kind, Row};
+use super::sql::{Arg, Cell, Conn, Dialect, Kind, Row, Step, guarded_statement, step_then_query};
 use super::{
     Backend, ConnectOptions, MigrationStatus, POSTGRES_MIGRATIONS, PoolStats, StoreError,
     build_migrator, migration_status_from, redact_url,
@@ -250,6 +250,41 @@ impl Conn for PgConnection {
             q = bind(q, a);
         }
         Ok(q.execute(&mut *self).await?.rows_affected())
+    }
+
+    async fn apply_all(&mut self, steps: &[Step<'_>]) -> Result<(), StoreError> {
+        // one statement: one round trip, and atomic without a transaction around it
+        let sql = guarded_statement(steps);
+        let args: Vec<Arg<'_>> = steps.iter().flat_map(|s| s.args.iter().copied()).collect();
+        match self.execute(&sql, &args).await {
+            // a deadlock between two postings of one card is resolved by retrying the loser
+            Err(StoreError::Unavailable(err))
+                if err
+                    .downcast_ref::<sqlx::Error>()
+                    .and_then(|e| e.as_database_error())
+                    .and_then(|db| db.code())
+                    .is_some_and(|c| c == "40P01" || c == "40001") =>
+            {
+                Err(StoreError::Stale)
+            }
+            other => other.map(|_| ()),
+        }
+    }
+
+    async fn query_after(
+        &mut self,
+        step: &Step<'_>,
+        sql: &str,
+        args: &[Arg<'_>],
+    ) -> Result<(bool, Vec<Row>), StoreError> {
+        let combined = step_then_query(step, sql);
+        let all: Vec<Arg<'_>> = step.args.iter().chain(args).copied().collect();
+        let rows = self.query(&combined, &all).await?;
+        let done = match rows.first() {
+            Some(row) => row.try_get::<bool>("step_done")?,
+            None => false,
+        };
+        Ok((done, rows))
     }
 
     async fn snapshot(&mut self) -> Result<(), StoreError> {

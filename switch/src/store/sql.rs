@@ -200,6 +200,23 @@ impl Row {
         T::from_cell(cell).ok_or_else(|| StoreError::corrupt(col.to_string()))
     }
 
+    /// The columns named `<prefix><name>`, as a row of `<name>`s (one table's part of a row
+    /// that joins several); `None` when the part's `<prefix>id` is NULL (no such row joined).
+    pub(crate) fn part(&self, prefix: &str) -> Option<Row> {
+        let mut columns = Vec::new();
+        let mut cells = Vec::new();
+        for (name, cell) in self.columns.iter().zip(&self.cells) {
+            if let Some(rest) = name.strip_prefix(prefix) {
+                if rest == "id" && *cell == Cell::Null {
+                    return None;
+                }
+                columns.push(rest.to_string());
+                cells.push(cell.clone());
+            }
+        }
+        (!columns.is_empty()).then(|| Row::new(Arc::from(columns), cells))
+    }
+
     /// The first column (scalar queries).
     pub(crate) fn first<T: FromCell>(&self) -> Result<T, StoreError> {
         let cell = self
@@ -284,6 +301,19 @@ pub enum Violation {
     Unique,
 }
 
+/// One write of a guarded posting ([`Conn::apply_all`]): an `INSERT … SELECT … WHERE …` or an
+/// `UPDATE … WHERE …` whose `WHERE` repeats what the decision was based on, so that it changes no
+/// row when that is no longer true. `{after}` marks where the step waits for the step before it
+/// (see `apply_all`); put it at the end of the step's `WHERE`.
+#[derive(Debug)]
+pub(crate) struct Step<'a> {
+    pub(crate) sql: &'static str,
+    pub(crate) args: Vec<Arg<'a>>,
+    /// Whether the posting is stale when this step changes no row. Steps that may legitimately
+    /// change nothing (an advice already queued under its key) come last.
+    pub(crate) required: bool,
+}
+
 /// A connection inside one transaction (or, for reads, outside any). Implemented by each engine.
 pub(crate) trait Conn: Send {
     /// Runs one statement and returns every row it produced.
@@ -308,6 +338,60 @@ pub(crate) trait Conn: Send {
     /// Makes the rest of this script read one snapshot (PostgreSQL: REPEATABLE READ, READ
     /// ONLY; must come first in the script. SQLite: a script already reads one snapshot).
     fn snapshot(&mut self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Applies the steps of one guarded posting all together or not at all: [`StoreError::Stale`]
+    /// (and nothing changed) when a `required` step changes no row, because what the posting
+    /// was decided on has changed since it was read. This default runs the steps one by one
+    /// under a savepoint (SQLite: the writer runs whole scripts, a statement is no round trip);
+    /// PostgreSQL overrides it with one statement, so a posting costs one round trip.
+    fn apply_all(
+        &mut self,
+        steps: &[Step<'_>],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async move {
+            self.execute("SAVEPOINT guarded_posting", &[]).await?;
+            let mut outcome = Ok(());
+            for step in steps {
+                match self
+                    .execute(&step.sql.replace("{after}", ""), &step.args)
+                    .await
+                {
+                    Ok(0) if step.required => {
+                        outcome = Err(StoreError::Stale);
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        outcome = Err(err);
+                        break;
+                    }
+                }
+            }
+            if outcome.is_err() {
+                self.execute("ROLLBACK TO guarded_posting", &[]).await?;
+            }
+            self.execute("RELEASE guarded_posting", &[]).await?;
+            outcome
+        }
+    }
+
+    /// Runs the write `step`, then the query `sql` with its own `args`, and says whether the
+    /// step changed a row. PostgreSQL overrides it
+    /// with one statement (one round trip; the query sees the data as before the step).
+    fn query_after(
+        &mut self,
+        step: &Step<'_>,
+        sql: &str,
+        args: &[Arg<'_>],
+    ) -> impl Future<Output = Result<(bool, Vec<Row>), StoreError>> + Send {
+        async move {
+            let changed = self
+                .execute(&step.sql.replace("{after}", ""), &step.args)
+                .await?;
+            let rows = self.query(sql, args).await?;
+            Ok((changed > 0, rows))
+        }
+    }
 
     /// The first row, if any.
     fn query_opt(
@@ -356,9 +440,104 @@ pub(crate) trait Conn: Send {
     }
 }
 
+/// The steps of a guarded posting as one PostgreSQL statement: each step a data-modifying CTE
+/// returning a row per row it changed, each waiting for the one before it (`{after}`: so every
+/// posting takes its row locks in the same order, and a step after a stale one changes nothing),
+/// and a final `SELECT` that raises `SYSTL` (see the `guarded_posts` migration) unless every
+/// required step changed a row, which undoes the whole statement. Placeholders are renumbered
+/// into one list; the arguments are the steps' in order.
+pub(crate) fn guarded_statement(steps: &[Step<'_>]) -> String {
+    let mut sql = String::from("WITH ");
+    let mut offset = 0;
+    let mut checks = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        let after = if i == 0 {
+            String::new()
+        } else {
+            format!(" AND EXISTS (SELECT 1 FROM s{})", i - 1)
+        };
+        let body = shift_placeholders(&step.sql.replace("{after}", &after), offset);
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!("s{i} AS ({body} RETURNING 1)"));
+        if step.required {
+            checks.push(format!("EXISTS (SELECT 1 FROM s{i})"));
+        }
+        offset += step.args.len();
+    }
+    if checks.is_empty() {
+        checks.push("TRUE".into());
+    }
+    sql.push_str(&format!(
+        " SELECT switchyard_require({})",
+        checks.join(" AND ")
+    ));
+    sql
+}
+
+/// [`Conn::query_after`] as one PostgreSQL statement: the step as a data-modifying CTE, the
+/// query as a subquery, and a last column `step_done`. The query's `$n` follow the step's.
+pub(crate) fn step_then_query(step: &Step<'_>, sql: &str) -> String {
+    format!(
+        "WITH w AS ({} RETURNING 1) SELECT q.*, EXISTS (SELECT 1 FROM w) AS step_done \
+         FROM ({}) AS q",
+        step.sql.replace("{after}", ""),
+        shift_placeholders(sql, step.args.len())
+    )
+}
+
+/// `$n` → `$(n + offset)`.
+fn shift_placeholders(sql: &str, offset: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
+            let mut n = 0usize;
+            while let Some(d) = chars.peek().and_then(|d| d.to_digit(10)) {
+                n = n * 10 + d as usize;
+                chars.next();
+            }
+            out.push_str(&format!("${}", n + offset));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guarded_steps_become_one_statement_in_order() {
+        let steps = [
+            Step {
+                sql: "INSERT INTO t (a, b) SELECT $1, $2 WHERE TRUE{after} ON CONFLICT (a) DO NOTHING",
+                args: vec![Arg::Int(1), Arg::Int(2)],
+                required: true,
+            },
+            Step {
+                sql: "UPDATE u SET x = $2 WHERE id = $1 AND x = $3{after}",
+                args: vec![Arg::Int(1), Arg::Int(2), Arg::Int(3)],
+                required: true,
+            },
+            Step {
+                sql: "INSERT INTO v (k) SELECT $1 WHERE TRUE{after} ON CONFLICT (k) DO NOTHING",
+                args: vec![Arg::Int(9)],
+                required: false,
+            },
+        ];
+        assert_eq!(
+            guarded_statement(&steps),
+            "WITH s0 AS (INSERT INTO t (a, b) SELECT $1, $2 WHERE TRUE ON CONFLICT (a) DO NOTHING \
+             RETURNING 1), s1 AS (UPDATE u SET x = $4 WHERE id = $3 AND x = $5 AND EXISTS \
+             (SELECT 1 FROM s0) RETURNING 1), s2 AS (INSERT INTO v (k) SELECT $6 WHERE TRUE AND \
+             EXISTS (SELECT 1 FROM s1) ON CONFLICT (k) DO NOTHING RETURNING 1) SELECT \
+             switchyard_require(EXISTS (SELECT 1 FROM s0) AND EXISTS (SELECT 1 FROM s1))"
+        );
+    }
 
     #[test]
     fn sqlite_numbers_placeholders_by_their_digits_and_drops_row_locks() {

@@ -111,7 +111,7 @@ pub async fn handle(
             per_day,
         },
     };
-    let auth = auth_request(head, posting);
+    let auth = auth_request(head, None, posting);
     match ctx.store.authorize(&auth).await {
         Ok(AuthOutcome::Done(entry)) | Ok(AuthOutcome::Duplicate(entry)) => {
             if entry.approved() {

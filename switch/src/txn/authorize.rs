@@ -3,10 +3,13 @@
 //! Order of checks, each with its documented answer: format (`30`, `12`), MAC (`63`, nothing
 //! journaled: an unauthenticated message must not occupy a request identity), duplicate
 //! (original answer, or `94` for different content), routing (`14`), card (`14`, `54`, `75`),
-//! PIN (a try reserved first: `75` when three are settled or in flight; `55`, third consecutive
-//! failure `75`), then the ledger in one store transaction (`13`, `51`, `61`,
-//! `00`). Declines after the MAC check are journaled too, so a retransmitted wrong-PIN request
-//! does not count as a second wrong PIN.
+//! PIN (`55`, third consecutive failure `75`), then the ledger (`13`, `51`, `61`, `00`).
+//! Declines after the MAC check are journaled too, so a retransmitted wrong-PIN request does
+//! not count as a second wrong PIN.
+//!
+//! Two store round trips on the common path: one read of everything the request is decided on
+//! (its journal row, card, account, the day's total: [`crate::store::AuthView`]), and one guarded write of
+//! the decision, which the store decides again should the view have changed meanwhile.
 
 use chrono::{Datelike, Utc};
 use rand::RngExt;
@@ -20,7 +23,10 @@ use crate::crypto::{HsmError, PinCheck, Pvv};
 use crate::domain::{KeyType, ResponseCode, TerminalId, WrappedKey};
 use crate::iso8583::Message;
 use crate::iso8583::fields;
-use crate::store::{AuthKind, AuthOutcome, Card, JournalEntry, PinReservation, PinTry};
+use crate::store::{
+    AuthKind, AuthOutcome, AuthView, Card, CardId, CardLookup, JournalEntry, PinReservation,
+    PinTry, StoreError, ViewKey, utc_day,
+};
 
 /// What a processing code asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,16 +143,36 @@ pub async fn handle(
     // 2. dedupe: a retransmission gets its original answer, other content under its identity `94`
     let identity = fin.trace.identity(terminal);
     let digest = request_digest(ctx, raw);
-    match ctx.store.find_request(&identity).await {
-        Ok(Some(entry)) if entry.digest == digest => return answer(&entry),
-        Ok(Some(_)) => return coded(ResponseCode::Duplicate),
-        Ok(None) => {}
-        Err(_) => return coded(ResponseCode::SystemMalfunction),
+    let now = Utc::now();
+    let route = route_for(&ctx.settings, &fin.pan);
+    // an on-us PIN reserves its try in the same statement (SPEC §4)
+    let pin_block = route == Route::OnUs && request.get(fields::PIN_BLOCK).is_some();
+    let key = ViewKey {
+        identity: identity.clone(),
+        card: Some(CardLookup::PanToken(ctx.hsm.pan_token(&fin.pan))),
+        account: None,
+        station: None,
+        day: utc_day(now),
+        reserve_pin_at: pin_block.then_some(now),
+    };
+    let Ok(mut view) = read_view(ctx, terminal, &key).await else {
+        return coded(ResponseCode::SystemMalfunction);
+    };
+    // the reservation this request holds until its posting settles it, or gives back
+    let mut reserved = reserved_card(&view);
+    if let Some((seen, entry)) = view.answered() {
+        // a duplicate: the original counted its PIN try
+        release_pin_try(ctx, terminal, reserved.as_ref()).await;
+        return if seen == digest {
+            answer(entry)
+        } else {
+            coded(ResponseCode::Duplicate)
+        };
     }
     let Some(amount) = fin.amount else {
+        release_pin_try(ctx, terminal, reserved.as_ref()).await;
         return coded(ResponseCode::FormatError);
     };
-    let now = Utc::now();
     let head = Journaled {
         identity,
         digest,
@@ -164,36 +190,54 @@ pub async fn handle(
         now,
     };
 
-    // 3. route: what to post
-    let decided = match route_for(&ctx.settings, &fin.pan) {
-        Route::OnUs => on_us(ctx, terminal, request, fin, now).await,
-        Route::Unroutable => Ok(Posting::decline(ResponseCode::InvalidCard)),
-        Route::Upstream(name) => {
-            super::routed::authorize(ctx, terminal, request, fin, &head, &name).await
-        }
-    };
-    let posting = match decided {
-        Ok(posting) => posting,
-        Err(Unposted { pin_try }) => {
-            release_pin_try(ctx, terminal, pin_try.as_ref()).await;
+    let mut rounds = 0;
+    let (outcome, stand_in, issuer_approval) = loop {
+        // 3. route: what to post
+        let decided = match &route {
+            Route::OnUs => on_us(ctx, terminal, request, fin, &view, now).await,
+            Route::Unroutable => Ok(Posting::decline(ResponseCode::InvalidCard)),
+            Route::Upstream(name) => {
+                super::routed::authorize(ctx, terminal, request, fin, &head, name).await
+            }
+        };
+        let Ok(posting) = decided else {
+            release_pin_try(ctx, terminal, reserved.as_ref()).await;
             return coded(ResponseCode::SystemMalfunction);
+        };
+        if posting.pin_try().is_none() {
+            // declined before its PIN was checked (card, expiry, no usable TPK)
+            release_pin_try(ctx, terminal, reserved.take().as_ref()).await;
         }
-    };
 
-    // 4. post: one store transaction
-    let pin_try = posting.pin_try().cloned();
-    let stand_in = posting.is_stand_in();
-    let issuer_approval = match &posting {
-        Posting::IssuerAnswer {
-            answer,
-            upstream_ref: Some(reference),
-        } if answer.response_code == ResponseCode::Approved => Some(reference.clone()),
-        _ => None,
+        // 4. post: one guarded write
+        let stand_in = posting.is_stand_in();
+        let issuer_approval = match &posting {
+            Posting::IssuerAnswer {
+                answer,
+                upstream_ref: Some(reference),
+            } if answer.response_code == ResponseCode::Approved => Some(reference.clone()),
+            _ => None,
+        };
+        let outcome = ctx
+            .store
+            .authorize(&auth_request(head.clone(), Some(view), posting))
+            .await;
+        // the card's PIN was reset after it was checked: check it again (on-us only; a routed
+        // request is never sent twice)
+        if outcome.is_err() {
+            release_pin_try(ctx, terminal, reserved.take().as_ref()).await;
+        }
+        if matches!(outcome, Err(StoreError::Stale)) && route == Route::OnUs && rounds < 2 {
+            rounds += 1;
+            match read_view(ctx, terminal, &key).await {
+                Ok(fresh) => view = fresh,
+                Err(_) => return coded(ResponseCode::SystemMalfunction),
+            }
+            reserved = reserved_card(&view);
+            continue;
+        }
+        break (outcome, stand_in, issuer_approval);
     };
-    let outcome = ctx.store.authorize(&auth_request(head, posting)).await;
-    if outcome.is_err() {
-        release_pin_try(ctx, terminal, pin_try.as_ref()).await;
-    }
     if let Some(reference) = &issuer_approval
         && !matches!(&outcome, Ok(AuthOutcome::Done(e)) if e.approved())
     {
@@ -223,28 +267,78 @@ pub async fn handle(
     }
 }
 
-/// A request that will not be journaled (answered `96`), with the PIN try it must give back.
+/// A request that will not be journaled (answered `96`): the store or the HSM failed before
+/// anything was decided.
 #[derive(Debug, Default)]
-pub(crate) struct Unposted {
-    /// The try reserved (and checked) before it failed.
-    pub pin_try: Option<PinTry>,
-}
+pub(crate) struct Unposted;
 
-/// An on-us card: status and PIN decide between a decline and a ledger posting.
+/// An on-us card (as the request's view read it, with its PIN try reserved): status and PIN
+/// decide between a decline and a ledger posting.
 async fn on_us(
     ctx: &SwitchContext,
     terminal: &TerminalId,
     request: &Message,
     fin: &Financial,
+    view: &AuthView,
     now: chrono::DateTime<Utc>,
 ) -> Result<Posting, Unposted> {
-    let card: Card = match ctx.store.find_card(&ctx.hsm.pan_token(&fin.pan)).await {
-        Ok(Some(card)) if card.upstream.is_none() => card,
-        Ok(_) => return Ok(Posting::decline(ResponseCode::InvalidCard)),
-        Err(_) => return Err(Unposted::default()),
-    };
-    card_posting(ctx, terminal, request, &fin.pan, &fin.expiry, &card, now).await
+    match view.card() {
+        Some(card) if card.upstream.is_none() => {
+            let reserved = match view.pin_reservation() {
+                Some(PinReservation::Reserved) => true,
+                Some(PinReservation::Exhausted | PinReservation::InFlight) => {
+                    return Ok(Posting::Decline {
+                        code: ResponseCode::PinTriesExceeded,
+                        card: Some(CardRef {
+                            card_id: card.id.clone(),
+                            account_id: card.account_id.clone(),
+                        }),
+                        pin_try: None,
+                    });
+                }
+                // no PIN block: declined 55 without a try
+                None => false,
+            };
+            let pin = PinReserved(reserved);
+            card_posting(ctx, terminal, request, fin, card, now, pin).await
+        }
+        _ => Ok(Posting::decline(ResponseCode::InvalidCard)),
+    }
 }
+
+/// Reads the request's view; while the card's remaining PIN tries are held by requests still
+/// checking, waits for them to settle (at most [`PIN_TRY_WAIT`]) and reserves again, so a
+/// cardholder's own concurrent requests all go through.
+async fn read_view(
+    ctx: &SwitchContext,
+    terminal: &TerminalId,
+    key: &ViewKey,
+) -> Result<AuthView, StoreError> {
+    let waited_since = std::time::Instant::now();
+    loop {
+        let view = ctx.store.authorization_view(key).await?;
+        if view.pin_reservation() != Some(PinReservation::InFlight) || view.answered().is_some() {
+            return Ok(view);
+        }
+        if waited_since.elapsed() >= PIN_TRY_WAIT {
+            warn!(%terminal, "no PIN try came free in time");
+            return Ok(view);
+        }
+        tokio::time::sleep(PIN_TRY_POLL).await;
+    }
+}
+
+/// The card on which the view reserved a PIN try, if it did.
+fn reserved_card(view: &AuthView) -> Option<CardId> {
+    match (view.pin_reservation(), view.card()) {
+        (Some(PinReservation::Reserved), Some(card)) => Some(card.id.clone()),
+        _ => None,
+    }
+}
+
+/// Whether the caller already holds a reserved PIN try for the card.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PinReserved(pub bool);
 
 /// A registered card's checks (expiry, PIN block status, PIN) and, when they pass, its ledger
 /// posting. Shared by on-us requests and stand-in.
@@ -252,10 +346,10 @@ pub(crate) async fn card_posting(
     ctx: &SwitchContext,
     terminal: &TerminalId,
     request: &Message,
-    pan: &str,
-    expiry: &str,
+    fin: &Financial,
     card: &Card,
     now: chrono::DateTime<Utc>,
+    reserved: PinReserved,
 ) -> Result<Posting, Unposted> {
     let on = CardRef {
         card_id: card.id.clone(),
@@ -268,13 +362,13 @@ pub(crate) async fn card_posting(
             pin_try,
         })
     };
-    if card.expiry != expiry || is_expired(&card.expiry, now) {
+    if card.expiry != fin.expiry || is_expired(&card.expiry, now) {
         return decline(ResponseCode::ExpiredCard, None);
     }
     if card.pin_blocked {
         return decline(ResponseCode::PinTriesExceeded, None);
     }
-    match verify_pin(ctx, terminal, request, pan, card).await {
+    match verify_pin(ctx, terminal, request, &fin.pan, card, reserved).await {
         Ok(pin_try) if pin_try.correct => Ok(Posting::Ledger {
             card: on.clone(),
             pin_try: Some(pin_try),
@@ -282,7 +376,7 @@ pub(crate) async fn card_posting(
         }),
         // the store journals 75 instead when this is the third consecutive wrong PIN
         Ok(pin_try) => decline(ResponseCode::IncorrectPin, Some(pin_try)),
-        Err(ResponseCode::SystemMalfunction) => Err(Unposted::default()),
+        Err(ResponseCode::SystemMalfunction) => Err(Unposted),
         Err(code) => decline(code, None),
     }
 }
@@ -296,7 +390,8 @@ const PIN_TRY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const PIN_TRY_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Verifies the PIN block of field 123 against the card's PVV under the terminal's TPK (or one
-/// in its grace window), under a PIN try reserved first (SPEC §4).
+/// in its grace window), under a PIN try reserved first (SPEC §4): by the caller (`reserved`,
+/// with the request's view) or here.
 ///
 /// `Ok` with the settled try (`correct` or not); `Err` for an answer that consumed no try.
 ///
@@ -315,6 +410,7 @@ pub(crate) async fn verify_pin(
     request: &Message,
     pan: &str,
     card: &Card,
+    reserved: PinReserved,
 ) -> Result<PinTry, ResponseCode> {
     let (block, tpks, cached) = pin_block_and_tpks(ctx, terminal, request).await?;
     let pvv = Pvv::from_hex(&card.pvv).map_err(|_| {
@@ -322,20 +418,23 @@ pub(crate) async fn verify_pin(
         ResponseCode::SystemMalfunction
     })?;
     let waited_since = std::time::Instant::now();
-    loop {
-        match ctx.store.reserve_pin_try(&card.id, Utc::now()).await {
-            Ok(PinReservation::Reserved) => break,
-            Ok(PinReservation::Exhausted) => return Err(ResponseCode::PinTriesExceeded),
-            // the cardholder's own concurrent requests (or a flood of guesses): wait for the
-            // tries in flight to settle, then take one, or find the card blocked
-            Ok(PinReservation::InFlight) if waited_since.elapsed() < PIN_TRY_WAIT => {
-                tokio::time::sleep(PIN_TRY_POLL).await;
+    // (the on-us path reserved its try with the request's view)
+    if !reserved.0 {
+        loop {
+            match ctx.store.reserve_pin_try(&card.id, Utc::now()).await {
+                Ok(PinReservation::Reserved) => break,
+                Ok(PinReservation::Exhausted) => return Err(ResponseCode::PinTriesExceeded),
+                // the cardholder's own concurrent requests (or a flood of guesses): wait for the
+                // tries in flight to settle, then take one, or find the card blocked
+                Ok(PinReservation::InFlight) if waited_since.elapsed() < PIN_TRY_WAIT => {
+                    tokio::time::sleep(PIN_TRY_POLL).await;
+                }
+                Ok(PinReservation::InFlight) => {
+                    warn!(%terminal, card = %card.id, "no PIN try came free in time");
+                    return Err(ResponseCode::PinTriesExceeded);
+                }
+                Err(_) => return Err(ResponseCode::SystemMalfunction),
             }
-            Ok(PinReservation::InFlight) => {
-                warn!(%terminal, card = %card.id, "no PIN try came free in time");
-                return Err(ResponseCode::PinTriesExceeded);
-            }
-            Err(_) => return Err(ResponseCode::SystemMalfunction),
         }
     }
     // (matched, compared): whether a TPK opened the block to a match, and whether any opened it
@@ -380,18 +479,19 @@ pub(crate) async fn verify_pin(
     Ok(PinTry {
         card_id: card.id.clone(),
         correct: matched,
+        pvv: card.pvv.clone(),
     })
 }
 
 /// Gives back a reserved PIN try when its journal transaction will not settle it (the
 /// request is answered `96`). If the store cannot take even that, the try stops counting after
 /// [`crate::store::PIN_RESERVATION_TTL`].
-async fn release_pin_try(ctx: &SwitchContext, terminal: &TerminalId, pin_try: Option<&PinTry>) {
-    let Some(pin) = pin_try else {
+async fn release_pin_try(ctx: &SwitchContext, terminal: &TerminalId, card: Option<&CardId>) {
+    let Some(card) = card else {
         return;
     };
-    if let Err(err) = ctx.store.release_pin_try(&pin.card_id).await {
-        warn!(%terminal, card = %pin.card_id, error = %err, "failed to give back a reserved PIN try");
+    if let Err(err) = ctx.store.release_pin_try(card).await {
+        warn!(%terminal, %card, error = %err, "failed to give back a reserved PIN try");
     }
 }
 

@@ -8,8 +8,8 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::ResponseCode;
 use crate::store::{
-    AccountId, AuthKind, AuthRequest, CardId, ForcePostCeiling, IssuerAnswer, NewAdvice, PinTry,
-    RequestIdentity,
+    AccountId, AuthKind, AuthRequest, AuthView, CardId, ForcePostCeiling, IssuerAnswer, NewAdvice,
+    PinTry, RequestIdentity,
 };
 
 /// What every posting journals: the request and the references the switch assigned.
@@ -120,8 +120,9 @@ impl Posting {
     }
 }
 
-/// The store's request for `posting`: the boundary between the typed pipeline and the store.
-pub fn auth_request(head: Journaled, posting: Posting) -> AuthRequest {
+/// The store's request for `posting`, decided on `seen` (see [`AuthRequest::seen`]): the
+/// boundary between the typed pipeline and the store.
+pub fn auth_request(head: Journaled, seen: Option<AuthView>, posting: Posting) -> AuthRequest {
     let mut req = AuthRequest {
         identity: head.identity,
         digest: head.digest,
@@ -140,6 +141,7 @@ pub fn auth_request(head: Journaled, posting: Posting) -> AuthRequest {
         force_post_ceiling: None,
         upstream_ref: None,
         pin_try: None,
+        seen,
     };
     let on_card = |req: &mut AuthRequest, card: CardRef| {
         req.card_id = Some(card.card_id);
@@ -219,9 +221,11 @@ mod tests {
         let wrong_pin = PinTry {
             card_id: card().card_id,
             correct: false,
+            pvv: "00001".into(),
         };
         let r = auth_request(
             head(),
+            None,
             Posting::Decline {
                 code: ResponseCode::IncorrectPin,
                 card: Some(card()),
@@ -234,6 +238,7 @@ mod tests {
 
         let r = auth_request(
             head(),
+            None,
             Posting::Ledger {
                 card: card(),
                 pin_try: None,
@@ -245,6 +250,7 @@ mod tests {
 
         let r = auth_request(
             head(),
+            None,
             Posting::IssuerAnswer {
                 answer: IssuerAnswer {
                     response_code: ResponseCode::Approved,
@@ -264,6 +270,7 @@ mod tests {
         };
         let r = auth_request(
             head(),
+            None,
             Posting::ForcedAdvice {
                 card: card(),
                 ceiling,

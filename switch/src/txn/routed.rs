@@ -25,7 +25,7 @@ use chrono::{DateTime, Utc};
 use tracing::{error, info, warn};
 
 use super::SwitchContext;
-use super::authorize::{Unposted, card_posting, pin_block_and_tpks};
+use super::authorize::{PinReserved, Unposted, card_posting, pin_block_and_tpks};
 use super::posting::{Journaled, Posting, StandIn};
 use super::request::Financial;
 use crate::domain::{ResponseCode, TerminalId};
@@ -74,11 +74,11 @@ pub(crate) async fn authorize(
             upstream,
             "routed withdrawal refused: the hold of reversal advices is full"
         );
-        return Err(Unposted::default());
+        return Err(Unposted);
     }
     let sent = match forward(ctx, link, terminal, request, &fin.pan, head).await {
         Ok(sent) => sent,
-        Err(ResponseCode::SystemMalfunction) => return Err(Unposted::default()),
+        Err(ResponseCode::SystemMalfunction) => return Err(Unposted),
         Err(code) => return Ok(Posting::decline(code)),
     };
     match sent.result {
@@ -104,7 +104,7 @@ pub(crate) async fn authorize(
                     .await
                     .is_err()
             {
-                return Err(Unposted::default());
+                return Err(Unposted);
             }
             stand_in(ctx, link, terminal, request, fin, head).await
         }
@@ -271,24 +271,22 @@ async fn stand_in(
         Ok(Some(card)) if card.upstream.as_deref() == Some(link.name()) => card,
         // no stand-in data shared for this card: stand-in never skips the PIN
         Ok(_) => return unavailable,
-        Err(_) => return Err(Unposted::default()),
+        Err(_) => return Err(Unposted),
     };
     let posting = card_posting(
         ctx,
         terminal,
         request,
-        &fin.pan,
-        &fin.expiry,
+        fin,
         &card,
         head.now,
+        PinReserved(false),
     )
     .await?;
     let Posting::Ledger { card, pin_try, .. } = posting else {
         return Ok(posting);
     };
-    let unposted = || Unposted {
-        pin_try: pin_try.clone(),
-    };
+    let unposted = || Unposted;
     let stan = link.next_stan().await.map_err(|_| unposted())?;
     let mut advice = Message::new(Mti::parse("0220").map_err(|_| unposted())?);
     for &f in FORWARDED {

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 
 use super::super::sql::{Arg, Conn, Row, Violation};
 use super::super::*;
-use crate::domain::{KeyOwner, ResponseCode, TerminalId, WrappedKey};
+use crate::domain::{KeyOwner, ResponseCode, WrappedKey};
 
 pub(crate) const TERMINAL_COLS: &str = "id, grp, kind, created_at";
 pub(crate) const KEY_COLS: &str = "id, terminal_id, key_type, version, state, kcv, wrapped, \
@@ -288,34 +288,6 @@ pub(crate) async fn load_advice(c: &mut impl Conn, id: AdviceId) -> Result<Advic
     .ok_or_else(|| StoreError::not_found(format!("advice {id}")))
 }
 
-/// Counts a force-posted advice toward its station's ceilings (see [`CLAIM_STATION_ADVICE`]).
-pub(crate) async fn claim_station_advice(
-    c: &mut impl Conn,
-    station: &TerminalId,
-    day: &str,
-    amount: i64,
-    ceiling: &ForcePostCeiling,
-) -> Result<(), StoreError> {
-    if let Some(refused) = over_advice_ceiling(station, amount, ceiling) {
-        return Err(refused);
-    }
-    let total: Option<i64> = c
-        .scalar_opt(
-            CLAIM_STATION_ADVICE,
-            &[
-                Arg::from(station.as_str()),
-                Arg::from(day),
-                Arg::from(amount),
-                Arg::from(ceiling.per_day),
-            ],
-        )
-        .await?;
-    match total {
-        Some(_) => Ok(()),
-        None => Err(over_daily_ceiling(station, amount, ceiling)),
-    }
-}
-
 /// Checks that `holder` still holds a queued advice; the error says who does instead.
 pub(crate) fn check_holder(a: &Advice, holder: &str) -> Result<(), StoreError> {
     if a.status == AdviceStatus::Queued && a.lease_holder.as_deref() == Some(holder) {
@@ -392,22 +364,6 @@ pub(crate) async fn lock_identity(
         id.terminal_id, id.stan, id.transmission
     );
     c.lock_key(&key).await
-}
-
-/// Settles a reserved PIN try (see [`PinTry`]) in the journal transaction; returns the code a
-/// wrong PIN is journaled with (`55`, or `75` when it makes three), `None` for a correct one.
-pub(crate) async fn settle_pin_try(
-    c: &mut impl Conn,
-    pin: &PinTry,
-) -> Result<Option<ResponseCode>, StoreError> {
-    let tries: Option<i64> = c
-        .scalar_opt(
-            SETTLE_PIN_TRY,
-            &[Arg::from(pin.card_id.as_str()), Arg::from(pin.correct)],
-        )
-        .await?;
-    let tries = tries.ok_or_else(|| StoreError::not_found(format!("card {}", pin.card_id)))?;
-    Ok((!pin.correct).then(|| wrong_pin_code(tries)))
 }
 
 /// The answer to a request whose identity is already journaled.

@@ -4,9 +4,9 @@
 //! identity first (an advisory lock shared by a request and its reversals), then the original
 //! journal row of a reversal, then the account row before its balance is read.
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 
-use super::super::sql::{Arg, Conn};
+use super::super::sql::{Arg, Conn, Step};
 use super::super::*;
 use super::common::*;
 use crate::domain::ResponseCode;
@@ -237,184 +237,516 @@ pub(crate) async fn find_request(
     Ok(load_journal(c, id).await?.map(|(_, e)| e))
 }
 
+/// How often a posting is decided again because what it read changed before it was written.
+/// Each round some competing posting committed, so this only runs out under a flood of
+/// requests for one card or account; the request is then answered `96`.
+const POSTING_ROUNDS: usize = 32;
+
+/// The view's columns: one table's columns as `<alias>_<name>`.
+fn aliased(cols: &str, alias: &str) -> String {
+    cols.split(',')
+        .map(|c| {
+            let c = c.trim();
+            format!("{alias}.{c} AS {alias}_{c}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The view, by card id or by PAN token (`$4`). One statement: `$1..$3` the identity, `$5` an
+/// account other than the card's, `$6` the day, `$7` the station.
+fn view_sql(card_column: &str) -> String {
+    format!(
+        "SELECT {}, {}, {}, \
+         EXISTS (SELECT 1 FROM journal r WHERE r.kind = 'reversal' AND \
+                 r.orig_terminal_id = $1 AND r.orig_stan = $2 AND r.orig_transmission = $3) \
+             AS reversed_before, \
+         COALESCE(d.total, 0) AS withdrawn, COALESCE(s.total, 0) AS station_total \
+         FROM (SELECT 1 AS one) AS one \
+         LEFT JOIN journal j ON j.terminal_id = $1 AND j.stan = $2 AND j.transmission = $3 \
+         LEFT JOIN cards c ON c.{card_column} = $4 \
+         LEFT JOIN accounts a ON a.id = COALESCE($5, c.account_id) \
+         LEFT JOIN daily_withdrawals d ON d.account_id = a.id AND d.day = $6 \
+         LEFT JOIN station_advice_days s ON s.station_id = $7 AND s.day = $6",
+        aliased(JOURNAL_COLS, "j"),
+        aliased(CARD_COLS, "c"),
+        aliased(ACCOUNT_COLS, "a"),
+    )
+}
+
+static VIEW_BY_CARD_ID: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| view_sql("id"));
+static VIEW_BY_PAN_TOKEN: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| view_sql("pan_token"));
+
+/// Reads everything an authorization is decided on, in one statement.
+pub(crate) async fn read_view(c: &mut impl Conn, key: ViewKey) -> Result<AuthView, StoreError> {
+    let (sql, card) = match &key.card {
+        Some(CardLookup::PanToken(token)) => (&*VIEW_BY_PAN_TOKEN, Some(token.as_str())),
+        Some(CardLookup::Id(id)) => (&*VIEW_BY_CARD_ID, Some(id.as_str())),
+        None => (&*VIEW_BY_CARD_ID, None),
+    };
+    let args = [
+        Arg::from(key.identity.terminal_id.as_str()),
+        Arg::from(&key.identity.stan),
+        Arg::from(&key.identity.transmission),
+        Arg::from(card),
+        Arg::from(key.account.as_ref().map(AccountId::as_str)),
+        Arg::from(&key.day),
+        Arg::from(key.station.as_ref().map(TerminalId::as_str)),
+    ];
+    let (row, reserved) = match (key.reserve_pin_at, card) {
+        (Some(at), Some(card)) => {
+            let at = micros(at);
+            let step = Step {
+                sql: match &key.card {
+                    Some(CardLookup::PanToken(_)) => RESERVE_PIN_TRY_BY_TOKEN,
+                    _ => RESERVE_PIN_TRY_BY_ID,
+                },
+                args: vec![
+                    Arg::from(card),
+                    Arg::from(at),
+                    Arg::from(pin_reservation_cutoff(at)),
+                ],
+                required: false,
+            };
+            let (reserved, rows) = c.query_after(&step, sql, &args).await?;
+            let row = rows
+                .into_iter()
+                .next()
+                .ok_or_else(|| StoreError::corrupt("the authorization view returned no row"))?;
+            (row, Some(reserved))
+        }
+        _ => (c.query_one(sql, &args).await?, None),
+    };
+    let card = row.part("c_").as_ref().map(card_from_row).transpose()?;
+    let pin_reservation = match (&card, reserved) {
+        (Some(_), Some(true)) => Some(PinReservation::Reserved),
+        (Some(card), Some(false)) if card.pin_blocked => Some(PinReservation::Exhausted),
+        (Some(_), Some(false)) => Some(PinReservation::InFlight),
+        _ => None,
+    };
+    Ok(AuthView {
+        pin_reservation,
+        journal: row.part("j_").as_ref().map(journal_from_row).transpose()?,
+        reversed_before: row.try_get("reversed_before")?,
+        card,
+        account: row.part("a_").as_ref().map(account_from_row).transpose()?,
+        withdrawn: row.try_get("withdrawn")?,
+        station_total: row.try_get("station_total")?,
+        key,
+    })
+}
+
+/// What the store reads for `req` on `day` when the caller brought no view.
+fn view_key(req: &AuthRequest, day: &str) -> ViewKey {
+    ViewKey {
+        identity: req.identity.clone(),
+        card: req.card_id.clone().map(CardLookup::Id),
+        account: req.account_id.clone(),
+        station: req.force_post.then(|| req.identity.terminal_id.clone()),
+        day: day.to_string(),
+        reserve_pin_at: None,
+    }
+}
+
+/// Whether the caller's view holds what `req` is decided on.
+fn view_fits(view: &AuthView, req: &AuthRequest, day: &str) -> bool {
+    let card_id = view.card.as_ref().map(|c| &c.id);
+    let account_id = view.account.as_ref().map(|a| &a.id);
+    view.key.identity == req.identity
+        && view.key.day == day
+        && (req.card_id.is_none() || card_id == req.card_id.as_ref())
+        && (req.account_id.is_none() || account_id == req.account_id.as_ref())
+        && (!req.force_post || view.key.station.as_ref() == Some(&req.identity.terminal_id))
+}
+
+/// Authorizes on a view (the caller's, or read here), then writes the decision in one guarded
+/// posting; when the posting finds the view stale, reads again and decides again.
 pub(crate) async fn authorize(
     c: &mut impl Conn,
-    req: &AuthRequest,
+    mut req: AuthRequest,
 ) -> Result<AuthOutcome, StoreError> {
-    validate_auth_request(req)?;
+    validate_auth_request(&req)?;
+    let day = utc_day(micros(req.now));
+    let mut seen = req.seen.take().filter(|v| view_fits(v, &req, &day));
+    for _ in 0..POSTING_ROUNDS {
+        let view = match seen.take() {
+            Some(view) => view,
+            None => read_view(c, view_key(&req, &day)).await?,
+        };
+        let posting = match decide(&req, &view)? {
+            Decision::Answered(outcome) => {
+                // a duplicate: the original counted its PIN try, this one gives its own back
+                if let Some(pin) = &req.pin_try {
+                    c.execute(RELEASE_PIN_TRY, &[Arg::from(pin.card_id.as_str())])
+                        .await?;
+                }
+                return Ok(*outcome);
+            }
+            Decision::Post(posting) => posting,
+        };
+        match c.apply_all(&posting.steps()).await {
+            Ok(()) => return Ok(AuthOutcome::Done(posting.entry)),
+            Err(StoreError::Stale) => continue,
+            Err(err) => return Err(err),
+        }
+    }
+    Err(StoreError::Unavailable(
+        format!(
+            "request {}/{}: its card or account changed under it {POSTING_ROUNDS} times",
+            req.identity.terminal_id, req.identity.stan
+        )
+        .into(),
+    ))
+}
+
+/// What an authorization comes to on one view. (No `Debug`: a posting holds the PVV.)
+enum Decision {
+    /// Nothing to write: a duplicate (its original answer) or other content under a used
+    /// identity.
+    Answered(Box<AuthOutcome>),
+    /// Write this.
+    Post(Box<Posting>),
+}
+
+/// A decided authorization: the journal row, and each row it changes with the value the
+/// decision read there (the guard).
+struct Posting {
+    entry: JournalEntry,
+    /// The row a reversal placed for this identity before it arrived, to fill in.
+    placeholder: bool,
+    account_id: Option<AccountId>,
+    card_id: Option<CardId>,
+    business_day: Option<String>,
+    /// The PIN try settled: (tries read, tries now, PVV read).
+    pin: Option<(i64, i64, String)>,
+    /// (balance read, limit read, currency, balance now).
+    debit: Option<(i64, i64, String, i64)>,
+    /// (the day's total read, total now).
+    daily: Option<(i64, i64)>,
+    /// (the station's total read, total now).
+    station: Option<(i64, i64)>,
+    /// (advice, its reference, its payload as JSON text).
+    advice: Option<(NewAdvice, String, String)>,
+}
+
+/// The rules, in the order the cardholder should hear of them: a duplicate; the PIN (counted
+/// even when something else declines); the caller's decline; a reversal that came first; the
+/// issuer's answer; then the account — currency, and for a withdrawal the station's ceilings,
+/// the daily limit and the balance. Pure: the view is all it looks at.
+fn decide(req: &AuthRequest, view: &AuthView) -> Result<Decision, StoreError> {
     let now = micros(req.now);
+    if let Some((digest, entry)) = view.answered() {
+        return Ok(Decision::Answered(Box::new(if digest == req.digest {
+            AuthOutcome::Duplicate(entry.clone())
+        } else {
+            AuthOutcome::ContentMismatch
+        })));
+    }
+    let placeholder = view.journal.is_some();
     let (kind, amount) = match req.kind {
         AuthKind::Balance => (JournalKind::Balance, None),
         AuthKind::Withdrawal { amount } => (JournalKind::Withdrawal, Some(amount)),
     };
-    lock_identity(c, &req.identity).await?;
-    let claim = Claim {
-        identity: &req.identity,
-        digest: &req.digest,
-        mti: &req.mti,
-        kind,
-        amount,
-        currency: &req.currency,
-        rrn: &req.rrn,
-        account: req.account_id.as_ref(),
-        card: req.card_id.as_ref(),
-        reversal_of: None,
-        upstream_ref: req.upstream_ref.as_deref(),
-        now,
+    let mut posting = Posting {
+        entry: JournalEntry {
+            id: uuid::Uuid::new_v4().to_string(),
+            identity: req.identity.clone(),
+            digest: req.digest.clone(),
+            mti: req.mti.clone(),
+            kind,
+            amount,
+            currency: req.currency.clone(),
+            response_code: String::new(),
+            rrn: req.rrn.clone(),
+            auth_code: None,
+            ledger_balance: None,
+            available_balance: None,
+            reversed: false,
+            upstream_ref: req.upstream_ref.clone(),
+            created_at: now,
+        },
+        placeholder,
+        account_id: req.account_id.clone(),
+        card_id: req.card_id.clone(),
+        business_day: None,
+        pin: None,
+        debit: None,
+        daily: None,
+        station: None,
+        advice: None,
     };
-    let Some(journal_id) = claim_identity(c, &claim).await? else {
-        // a duplicate: the original counted its PIN try, this one gives its own back
-        if let Some(pin) = &req.pin_try {
-            c.execute(RELEASE_PIN_TRY, &[Arg::from(pin.card_id.as_str())])
-                .await?;
-        }
-        return answer_existing(c, &req.identity, &req.digest).await;
+    if let Some((_, row)) = &view.journal {
+        posting.entry.id = row.id.clone();
+    }
+    let done = |mut posting: Posting, code: ResponseCode| {
+        posting.entry.response_code = code.as_str().to_string();
+        Ok(Decision::Post(Box::new(posting)))
     };
 
-    // the PIN count and the journal row that explains it commit together
-    let pin_code = match &req.pin_try {
-        Some(pin) => settle_pin_try(c, pin).await?,
-        None => None,
-    };
+    // the PIN count and the journal row that explains it are written together
+    let mut pin_code = None;
+    if let Some(pin) = &req.pin_try {
+        let card = view
+            .card
+            .as_ref()
+            .filter(|c| c.id == pin.card_id)
+            .ok_or_else(|| StoreError::not_found(format!("card {}", pin.card_id)))?;
+        if card.pvv != pin.pvv {
+            // the PIN was reset after it was checked: check it again
+            return Err(StoreError::Stale);
+        }
+        // settled with its reservation given back (see `PinTry`)
+        let tries = i64::from(card.pin_tries);
+        let settled = if card.pin_blocked {
+            pin_code = Some(ResponseCode::PinTriesExceeded);
+            tries
+        } else if !pin.correct {
+            pin_code = Some(wrong_pin_code(tries + 1));
+            tries + 1
+        } else {
+            0
+        };
+        posting.pin = Some((tries, settled, card.pvv.clone()));
+    }
     if let Some(code) = pin_code.or(req.decline) {
-        let entry = finish_journal(c, &journal_id, code, &Answer::default()).await?;
-        return Ok(AuthOutcome::Done(entry));
+        return done(posting, code);
     }
 
     // the terminal gave up on this request and reversed it before it reached us (or while
     // it was in flight): apply nothing, so the reversal and the request net to zero
-    let reversed_before: Option<String> = c
-        .scalar_opt(
-            "SELECT id FROM journal WHERE kind = 'reversal' AND orig_terminal_id = $1 \
-             AND orig_stan = $2 AND orig_transmission = $3 LIMIT 1",
-            &[
-                Arg::from(req.identity.terminal_id.as_str()),
-                Arg::from(&req.identity.stan),
-                Arg::from(&req.identity.transmission),
-            ],
-        )
-        .await?;
-    if reversed_before.is_some() {
-        c.execute(MARK_REVERSED, &[Arg::from(&journal_id)]).await?;
-        let entry = finish_journal(
-            c,
-            &journal_id,
-            ResponseCode::NoActionTaken,
-            &Answer::default(),
-        )
-        .await?;
-        return Ok(AuthOutcome::Done(entry));
+    if placeholder || view.reversed_before {
+        posting.entry.reversed = true;
+        return done(posting, ResponseCode::NoActionTaken);
     }
 
     if let Some(issuer) = &req.issuer_answer {
         let (code, answer) = issuer_journal_answer(issuer);
-        let entry = finish_journal(c, &journal_id, code, &answer).await?;
-        return Ok(AuthOutcome::Done(entry));
+        posting.entry.auth_code = answer.auth_code.map(str::to_string);
+        posting.entry.ledger_balance = answer.ledger;
+        posting.entry.available_balance = answer.available;
+        return done(posting, code);
     }
 
     let account_id = req
         .account_id
         .as_ref()
         .ok_or_else(|| StoreError::invalid("accountId: required to authorize"))?;
-    // the account row lock serializes every balance decision on this account
-    let account = c
-        .query_opt(
-            "SELECT currency, balance, daily_withdrawal_limit FROM accounts WHERE id = $1\
-             {for_no_key_update}",
-            &[Arg::from(account_id.as_str())],
-        )
-        .await?
+    let account = view
+        .account
+        .as_ref()
+        .filter(|a| &a.id == account_id)
         .ok_or_else(|| StoreError::not_found(format!("account {account_id}")))?;
-    let currency: String = account.try_get("currency")?;
-    let balance: i64 = account.try_get("balance")?;
-    let limit: i64 = account.try_get("daily_withdrawal_limit")?;
-
-    let (code, ledger, day) = if currency != req.currency {
+    if account.currency != req.currency {
         // no currency conversion in the switch: refuse rather than debit the wrong amount
-        (ResponseCode::InvalidTransaction, None, None)
-    } else {
-        match req.kind {
-            AuthKind::Balance => (ResponseCode::Approved, Some(balance), None),
-            AuthKind::Withdrawal { amount } => {
-                let day = utc_day(now);
-                if let Some(ceiling) = req.force_post_ceiling.filter(|_| req.force_post)
-                    && amount > 0
-                {
-                    claim_station_advice(c, &req.identity.terminal_id, &day, amount, &ceiling)
-                        .await?;
-                }
-                // read after the account lock: a fresh snapshot sees every committed debit
-                let withdrawn: i64 = c
-                    .scalar(
-                        "SELECT COALESCE((SELECT total FROM daily_withdrawals \
-                         WHERE account_id = $1 AND day = $2), 0)",
-                        &[Arg::from(account_id.as_str()), Arg::from(&day)],
-                    )
-                    .await?;
-                match withdrawal_decision(amount, balance, withdrawn, limit, req.force_post) {
-                    ResponseCode::Approved => {
-                        // a forced post may overdraw; anything else never does
-                        let new_balance: Option<i64> = c
-                            .scalar_opt(
-                                "UPDATE accounts SET balance = balance - $2 \
-                                 WHERE id = $1 AND ($3 OR balance >= $2) RETURNING balance",
-                                &[
-                                    Arg::from(account_id.as_str()),
-                                    Arg::from(amount),
-                                    Arg::from(req.force_post),
-                                ],
-                            )
-                            .await?;
-                        match new_balance {
-                            Some(b) => {
-                                c.execute(
-                                    "INSERT INTO daily_withdrawals (account_id, day, total) \
-                                     VALUES ($1, $2, $3) ON CONFLICT (account_id, day) \
-                                     DO UPDATE SET total = daily_withdrawals.total + excluded.total",
-                                    &[
-                                        Arg::from(account_id.as_str()),
-                                        Arg::from(&day),
-                                        Arg::from(amount),
-                                    ],
-                                )
-                                .await?;
-                                (ResponseCode::Approved, Some(b), Some(day))
-                            }
-                            // the lock makes this unreachable; refuse rather than overdraw
-                            None => (ResponseCode::InsufficientFunds, None, None),
-                        }
-                    }
-                    other => (other, None, None),
-                }
-            }
-        }
-    };
-    let auth_code = (code == ResponseCode::Approved).then_some(req.auth_code.as_str());
-    let entry = finish_journal(
-        c,
-        &journal_id,
-        code,
-        &Answer {
-            auth_code,
-            ledger,
-            available: ledger,
-            business_day: day.as_deref(),
-            ..Answer::default()
-        },
-    )
-    .await?;
-    if let Some(advice) = req.advice.as_ref().filter(|_| entry.approved()) {
-        let advice = NewAdvice {
-            reference: advice
-                .reference
-                .clone()
-                .or_else(|| Some(journal_id.clone())),
-            ..advice.clone()
-        };
-        insert_advice(c, &advice).await?;
+        return done(posting, ResponseCode::InvalidTransaction);
     }
-    Ok(AuthOutcome::Done(entry))
+    let amount = match req.kind {
+        AuthKind::Balance => {
+            posting.entry.ledger_balance = Some(account.balance);
+            posting.entry.available_balance = Some(account.balance);
+            posting.entry.auth_code = Some(req.auth_code.clone());
+            return done(posting, ResponseCode::Approved);
+        }
+        AuthKind::Withdrawal { amount } => amount,
+    };
+    if let Some(ceiling) = req.force_post_ceiling.filter(|_| req.force_post)
+        && amount > 0
+    {
+        let station = &req.identity.terminal_id;
+        if let Some(refused) = over_advice_ceiling(station, amount, &ceiling) {
+            return Err(refused);
+        }
+        let total = view
+            .station_total
+            .checked_add(amount)
+            .filter(|t| *t <= ceiling.per_day)
+            .ok_or_else(|| over_daily_ceiling(station, amount, &ceiling))?;
+        posting.station = Some((view.station_total, total));
+    }
+    let code = withdrawal_decision(
+        amount,
+        account.balance,
+        view.withdrawn,
+        account.daily_withdrawal_limit,
+        req.force_post,
+    );
+    if code != ResponseCode::Approved {
+        posting.station = None;
+        return done(posting, code);
+    }
+    // a forced post may overdraw; anything else never does (the decision checked the balance)
+    let balance = account
+        .balance
+        .checked_sub(amount)
+        .ok_or_else(|| StoreError::invalid(format!("amount {amount}: out of range")))?;
+    let withdrawn = view
+        .withdrawn
+        .checked_add(amount)
+        .ok_or_else(|| StoreError::invalid(format!("amount {amount}: out of range")))?;
+    posting.debit = Some((
+        account.balance,
+        account.daily_withdrawal_limit,
+        account.currency.clone(),
+        balance,
+    ));
+    posting.daily = Some((view.withdrawn, withdrawn));
+    posting.business_day = Some(view.key.day.clone());
+    posting.entry.ledger_balance = Some(balance);
+    posting.entry.available_balance = Some(balance);
+    posting.entry.auth_code = Some(req.auth_code.clone());
+    if let Some(advice) = &req.advice {
+        saf::validate_new_advice(advice)?;
+        let reference = advice
+            .reference
+            .clone()
+            .unwrap_or_else(|| posting.entry.id.clone());
+        posting.advice = Some((advice.clone(), reference, advice.payload.to_string()));
+    }
+    done(posting, ResponseCode::Approved)
 }
+
+impl Posting {
+    /// The guarded writes, in the order every posting takes its rows: the journal row (a
+    /// concurrent copy of the request loses here, before it locks anything), the card, the
+    /// account, the day's totals, the advice.
+    fn steps(&self) -> Vec<Step<'_>> {
+        let e = &self.entry;
+        let mut steps = Vec::with_capacity(6);
+        let journal_args = vec![
+            Arg::from(&e.id),
+            Arg::from(&e.digest),
+            Arg::from(&e.mti),
+            Arg::from(e.kind.as_str()),
+            Arg::from(e.amount),
+            Arg::from(&e.currency),
+            Arg::from(&e.response_code),
+            Arg::from(&e.rrn),
+            Arg::from(e.auth_code.as_deref()),
+            Arg::from(e.ledger_balance),
+            Arg::from(e.available_balance),
+            Arg::from(self.account_id.as_ref().map(AccountId::as_str)),
+            Arg::from(self.card_id.as_ref().map(CardId::as_str)),
+            Arg::from(self.business_day.as_deref()),
+            Arg::from(e.reversed),
+            Arg::from(e.upstream_ref.as_deref()),
+            Arg::from(e.created_at),
+            Arg::from(e.identity.terminal_id.as_str()),
+            Arg::from(&e.identity.stan),
+            Arg::from(&e.identity.transmission),
+        ];
+        steps.push(Step {
+            sql: if self.placeholder {
+                ADOPT_PLACEHOLDER
+            } else {
+                INSERT_JOURNAL
+            },
+            args: journal_args,
+            required: true,
+        });
+        if let (Some((read, now, pvv)), Some(card)) = (&self.pin, &self.card_id) {
+            steps.push(Step {
+                sql: "UPDATE cards SET pin_tries = $2, pin_pending = CASE WHEN pin_pending > 0 \
+                      THEN pin_pending - 1 ELSE 0 END \
+                      WHERE id = $1 AND pin_tries = $3 AND pvv = $4{after}",
+                args: vec![
+                    Arg::from(card.as_str()),
+                    Arg::from(*now),
+                    Arg::from(*read),
+                    Arg::from(pvv),
+                ],
+                required: true,
+            });
+        }
+        if let (Some((balance, limit, currency, now)), Some(account)) =
+            (&self.debit, &self.account_id)
+        {
+            steps.push(Step {
+                sql: "UPDATE accounts SET balance = $2 WHERE id = $1 AND balance = $3 \
+                      AND daily_withdrawal_limit = $4 AND currency = $5{after}",
+                args: vec![
+                    Arg::from(account.as_str()),
+                    Arg::from(*now),
+                    Arg::from(*balance),
+                    Arg::from(*limit),
+                    Arg::from(currency),
+                ],
+                required: true,
+            });
+        }
+        if let (Some((read, now)), Some(account), Some(day)) =
+            (&self.daily, &self.account_id, &self.business_day)
+        {
+            steps.push(Step {
+                sql: "INSERT INTO daily_withdrawals (account_id, day, total) \
+                      SELECT $1, $2, $3 WHERE TRUE{after} \
+                      ON CONFLICT (account_id, day) DO UPDATE SET total = excluded.total \
+                      WHERE daily_withdrawals.total = $4",
+                args: vec![
+                    Arg::from(account.as_str()),
+                    Arg::from(day),
+                    Arg::from(*now),
+                    Arg::from(*read),
+                ],
+                required: true,
+            });
+        }
+        if let (Some((read, now)), Some(day)) = (&self.station, &self.business_day) {
+            steps.push(Step {
+                sql: "INSERT INTO station_advice_days (station_id, day, total) \
+                      SELECT $1, $2, $3 WHERE TRUE{after} \
+                      ON CONFLICT (station_id, day) DO UPDATE SET total = excluded.total \
+                      WHERE station_advice_days.total = $4",
+                args: vec![
+                    Arg::from(e.identity.terminal_id.as_str()),
+                    Arg::from(day),
+                    Arg::from(*now),
+                    Arg::from(*read),
+                ],
+                required: true,
+            });
+        }
+        if let Some((a, reference, payload)) = &self.advice {
+            // already queued under its key: left as it is
+            steps.push(Step {
+                sql: INSERT_ADVICE,
+                args: vec![
+                    Arg::from(&a.destination),
+                    Arg::from(i64::from(a.priority)),
+                    Arg::from(a.mti.mti()),
+                    Arg::from(&a.idempotency_key),
+                    Arg::Json(payload),
+                    Arg::from(reference),
+                    Arg::from(micros(a.created_at)),
+                ],
+                required: false,
+            });
+        }
+        steps
+    }
+}
+
+/// `$1..$17` the row, `$18..$20` the identity.
+const INSERT_JOURNAL: &str = "INSERT INTO journal (id, digest, mti, kind, amount, currency, \
+     response_code, rrn, auth_code, ledger_balance, available_balance, account_id, card_id, \
+     business_day, reversed, upstream_ref, created_at, terminal_id, stan, transmission) \
+     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
+     $19, $20 WHERE TRUE{after} ON CONFLICT (terminal_id, stan, transmission) DO NOTHING";
+
+/// Fills in the row a reversal placed for this identity (`$1`, an empty digest) before the
+/// request arrived; the identity (`$18..$20`) is the row's already.
+const ADOPT_PLACEHOLDER: &str = "UPDATE journal SET digest = $2, mti = $3, kind = $4, \
+     amount = $5, currency = $6, response_code = $7, rrn = $8, auth_code = $9, \
+     ledger_balance = $10, available_balance = $11, account_id = $12, card_id = $13, \
+     business_day = $14, reversed = $15, upstream_ref = $16, created_at = $17 \
+     WHERE id = $1 AND digest = '' AND terminal_id = $18 AND stan = $19 \
+     AND transmission = $20{after}";
+
+/// A stand-in advice queued with its approval.
+const INSERT_ADVICE: &str = "INSERT INTO saf_messages (destination, priority, mti, \
+     idempotency_key, payload, reference, next_attempt_at, created_at) \
+     SELECT $1, $2, $3, $4, $5{jsonb}, $6, $7, $7 WHERE TRUE{after} \
+     ON CONFLICT (idempotency_key) DO NOTHING";
 
 pub(crate) async fn reverse(
     c: &mut impl Conn,
@@ -439,29 +771,73 @@ pub(crate) async fn reverse(
         return answer_existing(c, &req.identity, &req.digest).await;
     };
     lock_identity(c, &req.original).await?;
+    let original_sql = "SELECT id, digest, kind, amount, currency, response_code, reversed, account_id, \
+         business_day, upstream_ref FROM journal \
+         WHERE terminal_id = $1 AND stan = $2 AND transmission = $3 AND id <> $4\
+         {for_no_key_update}";
+    let original_args = [
+        Arg::from(req.original.terminal_id.as_str()),
+        Arg::from(&req.original.stan),
+        Arg::from(&req.original.transmission),
+        Arg::from(&journal_id),
+    ];
+    // a row another reversal placed (empty digest) is no original either
     let original = c
-        .query_opt(
-            "SELECT id, kind, amount, currency, response_code, reversed, account_id, \
-             business_day, upstream_ref FROM journal \
-             WHERE terminal_id = $1 AND stan = $2 AND transmission = $3 AND id <> $4\
-             {for_no_key_update}",
-            &[
-                Arg::from(req.original.terminal_id.as_str()),
-                Arg::from(&req.original.stan),
-                Arg::from(&req.original.transmission),
-                Arg::from(&journal_id),
-            ],
-        )
-        .await?;
-    let Some(original) = original else {
-        let entry = finish_journal(
-            c,
-            &journal_id,
-            ResponseCode::NoActionTaken,
-            &Answer::default(),
-        )
-        .await?;
-        return Ok(AuthOutcome::Done(entry));
+        .query_opt(original_sql, &original_args)
+        .await?
+        .filter(|row| row.try_get::<String>("digest").is_ok_and(|d| !d.is_empty()));
+    let original = match original {
+        Some(row) => row,
+        None => {
+            // No original (yet): place its row, reversed, so that it can never be debited —
+            // an authorization of it in flight now fails to insert its own row and decides
+            // again on this one (answering `21`). If the original's row appeared meanwhile
+            // (it committed after this transaction's last read), reverse it after all.
+            let placed = if c
+                .query_opt(
+                    "SELECT id FROM journal WHERE terminal_id = $1 AND stan = $2 \
+                     AND transmission = $3 AND digest = ''",
+                    &original_args[..3],
+                )
+                .await?
+                .is_some()
+            {
+                1 // placed by an earlier reversal: still no original
+            } else {
+                c.execute(
+                    "INSERT INTO journal (id, terminal_id, stan, transmission, digest, mti, \
+                     kind, currency, response_code, rrn, created_at, reversed) \
+                     VALUES ($1, $2, $3, $4, '', '0200', 'withdrawal', '', '21', '', $5, TRUE) \
+                     ON CONFLICT (terminal_id, stan, transmission) DO NOTHING",
+                    &[
+                        Arg::from(uuid::Uuid::new_v4().to_string().as_str()),
+                        Arg::from(req.original.terminal_id.as_str()),
+                        Arg::from(&req.original.stan),
+                        Arg::from(&req.original.transmission),
+                        Arg::from(now),
+                    ],
+                )
+                .await?
+            };
+            let arrived = if placed == 1 {
+                None
+            } else {
+                c.query_opt(original_sql, &original_args).await?
+            };
+            match arrived {
+                Some(row) => row,
+                None => {
+                    let entry = finish_journal(
+                        c,
+                        &journal_id,
+                        ResponseCode::NoActionTaken,
+                        &Answer::default(),
+                    )
+                    .await?;
+                    return Ok(AuthOutcome::Done(entry));
+                }
+            }
+        }
     };
     let original_id: String = original.try_get("id")?;
     let kind: String = original.try_get("kind")?;

@@ -210,6 +210,16 @@ impl<E: Engine> Database for CoreStore<E> {
         autocommit_script!(self, |c| ledger::release_pin_try(c, &card).await)
     }
 
+    async fn authorization_view(&self, key: &ViewKey) -> Result<AuthView, StoreError> {
+        let key = key.clone();
+        if key.reserve_pin_at.is_some() {
+            // a write: one statement on PostgreSQL, the writer on SQLite
+            autocommit_script!(self, |c| ledger::read_view(c, key).await)
+        } else {
+            read_script!(self, |c| ledger::read_view(c, key).await)
+        }
+    }
+
     async fn reset_pin(&self, card: &CardId, pvv: &str, actor: &str) -> Result<(), StoreError> {
         let (card, pvv, actor) = (card.clone(), pvv.to_string(), actor.to_string());
         write_script!(self, |c| ledger::reset_pin(c, &card, &pvv, &actor).await)
@@ -222,7 +232,8 @@ impl<E: Engine> Database for CoreStore<E> {
 
     async fn authorize(&self, req: &AuthRequest) -> Result<AuthOutcome, StoreError> {
         let req = req.clone();
-        write_script!(self, |c| ledger::authorize(c, &req).await)
+        // no transaction: the view is one statement, the posting another (atomic on its own)
+        autocommit_script!(self, |c| ledger::authorize(c, req).await)
     }
 
     async fn reverse(&self, req: &ReversalRequest) -> Result<AuthOutcome, StoreError> {
