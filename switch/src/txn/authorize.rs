@@ -200,14 +200,21 @@ pub async fn handle(
                 super::routed::authorize(ctx, terminal, request, fin, &head, name).await
             }
         };
-        let Ok(posting) = decided else {
-            release_pin_try(ctx, terminal, reserved.as_ref()).await;
-            return coded(ResponseCode::SystemMalfunction);
+        let posting = match decided {
+            Ok(posting) => posting,
+            Err(Unposted { pin_try }) => {
+                release_pin_try(ctx, terminal, reserved.as_ref()).await;
+                release_pin_try(ctx, terminal, pin_try.as_ref().map(|p| &p.card_id)).await;
+                return coded(ResponseCode::SystemMalfunction);
+            }
         };
-        if posting.pin_try().is_none() {
-            // declined before its PIN was checked (card, expiry, no usable TPK)
-            release_pin_try(ctx, terminal, reserved.take().as_ref()).await;
+        // from here the try this request holds is its posting's (settled by it): one declined
+        // before its PIN was checked (card, expiry, no usable TPK) gives the view's back
+        let held = posting.pin_try().map(|p| p.card_id.clone());
+        if held.is_none() {
+            release_pin_try(ctx, terminal, reserved.as_ref()).await;
         }
+        reserved = held;
 
         // 4. post: one guarded write
         let stand_in = posting.is_stand_in();
@@ -267,10 +274,13 @@ pub async fn handle(
     }
 }
 
-/// A request that will not be journaled (answered `96`): the store or the HSM failed before
-/// anything was decided.
+/// A request that will not be journaled (answered `96`), with the PIN try it reserved itself
+/// and must give back (stand-in; an on-us request's try is the view's).
 #[derive(Debug, Default)]
-pub(crate) struct Unposted;
+pub(crate) struct Unposted {
+    /// The try reserved (and checked) before it failed.
+    pub pin_try: Option<PinTry>,
+}
 
 /// An on-us card (as the request's view read it, with its PIN try reserved): status and PIN
 /// decide between a decline and a ledger posting.
@@ -376,7 +386,7 @@ pub(crate) async fn card_posting(
         }),
         // the store journals 75 instead when this is the third consecutive wrong PIN
         Ok(pin_try) => decline(ResponseCode::IncorrectPin, Some(pin_try)),
-        Err(ResponseCode::SystemMalfunction) => Err(Unposted),
+        Err(ResponseCode::SystemMalfunction) => Err(Unposted::default()),
         Err(code) => decline(code, None),
     }
 }

@@ -74,11 +74,11 @@ pub(crate) async fn authorize(
             upstream,
             "routed withdrawal refused: the hold of reversal advices is full"
         );
-        return Err(Unposted);
+        return Err(Unposted::default());
     }
     let sent = match forward(ctx, link, terminal, request, &fin.pan, head).await {
         Ok(sent) => sent,
-        Err(ResponseCode::SystemMalfunction) => return Err(Unposted),
+        Err(ResponseCode::SystemMalfunction) => return Err(Unposted::default()),
         Err(code) => return Ok(Posting::decline(code)),
     };
     match sent.result {
@@ -104,7 +104,7 @@ pub(crate) async fn authorize(
                     .await
                     .is_err()
             {
-                return Err(Unposted);
+                return Err(Unposted::default());
             }
             stand_in(ctx, link, terminal, request, fin, head).await
         }
@@ -271,7 +271,7 @@ async fn stand_in(
         Ok(Some(card)) if card.upstream.as_deref() == Some(link.name()) => card,
         // no stand-in data shared for this card: stand-in never skips the PIN
         Ok(_) => return unavailable,
-        Err(_) => return Err(Unposted),
+        Err(_) => return Err(Unposted::default()),
     };
     let posting = card_posting(
         ctx,
@@ -286,7 +286,9 @@ async fn stand_in(
     let Posting::Ledger { card, pin_try, .. } = posting else {
         return Ok(posting);
     };
-    let unposted = || Unposted;
+    let unposted = || Unposted {
+        pin_try: pin_try.clone(),
+    };
     let stan = link.next_stan().await.map_err(|_| unposted())?;
     let mut advice = Message::new(Mti::parse("0220").map_err(|_| unposted())?);
     for &f in FORWARDED {
