@@ -112,6 +112,22 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
+/// Whether `value` is `address/prefix` with a prefix that fits the address family (what the
+/// API server accepts in a NetworkPolicy `ipBlock`).
+fn is_cidr(value: &str) -> bool {
+    let Some((addr, prefix)) = value.split_once('/') else {
+        return false;
+    };
+    let Ok(prefix) = prefix.parse::<u8>() else {
+        return false;
+    };
+    match addr.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => prefix <= 32,
+        Ok(std::net::IpAddr::V6(_)) => prefix <= 128,
+        Err(_) => false,
+    }
+}
+
 /// Validates the object and returns what the builders need.
 pub fn validate(bs: &BankSwitch) -> Result<ValidatedBankSwitch, ValidationError> {
     let name = bs
@@ -268,6 +284,48 @@ pub fn validate(bs: &BankSwitch) -> Result<ValidatedBankSwitch, ValidationError>
                     route.upstream
                 ),
             );
+        }
+    }
+
+    if let Some(tls) = &spec.tls {
+        if tls.issuer_ref.is_some() == tls.secret_name.is_some() {
+            problem(
+                "spec.tls",
+                "needs exactly one of issuerRef (cert-manager) or secretName (an existing TLS Secret)"
+                    .into(),
+            );
+        }
+        if tls.iso8583_client_auth && !tls.iso8583 {
+            problem(
+                "spec.tls.iso8583ClientAuth",
+                "client certificates on the ISO 8583 port need iso8583: true".into(),
+            );
+        }
+    }
+    let np = &spec.network_policy;
+    for (field, peers) in [
+        ("isoFrom", &np.iso_from),
+        ("adminFrom", &np.admin_from),
+        ("egressTo", &np.egress_to),
+    ] {
+        for (i, peer) in peers.iter().enumerate() {
+            let field = format!("spec.networkPolicy.{field}[{i}]");
+            let selectors = peer.namespace_selector.is_some() || peer.pod_selector.is_some();
+            match &peer.cidr {
+                Some(_) if selectors => problem(
+                    &field,
+                    "is either a cidr or namespace/pod selectors, not both".into(),
+                ),
+                Some(cidr) if !is_cidr(cidr) => problem(
+                    &format!("{field}.cidr"),
+                    format!("`{cidr}` is not an address block like 10.20.0.0/16 or fd00::/8"),
+                ),
+                None if !selectors => problem(
+                    &field,
+                    "needs a cidr or a namespaceSelector/podSelector".into(),
+                ),
+                _ => {}
+            }
         }
     }
 

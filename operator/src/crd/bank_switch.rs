@@ -110,6 +110,16 @@ pub struct BankSwitchSpec {
     /// When true the operator changes nothing for this BankSwitch (status is still reported).
     #[serde(default)]
     pub paused: bool,
+
+    /// TLS for the admin API (the operator then talks HTTPS and verifies the CA) and,
+    /// optionally, the ISO 8583 port. Absent: plain TCP and HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::security::TlsSpec>,
+
+    /// A NetworkPolicy admitting ATMs/stations to the ISO port, the operator to the admin port
+    /// and Prometheus to the metrics port (on by default).
+    #[serde(default)]
+    pub network_policy: super::security::NetworkPolicySpec,
 }
 
 fn default_replicas() -> i32 {
