@@ -254,12 +254,15 @@ fn cert_manager_certificate_covers_both_services_and_labels_its_secret() {
     // what the operator dials, and what ATMs inside the cluster dial
     assert!(dns.contains(&"secure-admin.payments.svc"));
     assert!(dns.contains(&"secure-iso.payments.svc.cluster.local"));
+    // and the name ATMs dial through the load balancer
+    assert!(dns.contains(&"atm.acquirer.example"));
     assert_eq!(cert["metadata"]["ownerReferences"][0]["kind"], "BankSwitch");
 
     // secretName instead: no Certificate, the named Secret is mounted
     let mut bs = fixture("tls-cert-manager.yaml");
     let tls = bs.spec.tls.as_mut().expect("tls");
     tls.issuer_ref = None;
+    tls.dns_names.clear();
     tls.secret_name = Some("bring-your-own".into());
     let o = build_all(
         &validate(&bs).expect("valid"),
@@ -416,6 +419,7 @@ fn network_policies_admit_only_what_each_port_is_for() {
 fn bad_tls_and_peer_specs_are_refused_with_their_field() {
     let mut bs = fixture("tls-cert-manager.yaml");
     bs.spec.tls.as_mut().expect("tls").secret_name = Some("also".into());
+    bs.spec.tls.as_mut().expect("tls").dns_names = vec!["-bad.example".into()];
     bs.spec.network_policy.iso_from[0].cidr = Some("10.40.0.0/33".into());
     bs.spec.network_policy.egress_to[0].cidr = None;
     let err = validate(&bs).expect_err("invalid").to_string();
@@ -424,6 +428,7 @@ fn bad_tls_and_peer_specs_are_refused_with_their_field() {
         "{err}"
     );
     assert!(err.contains("spec.networkPolicy.isoFrom[0].cidr"), "{err}");
+    assert!(err.contains("spec.tls.dnsNames[0]"), "{err}");
     assert!(
         err.contains("spec.networkPolicy.egressTo[0]: needs a cidr"),
         "{err}"

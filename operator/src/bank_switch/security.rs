@@ -69,7 +69,7 @@ pub fn build_certificate(bs: &ValidatedBankSwitch) -> Option<DynamicObject> {
                 "secretName": secret,
                 "secretTemplate": { "labels": { SECRET_OPT_IN_LABEL: bs.name } },
                 "commonName": names::admin_service(&bs.name),
-                "dnsNames": service_dns_names(bs),
+                "dnsNames": service_dns_names(bs).into_iter().chain(tls.dns_names.iter().cloned()).collect::<Vec<_>>(),
                 "duration": "2160h",
                 "renewBefore": "360h",
                 "privateKey": { "algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always" },

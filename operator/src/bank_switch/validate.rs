@@ -128,6 +128,23 @@ fn is_cidr(value: &str) -> bool {
     }
 }
 
+/// A DNS name cert-manager accepts in `dnsNames`: dot-separated labels of letters, digits and
+/// hyphens (not at either end), at most 253 characters; a leading `*.` wildcard is allowed.
+fn is_dns_name(value: &str) -> bool {
+    let name = value.strip_prefix("*.").unwrap_or(value);
+    !name.is_empty()
+        && value.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
 /// Validates the object and returns what the builders need.
 pub fn validate(bs: &BankSwitch) -> Result<ValidatedBankSwitch, ValidationError> {
     let name = bs
@@ -294,6 +311,23 @@ pub fn validate(bs: &BankSwitch) -> Result<ValidatedBankSwitch, ValidationError>
                 "needs exactly one of issuerRef (cert-manager) or secretName (an existing TLS Secret)"
                     .into(),
             );
+        }
+        if !tls.dns_names.is_empty() && tls.issuer_ref.is_none() {
+            problem(
+                "spec.tls.dnsNames",
+                "names go into the cert-manager Certificate; with secretName the Secret's certificate decides"
+                    .into(),
+            );
+        }
+        for (i, dns) in tls.dns_names.iter().enumerate() {
+            if !is_dns_name(dns) {
+                problem(
+                    &format!("spec.tls.dnsNames[{i}]"),
+                    format!(
+                        "`{dns}` is not a DNS name like atm.bank.example (a leading *. is allowed)"
+                    ),
+                );
+            }
         }
         if tls.iso8583_client_auth && !tls.iso8583 {
             problem(

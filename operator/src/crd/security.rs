@@ -28,6 +28,11 @@ pub struct TlsSpec {
     /// Require client certificates signed by the Secret's `ca.crt` on the ISO 8583 port (mTLS).
     #[serde(default)]
     pub iso8583_client_auth: bool,
+    /// More DNS names for the cert-manager Certificate besides the Services' own, e.g. the name
+    /// ATMs dial through the load balancer (`issuerRef` only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub dns_names: Vec<String>,
 }
 
 /// A cert-manager issuer.
