@@ -852,3 +852,19 @@ async fn issuer_ref_applies_the_certificate_and_waits_for_its_secret() {
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn simulator_is_applied_when_enabled_and_removed_when_turned_off() {
+    let h = Harness::new("embedded-simulator.yaml", JobOutcome::Complete, false, None);
+    let writes = h.reconcile().await;
+    let service = format!("/api/v1/namespaces/{NS}/services/staging-atm");
+    assert!(patched(&writes, &deploy_path("staging-atm")), "{writes:?}");
+    assert!(patched(&writes, &service), "{writes:?}");
+    h.reconcile().await;
+    assert_eq!(h.reconcile().await, vec![], "steady state with the web ATM");
+    h.edit(|spec| spec["simulator"]["enabled"] = json!(false));
+    h.reconcile().await;
+    assert!(h.fake.get(&deploy_path("staging-atm")).is_none());
+    assert!(h.fake.get(&service).is_none());
+    assert!(h.fake.get(&deploy_path("staging-switch")).is_some());
+}

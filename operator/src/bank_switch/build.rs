@@ -114,6 +114,8 @@ pub struct DesiredObjects {
     pub certificate: Option<DynamicObject>,
     /// NetworkPolicies of `spec.networkPolicy` (empty when disabled).
     pub network_policies: Vec<k8s_openapi::api::networking::v1::NetworkPolicy>,
+    /// Web ATM Deployment and Service (`spec.simulator.enabled`).
+    pub simulator: Option<super::simulator::SimulatorObjects>,
 }
 
 impl DesiredObjects {
@@ -142,6 +144,10 @@ impl DesiredObjects {
         push(&mut out, self.certificate.as_ref())?;
         for policy in &self.network_policies {
             push(&mut out, Some(policy))?;
+        }
+        if let Some(sim) = &self.simulator {
+            push(&mut out, Some(&sim.service))?;
+            push(&mut out, Some(&sim.deployment))?;
         }
         Ok(out)
     }
@@ -227,6 +233,7 @@ pub fn build_all(
         },
         certificate: super::security::build_certificate(bs),
         network_policies: super::security::build_network_policies(bs, &inputs.operator_namespace),
+        simulator: super::simulator::build_simulator(bs),
         config_map,
     })
 }

@@ -6,6 +6,7 @@ pub mod dereference;
 pub mod scaling;
 pub mod secrets;
 pub mod security;
+pub mod simulator;
 pub mod status;
 pub mod validate;
 
@@ -571,6 +572,14 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
             {
                 delete_old_migrations(&jobs, &name, job, uid).await?;
             }
+            simulator::apply(
+                &applier,
+                &deployments,
+                &name,
+                desired.simulator.as_ref(),
+                owner_uid.as_deref(),
+            )
+            .await?;
         }
 
         for (kind, object) in [

@@ -249,11 +249,27 @@ pub fn build_network_policies(
     };
     let mut admin_from = vec![operator];
     admin_from.extend(np.admin_from.iter().map(peer));
+    // the web ATM provisions its terminal through the admin API and is an ATM on the ISO port
+    let simulator = bs.spec.simulator.enabled.then(|| NetworkPolicyPeer {
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(selector_labels(bs, super::simulator::COMPONENT)),
+            ..LabelSelector::default()
+        }),
+        ..NetworkPolicyPeer::default()
+    });
+    admin_from.extend(simulator.clone());
+    let iso_from = (!np.iso_from.is_empty()).then(|| {
+        np.iso_from
+            .iter()
+            .map(peer)
+            .chain(simulator)
+            .collect::<Vec<_>>()
+    });
     let switch_ingress = vec![
         NetworkPolicyIngressRule {
             // an absent `from` admits every source: ATMs arrive through a load balancer from
             // anywhere, and the channel authenticates them (MACs, and certificates with mTLS)
-            from: (!np.iso_from.is_empty()).then(|| np.iso_from.iter().map(peer).collect()),
+            from: iso_from,
             ports: Some(vec![tcp(bs.spec.iso8583.port)]),
         },
         NetworkPolicyIngressRule {

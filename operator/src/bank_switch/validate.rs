@@ -329,6 +329,13 @@ pub fn validate(bs: &BankSwitch) -> Result<ValidatedBankSwitch, ValidationError>
                 );
             }
         }
+        if spec.simulator.enabled && (!tls.iso8583 || tls.iso8583_client_auth) {
+            problem(
+                "spec.simulator.enabled",
+                "with spec.tls the web ATM needs tls.iso8583: true and iso8583ClientAuth: false (it verifies both ports with the Secret's ca.crt and has no client certificate)"
+                    .into(),
+            );
+        }
         if tls.iso8583_client_auth && !tls.iso8583 {
             problem(
                 "spec.tls.iso8583ClientAuth",

@@ -120,6 +120,26 @@ pub struct BankSwitchSpec {
     /// and Prometheus to the metrics port (on by default).
     #[serde(default)]
     pub network_policy: super::security::NetworkPolicySpec,
+
+    /// A web ATM (`switchyard-atm web`, port 7070) wired to this switch, for staging and demos:
+    /// a terminal of its own with test cards, provisioned through the admin API at start-up.
+    #[serde(default)]
+    pub simulator: SimulatorSpec,
+}
+
+/// `spec.simulator`: the web ATM Deployment and Service.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SimulatorSpec {
+    /// Run the web ATM (never in production: it issues test cards on the switch).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Image holding `switchyard-atm` (default: the switch image, which contains it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// On-us BIN of the test cards it issues (default `6011`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card_bin: Option<String>,
 }
 
 fn default_replicas() -> i32 {
