@@ -87,7 +87,8 @@ def test_same_rbac_rules_and_bindings(chart_default, kustomize_base):
     rbac = [
         k for k in chart if k[0] in ("ClusterRole", "Role", "ClusterRoleBinding", "RoleBinding")
     ]
-    assert len(rbac) == 4
+    # the operator's ClusterRole and binding, the Lease Role and binding, view and edit
+    assert len(rbac) == 6
     for k in rbac:
         for field in ("rules", "roleRef", "subjects"):
             assert chart[k].get(field) == kust[k].get(field), f"{k} {field} differ"

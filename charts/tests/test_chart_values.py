@@ -25,6 +25,13 @@ def one(rendered, kind):
     return found[0]
 
 
+def operator_cluster_role(rendered, name="switchyard-operator"):
+    """The operator's ClusterRole (the others are the user-facing aggregated ones)."""
+    found = [o for o in objs(rendered, "ClusterRole") if o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected the ClusterRole {name}"
+    return found[0]
+
+
 # --- values.schema.json ------------------------------------------------------------------
 
 
@@ -88,7 +95,7 @@ def test_default_names_follow_the_release():
     r = render({"fullnameOverride": "sy"})
     assert {
         o["metadata"]["name"] for o in r.objects if o["kind"] != "CustomResourceDefinition"
-    } == {"sy", "sy-leader-election", "sy-test-readyz"}
+    } == {"sy", "sy-leader-election", "sy-test-readyz", "sy-view", "sy-edit"}
 
 
 def test_image_tag_defaults_to_app_version_and_digest_wins():
@@ -195,7 +202,7 @@ def test_scheduling_values_reach_the_pod():
 
 def test_rbac_is_least_privilege():
     r = render()
-    rules = one(r, "ClusterRole")["rules"] + one(r, "Role")["rules"]
+    rules = operator_cluster_role(r)["rules"] + one(r, "Role")["rules"]
     for rule in rules:
         for field in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[field], rule
@@ -220,13 +227,14 @@ def allowed(rules, group, resource, verb, name=None):
     "group,resource,verb",
     [
         ("switchyard.io", "bankswitches", "watch"),
-        ("switchyard.io", "keyrotations", "patch"),
+        ("switchyard.io", "keyrotations/status", "patch"),
         ("switchyard.io", "bankswitches/status", "patch"),
         ("", "configmaps", "create"),
-        ("", "services", "delete"),
+        ("", "services", "patch"),
         ("", "persistentvolumeclaims", "create"),
-        ("", "events", "create"),
         ("events.k8s.io", "events", "patch"),
+        ("networking.k8s.io", "networkpolicies", "delete"),
+        ("cert-manager.io", "certificates", "create"),
         ("apps", "deployments", "patch"),
         ("batch", "jobs", "delete"),
         ("policy", "poddisruptionbudgets", "create"),
@@ -235,7 +243,7 @@ def allowed(rules, group, resource, verb, name=None):
     ],
 )
 def test_cluster_role_allows_what_the_operator_does(group, resource, verb):
-    assert allowed(one(render(), "ClusterRole")["rules"], group, resource, verb)
+    assert allowed(operator_cluster_role(render())["rules"], group, resource, verb)
 
 
 @pytest.mark.parametrize(
@@ -247,12 +255,15 @@ def test_cluster_role_allows_what_the_operator_does(group, resource, verb):
         ("", "secrets", "watch"),
         ("", "pods", "delete"),
         ("batch", "jobs", "update"),
+        ("switchyard.io", "bankswitches", "patch"),
+        ("", "services", "delete"),
+        ("cert-manager.io", "issuers", "create"),
         ("coordination.k8s.io", "leases", "get"),
         ("rbac.authorization.k8s.io", "clusterroles", "create"),
     ],
 )
 def test_cluster_role_denies_the_rest(group, resource, verb):
-    assert not allowed(one(render(), "ClusterRole")["rules"], group, resource, verb)
+    assert not allowed(operator_cluster_role(render())["rules"], group, resource, verb)
 
 
 def test_lease_role_covers_only_the_operator_lease():
@@ -260,11 +271,12 @@ def test_lease_role_covers_only_the_operator_lease():
     role = one(r, "Role")
     assert role["metadata"]["namespace"] == NAMESPACE
     rules = role["rules"]
-    for verb in ("get", "update", "patch"):
+    for verb in ("get", "patch"):
         assert allowed(rules, "coordination.k8s.io", "leases", verb, "switchyard-operator")
         assert not allowed(rules, "coordination.k8s.io", "leases", verb, "someone-elses-lease")
     assert allowed(rules, "coordination.k8s.io", "leases", "create")
     assert not allowed(rules, "coordination.k8s.io", "leases", "delete")
+    assert not allowed(rules, "coordination.k8s.io", "leases", "update")
     binding = one(r, "RoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [

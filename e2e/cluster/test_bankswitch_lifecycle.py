@@ -103,6 +103,16 @@ def test_operator_built_the_switch_objects(kubectl, namespace):
     assert mounted, "the switch pod mounts no PersistentVolumeClaim in embedded mode"
     bound = {c["metadata"]["name"] for c in claims if c["status"].get("phase") == "Bound"}
     assert mounted <= bound
+    # spec.networkPolicy is on by default: the switch pods admit the admin port from the operator
+    # only (the API server accepted the policy the operator built, and the pod is still ready)
+    policies = owned(kubectl, namespace, uid, "networkpolicies")
+    assert [p["metadata"]["name"] for p in policies] == [f"{NAME}-switch"]
+    admin_rules = [
+        r for r in policies[0]["spec"]["ingress"] if {"port": 8080, "protocol": "TCP"} in r["ports"]
+    ]
+    assert admin_rules and admin_rules[0]["from"][0]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "switchyard-operator"
+    }
 
 
 def test_spec_change_rolls_the_switch_pods(kubectl, namespace):

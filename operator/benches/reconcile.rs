@@ -34,8 +34,9 @@ fn bench(c: &mut Criterion) {
         let inputs = BuildInputs {
             drainer_replicas: 2,
             monitoring_api_served: true,
+            operator_namespace: "switchyard-system".into(),
         };
-        let objects = build_all(&validate(&bs).expect("valid"), inputs).expect("builds");
+        let objects = build_all(&validate(&bs).expect("valid"), inputs.clone()).expect("builds");
         let observed: Vec<Value> = objects
             .to_values()
             .expect("values")
@@ -45,12 +46,15 @@ fn bench(c: &mut Criterion) {
         eprintln!("{label}: {} objects per reconcile", observed.len());
 
         c.bench_function(&format!("{label}/validate+build"), |b| {
-            b.iter(|| build_all(&validate(black_box(&bs)).expect("valid"), inputs).expect("builds"))
+            b.iter(|| {
+                build_all(&validate(black_box(&bs)).expect("valid"), inputs.clone())
+                    .expect("builds")
+            })
         });
         c.bench_function(&format!("{label}/validate+build+diff"), |b| {
             b.iter(|| {
-                let objects =
-                    build_all(&validate(black_box(&bs)).expect("valid"), inputs).expect("builds");
+                let objects = build_all(&validate(black_box(&bs)).expect("valid"), inputs.clone())
+                    .expect("builds");
                 let values = objects.to_values().expect("values");
                 values
                     .iter()

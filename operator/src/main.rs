@@ -42,6 +42,10 @@ enum Command {
         /// Identity in the Lease (the pod name).
         #[arg(long, env = "POD_NAME")]
         identity: Option<String>,
+        /// Reconcile only BankSwitch and KeyRotation objects in this namespace (needs only
+        /// namespaced Roles there); unset: every namespace (needs the ClusterRole).
+        #[arg(long, env = "SWITCHYARD_WATCH_NAMESPACE")]
+        watch_namespace: Option<String>,
     },
     /// Print the CRDs as YAML, or write them to a directory.
     Crd {
@@ -60,6 +64,9 @@ enum Command {
         /// Render as if monitoring.coreos.com were not served (no ServiceMonitor/PrometheusRule).
         #[arg(long)]
         no_monitoring_api: bool,
+        /// Namespace the operator runs in (its pods are admitted to the admin port).
+        #[arg(long, default_value = switchyard_operator::bank_switch::build::DEFAULT_OPERATOR_NAMESPACE)]
+        operator_namespace: String,
     },
 }
 
@@ -76,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
             file,
             namespace,
             no_monitoring_api,
+            operator_namespace,
         } => {
             let input = if file.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin()).context("failed to read stdin")?
@@ -86,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
             let opts = RenderOptions {
                 default_namespace: namespace,
                 monitoring_api_served: !no_monitoring_api,
+                operator_namespace,
             };
             print!("{}", render(&input, &opts)?);
         }
@@ -93,7 +102,16 @@ async fn main() -> anyhow::Result<()> {
             listen,
             lease_namespace,
             identity,
-        } => run(listen, lease_namespace, identity).await?,
+            watch_namespace,
+        } => {
+            run(
+                listen,
+                lease_namespace,
+                identity,
+                watch_namespace.filter(|n| !n.is_empty()),
+            )
+            .await?
+        }
     }
     Ok(())
 }
@@ -117,8 +135,13 @@ async fn run(
     listen: SocketAddr,
     lease_namespace: String,
     identity: Option<String>,
+    watch_namespace: Option<String>,
 ) -> anyhow::Result<()> {
     telemetry::init();
+    match &watch_namespace {
+        Some(ns) => tracing::info!(namespace = %ns, "watching one namespace"),
+        None => tracing::info!("watching every namespace"),
+    }
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -157,18 +180,15 @@ async fn run(
     let admin = SwitchAdmin::new(AdminEndpoint::ClusterService)
         .context("failed to build the HTTP client")?;
     let saf = Arc::new(HttpSafStats::new(admin.clone()));
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        Arc::clone(&metrics),
-        saf,
-        identity.clone(),
-    ));
-    let kr_ctx = Arc::new(key_rotation::Context::new(
-        client.clone(),
-        metrics,
-        admin,
-        identity.clone(),
-    ));
+    let ctx = Arc::new(
+        Context::new(client.clone(), Arc::clone(&metrics), saf, identity.clone())
+            .with_operator_namespace(lease_namespace.clone())
+            .with_watch_namespace(watch_namespace.clone()),
+    );
+    let kr_ctx = Arc::new(
+        key_rotation::Context::new(client.clone(), metrics, admin, identity.clone())
+            .with_watch_namespace(watch_namespace),
+    );
 
     let mut lease =
         LeaseManagerBuilder::new(client, "switchyard-operator").with_namespace(lease_namespace);

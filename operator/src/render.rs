@@ -17,6 +17,8 @@ pub struct RenderOptions {
     pub default_namespace: String,
     /// Render ServiceMonitor/PrometheusRule as if the monitoring API were served.
     pub monitoring_api_served: bool,
+    /// Namespace the operator runs in (its pods may reach the admin port).
+    pub operator_namespace: String,
 }
 
 impl Default for RenderOptions {
@@ -24,6 +26,7 @@ impl Default for RenderOptions {
         Self {
             default_namespace: "default".into(),
             monitoring_api_served: true,
+            operator_namespace: crate::bank_switch::build::DEFAULT_OPERATOR_NAMESPACE.into(),
         }
     }
 }
@@ -74,6 +77,7 @@ pub fn render(input: &str, opts: &RenderOptions) -> Result<String, RenderError> 
             BuildInputs {
                 drainer_replicas: validated.spec.store_and_forward.drainers.min_replicas,
                 monitoring_api_served: opts.monitoring_api_served,
+                operator_namespace: opts.operator_namespace.clone(),
             },
         )?;
         for obj in objects.to_values().map_err(RenderError::Json)? {

@@ -4,16 +4,18 @@
 //! Tokens never reach logs, errors or `Debug` output; error messages carry the URL, the HTTP
 //! status and the switch's problem `detail` (which the switch keeps free of secrets).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::{Api, Client};
+use kube::Client;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::bank_switch::build::{ADMIN_PORT, names};
-use crate::crd::bank_switch::SecretKeyRef;
+use crate::bank_switch::secrets::{SecretAccessError, read_opted_in, tls_secret_for};
+use crate::crd::bank_switch::{BankSwitchSpec, SecretKeyRef};
 
 /// How long one admin API call may take: a slow switch must not stall the reconcile loop.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -23,14 +25,26 @@ const MAX_DETAIL: usize = 300;
 /// A call to the switch admin API (or reading the token for it) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SwitchAdminError {
-    /// The token Secret could not be read.
-    #[error("failed to read admin token Secret {secret}")]
-    ReadSecret {
+    /// The token or TLS Secret could not be read (missing, not labelled for the BankSwitch, or
+    /// an API error).
+    #[error("failed to read the Secret for the switch admin API")]
+    ReadSecret(#[source] SecretAccessError),
+    /// The TLS Secret has no usable `ca.crt` to verify the admin API's certificate with.
+    #[error(
+        "Secret {secret} has no usable ca.crt (PEM certificates) to verify the switch admin API with"
+    )]
+    NoCa {
+        /// Secret name.
+        secret: String,
+    },
+    /// The HTTPS client for a CA could not be built.
+    #[error("failed to build an HTTPS client trusting the CA in Secret {secret}")]
+    Client {
         /// Secret name.
         secret: String,
         /// Cause.
         #[source]
-        source: kube::Error,
+        source: reqwest::Error,
     },
     /// The Secret lacks the key, or the tokens file has no line for the role.
     #[error(
@@ -131,22 +145,18 @@ impl BearerToken {
     }
 }
 
-/// Reads a token from `secret_ref` in `namespace`.
+/// Reads a token from `secret_ref` in `namespace`; the Secret must carry the opt-in label for
+/// BankSwitch `bankswitch`.
 pub async fn read_token(
     client: &Client,
     namespace: &str,
+    bankswitch: &str,
     secret_ref: &SecretKeyRef,
     format: TokenFormat,
 ) -> Result<BearerToken, SwitchAdminError> {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let secret =
-        secrets
-            .get(&secret_ref.name)
-            .await
-            .map_err(|source| SwitchAdminError::ReadSecret {
-                secret: secret_ref.name.clone(),
-                source,
-            })?;
+    let secret = read_opted_in(client, namespace, bankswitch, &secret_ref.name)
+        .await
+        .map_err(SwitchAdminError::ReadSecret)?;
     let no_token = || SwitchAdminError::NoToken {
         secret: secret_ref.name.clone(),
         key: secret_ref.key.clone(),
@@ -164,7 +174,8 @@ pub async fn read_token(
 /// Where the admin API of a BankSwitch is reached.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AdminEndpoint {
-    /// `http://<name>-admin.<namespace>.svc:8080`, the Service the operator builds.
+    /// `http(s)://<name>-admin.<namespace>.svc:8080`, the Service the operator builds (`https`
+    /// when the BankSwitch has `spec.tls`).
     ClusterService,
     /// One base URL for every BankSwitch (tests, or an operator run outside the cluster through
     /// a port-forward).
@@ -252,59 +263,152 @@ struct Problem {
     detail: String,
 }
 
-/// The HTTP client for every switch admin API call the operator makes.
+/// One BankSwitch's admin API: its base URL and the HTTP client to reach it with (one that
+/// trusts only that BankSwitch's CA when it serves HTTPS).
+#[derive(Clone, Debug)]
+pub struct AdminTarget {
+    /// Base URL, e.g. `https://atm-admin.payments.svc:8080`.
+    pub base: String,
+    http: reqwest::Client,
+}
+
+/// The HTTP clients for every switch admin API call the operator makes.
 #[derive(Clone, Debug)]
 pub struct SwitchAdmin {
     http: reqwest::Client,
     endpoint: AdminEndpoint,
+    /// HTTPS clients by the SHA-256 of the CA bundle they trust: one connection pool per CA,
+    /// built once (a cert-manager CA is shared by every BankSwitch it issued for).
+    tls_clients: Arc<Mutex<HashMap<[u8; 32], reqwest::Client>>>,
 }
 
 impl SwitchAdmin {
     /// A client with a short per-request timeout.
     pub fn new(endpoint: AdminEndpoint) -> Result<Self, reqwest::Error> {
-        // reqwest is built on rustls without a bundled crypto provider (no aws-lc-rs): the
-        // process's default must be set before a client is built; another caller may have
-        // set it already, which is fine
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        install_crypto_provider();
         Ok(Self {
             http: reqwest::Client::builder()
                 .timeout(REQUEST_TIMEOUT)
                 .build()?,
             endpoint,
+            tls_clients: Arc::default(),
         })
     }
 
-    /// Base URL of the admin API of BankSwitch `name` in `namespace`.
-    pub fn base_url(&self, namespace: &str, name: &str) -> String {
+    /// Base URL of the admin API of BankSwitch `name` in `namespace`, `https` when `tls`.
+    pub fn base_url(&self, namespace: &str, name: &str, tls: bool) -> String {
         match &self.endpoint {
             AdminEndpoint::ClusterService => format!(
-                "http://{}.{namespace}.svc:{ADMIN_PORT}",
+                "{}://{}.{namespace}.svc:{ADMIN_PORT}",
+                if tls { "https" } else { "http" },
                 names::admin_service(name)
             ),
             AdminEndpoint::Fixed(url) => url.trim_end_matches('/').to_owned(),
         }
     }
 
+    /// The target for `base`, trusting only the PEM certificates in `ca_pem` when given (no
+    /// system roots: the admin API's certificate comes from the BankSwitch's own CA). `secret`
+    /// names where the CA came from, for errors.
+    pub fn target_with_ca(
+        &self,
+        base: String,
+        ca_pem: Option<&[u8]>,
+        secret: &str,
+    ) -> Result<AdminTarget, SwitchAdminError> {
+        let Some(pem) = ca_pem else {
+            return Ok(AdminTarget {
+                base,
+                http: self.http.clone(),
+            });
+        };
+        let digest: [u8; 32] = Sha256::digest(pem).into();
+        if let Ok(cache) = self.tls_clients.lock()
+            && let Some(http) = cache.get(&digest)
+        {
+            return Ok(AdminTarget {
+                base,
+                http: http.clone(),
+            });
+        }
+        let no_ca = || SwitchAdminError::NoCa {
+            secret: secret.to_owned(),
+        };
+        let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|_| no_ca())?;
+        if certs.is_empty() {
+            return Err(no_ca());
+        }
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .tls_certs_only(certs)
+            .tls_version_min(reqwest::tls::Version::TLS_1_2)
+            // the token must never leave in clear once the switch speaks TLS
+            .https_only(true)
+            .build()
+            .map_err(|source| SwitchAdminError::Client {
+                secret: secret.to_owned(),
+                source,
+            })?;
+        if let Ok(mut cache) = self.tls_clients.lock() {
+            cache.insert(digest, http.clone());
+        }
+        Ok(AdminTarget { base, http })
+    }
+
+    /// The target for BankSwitch `name` in `namespace`: plain HTTP without `spec.tls`, else
+    /// HTTPS verified against `ca.crt` of its TLS Secret (read only with the opt-in label).
+    pub async fn target(
+        &self,
+        client: &Client,
+        namespace: &str,
+        name: &str,
+        spec: &BankSwitchSpec,
+    ) -> Result<AdminTarget, SwitchAdminError> {
+        let Some(tls) = &spec.tls else {
+            return self.target_with_ca(self.base_url(namespace, name, false), None, "");
+        };
+        let secret_name = tls
+            .secret_name
+            .clone()
+            .unwrap_or_else(|| tls_secret_for(name));
+        let secret = read_opted_in(client, namespace, name, &secret_name)
+            .await
+            .map_err(SwitchAdminError::ReadSecret)?;
+        let ca = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get("ca.crt"))
+            .filter(|ca| !ca.0.is_empty())
+            .ok_or_else(|| SwitchAdminError::NoCa {
+                secret: secret_name.clone(),
+            })?;
+        self.target_with_ca(
+            self.base_url(namespace, name, true),
+            Some(&ca.0),
+            &secret_name,
+        )
+    }
+
     /// `GET /v1/saf/stats` (viewer token).
     pub async fn saf_stats(
         &self,
-        base: &str,
+        target: &AdminTarget,
         token: &BearerToken,
     ) -> Result<SafStats, SwitchAdminError> {
-        let url = format!("{base}/v1/saf/stats");
-        self.send("GET", self.http.get(&url), url, token).await
+        let url = format!("{}/v1/saf/stats", target.base);
+        self.send("GET", target.http.get(&url), url, token).await
     }
 
     /// `POST /v1/key-rotations` with an `Idempotency-Key` (admin token).
     pub async fn create_rotation(
         &self,
-        base: &str,
+        target: &AdminTarget,
         token: &BearerToken,
         body: &CreateRotation,
         idempotency_key: &str,
     ) -> Result<RotationCreated, SwitchAdminError> {
-        let url = format!("{base}/v1/key-rotations");
-        let request = self
+        let url = format!("{}/v1/key-rotations", target.base);
+        let request = target
             .http
             .post(&url)
             .header("Idempotency-Key", idempotency_key)
@@ -315,26 +419,27 @@ impl SwitchAdmin {
     /// `GET /v1/key-rotations/{id}`.
     pub async fn rotation(
         &self,
-        base: &str,
+        target: &AdminTarget,
         token: &BearerToken,
         id: &str,
     ) -> Result<RotationProgress, SwitchAdminError> {
-        let url = format!("{base}/v1/key-rotations/{}", path_segment(id));
-        self.send("GET", self.http.get(&url), url, token).await
+        let url = format!("{}/v1/key-rotations/{}", target.base, path_segment(id));
+        self.send("GET", target.http.get(&url), url, token).await
     }
 
     /// `POST /v1/key-rotations/{id}/expire-previous` (admin token).
     pub async fn expire_previous(
         &self,
-        base: &str,
+        target: &AdminTarget,
         token: &BearerToken,
         id: &str,
     ) -> Result<PreviousExpired, SwitchAdminError> {
         let url = format!(
-            "{base}/v1/key-rotations/{}/expire-previous",
+            "{}/v1/key-rotations/{}/expire-previous",
+            target.base,
             path_segment(id)
         );
-        self.send("POST", self.http.post(&url), url, token).await
+        self.send("POST", target.http.post(&url), url, token).await
     }
 
     async fn send<T: DeserializeOwned>(
@@ -370,6 +475,13 @@ impl SwitchAdmin {
         }
         serde_json::from_slice(&body).map_err(|source| SwitchAdminError::Decode { url, source })
     }
+}
+
+/// Installs rustls' `ring` provider as the process default. reqwest is built on rustls without
+/// a bundled provider (no aws-lc-rs), so this must run before any client is built; another
+/// caller may have installed it already, which is fine.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// A rotation id comes from the switch; keep it to one path segment whatever it contains.
@@ -468,11 +580,18 @@ mod tests {
     fn cluster_and_fixed_endpoints() {
         let admin = SwitchAdmin::new(AdminEndpoint::ClusterService).expect("client");
         assert_eq!(
-            admin.base_url("payments", "atm"),
+            admin.base_url("payments", "atm", false),
             "http://atm-admin.payments.svc:8080"
+        );
+        assert_eq!(
+            admin.base_url("payments", "atm", true),
+            "https://atm-admin.payments.svc:8080"
         );
         let admin =
             SwitchAdmin::new(AdminEndpoint::Fixed("http://127.0.0.1:1/".into())).expect("client");
-        assert_eq!(admin.base_url("payments", "atm"), "http://127.0.0.1:1");
+        assert_eq!(
+            admin.base_url("payments", "atm", true),
+            "http://127.0.0.1:1"
+        );
     }
 }

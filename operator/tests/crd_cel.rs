@@ -67,6 +67,16 @@ fn valid_objects_pass_every_rule() {
         ),
         ""
     );
+    // TLS from cert-manager and a narrowed NetworkPolicy hold every rule too
+    let tls: BankSwitch = serde_yaml::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/tls-cert-manager.yaml"))
+            .expect("fixture"),
+    )
+    .expect("BankSwitch");
+    assert_eq!(
+        errors(&bs_schema, &serde_json::to_value(&tls).expect("json")),
+        ""
+    );
 }
 
 #[test]
@@ -101,6 +111,31 @@ fn bank_switch_rules_reject_what_cannot_work() {
             "at most 40 characters",
             Box::new(|v: &mut Value| {
                 v["metadata"]["name"] = json!("a".repeat(41));
+            }),
+        ),
+        (
+            "tls needs exactly one of issuerRef",
+            Box::new(|v: &mut Value| {
+                v["spec"]["tls"] = json!({"issuerRef": {"name": "ca"}, "secretName": "mine"});
+            }),
+        ),
+        (
+            "tls needs exactly one of issuerRef",
+            Box::new(|v: &mut Value| {
+                v["spec"]["tls"] = json!({"iso8583": true});
+            }),
+        ),
+        (
+            "a peer is either a cidr or namespace/pod selectors",
+            Box::new(|v: &mut Value| {
+                v["spec"]["networkPolicy"]["isoFrom"] =
+                    json!([{"cidr": "10.0.0.0/8", "podSelector": {"app": "atm"}}]);
+            }),
+        ),
+        (
+            "a peer is either a cidr or namespace/pod selectors",
+            Box::new(|v: &mut Value| {
+                v["spec"]["networkPolicy"]["adminFrom"] = json!([{}]);
             }),
         ),
     ];

@@ -72,7 +72,8 @@ fn admin_secret() -> Value {
     let tokens = format!("viewer:viewer-token-77\nadmin:{ADMIN_TOKEN}\n");
     json!({
         "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "atm-admin", "namespace": NS},
+        "metadata": {"name": "atm-admin", "namespace": NS,
+                     "labels": {"switchyard.io/bankswitch": "atm"}},
         "data": {"tokens": base64(tokens.as_bytes())}
     })
 }

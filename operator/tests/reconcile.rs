@@ -59,7 +59,7 @@ fn secret_path(name: &str) -> String {
 
 /// Creates every Secret (with its key) that a spec's `*SecretRef` fields name, so the operator's
 /// Secret check passes unless a test removes one.
-fn insert_referenced_secrets(fake: &FakeApi, spec: &Value) {
+fn insert_referenced_secrets(fake: &FakeApi, bankswitch: &str, spec: &Value) {
     fn walk(v: &Value, out: &mut Vec<(String, String)>) {
         match v {
             Value::Object(map) => {
@@ -84,7 +84,9 @@ fn insert_referenced_secrets(fake: &FakeApi, spec: &Value) {
         let path = secret_path(&name);
         let mut secret = fake.get(&path).unwrap_or_else(|| {
             json!({"apiVersion": "v1", "kind": "Secret",
-                   "metadata": {"name": name, "namespace": NS}, "data": {}})
+                   "metadata": {"name": name, "namespace": NS,
+                                "labels": {"switchyard.io/bankswitch": bankswitch}},
+                   "data": {}})
         });
         // base64 of a placeholder value; only presence is checked
         secret["data"][key] = json!("cGxhY2Vob2xkZXI=");
@@ -108,7 +110,7 @@ impl Harness {
         let fake = FakeApi::new(outcome, monitoring_api);
         let obj = fixture(fixture_name);
         let name = obj["metadata"]["name"].as_str().expect("name").to_owned();
-        insert_referenced_secrets(&fake, &obj["spec"]);
+        insert_referenced_secrets(&fake, &name, &obj["spec"]);
         fake.insert(&bs_path(&name), obj);
         let ctx = Arc::new(Context::new(
             fake.client(),
@@ -615,7 +617,7 @@ async fn missing_secret_is_degraded_in_one_reconcile_with_one_event_and_nothing_
         1
     );
     // Created: the next reconcile applies everything and clears the condition.
-    insert_referenced_secrets(&h.fake, &fixture("embedded-minimal.yaml")["spec"]);
+    insert_referenced_secrets(&h.fake, "demo", &fixture("embedded-minimal.yaml")["spec"]);
     let writes = h.reconcile().await;
     assert!(patched(&writes, &deploy_path("demo-switch")), "{writes:?}");
     assert_eq!(h.condition("Degraded")["status"], "False");
@@ -708,4 +710,161 @@ async fn status_carries_the_scale_selector_and_ready_column() {
         status.selector,
         "app.kubernetes.io/component=switch,app.kubernetes.io/instance=acquirer,app.kubernetes.io/name=switchyard"
     );
+}
+
+#[tokio::test]
+async fn secret_without_the_opt_in_label_is_a_condition_not_a_read() {
+    let h = Harness::new("embedded-minimal.yaml", JobOutcome::Complete, false, None);
+    let path = secret_path("demo-admin");
+    let mut secret = h.fake.get(&path).expect("secret");
+    secret["metadata"]["labels"] = json!({"switchyard.io/bankswitch": "someone-else"});
+    h.fake.insert(&path, secret);
+
+    let writes = h.reconcile().await;
+    // nothing applied: only the status and the Event
+    assert!(!patched(&writes, &deploy_path("demo-switch")), "{writes:?}");
+    assert!(
+        !writes.iter().any(|w| w.path.contains("/configmaps/")),
+        "{writes:?}"
+    );
+    let degraded = h.condition("Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "SecretNotLabeled");
+    let message = degraded["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("spec.admin.tokenSecretRef")
+            && message.contains("kubectl label secret demo-admin switchyard.io/bankswitch=demo"),
+        "{message}"
+    );
+    // its data was never fetched: only its metadata (labelled Secrets are read whole)
+    let full = h.fake.full_reads();
+    assert!(!full.contains(&path), "{full:?}");
+    assert!(full.contains(&secret_path("demo-keys")), "{full:?}");
+    assert_eq!(
+        h.event_reasons()
+            .iter()
+            .filter(|r| *r == "SecretNotLabeled")
+            .count(),
+        1
+    );
+    // unchanged: no write, no second Event
+    assert_eq!(h.reconcile().await, vec![]);
+    assert_eq!(h.event_reasons().len(), 1);
+
+    // labelled for this BankSwitch: everything is applied
+    let mut secret = h.fake.get(&path).expect("secret");
+    secret["metadata"]["labels"] = json!({"switchyard.io/bankswitch": "demo"});
+    h.fake.insert(&path, secret);
+    let writes = h.reconcile().await;
+    assert!(patched(&writes, &deploy_path("demo-switch")), "{writes:?}");
+    assert_eq!(h.condition("Ready")["status"], "True");
+}
+
+fn certificate_path(name: &str) -> String {
+    format!("/apis/cert-manager.io/v1/namespaces/{NS}/certificates/{name}")
+}
+
+#[tokio::test]
+async fn issuer_ref_without_cert_manager_is_a_condition_and_one_event_not_a_crash_loop() {
+    let h = Harness::new("tls-cert-manager.yaml", JobOutcome::Complete, false, None);
+    let writes = h.reconcile().await;
+    let degraded = h.condition("Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "CertManagerApiNotServed");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("spec.tls.secretName"),
+        "the message names the way out"
+    );
+    assert_eq!(h.condition("Ready")["status"], "False");
+    // nothing applied (the pods could never mount the Secret), only status and the Event
+    assert!(
+        writes
+            .iter()
+            .all(|w| w.path.ends_with("/status") || w.path.contains("/events")),
+        "{writes:?}"
+    );
+    assert_eq!(h.event_reasons(), ["CertManagerApiNotServed"]);
+    // the next passes: the reconcile succeeds (no error backoff), no writes, no new Event
+    assert_eq!(h.reconcile().await, vec![]);
+    assert_eq!(h.reconcile().await, vec![]);
+    assert_eq!(h.event_reasons().len(), 1);
+}
+
+#[tokio::test]
+async fn issuer_ref_applies_the_certificate_and_waits_for_its_secret() {
+    let h = Harness::new("tls-cert-manager.yaml", JobOutcome::Complete, false, None);
+    h.fake.set_cert_manager_api(true);
+    let writes = h.reconcile().await;
+    assert!(
+        patched(&writes, &certificate_path("secure-switch")),
+        "{writes:?}"
+    );
+    let cert = h
+        .fake
+        .get(&certificate_path("secure-switch"))
+        .expect("Certificate");
+    assert_eq!(cert["spec"]["secretName"], "secure-tls");
+    assert!(
+        !patched(&writes, &deploy_path("secure-switch")),
+        "{writes:?}"
+    );
+    assert_eq!(h.condition("Degraded")["reason"], "CertificateNotIssued");
+
+    // cert-manager issues the Secret (with the label from secretTemplate)
+    h.fake.insert(
+        &secret_path("secure-tls"),
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+               "metadata": {"name": "secure-tls", "namespace": NS,
+                            "labels": {"switchyard.io/bankswitch": "secure"}},
+               "data": {"tls.crt": "Y2VydA==", "tls.key": "a2V5", "ca.crt": "Y2E="}}),
+    );
+    let writes = h.reconcile().await;
+    for path in [
+        deploy_path("secure-switch"),
+        format!("/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/secure-switch"),
+        format!("/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/secure-drainer"),
+    ] {
+        assert!(patched(&writes, &path), "expected {path}: {writes:?}");
+    }
+    assert_eq!(h.condition("Ready")["status"], "True");
+    // the pass that created the Deployment saw no ready switch yet; the one after it settles
+    h.reconcile().await;
+    // steady state, the Certificate included: nothing written
+    assert_eq!(h.reconcile().await, vec![]);
+
+    // tls removed: the Certificate goes (ours), the Secret stays (cert-manager's)
+    h.edit(|spec| {
+        spec.as_object_mut().expect("spec").remove("tls");
+    });
+    h.reconcile().await;
+    assert!(h.fake.get(&certificate_path("secure-switch")).is_none());
+    // networkPolicy off: both policies go
+    h.edit(|spec| spec["networkPolicy"]["enabled"] = json!(false));
+    h.reconcile().await;
+    assert!(
+        h.fake
+            .names_under(&format!(
+                "/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/"
+            ))
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn simulator_is_applied_when_enabled_and_removed_when_turned_off() {
+    let h = Harness::new("embedded-simulator.yaml", JobOutcome::Complete, false, None);
+    let writes = h.reconcile().await;
+    let service = format!("/api/v1/namespaces/{NS}/services/staging-atm");
+    assert!(patched(&writes, &deploy_path("staging-atm")), "{writes:?}");
+    assert!(patched(&writes, &service), "{writes:?}");
+    h.reconcile().await;
+    assert_eq!(h.reconcile().await, vec![], "steady state with the web ATM");
+    h.edit(|spec| spec["simulator"]["enabled"] = json!(false));
+    h.reconcile().await;
+    assert!(h.fake.get(&deploy_path("staging-atm")).is_none());
+    assert!(h.fake.get(&service).is_none());
+    assert!(h.fake.get(&deploy_path("staging-switch")).is_some());
 }

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use serde_json::Value;
 use switchyard_operator::bank_switch::build::{
     BuildInputs, DesiredObjects, build_all, config_hash,
 };
@@ -28,6 +29,7 @@ fn built(
         BuildInputs {
             drainer_replicas,
             monitoring_api_served,
+            operator_namespace: "switchyard-system".into(),
         },
     )
     .expect("builds");
@@ -103,6 +105,7 @@ fn config_change_rolls_pods_but_operator_version_does_not_appear() {
         BuildInputs {
             drainer_replicas: 1,
             monitoring_api_served: true,
+            operator_namespace: "switchyard-system".into(),
         },
     )
     .expect("builds");
@@ -156,6 +159,7 @@ fn pdb_exists_only_from_two_replicas_and_allows_one_eviction() {
         BuildInputs {
             drainer_replicas: 1,
             monitoring_api_served: true,
+            operator_namespace: "switchyard-system".into(),
         },
     )
     .expect("builds");
@@ -189,6 +193,7 @@ fn migration_job_name_changes_with_the_image() {
         BuildInputs {
             drainer_replicas: 1,
             monitoring_api_served: true,
+            operator_namespace: "switchyard-system".into(),
         },
     )
     .expect("builds");
@@ -216,4 +221,220 @@ fn migration_job_name_changes_with_the_image() {
             "/etc/switchyard/config/switch.toml".into()
         ])
     );
+}
+
+#[test]
+fn tls_cert_manager_objects() {
+    let (_, objects) = built("tls-cert-manager.yaml", 1, true);
+    snapshot_all("tls-cert-manager", &objects);
+}
+
+#[test]
+fn cert_manager_certificate_covers_both_services_and_labels_its_secret() {
+    let (_, o) = built("tls-cert-manager.yaml", 1, true);
+    let cert =
+        serde_json::to_value(o.certificate.expect("issuerRef makes a Certificate")).expect("json");
+    assert_eq!(cert["apiVersion"], "cert-manager.io/v1");
+    assert_eq!(cert["kind"], "Certificate");
+    let spec = &cert["spec"];
+    assert_eq!(spec["secretName"], "secure-tls");
+    // the opt-in label lets the operator read ca.crt to verify the admin API
+    assert_eq!(
+        spec["secretTemplate"]["labels"]["switchyard.io/bankswitch"],
+        "secure"
+    );
+    assert_eq!(spec["issuerRef"]["kind"], "ClusterIssuer");
+    assert_eq!(spec["issuerRef"]["name"], "payments-ca");
+    let dns: Vec<&str> = spec["dnsNames"]
+        .as_array()
+        .expect("dnsNames")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    // what the operator dials, and what ATMs inside the cluster dial
+    assert!(dns.contains(&"secure-admin.payments.svc"));
+    assert!(dns.contains(&"secure-iso.payments.svc.cluster.local"));
+    // and the name ATMs dial through the load balancer
+    assert!(dns.contains(&"atm.acquirer.example"));
+    assert_eq!(cert["metadata"]["ownerReferences"][0]["kind"], "BankSwitch");
+
+    // secretName instead: no Certificate, the named Secret is mounted
+    let mut bs = fixture("tls-cert-manager.yaml");
+    let tls = bs.spec.tls.as_mut().expect("tls");
+    tls.issuer_ref = None;
+    tls.dns_names.clear();
+    tls.secret_name = Some("bring-your-own".into());
+    let o = build_all(
+        &validate(&bs).expect("valid"),
+        BuildInputs {
+            drainer_replicas: 1,
+            monitoring_api_served: true,
+            operator_namespace: "switchyard-system".into(),
+        },
+    )
+    .expect("builds");
+    assert!(o.certificate.is_none());
+    let pod = serde_json::to_string(&o.switch_deployment).expect("json");
+    assert!(
+        pod.contains("bring-your-own"),
+        "the given Secret is mounted"
+    );
+}
+
+#[test]
+fn tls_is_wired_into_the_config_as_mounted_files() {
+    let (_, o) = built("tls-cert-manager.yaml", 1, true);
+    let config: toml::Value =
+        toml::from_str(&o.config_map.data.as_ref().expect("data")["switch.toml"]).expect("toml");
+    let dir = "/etc/switchyard/secrets/tls";
+    assert_eq!(
+        config["admin"]["tls"]["cert_file"].as_str(),
+        Some(format!("{dir}/tls.crt").as_str())
+    );
+    assert_eq!(
+        config["admin"]["tls"]["key_file"].as_str(),
+        Some(format!("{dir}/tls.key").as_str())
+    );
+    assert!(
+        config["admin"]["tls"].get("client_ca_file").is_none(),
+        "the operator authenticates with its token, not a client certificate"
+    );
+    assert_eq!(
+        config["iso8583"]["tls"]["client_ca_file"].as_str(),
+        Some(format!("{dir}/ca.crt").as_str()),
+        "iso8583ClientAuth: mTLS on the ATM channel"
+    );
+    // the files are there: every config path under the secrets dir is a projected item
+    let pod = serde_json::to_value(&o.switch_deployment).expect("json");
+    let items = pod.pointer("/spec/template/spec/volumes").expect("volumes");
+    let text = items.to_string();
+    for key in ["tls.crt", "tls.key", "ca.crt"] {
+        assert!(text.contains(&format!("\"tls/{key}\"")), "{key} is mounted");
+    }
+
+    let (_, plain) = built("postgres-full.yaml", 1, true);
+    let config = &plain.config_map.data.as_ref().expect("data")["switch.toml"];
+    assert!(!config.contains("tls"), "no spec.tls: plain TCP and HTTP");
+}
+
+#[test]
+fn network_policies_admit_only_what_each_port_is_for() {
+    let (_, o) = built("tls-cert-manager.yaml", 1, true);
+    let policies: Vec<Value> = o
+        .network_policies
+        .iter()
+        .map(|p| serde_json::to_value(p).expect("json"))
+        .collect();
+    assert_eq!(policies.len(), 2, "switch and drainer");
+    let switch = &policies[0]["spec"];
+    assert_eq!(
+        switch["podSelector"]["matchLabels"]["app.kubernetes.io/component"],
+        "switch"
+    );
+    let ingress = switch["ingress"].as_array().expect("ingress");
+    let port_of = |rule: &Value| rule["ports"][0]["port"].as_i64();
+    let iso = ingress
+        .iter()
+        .find(|r| port_of(r) == Some(8583))
+        .expect("iso");
+    assert_eq!(iso["from"][0]["ipBlock"]["cidr"], "10.40.0.0/16");
+    assert_eq!(
+        iso["from"][1]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "stations"
+    );
+    let admin = ingress
+        .iter()
+        .find(|r| port_of(r) == Some(8080))
+        .expect("admin");
+    // the operator's pods in its namespace (both selectors in one peer: AND)
+    assert_eq!(
+        admin["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "switchyard-system"
+    );
+    assert_eq!(
+        admin["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "switchyard-operator"
+    );
+    assert_eq!(
+        admin["from"][1]["podSelector"]["matchLabels"]["app"],
+        "support-console"
+    );
+    let metrics = ingress
+        .iter()
+        .find(|r| port_of(r) == Some(9090))
+        .expect("metrics");
+    assert_eq!(
+        metrics["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "monitoring"
+    );
+    assert_eq!(ingress.len(), 3, "nothing else gets in");
+
+    let drainer = &policies[1]["spec"];
+    assert_eq!(
+        drainer["podSelector"]["matchLabels"]["app.kubernetes.io/component"],
+        "drainer"
+    );
+    assert_eq!(
+        drainer["ingress"].as_array().map(Vec::len),
+        Some(1),
+        "drainers admit only metrics scrapes"
+    );
+    // egress: DNS, then the database and upstream ports to the listed block only
+    let egress = drainer["egress"].as_array().expect("egress");
+    assert_eq!(egress.len(), 2);
+    assert_eq!(egress[0]["ports"][0]["port"], 53);
+    let ports: Vec<i64> = egress[1]["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .filter_map(|p| p["port"].as_i64())
+        .collect();
+    assert_eq!(ports, [9443, 6432]);
+    assert_eq!(egress[1]["to"][0]["ipBlock"]["cidr"], "10.60.0.0/24");
+
+    // embedded SQLite with no upstreams: only DNS out, and no drainer policy
+    let (_, embedded) = built("embedded-minimal.yaml", 0, true);
+    assert_eq!(embedded.network_policies.len(), 1);
+    let egress =
+        serde_json::to_value(&embedded.network_policies[0]).expect("json")["spec"]["egress"]
+            .clone();
+    assert_eq!(egress.as_array().map(Vec::len), Some(1));
+
+    // turned off: none
+    let mut bs = fixture("tls-cert-manager.yaml");
+    bs.spec.network_policy.enabled = false;
+    let off = build_all(
+        &validate(&bs).expect("valid"),
+        BuildInputs {
+            drainer_replicas: 1,
+            monitoring_api_served: true,
+            operator_namespace: "switchyard-system".into(),
+        },
+    )
+    .expect("builds");
+    assert!(off.network_policies.is_empty());
+}
+
+#[test]
+fn bad_tls_and_peer_specs_are_refused_with_their_field() {
+    let mut bs = fixture("tls-cert-manager.yaml");
+    bs.spec.tls.as_mut().expect("tls").secret_name = Some("also".into());
+    bs.spec.tls.as_mut().expect("tls").dns_names = vec!["-bad.example".into()];
+    bs.spec.network_policy.iso_from[0].cidr = Some("10.40.0.0/33".into());
+    bs.spec.network_policy.egress_to[0].cidr = None;
+    let err = validate(&bs).expect_err("invalid").to_string();
+    assert!(
+        err.contains("spec.tls: needs exactly one of issuerRef"),
+        "{err}"
+    );
+    assert!(err.contains("spec.networkPolicy.isoFrom[0].cidr"), "{err}");
+    assert!(err.contains("spec.tls.dnsNames[0]"), "{err}");
+    assert!(
+        err.contains("spec.networkPolicy.egressTo[0]: needs a cidr"),
+        "{err}"
+    );
+    let mut bs = fixture("tls-cert-manager.yaml");
+    bs.spec.tls.as_mut().expect("tls").iso8583 = false;
+    let err = validate(&bs).expect_err("invalid").to_string();
+    assert!(err.contains("spec.tls.iso8583ClientAuth"), "{err}");
 }

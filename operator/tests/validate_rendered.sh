@@ -3,12 +3,15 @@
 #   - the CRDs in crds/ as CustomResourceDefinitions (kubernetes-validate --strict);
 #   - every object `switchyard-operator render` prints for each fixture (--strict);
 #   - each fixture BankSwitch against the CRD's own openAPIV3Schema (python jsonschema).
+#   - the cert-manager Certificate (spec.tls.issuerRef) against cert-manager's own schema
+#     (validate_certificate.py, strict).
 # ServiceMonitor and PrometheusRule are CRD-typed (monitoring.coreos.com) and have no schema in
-# kubernetes-validate; it reports them as WARN and they are skipped here on purpose.
+# kubernetes-validate; it reports them (and the Certificate) as WARN and skips them there.
 #
 # Usage (from the repository root):
 #   VENV=e2e/.venv bash operator/tests/validate_rendered.sh
-# The venv needs kubernetes-validate, jsonschema and PyYAML (e2e/requirements.txt pins them).
+# The venv needs kubernetes-validate, jsonschema, PyYAML and cloudcoil-models-cert-manager
+# (e2e/requirements.txt pins them).
 # OPERATOR_BIN overrides the binary (default: builds target/debug/switchyard-operator).
 set -euo pipefail
 
@@ -62,6 +65,9 @@ for e in errors:
 sys.exit(1 if errors else 0)
 PY
 done
+
+check "cert-manager Certificate against cert-manager's schema" \
+  "$py" operator/tests/validate_certificate.py "$out/tls-cert-manager.yaml"
 
 for fixture in operator/tests/fixtures/keyrotation/*.yaml; do
   base="$(basename "$fixture" .yaml)"

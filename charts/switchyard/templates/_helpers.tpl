@@ -55,3 +55,60 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+The operator's rules: exactly what operator/src calls (operator/RBAC.md has the table and the
+reasons; charts/tests/test_rbac_doc.py compares the two). The same rules make the ClusterRole
+(every namespace) or, with watchNamespace, a Role in that namespace.
+*/}}
+{{- define "switchyard.operatorRules" -}}
+- apiGroups: ["switchyard.io"]
+  resources: ["bankswitches", "keyrotations"]
+  verbs: ["get", "list", "watch"]
+# Status via server-side apply.
+- apiGroups: ["switchyard.io"]
+  resources: ["bankswitches/status", "keyrotations/status"]
+  verbs: ["get", "patch"]
+# The switch's config and its Services (owned watch); the embedded-SQLite volume.
+- apiGroups: [""]
+  resources: ["configmaps", "services"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "create", "patch"]
+# `get` only (never list/watch), and only Secrets a BankSwitch in the same namespace names and
+# that carry the label switchyard.io/bankswitch=<its name>; an unlabelled one is read as
+# metadata only and reported, never used.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+# Read-only: the last termination message of a switch container that keeps failing.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Migration Jobs are immutable once created: replaced, never updated.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "create", "patch", "delete"]
+# spec.networkPolicy (on by default).
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create", "patch", "delete"]
+# Only used when the Prometheus Operator is installed and the BankSwitch opts in.
+- apiGroups: ["monitoring.coreos.com"]
+  resources: ["servicemonitors", "prometheusrules"]
+  verbs: ["get", "create", "patch", "delete"]
+# Only used when cert-manager is installed and a BankSwitch sets spec.tls.issuerRef.
+- apiGroups: ["cert-manager.io"]
+  resources: ["certificates"]
+  verbs: ["get", "create", "patch", "delete"]
+{{- end -}}

@@ -73,13 +73,19 @@ pub mod component {
 }
 
 /// Facts the builders need that are not in the spec.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BuildInputs {
     /// Drainer replicas decided by the scaler (or `minReplicas` for an offline render).
     pub drainer_replicas: i32,
     /// Whether the cluster serves `monitoring.coreos.com/v1` (ServiceMonitor, PrometheusRule).
     pub monitoring_api_served: bool,
+    /// Namespace the operator runs in: its pods may reach the admin port through the
+    /// NetworkPolicy (unless `spec.networkPolicy.operatorNamespace` says otherwise).
+    pub operator_namespace: String,
 }
+
+/// Namespace the chart and the kustomize base install the operator in.
+pub const DEFAULT_OPERATOR_NAMESPACE: &str = "switchyard-system";
 
 /// Everything the operator applies for one BankSwitch. `None` means "must not exist".
 #[derive(Clone, Debug, PartialEq)]
@@ -104,6 +110,12 @@ pub struct DesiredObjects {
     pub service_monitor: Option<DynamicObject>,
     /// PrometheusRule (opt-in and API served).
     pub prometheus_rule: Option<DynamicObject>,
+    /// cert-manager Certificate (`spec.tls.issuerRef`).
+    pub certificate: Option<DynamicObject>,
+    /// NetworkPolicies of `spec.networkPolicy` (empty when disabled).
+    pub network_policies: Vec<k8s_openapi::api::networking::v1::NetworkPolicy>,
+    /// Web ATM Deployment and Service (`spec.simulator.enabled`).
+    pub simulator: Option<super::simulator::SimulatorObjects>,
 }
 
 impl DesiredObjects {
@@ -129,6 +141,14 @@ impl DesiredObjects {
         push(&mut out, self.drainer_deployment.as_ref())?;
         push(&mut out, self.service_monitor.as_ref())?;
         push(&mut out, self.prometheus_rule.as_ref())?;
+        push(&mut out, self.certificate.as_ref())?;
+        for policy in &self.network_policies {
+            push(&mut out, Some(policy))?;
+        }
+        if let Some(sim) = &self.simulator {
+            push(&mut out, Some(&sim.service))?;
+            push(&mut out, Some(&sim.deployment))?;
+        }
         Ok(out)
     }
 }
@@ -211,6 +231,9 @@ pub fn build_all(
         } else {
             None
         },
+        certificate: super::security::build_certificate(bs),
+        network_policies: super::security::build_network_policies(bs, &inputs.operator_namespace),
+        simulator: super::simulator::build_simulator(bs),
         config_map,
     })
 }
@@ -231,7 +254,7 @@ pub fn selector_labels(bs: &ValidatedBankSwitch, component: &str) -> BTreeMap<St
     ])
 }
 
-fn metadata(bs: &ValidatedBankSwitch, name: String, component: &str) -> ObjectMeta {
+pub(super) fn metadata(bs: &ValidatedBankSwitch, name: String, component: &str) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: Some(bs.namespace.clone()),
@@ -269,12 +292,16 @@ struct IsoSection {
     idle_timeout: String,
     max_connections: i32,
     max_frame_bytes: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<super::security::TlsSection>,
 }
 
 #[derive(Serialize)]
 struct AdminSection {
     listen: String,
     tokens_file: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<super::security::TlsSection>,
 }
 
 #[derive(Serialize)]
@@ -379,6 +406,19 @@ fn secret_files(bs: &ValidatedBankSwitch) -> Vec<SecretFile> {
             path: format!("upstreams/{}/tmk", up.name),
         });
     }
+    // the TLS Secret's files; the kubelet updates projected Secrets in place on renewal, and
+    // the switch re-reads them (no restart)
+    if let Some(secret) = super::security::tls_secret_name(bs) {
+        for key in ["tls.crt", "tls.key", "ca.crt"] {
+            files.push(SecretFile {
+                source: SecretKeyRef {
+                    name: secret.clone(),
+                    key: key.into(),
+                },
+                path: format!("{}/{key}", super::security::TLS_DIR),
+            });
+        }
+    }
     files
 }
 
@@ -393,6 +433,7 @@ fn duration_text(value: &str) -> String {
 pub fn build_switch_config(bs: &ValidatedBankSwitch) -> Result<String, BuildError> {
     let spec = &bs.spec;
     let file_for = |path: &str| format!("{SECRETS_DIR}/{path}");
+    let (admin_tls, iso_tls) = super::security::tls_sections(bs);
     let config = SwitchConfig {
         iso8583: IsoSection {
             listen: format!("0.0.0.0:{}", spec.iso8583.port),
@@ -400,10 +441,12 @@ pub fn build_switch_config(bs: &ValidatedBankSwitch) -> Result<String, BuildErro
             idle_timeout: duration_text(&spec.iso8583.idle_timeout),
             max_connections: spec.iso8583.max_connections,
             max_frame_bytes: spec.iso8583.max_frame_bytes,
+            tls: iso_tls,
         },
         admin: AdminSection {
             listen: format!("0.0.0.0:{ADMIN_PORT}"),
             tokens_file: file_for("admin/tokens"),
+            tls: admin_tls,
         },
         metrics: MetricsSection {
             listen: format!("0.0.0.0:{METRICS_PORT}"),

@@ -50,9 +50,12 @@ impl SafStatsSource for HttpSafStats {
                 TokenFormat::TokensFile { role: "viewer" },
             ),
         };
-        let token = read_token(client, &bs.namespace, secret_ref, format).await?;
-        let base = self.admin.base_url(&bs.namespace, &bs.name);
-        self.admin.saf_stats(&base, &token).await
+        let token = read_token(client, &bs.namespace, &bs.name, secret_ref, format).await?;
+        let target = self
+            .admin
+            .target(client, &bs.namespace, &bs.name, &bs.spec)
+            .await?;
+        self.admin.saf_stats(&target, &token).await
     }
 }
 
@@ -84,6 +87,16 @@ pub async fn discover_monitoring(client: &Client) -> Result<MonitoringApis, kube
             prometheus_rule: list.resources.iter().any(|r| r.name == "prometheusrules"),
         }),
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(MonitoringApis::default()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `cert-manager.io/v1` serves Certificates (a 404 means cert-manager is absent).
+/// Discovery needs no RBAC beyond what every authenticated user has.
+pub async fn discover_cert_manager(client: &Client) -> Result<bool, kube::Error> {
+    match client.list_api_group_resources("cert-manager.io/v1").await {
+        Ok(list) => Ok(list.resources.iter().any(|r| r.name == "certificates")),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
         Err(e) => Err(e),
     }
 }

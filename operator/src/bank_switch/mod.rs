@@ -5,6 +5,8 @@ pub mod build;
 pub mod dereference;
 pub mod scaling;
 pub mod secrets;
+pub mod security;
+pub mod simulator;
 pub mod status;
 pub mod validate;
 
@@ -60,7 +62,7 @@ pub enum ReconcileError {
         source: kube::Error,
     },
     /// API discovery failed.
-    #[error("failed to discover the monitoring.coreos.com API")]
+    #[error("failed to discover an optional API (monitoring.coreos.com or cert-manager.io)")]
     Discovery(#[source] kube::Error),
     /// The object has no namespace or name.
     #[error("failed to identify the BankSwitch: {0}")]
@@ -96,6 +98,13 @@ pub struct Context {
     failures: Mutex<HashMap<String, i32>>,
     /// Monitoring API discovery, cached with the time it was asked.
     monitoring: Mutex<Option<(std::time::Instant, MonitoringApis)>>,
+    /// cert-manager API discovery, cached with the time it was asked.
+    cert_manager: Mutex<Option<(std::time::Instant, bool)>>,
+    /// Namespace the operator runs in (its pods may reach the admin port).
+    operator_namespace: String,
+    /// `Some`: reconcile only BankSwitches in this namespace (watch-namespace mode, which needs
+    /// only namespaced Roles); `None`: every namespace.
+    watch_namespace: Option<String>,
 }
 
 impl std::fmt::Debug for Context {
@@ -124,7 +133,53 @@ impl Context {
             scaling: Mutex::default(),
             failures: Mutex::default(),
             monitoring: Mutex::default(),
+            cert_manager: Mutex::default(),
+            operator_namespace: build::DEFAULT_OPERATOR_NAMESPACE.into(),
+            watch_namespace: None,
         }
+    }
+
+    /// Sets the namespace the operator runs in (default `switchyard-system`).
+    #[must_use]
+    pub fn with_operator_namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.operator_namespace = namespace.into();
+        self
+    }
+
+    /// Watches and reconciles only `namespace` (`None`: every namespace).
+    #[must_use]
+    pub fn with_watch_namespace(mut self, namespace: Option<String>) -> Self {
+        self.watch_namespace = namespace;
+        self
+    }
+
+    /// An `Api` over every watched namespace: one namespace in watch-namespace mode, else all.
+    fn watched<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as Resource>::DynamicType: Default,
+    {
+        match &self.watch_namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        }
+    }
+
+    async fn cert_manager_served(&self) -> Result<bool, ReconcileError> {
+        const TTL: Duration = Duration::from_secs(300);
+        if let Ok(cache) = self.cert_manager.lock()
+            && let Some((at, served)) = *cache
+            && at.elapsed() < TTL
+        {
+            return Ok(served);
+        }
+        let served = dereference::discover_cert_manager(&self.client)
+            .await
+            .map_err(ReconcileError::Discovery)?;
+        if let Ok(mut cache) = self.cert_manager.lock() {
+            *cache = Some((std::time::Instant::now(), served));
+        }
+        Ok(served)
     }
 
     async fn monitoring_apis(&self) -> Result<MonitoringApis, ReconcileError> {
@@ -287,6 +342,13 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
             return Ok(Action::await_change());
         }
     };
+    // The cert-manager Certificate comes first: its Secret is one the pods mount, and it only
+    // appears once cert-manager has issued it.
+    if !validated.spec.paused
+        && let Some(action) = reconcile_certificate(ctx, bs, &validated, &bs_api, &now).await?
+    {
+        return Ok(action);
+    }
     // Every referenced Secret and key must exist before anything is applied: a pod that cannot
     // mount them would only show as RolloutStuck after the progress deadline.
     if !validated.spec.paused
@@ -399,6 +461,7 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
         BuildInputs {
             drainer_replicas,
             monitoring_api_served: monitoring_apis.all_served(),
+            operator_namespace: ctx.operator_namespace.clone(),
         },
     )?;
 
@@ -448,6 +511,22 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
         applier
             .apply(&applier.api::<Service>(), &(), &desired.admin_service)
             .await?;
+        let policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> = applier.api();
+        for policy in &desired.network_policies {
+            applier.apply(&policies, &(), policy).await?;
+        }
+        // turned off, or no drainers any more: remove what an earlier spec made (ours only)
+        for policy in [names::switch(&name), names::drainer(&name)] {
+            if !desired
+                .network_policies
+                .iter()
+                .any(|p| p.metadata.name.as_deref() == Some(policy.as_str()))
+            {
+                applier
+                    .delete_if_owned(&policies, &(), &policy, owner_uid.as_deref())
+                    .await?;
+            }
+        }
         let pdbs: Api<PodDisruptionBudget> = applier.api();
         match &desired.pod_disruption_budget {
             Some(pdb) => {
@@ -493,6 +572,14 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
             {
                 delete_old_migrations(&jobs, &name, job, uid).await?;
             }
+            simulator::apply(
+                &applier,
+                &deployments,
+                &name,
+                desired.simulator.as_ref(),
+                owner_uid.as_deref(),
+            )
+            .await?;
         }
 
         for (kind, object) in [
@@ -563,6 +650,77 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
 /// looks again this often.
 pub const SECRET_RECHECK: Duration = Duration::from_secs(30);
 
+/// A BankSwitch whose `spec.tls.issuerRef` needs cert-manager, in a cluster without it, looks
+/// again this often (installing cert-manager is not something a watch would tell us).
+pub const CERT_MANAGER_RECHECK: Duration = Duration::from_secs(300);
+
+/// Condition and Event reason when `spec.tls.issuerRef` is set and cert-manager is not served.
+pub const CERT_MANAGER_NOT_SERVED: &str = "CertManagerApiNotServed";
+
+/// `spec.tls.issuerRef`: applies the cert-manager Certificate, or, when cert-manager's API is
+/// not served, writes `Degraded/CertManagerApiNotServed` (one Event, through the condition
+/// transition), applies nothing and returns the slow requeue. Without `issuerRef`, a
+/// Certificate left from an earlier spec is deleted (ours only).
+async fn reconcile_certificate(
+    ctx: &Context,
+    bs: &BankSwitch,
+    validated: &ValidatedBankSwitch,
+    bs_api: &Api<BankSwitch>,
+    now: &Time,
+) -> Result<Option<Action>, ReconcileError> {
+    let wanted = security::build_certificate(validated);
+    let served = if wanted.is_some() {
+        ctx.cert_manager_served().await?
+    } else {
+        // Nothing to create: a discovery failure only skips the clean-up this time.
+        ctx.cert_manager_served().await.unwrap_or(false)
+    };
+    let ar = security::certificate_api_resource();
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), &validated.namespace, &ar);
+    let applier = Applier::new(ctx.client.clone(), &validated.namespace);
+    match wanted {
+        Some(certificate) if served => {
+            applier.apply(&api, &ar, &certificate).await?;
+            Ok(None)
+        }
+        Some(_) => {
+            let message = format!(
+                "spec.tls.issuerRef needs cert-manager, but the cert-manager.io/v1 Certificate API is not served in this cluster; install cert-manager, or set spec.tls.secretName to an existing kubernetes.io/tls Secret (labelled {}={}). Nothing else is changed until then.",
+                secrets::SECRET_OPT_IN_LABEL,
+                validated.name
+            );
+            let status = status::blocked_status(
+                bs.status.as_ref(),
+                bs.metadata.generation,
+                CERT_MANAGER_NOT_SERVED,
+                &message,
+                now,
+            );
+            publish_transitions(ctx, bs, bs.status.as_ref(), &status).await;
+            status::write_status(bs_api, bs, &status)
+                .await
+                .map_err(|source| ReconcileError::Status {
+                    name: bs.name_any(),
+                    source,
+                })?;
+            Ok(Some(Action::requeue(CERT_MANAGER_RECHECK)))
+        }
+        None if served => {
+            applier
+                .delete_if_owned(
+                    &api,
+                    &ar,
+                    &names::switch(&validated.name),
+                    bs.uid().as_deref(),
+                )
+                .await?;
+            Ok(None)
+        }
+        None => Ok(None),
+    }
+}
+
 /// Checks the referenced Secrets; when one is missing, writes `Degraded` naming it (one Event
 /// per new problem, via the condition transition) and returns the requeue. Nothing is applied.
 async fn block_on_missing_secrets(
@@ -572,7 +730,7 @@ async fn block_on_missing_secrets(
     namespace: &str,
     now: &Time,
 ) -> Result<Option<Action>, ReconcileError> {
-    let problems = secrets::check_secret_refs(&ctx.client, namespace, &bs.spec)
+    let problems = secrets::check_secret_refs(&ctx.client, namespace, &bs.name_any(), &bs.spec)
         .await
         .map_err(|source| ApplyError::Get {
             kind: "Secret".into(),
@@ -666,26 +824,22 @@ pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let client = ctx.client.clone();
     let owned =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
-    Controller::new(
-        Api::<BankSwitch>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .owns(Api::<Deployment>::all(client.clone()), owned.clone())
-    .owns(Api::<Job>::all(client.clone()), owned.clone())
-    .owns(Api::<Service>::all(client.clone()), owned.clone())
-    .owns(Api::<ConfigMap>::all(client), owned)
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, ctx)
-    .for_each(|result| async move {
-        match result {
-            Ok((obj, _)) => {
-                tracing::debug!(namespace = ?obj.namespace, name = %obj.name, "reconciled")
+    Controller::new(ctx.watched::<BankSwitch>(), watcher::Config::default())
+        .owns(ctx.watched::<Deployment>(), owned.clone())
+        .owns(ctx.watched::<Job>(), owned.clone())
+        .owns(ctx.watched::<Service>(), owned.clone())
+        .owns(ctx.watched::<ConfigMap>(), owned)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => {
+                    tracing::debug!(namespace = ?obj.namespace, name = %obj.name, "reconciled")
+                }
+                Err(e) => tracing::debug!(error = %e, "reconcile error"),
             }
-            Err(e) => tracing::debug!(error = %e, "reconcile error"),
-        }
-    })
-    .await;
+        })
+        .await;
 }

@@ -408,10 +408,11 @@ pub fn blocked_status(
     let prev = previous
         .map(|p| p.conditions.as_slice())
         .unwrap_or_default();
-    let waiting = if reason == "InvalidSpec" {
-        "waiting for a spec change"
-    } else {
-        "waiting for the referenced Secret"
+    let waiting = match reason {
+        "InvalidSpec" => "waiting for a spec change",
+        "CertManagerApiNotServed" => "waiting for cert-manager or a spec change",
+        "CertificateNotIssued" => "waiting for cert-manager to issue the certificate",
+        _ => "waiting for the referenced Secret",
     };
     let mut desired = vec![
         DesiredCondition::new(READY, false, reason, message),

@@ -112,6 +112,39 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
+/// Whether `value` is `address/prefix` with a prefix that fits the address family (what the
+/// API server accepts in a NetworkPolicy `ipBlock`).
+fn is_cidr(value: &str) -> bool {
+    let Some((addr, prefix)) = value.split_once('/') else {
+        return false;
+    };
+    let Ok(prefix) = prefix.parse::<u8>() else {
+        return false;
+    };
+    match addr.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => prefix <= 32,
+        Ok(std::net::IpAddr::V6(_)) => prefix <= 128,
+        Err(_) => false,
+    }
+}
+
+/// A DNS name cert-manager accepts in `dnsNames`: dot-separated labels of letters, digits and
+/// hyphens (not at either end), at most 253 characters; a leading `*.` wildcard is allowed.
+fn is_dns_name(value: &str) -> bool {
+    let name = value.strip_prefix("*.").unwrap_or(value);
+    !name.is_empty()
+        && value.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
 /// Validates the object and returns what the builders need.
 pub fn validate(bs: &BankSwitch) -> Result<ValidatedBankSwitch, ValidationError> {
     let name = bs
@@ -268,6 +301,72 @@ pub fn validate(bs: &BankSwitch) -> Result<ValidatedBankSwitch, ValidationError>
                     route.upstream
                 ),
             );
+        }
+    }
+
+    if let Some(tls) = &spec.tls {
+        if tls.issuer_ref.is_some() == tls.secret_name.is_some() {
+            problem(
+                "spec.tls",
+                "needs exactly one of issuerRef (cert-manager) or secretName (an existing TLS Secret)"
+                    .into(),
+            );
+        }
+        if !tls.dns_names.is_empty() && tls.issuer_ref.is_none() {
+            problem(
+                "spec.tls.dnsNames",
+                "names go into the cert-manager Certificate; with secretName the Secret's certificate decides"
+                    .into(),
+            );
+        }
+        for (i, dns) in tls.dns_names.iter().enumerate() {
+            if !is_dns_name(dns) {
+                problem(
+                    &format!("spec.tls.dnsNames[{i}]"),
+                    format!(
+                        "`{dns}` is not a DNS name like atm.bank.example (a leading *. is allowed)"
+                    ),
+                );
+            }
+        }
+        if spec.simulator.enabled && (!tls.iso8583 || tls.iso8583_client_auth) {
+            problem(
+                "spec.simulator.enabled",
+                "with spec.tls the web ATM needs tls.iso8583: true and iso8583ClientAuth: false (it verifies both ports with the Secret's ca.crt and has no client certificate)"
+                    .into(),
+            );
+        }
+        if tls.iso8583_client_auth && !tls.iso8583 {
+            problem(
+                "spec.tls.iso8583ClientAuth",
+                "client certificates on the ISO 8583 port need iso8583: true".into(),
+            );
+        }
+    }
+    let np = &spec.network_policy;
+    for (field, peers) in [
+        ("isoFrom", &np.iso_from),
+        ("adminFrom", &np.admin_from),
+        ("egressTo", &np.egress_to),
+    ] {
+        for (i, peer) in peers.iter().enumerate() {
+            let field = format!("spec.networkPolicy.{field}[{i}]");
+            let selectors = peer.namespace_selector.is_some() || peer.pod_selector.is_some();
+            match &peer.cidr {
+                Some(_) if selectors => problem(
+                    &field,
+                    "is either a cidr or namespace/pod selectors, not both".into(),
+                ),
+                Some(cidr) if !is_cidr(cidr) => problem(
+                    &format!("{field}.cidr"),
+                    format!("`{cidr}` is not an address block like 10.20.0.0/16 or fd00::/8"),
+                ),
+                None if !selectors => problem(
+                    &field,
+                    "needs a cidr or a namespaceSelector/podSelector".into(),
+                ),
+                _ => {}
+            }
         }
     }
 

@@ -110,6 +110,36 @@ pub struct BankSwitchSpec {
     /// When true the operator changes nothing for this BankSwitch (status is still reported).
     #[serde(default)]
     pub paused: bool,
+
+    /// TLS for the admin API (the operator then talks HTTPS and verifies the CA) and,
+    /// optionally, the ISO 8583 port. Absent: plain TCP and HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::security::TlsSpec>,
+
+    /// A NetworkPolicy admitting ATMs/stations to the ISO port, the operator to the admin port
+    /// and Prometheus to the metrics port (on by default).
+    #[serde(default)]
+    pub network_policy: super::security::NetworkPolicySpec,
+
+    /// A web ATM (`switchyard-atm web`, port 7070) wired to this switch, for staging and demos:
+    /// a terminal of its own with test cards, provisioned through the admin API at start-up.
+    #[serde(default)]
+    pub simulator: SimulatorSpec,
+}
+
+/// `spec.simulator`: the web ATM Deployment and Service.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SimulatorSpec {
+    /// Run the web ATM (never in production: it issues test cards on the switch).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Image holding `switchyard-atm` (default: the switch image, which contains it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// On-us BIN of the test cards it issues (default `6011`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card_bin: Option<String>,
 }
 
 fn default_replicas() -> i32 {

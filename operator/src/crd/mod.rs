@@ -3,6 +3,7 @@
 pub mod bank_switch;
 pub mod condition;
 pub mod key_rotation;
+pub mod security;
 
 use std::path::{Path, PathBuf};
 

@@ -45,7 +45,8 @@ use crate::crd::key_rotation::{
 use crate::events::error_chain;
 use crate::metrics::Metrics;
 use crate::switch_admin::{
-    BearerToken, CreateRotation, SwitchAdmin, SwitchAdminError, TokenFormat, read_token,
+    AdminTarget, BearerToken, CreateRotation, SwitchAdmin, SwitchAdminError, TokenFormat,
+    read_token,
 };
 
 /// Controller name used in metrics and logs.
@@ -123,6 +124,8 @@ pub struct Context {
     pub admin: SwitchAdmin,
     /// Consecutive Kubernetes-side failures per `namespace/name`.
     failures: Mutex<HashMap<String, i32>>,
+    /// `Some`: only this namespace is watched (watch-namespace mode); `None`: all.
+    watch_namespace: Option<String>,
 }
 
 impl std::fmt::Debug for Context {
@@ -149,6 +152,25 @@ impl Context {
             metrics,
             admin,
             failures: Mutex::default(),
+            watch_namespace: None,
+        }
+    }
+
+    /// Watches and reconciles only `namespace` (`None`: every namespace).
+    #[must_use]
+    pub fn with_watch_namespace(mut self, namespace: Option<String>) -> Self {
+        self.watch_namespace = namespace;
+        self
+    }
+
+    fn watched<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        match &self.watch_namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
         }
     }
 }
@@ -520,21 +542,28 @@ pub fn build_create_rotation(
     })
 }
 
-/// Reads the admin token and the base URL of the BankSwitch's admin API.
+/// Reads the admin token and where (and how: HTTPS with the BankSwitch's CA under `spec.tls`)
+/// to reach the BankSwitch's admin API.
 async fn admin_access(
     ctx: &Context,
     bs: &BankSwitch,
-) -> Result<(String, BearerToken), SwitchAdminError> {
+) -> Result<(AdminTarget, BearerToken), SwitchAdminError> {
     let namespace = bs.namespace().unwrap_or_default();
+    let name = bs.name_any();
     // Writes need the `admin` role; the tokens file is the only place one is configured.
     let token = read_token(
         &ctx.client,
         &namespace,
+        &name,
         &bs.spec.admin.token_secret_ref,
         TokenFormat::TokensFile { role: "admin" },
     )
     .await?;
-    Ok((ctx.admin.base_url(&namespace, &bs.name_any()), token))
+    let target = ctx
+        .admin
+        .target(&ctx.client, &namespace, &name, &bs.spec)
+        .await?;
+    Ok((target, token))
 }
 
 async fn start(
@@ -691,15 +720,11 @@ pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let client = ctx.client.clone();
-    let controller = Controller::new(
-        Api::<KeyRotation>::all(client.clone()),
-        watcher::Config::default(),
-    );
+    let controller = Controller::new(ctx.watched::<KeyRotation>(), watcher::Config::default());
     let store = controller.store();
     let by_bank_switch = store.clone();
     let controller = controller.watches(
-        Api::<BankSwitch>::all(client),
+        ctx.watched::<BankSwitch>(),
         watcher::Config::default(),
         // A BankSwitch created, changed or deleted wakes the KeyRotations that point at it.
         move |bs: BankSwitch| {

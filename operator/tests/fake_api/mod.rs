@@ -39,6 +39,11 @@ pub struct State {
     pub writes: Vec<Write>,
     pub job_outcome: JobOutcome,
     pub monitoring_api: bool,
+    /// Whether `cert-manager.io/v1` is served (discovery answers 404 otherwise).
+    pub cert_manager_api: bool,
+    /// Paths of objects whose full body (not the metadata-only form) was served: tests assert
+    /// that an unlabelled Secret's data is never read.
+    pub full_reads: Vec<String>,
     /// Writes to paths containing this answer 500 (an API server having a bad day).
     pub fail_writes_to: Option<String>,
     next_uid: u64,
@@ -95,6 +100,8 @@ impl FakeApi {
             writes: Vec::new(),
             job_outcome,
             monitoring_api,
+            cert_manager_api: false,
+            full_reads: Vec::new(),
             fail_writes_to: None,
             next_uid: 1,
         })))
@@ -116,6 +123,15 @@ impl FakeApi {
 
     pub fn clear_writes(&self) {
         self.0.lock().expect("lock").writes.clear();
+    }
+
+    pub fn set_cert_manager_api(&self, served: bool) {
+        self.0.lock().expect("lock").cert_manager_api = served;
+    }
+
+    /// Paths whose full object was read with a GET (metadata-only reads are not listed).
+    pub fn full_reads(&self) -> Vec<String> {
+        self.0.lock().expect("lock").full_reads.clone()
     }
 
     pub fn fail_writes_to(&self, fragment: Option<&str>) {
@@ -154,8 +170,18 @@ impl FakeApi {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let query = req.uri().query().unwrap_or_default().to_owned();
+        // `get_metadata`: the API server answers a PartialObjectMetadata (no data, no spec)
+        let metadata_only = req
+            .headers()
+            .get("accept")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("as=PartialObjectMetadata"));
         let body = req.into_body().collect_bytes().await.unwrap_or_default();
-        let (code, value) = self.respond(&method, &path, &query, &body);
+        let (code, mut value) = self.respond(&method, &path, &query, &body, metadata_only);
+        if metadata_only && code == StatusCode::OK {
+            value = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                           "metadata": value["metadata"].clone()});
+        }
         Response::builder()
             .status(code)
             .header("content-type", "application/json")
@@ -169,8 +195,12 @@ impl FakeApi {
         path: &str,
         query: &str,
         body: &[u8],
+        metadata_only: bool,
     ) -> (StatusCode, Value) {
         let mut st = self.0.lock().expect("lock");
+        if method == Method::GET && !metadata_only {
+            st.full_reads.push(path.to_owned());
+        }
         if method != Method::GET {
             st.writes.push(Write {
                 method: method.to_string(),
@@ -198,6 +228,26 @@ impl FakeApi {
                      "kind": "ServiceMonitor", "verbs": ["get", "patch", "delete"]},
                     {"name": "prometheusrules", "singularName": "prometheusrule", "namespaced": true,
                      "kind": "PrometheusRule", "verbs": ["get", "patch", "delete"]}]}),
+                )
+            } else {
+                (
+                    StatusCode::NOT_FOUND,
+                    status_body(
+                        404,
+                        "NotFound",
+                        "the server could not find the requested resource",
+                    ),
+                )
+            };
+        }
+        if path == "/apis/cert-manager.io/v1" {
+            return if st.cert_manager_api {
+                (
+                    StatusCode::OK,
+                    json!({"kind": "APIResourceList", "apiVersion": "v1",
+                    "groupVersion": "cert-manager.io/v1", "resources": [
+                    {"name": "certificates", "singularName": "certificate", "namespaced": true,
+                     "kind": "Certificate", "verbs": ["get", "patch", "delete"]}]}),
                 )
             } else {
                 (
