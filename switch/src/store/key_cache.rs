@@ -46,13 +46,14 @@ use prometheus_client::metrics::counter::Counter;
 
 use super::{
     Account, AccountId, Advice, AdviceFailure, AdviceId, AuditRecord, AuthOutcome, AuthRequest,
-    Backend, Card, CardId, Database, EnqueueOutcome, FailOutcome, IdempotencyClaim,
+    Backend, Card, CardId, Database, EnqueueOutcome, FailOutcome, FleetSessions, IdempotencyClaim,
     IdempotencyRecord, JournalEntry, KeyId, KeyRecord, KeyStats, KeyTransition, LinkKeys,
     MigrationStatus, NewAccount, NewAdvice, NewAudit, NewCard, NewKey, NewRotation, NewTerminal,
     Page, PinReservation, PoolStats, RequestIdentity, RetryPolicy, ReversalRequest, RotationId,
     RotationStatus, SafFilter, SafStats, Store, StoreError, StoredAnswer, Terminal,
     TerminalSelector, UsableKeys,
 };
+use super::{LiveSession, PushClaim, PushDue, RegistrySweep, SessionEntry, SessionRef};
 use crate::domain::{KeyState, KeyType, TerminalId, WrappedKey};
 
 /// The keys of `rows` a terminal's traffic may be checked against at `now`: the newest ACTIVE
@@ -504,5 +505,84 @@ impl Database for KeyCachingStore {
         now: DateTime<Utc>,
     ) -> Result<Advice, StoreError> {
         self.inner.saf_requeue_dead_letter(id, actor, now).await
+    }
+    async fn register_replica(
+        &self,
+        replica: &str,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        self.inner.register_replica(replica, lease, now).await
+    }
+    async fn renew_replica(
+        &self,
+        replica: &str,
+        lease: Duration,
+        active: &[i64],
+        now: DateTime<Utc>,
+    ) -> Result<RegistrySweep, StoreError> {
+        self.inner.renew_replica(replica, lease, active, now).await
+    }
+    async fn release_replica(&self, replica: &str) -> Result<(), StoreError> {
+        self.inner.release_replica(replica).await
+    }
+    async fn record_sign_on(
+        &self,
+        entry: &SessionEntry,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<SessionRef>, StoreError> {
+        self.inner.record_sign_on(entry, now).await
+    }
+    async fn record_session_end(&self, replica: &str, conn_id: i64) -> Result<bool, StoreError> {
+        self.inner.record_session_end(replica, conn_id).await
+    }
+    async fn remove_sessions(&self, terminal: &TerminalId) -> Result<Vec<SessionRef>, StoreError> {
+        self.inner.remove_sessions(terminal).await
+    }
+    async fn live_sessions(
+        &self,
+        terminals: &[TerminalId],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<LiveSession>, StoreError> {
+        self.inner.live_sessions(terminals, now).await
+    }
+    async fn fleet_sessions(&self, now: DateTime<Utc>) -> Result<FleetSessions, StoreError> {
+        self.inner.fleet_sessions(now).await
+    }
+    async fn set_rotation_pacing(
+        &self,
+        rotation: &RotationId,
+        max_concurrent: u32,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .set_rotation_pacing(rotation, max_concurrent)
+            .await
+    }
+    async fn due_pushes(&self, replica: &str, limit: u32) -> Result<Vec<PushDue>, StoreError> {
+        self.inner.due_pushes(replica, limit).await
+    }
+    async fn claim_push(
+        &self,
+        key: &KeyId,
+        replica: &str,
+        conn_id: i64,
+        now: DateTime<Utc>,
+        answer_by: DateTime<Utc>,
+    ) -> Result<PushClaim, StoreError> {
+        self.inner
+            .claim_push(key, replica, conn_id, now, answer_by)
+            .await
+    }
+    async fn push_answered(
+        &self,
+        replica: &str,
+        conn_id: i64,
+        terminal: &TerminalId,
+        kt: KeyType,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        self.inner
+            .push_answered(replica, conn_id, terminal, kt, now)
+            .await
     }
 }
