@@ -7,7 +7,9 @@
 //! - the same ATM signing on at another replica closes its first session at once;
 //! - a replica killed with SIGKILL drops out of the registry when its lease ends; its ATMs,
 //!   reconnected to the others, get the keys of a rotation they missed, and a key an ATM already
-//!   confirmed is not pushed to it again.
+//!   confirmed is not pushed to it again;
+//! - a key revoked through one replica stops verifying at another at once, although that
+//!   replica's key cache would keep it for an hour (`keys.cache_ttl = 1h`).
 //!
 //! Needs `SWITCHYARD_TEST_DATABASE_URL` (skipped without it, required when `CI=true`).
 
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use switchyard_switch::atm::provision::AdminClient;
-use switchyard_switch::atm::{AtmClient, AtmError};
+use switchyard_switch::atm::{AtmClient, AtmError, CardInput};
 use switchyard_switch::crypto::TerminalKeys;
 use switchyard_switch::domain::{KeyType, TerminalId};
 use switchyard_switch::iso8583::Packager;
@@ -69,8 +71,10 @@ impl Replica {
                  [metrics]\nlisten = \"127.0.0.1:{metrics}\"\nrefresh_interval = \"500ms\"\n\
                  [database]\nurl = \"{database_url}\"\n\
                  [keys]\nlmk_file = \"{s}/lmk.hex\"\nkek_file = \"{s}/kek.hex\"\n\
+                 cache_ttl = \"1h\"\n\
                  [registry]\nreplica_id = \"{name}\"\nheartbeat_interval = \"{HEARTBEAT}\"\n\
-                 lease = \"{LEASE}\"\n",
+                 lease = \"{LEASE}\"\n\
+                 [routing]\non_us = [\"6011\"]\n",
                 s = shared.display()
             ),
         )
@@ -445,6 +449,55 @@ async fn three_replicas_act_on_the_whole_fleet() {
         assert_eq!(fleet["signedOn"], 6);
     }
 
+    // ATM0003, at switch-b, transacts under its TAK (now in switch-b's key cache); the TAK is
+    // revoked through switch-a; switch-b refuses the next MAC under it at once
+    let mut atm = atms.remove(2);
+    assert_eq!(atm.id, ids[2]);
+    a.admin
+        .create_account("ACC-F", "360", 500_000, 300_000)
+        .await
+        .unwrap();
+    a.admin
+        .create_card("6011000000000004", "2812", "ACC-F", "1234")
+        .await
+        .unwrap();
+    let card = CardInput {
+        pan: "6011000000000004".into(),
+        expiry: "2812".into(),
+        pin: "1234".into(),
+        currency: "360".into(),
+    };
+    assert_eq!(atm.balance(&card).await.unwrap().get_str(39), Some("00"));
+    let keys = a
+        .admin
+        .get(&format!("/v1/terminals/{}/keys", ids[2]))
+        .await
+        .unwrap();
+    let tak = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["type"] == "TAK" && k["state"] == "ACTIVE")
+        .expect("an ACTIVE TAK")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    a.admin
+        .post(&format!("/v1/keys/{tak}/revoke"), &json!({}))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refused = atm.balance(&card).await;
+    match refused {
+        Ok(answer) => assert_eq!(
+            answer.get_str(39),
+            Some("63"),
+            "switch-b still verified a MAC under a TAK revoked at switch-a"
+        ),
+        Err(err) => panic!("balance after the revocation: {err}"),
+    }
+
+    drop(atm);
     drop(atms);
     a.kill();
     b.kill();

@@ -20,16 +20,18 @@
 //! # With several replicas
 //!
 //! A change made by another process (another replica's admin API or activation loop, a
-//! station's key exchange on another replica's session) is not seen here until the entry's
-//! `[keys] cache_ttl` (default 1 s; `0` disables the cache) ends. The effect is bounded and
-//! one-sided:
+//! station's key exchange on another replica's session) reaches this cache through the store:
+//! on PostgreSQL a trigger notifies every replica of each key change (`switchyard_keys`), and
+//! `txn::fleet` drops the changed terminal's entries at once. Should a notification be lost
+//! (the listening connection drops; every entry is dropped when it is re-opened), the change is
+//! still seen once the entry's `[keys] cache_ttl` (default 1 s; `0` disables the cache) ends.
+//! The effect of that last resort is bounded and one-sided:
 //! - a key that became usable elsewhere (a new TAK or TPK activated) is never refused because
 //!   of the cache: a MAC or PIN that fails under cached keys is checked again under keys read
 //!   from the store before the answer (callers use [`Lookup::cached`] for that);
 //! - a key taken out of use elsewhere (revoked, or its grace ended early by `expire_previous`)
 //!   may still verify for at most `cache_ttl` — far below the grace window (minutes) during
-//!   which such a key is accepted anyway. Cross-replica invalidation (e.g. PostgreSQL
-//!   `LISTEN/NOTIFY`) would close that last second.
+//!   which such a key is accepted anyway.
 //!
 //! Key *management* (sign-on TMK checks, key exchange, pushes) keeps reading the store:
 //! decisions such as "re-deliver the PENDING key or make one" must see the newest rows.
