@@ -194,7 +194,10 @@ impl KeyCache {
     pub fn invalidate(&self, terminal: &TerminalId) {
         let mut entries = self.lock();
         self.generation.fetch_add(1, Ordering::AcqRel);
-        entries.retain(|(t, _), _| t != terminal);
+        // by key, not a scan: every replica does this for each key change in the fleet
+        for kt in [KeyType::Tmk, KeyType::Tpk, KeyType::Tak] {
+            entries.remove(&(terminal.clone(), kt));
+        }
     }
 
     /// Forgets every terminal's keys (after a change to many, or to one not known by id).
