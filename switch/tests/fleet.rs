@@ -12,6 +12,12 @@
 //!   replica's key cache would keep it for an hour (`keys.cache_ttl = 1h`).
 //!
 //! Needs `SWITCHYARD_TEST_DATABASE_URL` (skipped without it, required when `CI=true`).
+//!
+//! And, on both backends with the switch in this process: the heartbeat is the safety net
+//! behind notifications — a session the registry no longer holds is closed, a registry row no
+//! session backs is removed.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,6 +29,7 @@ use switchyard_switch::atm::{AtmClient, AtmError, CardInput};
 use switchyard_switch::crypto::TerminalKeys;
 use switchyard_switch::domain::{KeyType, TerminalId};
 use switchyard_switch::iso8583::Packager;
+use switchyard_switch::store::{SessionEntry, TerminalKind};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchyard-switch");
 const PG_ENV: &str = "SWITCHYARD_TEST_DATABASE_URL";
@@ -507,3 +514,80 @@ async fn three_replicas_act_on_the_whole_fleet() {
     .execute(&pg_admin)
     .await;
 }
+
+/// Without any notification (SQLite has none; on PostgreSQL the row is removed without telling
+/// the switch), the heartbeat closes a session the registry no longer holds and removes a row of
+/// this replica that no session backs.
+async fn heartbeat_is_the_safety_net(backend: common::Backend) {
+    let Some(sw) = common::TestSwitch::start_with(backend, |s| {
+        s.registry.heartbeat_interval = Duration::from_millis(300);
+        s.registry.lease = Duration::from_secs(3);
+    })
+    .await
+    else {
+        return;
+    };
+    let ctx = sw.running.ctx.clone();
+    let mut atm = sw.atm("ATM00001").await;
+    assert_eq!(atm.network("001").await.unwrap().get_str(39), Some("00"));
+    let tid = atm.id.clone();
+    let view = sw.viewer.get("/v1/terminals/ATM00001").await.unwrap();
+    assert_eq!(view["replica"], ctx.fleet.replica());
+
+    // a row of this replica for a connection it does not have
+    let ghost = TerminalId::new("ATM00002").unwrap();
+    sw.admin
+        .register_terminal(&sw.kek, &ghost, "it")
+        .await
+        .unwrap();
+    let stale = SessionEntry {
+        replica: ctx.fleet.replica().to_string(),
+        conn_id: 987_654,
+        terminal: ghost.clone(),
+        kind: TerminalKind::Atm,
+        remote: "192.0.2.1:4000".into(),
+        signed_on_at: chrono::Utc::now(),
+    };
+    ctx.store
+        .record_sign_on(&stale, chrono::Utc::now())
+        .await
+        .unwrap();
+    eventually("the unbacked registry row removed", 5, || async {
+        let view = sw.viewer.get("/v1/terminals/ATM00002").await.ok()?;
+        (view["signedOn"] == false).then_some(())
+    })
+    .await;
+
+    // the ATM's row removed behind the switch's back (as if the notification was lost)
+    match backend {
+        common::Backend::Sqlite => {
+            ctx.store.remove_sessions(&tid).await.unwrap();
+        }
+        common::Backend::Postgres => {
+            // remove it with the notification trigger off, in one transaction
+            let pool = sqlx::PgPool::connect(&sw.db.url).await.unwrap();
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query("ALTER TABLE terminal_sessions DISABLE TRIGGER terminal_sessions_removed")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            sqlx::query("DELETE FROM terminal_sessions WHERE terminal_id = $1")
+                .bind(tid.as_str())
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            sqlx::query("ALTER TABLE terminal_sessions ENABLE TRIGGER terminal_sessions_removed")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            pool.close().await;
+        }
+    }
+    assert!(
+        closed_within(&mut atm, Duration::from_secs(3)).await,
+        "a session the registry no longer holds stayed open"
+    );
+    sw.stop().await;
+}
+on_both_backends!(the_heartbeat_is_the_safety_net, heartbeat_is_the_safety_net);
