@@ -26,7 +26,7 @@ use crate::routing::{LinkDeps, Upstreams};
 use crate::settings::Settings;
 use crate::store::{self, ConnectOptions, KeyCache, KeyCachingStore, Store};
 use crate::tls::ReloadingAcceptor;
-use crate::txn::SwitchContext;
+use crate::txn::{SwitchContext, fleet, fleet::Fleet};
 
 /// Why the switch could not start.
 #[derive(Debug, thiserror::Error)]
@@ -204,17 +204,23 @@ pub async fn start(
         },
     )?);
     let settings_held_max = settings.saf.held_reversals_max;
+    let settings_registry = settings.registry.clone();
+    // notifications between replicas come over their own PostgreSQL connection
+    let listen_url = match store.backend() {
+        store::Backend::Postgres => Some(settings.database.resolve_url()?),
+        store::Backend::Sqlite => None,
+    };
     let ctx = Arc::new(SwitchContext {
         settings,
         packager,
         store: store.clone(),
         keys,
         hsm: secrets.hsm,
-        sessions: SessionRegistry::new(metrics.clone()),
+        sessions: SessionRegistry::new(),
+        fleet: Fleet::new(&settings_registry),
         metrics: metrics.clone(),
         health: health.clone(),
         upstreams,
-        key_answers: Default::default(),
         held_reversals: Arc::new(HeldReversals::new(settings_held_max, metrics.clone())),
     });
     let addr = |l: &TcpListener| {
@@ -230,6 +236,11 @@ pub async fn start(
     // A first store check before we call ourselves started, so /readyz is truthful at once.
     let verdict = health::check_store(&store).await;
     health.set_store(verdict.is_ok(), verdict.clone().err());
+    // clears this replica's sessions of an earlier run before any sign-on; retried by the
+    // heartbeat while the store is away
+    if verdict.is_ok() {
+        ctx.fleet.register(&ctx).await;
+    }
     if let Err(reason) = &verdict {
         warn!(%reason, "switch starts not ready");
     }
@@ -248,6 +259,7 @@ pub async fn start(
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(run(
         ctx.clone(),
+        listen_url,
         secrets.tokens,
         listeners,
         tls,
@@ -273,6 +285,7 @@ struct TlsAcceptors {
 
 async fn run(
     ctx: Arc<SwitchContext>,
+    listen_url: Option<zeroize::Zeroizing<String>>,
     tokens: Arc<Tokens>,
     listeners: Listeners,
     tls: TlsAcceptors,
@@ -290,6 +303,10 @@ async fn run(
         Duration::from_secs(2),
         stop_background.clone(),
     ));
+    let heartbeat = tokio::spawn(fleet::heartbeat(ctx.clone(), stop_background.clone()));
+    let pusher = tokio::spawn(fleet::pusher(ctx.clone(), stop_background.clone()));
+    let listener = listen_url
+        .map(|url| tokio::spawn(fleet::listen(ctx.clone(), url, stop_background.clone())));
     let activations = tokio::spawn(crate::txn::keys::activation_loop(
         ctx.clone(),
         Duration::from_secs(1),
@@ -393,6 +410,15 @@ async fn run(
     let _ = watcher.await;
     let _ = activations.await;
     let _ = gauges.await;
+    let _ = heartbeat.await;
+    let _ = pusher.await;
+    if let Some(listener) = listener {
+        let _ = listener.await;
+    }
+    // every connection is closed: the fleet need not wait for this replica's lease to end
+    if let Err(err) = ctx.store.release_replica(ctx.fleet.replica()).await {
+        warn!(error = %err, "failed to leave the session registry; its lease will end by itself");
+    }
     ctx.store.close().await;
     info!("shutdown complete");
 }

@@ -486,12 +486,17 @@ impl Case {
                 metrics.key_cache_misses.clone(),
             )),
             hsm: fx.hsm.clone(),
-            sessions: SessionRegistry::new(metrics.clone()),
+            sessions: SessionRegistry::new(),
+            fleet: crate::txn::fleet::Fleet::new(&Default::default()),
             metrics,
             health: Arc::new(Health::default()),
             upstreams,
-            key_answers: Default::default(),
         };
+        if !ctx.fleet.register(&ctx).await {
+            return Err(HarnessError::Setup(
+                "failed to register in the session registry".into(),
+            ));
+        }
         let terms = fx
             .terminals
             .iter()
@@ -1115,7 +1120,9 @@ impl Case {
             }
         }
         verdict?;
-        // what the server would do next: pushes go out, closed connections reconnect
+        // what the server would do next: due keys are pushed, pushes go out, closed
+        // connections reconnect
+        crate::txn::fleet::push_round(&self.ctx).await;
         for conn in &mut self.conns {
             while let Ok(pushed) = conn.outbound.try_recv() {
                 conn.pushed.push(pushed);

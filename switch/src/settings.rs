@@ -60,6 +60,36 @@ pub struct Settings {
     pub saf: SafSettings,
     /// What this switch, as an issuer, accepts from acquirer stations.
     pub stations: StationSettings,
+    /// The fleet-wide session registry shared by the switch replicas.
+    pub registry: RegistrySettings,
+}
+
+/// `[registry]`: how this replica takes part in the fleet-wide session registry (issue 16).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrySettings {
+    /// This replica's id in the registry. Default: the `POD_NAME` environment variable (the
+    /// Downward API), else `HOSTNAME` inside Kubernetes (the pod name), else the host name plus
+    /// a random suffix. Must be unique among the replicas sharing a store.
+    pub replica_id: Option<String>,
+    /// How often the replica renews its lease, records its sessions' traffic and checks the
+    /// registry (the safety net for a missed notification).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// How long a replica's sessions stay in the registry after its last renewal; after that
+    /// any replica removes them. At least two heartbeat intervals.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        Self {
+            replica_id: None,
+            heartbeat_interval: Duration::from_secs(2),
+            lease: Duration::from_secs(10),
+        }
+    }
 }
 
 /// `[iso8583]`: the TCP channel terminals and stations connect to.
@@ -673,6 +703,22 @@ impl Settings {
             ));
         }
         self.stations.validate()?;
+        if self.registry.heartbeat_interval.is_zero()
+            || self.registry.lease < self.registry.heartbeat_interval * 2
+            || self.registry.lease > Duration::from_secs(3600)
+        {
+            return Err(SettingsError::Value(
+                "registry.lease must be at least two registry.heartbeat_interval and at most 1h"
+                    .into(),
+            ));
+        }
+        if let Some(id) = &self.registry.replica_id
+            && (id.is_empty() || id.len() > 253 || id.chars().any(char::is_control))
+        {
+            return Err(SettingsError::Value(
+                "registry.replica_id must be 1 to 253 printable characters".into(),
+            ));
+        }
         let mut names = std::collections::HashSet::new();
         for u in &self.upstreams {
             if !names.insert(u.name.as_str()) {

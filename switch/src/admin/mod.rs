@@ -70,6 +70,7 @@ pub fn router(state: AdminState) -> Router {
             "/v1/terminals/{tid}/sign-off",
             post(handlers::terminals::sign_off),
         )
+        .route("/v1/sessions", get(handlers::terminals::fleet))
         .route("/v1/terminals/{tid}/keys", get(handlers::keys::list))
         .route(
             "/v1/terminals/{tid}/keys/{type}/rotate",
@@ -480,6 +481,7 @@ impl Modify for BearerAuth {
         handlers::terminals::list,
         handlers::terminals::get_one,
         handlers::terminals::sign_off,
+        handlers::terminals::fleet,
         handlers::keys::list,
         handlers::keys::rotate,
         handlers::keys::activate,

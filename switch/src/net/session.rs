@@ -4,9 +4,12 @@
 //! An ATM's new sign-on replaces its old connection (which is told to close). A station is
 //! every replica and SAF drainer of an acquiring switch signing on with the same station id, so
 //! its sign-ons add sessions side by side. A disconnect removes only the session of its own
-//! connection, so a late close of a replaced connection can never remove its successor. Gauges
-//! are updated here, in one place, so they cannot drift: a terminal or station counts once
-//! while it has at least one session.
+//! connection, so a late close of a replaced connection can never remove its successor.
+//!
+//! This is the process's own half of the sessions: the connections it can write to. The
+//! fleet-wide half — which replica holds which terminal, what the admin API and
+//! `switchyard_terminals_signed_on` report — is the store's session registry (`txn::fleet`),
+//! which closes a session here when its terminal signs on at another replica.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,7 +22,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::TerminalId;
-use crate::metrics::Metrics;
 use crate::store::TerminalKind;
 
 /// A frame the switch sends on a terminal's connection on its own initiative (e.g. a key push).
@@ -53,21 +55,28 @@ pub struct SessionInfo {
     pub last_seen: Option<DateTime<Utc>>,
 }
 
+/// One local session, as the fleet's heartbeat compares it with the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalSession {
+    /// The terminal or station.
+    pub terminal: TerminalId,
+    /// Its connection.
+    pub conn_id: u64,
+    /// Unix milliseconds of the connection's last frame.
+    pub last_seen_ms: i64,
+}
+
 /// Live sessions of this process.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct SessionRegistry {
     /// Per terminal or station, its sessions oldest first; never an empty list.
     sessions: Mutex<HashMap<TerminalId, Vec<SessionHandle>>>,
-    metrics: Metrics,
 }
 
 impl SessionRegistry {
-    /// An empty registry reporting to `metrics`.
-    pub fn new(metrics: Metrics) -> Self {
-        Self {
-            sessions: Mutex::new(HashMap::new()),
-            metrics,
-        }
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TerminalId, Vec<SessionHandle>>> {
@@ -90,9 +99,6 @@ impl SessionRegistry {
     ) -> Option<SessionHandle> {
         let mut sessions = self.lock();
         let live = sessions.entry(terminal).or_default();
-        if live.is_empty() {
-            self.metrics.terminals_signed_on.inc();
-        }
         let conn_id = handle.conn_id;
         let replaced = match kind {
             // an ATM has at most one session
@@ -121,9 +127,39 @@ impl SessionRegistry {
         live.remove(i);
         if live.is_empty() {
             sessions.remove(terminal);
-            self.metrics.terminals_signed_on.dec();
         }
         true
+    }
+
+    /// Closes and removes the session of connection `conn_id`, if it holds one of the
+    /// terminal's (the registry says it was replaced or signed off elsewhere).
+    pub fn close_conn(&self, terminal: &TerminalId, conn_id: u64) -> bool {
+        let mut sessions = self.lock();
+        let Some(live) = sessions.get_mut(terminal) else {
+            return false;
+        };
+        let Some(i) = live.iter().position(|h| h.conn_id == conn_id) else {
+            return false;
+        };
+        live.remove(i).close.cancel();
+        if live.is_empty() {
+            sessions.remove(terminal);
+        }
+        true
+    }
+
+    /// Every local session (for the heartbeat's comparison with the registry).
+    pub fn snapshot(&self) -> Vec<LocalSession> {
+        self.lock()
+            .iter()
+            .flat_map(|(terminal, live)| {
+                live.iter().map(|h| LocalSession {
+                    terminal: terminal.clone(),
+                    conn_id: h.conn_id,
+                    last_seen_ms: h.last_seen.load(Ordering::Relaxed),
+                })
+            })
+            .collect()
     }
 
     /// Closes every session of the terminal or station (admin sign-off). Returns whether there
@@ -134,7 +170,6 @@ impl SessionRegistry {
         let Some(live) = self.lock().remove(terminal) else {
             return false;
         };
-        self.metrics.terminals_signed_on.dec();
         for handle in live {
             handle.close.cancel();
         }
@@ -189,7 +224,6 @@ impl SessionRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::SwitchMetrics;
 
     fn handle(conn_id: u64) -> SessionHandle {
         let (tx, _rx) = mpsc::channel(1);
@@ -203,14 +237,13 @@ mod tests {
         }
     }
 
-    fn registry() -> (SessionRegistry, Metrics) {
-        let metrics = Arc::new(SwitchMetrics::new());
-        (SessionRegistry::new(metrics.clone()), metrics)
+    fn registry() -> SessionRegistry {
+        SessionRegistry::new()
     }
 
     #[test]
     fn a_new_sign_on_replaces_and_closes_the_old_session() {
-        let (reg, metrics) = registry();
+        let reg = registry();
         let tid = TerminalId::new("ATM1").unwrap();
         let first = handle(1);
         assert!(
@@ -223,23 +256,21 @@ mod tests {
         assert_eq!(replaced.conn_id, 1);
         assert!(first.close.is_cancelled());
         assert!(reg.is_current(&tid, 2));
-        assert_eq!(metrics.terminals_signed_on.get(), 1);
     }
 
     #[test]
     fn signing_on_again_on_the_same_connection_keeps_it_open() {
-        let (reg, metrics) = registry();
+        let reg = registry();
         let tid = TerminalId::new("ATM1").unwrap();
         let h = handle(3);
         reg.sign_on(tid.clone(), TerminalKind::Atm, h.clone());
         reg.sign_on(tid.clone(), TerminalKind::Atm, h.clone());
         assert!(!h.close.is_cancelled());
-        assert_eq!(metrics.terminals_signed_on.get(), 1);
     }
 
     #[test]
     fn a_late_disconnect_of_the_replaced_connection_keeps_the_new_session() {
-        let (reg, metrics) = registry();
+        let reg = registry();
         let tid = TerminalId::new("ATM1").unwrap();
         reg.sign_on(tid.clone(), TerminalKind::Atm, handle(1));
         reg.sign_on(tid.clone(), TerminalKind::Atm, handle(2));
@@ -247,13 +278,12 @@ mod tests {
         assert!(reg.is_current(&tid, 2));
         assert!(reg.remove(&tid, 2));
         assert!(reg.info(&tid).is_none());
-        assert_eq!(metrics.terminals_signed_on.get(), 0);
         assert!(reg.is_empty());
     }
 
     #[test]
     fn a_station_keeps_every_session_and_counts_once() {
-        let (reg, metrics) = registry();
+        let reg = registry();
         let station = TerminalId::new("ACQ001").unwrap();
         let (first, second) = (handle(1), handle(2));
         assert!(
@@ -266,43 +296,53 @@ mod tests {
         );
         assert!(!first.close.is_cancelled() && !second.close.is_cancelled());
         assert!(reg.is_current(&station, 1) && reg.is_current(&station, 2));
-        assert_eq!(metrics.terminals_signed_on.get(), 1);
         // signing on again on the same connection neither closes it nor adds a session
         let again = reg.sign_on(station.clone(), TerminalKind::Station, handle(2));
         assert_eq!(again.map(|h| h.conn_id), Some(2));
         assert!(!second.close.is_cancelled());
         assert!(reg.remove(&station, 1));
         assert!(reg.is_current(&station, 2));
-        assert_eq!(metrics.terminals_signed_on.get(), 1);
         assert!(reg.remove(&station, 2));
         assert!(reg.is_empty());
-        assert_eq!(metrics.terminals_signed_on.get(), 0);
     }
 
     #[test]
     fn force_sign_off_of_a_station_closes_all_its_sessions() {
-        let (reg, metrics) = registry();
+        let reg = registry();
         let station = TerminalId::new("ACQ001").unwrap();
         let (first, second) = (handle(1), handle(2));
         reg.sign_on(station.clone(), TerminalKind::Station, first.clone());
         reg.sign_on(station.clone(), TerminalKind::Station, second.clone());
         assert!(reg.force_sign_off(&station));
         assert!(first.close.is_cancelled() && second.close.is_cancelled());
-        assert_eq!(metrics.terminals_signed_on.get(), 0);
         // the connections' own late removals change nothing
         assert!(!reg.remove(&station, 1));
-        assert_eq!(metrics.terminals_signed_on.get(), 0);
+    }
+
+    #[test]
+    fn close_conn_closes_only_that_connection() {
+        let reg = registry();
+        let station = TerminalId::new("ACQ001").unwrap();
+        let (first, second) = (handle(1), handle(2));
+        reg.sign_on(station.clone(), TerminalKind::Station, first.clone());
+        reg.sign_on(station.clone(), TerminalKind::Station, second.clone());
+        assert!(reg.close_conn(&station, 1));
+        assert!(first.close.is_cancelled() && !second.close.is_cancelled());
+        assert!(!reg.close_conn(&station, 1));
+        let seen: Vec<u64> = reg.snapshot().iter().map(|s| s.conn_id).collect();
+        assert_eq!(seen, vec![2]);
+        assert!(reg.close_conn(&station, 2));
+        assert!(reg.is_empty());
     }
 
     #[test]
     fn force_sign_off_closes_and_removes() {
-        let (reg, metrics) = registry();
+        let reg = registry();
         let tid = TerminalId::new("ATM1").unwrap();
         let h = handle(7);
         reg.sign_on(tid.clone(), TerminalKind::Atm, h.clone());
         assert!(reg.force_sign_off(&tid));
         assert!(h.close.is_cancelled());
         assert!(!reg.force_sign_off(&tid));
-        assert_eq!(metrics.terminals_signed_on.get(), 0);
     }
 }

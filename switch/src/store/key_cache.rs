@@ -20,16 +20,18 @@
 //! # With several replicas
 //!
 //! A change made by another process (another replica's admin API or activation loop, a
-//! station's key exchange on another replica's session) is not seen here until the entry's
-//! `[keys] cache_ttl` (default 1 s; `0` disables the cache) ends. The effect is bounded and
-//! one-sided:
+//! station's key exchange on another replica's session) reaches this cache through the store:
+//! on PostgreSQL a trigger notifies every replica of each key change (`switchyard_keys`), and
+//! `txn::fleet` drops the changed terminal's entries at once. Should a notification be lost
+//! (the listening connection drops; every entry is dropped when it is re-opened), the change is
+//! still seen once the entry's `[keys] cache_ttl` (default 1 s; `0` disables the cache) ends.
+//! The effect of that last resort is bounded and one-sided:
 //! - a key that became usable elsewhere (a new TAK or TPK activated) is never refused because
 //!   of the cache: a MAC or PIN that fails under cached keys is checked again under keys read
 //!   from the store before the answer (callers use [`Lookup::cached`] for that);
 //! - a key taken out of use elsewhere (revoked, or its grace ended early by `expire_previous`)
 //!   may still verify for at most `cache_ttl` — far below the grace window (minutes) during
-//!   which such a key is accepted anyway. Cross-replica invalidation (e.g. PostgreSQL
-//!   `LISTEN/NOTIFY`) would close that last second.
+//!   which such a key is accepted anyway.
 //!
 //! Key *management* (sign-on TMK checks, key exchange, pushes) keeps reading the store:
 //! decisions such as "re-deliver the PENDING key or make one" must see the newest rows.
@@ -46,13 +48,15 @@ use prometheus_client::metrics::counter::Counter;
 
 use super::{
     Account, AccountId, Advice, AdviceFailure, AdviceId, AuditRecord, AuthOutcome, AuthRequest,
-    AuthView, Backend, Card, CardId, Database, EnqueueOutcome, FailOutcome, IdempotencyClaim,
+    AuthView, Backend, Card, CardId, Database, EnqueueOutcome, FailOutcome, FleetSessions,
+    IdempotencyClaim,
     IdempotencyRecord, JournalEntry, KeyId, KeyRecord, KeyStats, KeyTransition, LinkKeys,
     MigrationStatus, NewAccount, NewAdvice, NewAudit, NewCard, NewKey, NewRotation, NewTerminal,
     Page, PinReservation, PoolStats, RequestIdentity, RetryPolicy, ReversalRequest, RotationId,
     RotationStatus, SafFilter, SafStats, Store, StoreError, StoredAnswer, Terminal,
     TerminalSelector, UsableKeys, ViewKey,
 };
+use super::{LiveSession, PushClaim, PushDue, RegistrySweep, SessionEntry, SessionRef};
 use crate::domain::{KeyState, KeyType, TerminalId, WrappedKey};
 
 /// The keys of `rows` a terminal's traffic may be checked against at `now`: the newest ACTIVE
@@ -191,7 +195,10 @@ impl KeyCache {
     pub fn invalidate(&self, terminal: &TerminalId) {
         let mut entries = self.lock();
         self.generation.fetch_add(1, Ordering::AcqRel);
-        entries.retain(|(t, _), _| t != terminal);
+        // by key, not a scan: every replica does this for each key change in the fleet
+        for kt in [KeyType::Tmk, KeyType::Tpk, KeyType::Tak] {
+            entries.remove(&(terminal.clone(), kt));
+        }
     }
 
     /// Forgets every terminal's keys (after a change to many, or to one not known by id).
@@ -507,5 +514,84 @@ impl Database for KeyCachingStore {
         now: DateTime<Utc>,
     ) -> Result<Advice, StoreError> {
         self.inner.saf_requeue_dead_letter(id, actor, now).await
+    }
+    async fn register_replica(
+        &self,
+        replica: &str,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        self.inner.register_replica(replica, lease, now).await
+    }
+    async fn renew_replica(
+        &self,
+        replica: &str,
+        lease: Duration,
+        active: &[i64],
+        now: DateTime<Utc>,
+    ) -> Result<RegistrySweep, StoreError> {
+        self.inner.renew_replica(replica, lease, active, now).await
+    }
+    async fn release_replica(&self, replica: &str) -> Result<(), StoreError> {
+        self.inner.release_replica(replica).await
+    }
+    async fn record_sign_on(
+        &self,
+        entry: &SessionEntry,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<SessionRef>, StoreError> {
+        self.inner.record_sign_on(entry, now).await
+    }
+    async fn record_session_end(&self, replica: &str, conn_id: i64) -> Result<bool, StoreError> {
+        self.inner.record_session_end(replica, conn_id).await
+    }
+    async fn remove_sessions(&self, terminal: &TerminalId) -> Result<Vec<SessionRef>, StoreError> {
+        self.inner.remove_sessions(terminal).await
+    }
+    async fn live_sessions(
+        &self,
+        terminals: &[TerminalId],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<LiveSession>, StoreError> {
+        self.inner.live_sessions(terminals, now).await
+    }
+    async fn fleet_sessions(&self, now: DateTime<Utc>) -> Result<FleetSessions, StoreError> {
+        self.inner.fleet_sessions(now).await
+    }
+    async fn set_rotation_pacing(
+        &self,
+        rotation: &RotationId,
+        max_concurrent: u32,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .set_rotation_pacing(rotation, max_concurrent)
+            .await
+    }
+    async fn due_pushes(&self, replica: &str, limit: u32) -> Result<Vec<PushDue>, StoreError> {
+        self.inner.due_pushes(replica, limit).await
+    }
+    async fn claim_push(
+        &self,
+        key: &KeyId,
+        replica: &str,
+        conn_id: i64,
+        now: DateTime<Utc>,
+        answer_by: DateTime<Utc>,
+    ) -> Result<PushClaim, StoreError> {
+        self.inner
+            .claim_push(key, replica, conn_id, now, answer_by)
+            .await
+    }
+    async fn push_answered(
+        &self,
+        replica: &str,
+        conn_id: i64,
+        terminal: &TerminalId,
+        kt: KeyType,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        self.inner
+            .push_answered(replica, conn_id, terminal, kt, now)
+            .await
     }
 }

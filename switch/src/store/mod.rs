@@ -33,6 +33,7 @@ mod idempotency;
 mod key_cache;
 mod models;
 mod postgres;
+mod registry;
 mod saf;
 mod scripts;
 mod sql;
@@ -44,6 +45,10 @@ pub use idempotency::{CLAIM_STALE_AFTER, with_claim};
 pub use key_cache::{KeyCache, KeyCachingStore, Lookup, usable_at};
 pub use models::*;
 pub use postgres::{PgEngine, PostgresStore};
+pub use registry::{
+    FleetSessions, LiveSession, PushClaim, PushDue, RegistrySweep, ReplicaSessions, SessionEntry,
+    SessionRef,
+};
 pub use saf::{
     Advice, AdviceFailure, AdviceId, AdviceMti, AdviceStatus, EnqueueOutcome, FailOutcome,
     NewAdvice, RetryPolicy, SafBacklog, SafFilter, SafStats, saf_backoff,
@@ -365,6 +370,83 @@ pub trait Database: Send + Sync + std::fmt::Debug {
         actor: &str,
         now: DateTime<Utc>,
     ) -> Result<Advice, StoreError>;
+
+    // The fleet-wide session registry (issue 16; `registry.rs`, `scripts/sessions.rs`).
+
+    /// A replica starts: removes its sessions and pushes left from an earlier run and starts its
+    /// lease (`now + lease`). Returns how many stale sessions it removed.
+    async fn register_replica(
+        &self,
+        replica: &str,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError>;
+    /// Renews the replica's lease (re-registering it if others already swept it), marks its
+    /// `active` connections seen at `now`, removes every session of replicas whose lease ended,
+    /// and returns the replica's own sessions as recorded.
+    async fn renew_replica(
+        &self,
+        replica: &str,
+        lease: Duration,
+        active: &[i64],
+        now: DateTime<Utc>,
+    ) -> Result<RegistrySweep, StoreError>;
+    /// A replica stops cleanly: its sessions, pushes and lease are removed.
+    async fn release_replica(&self, replica: &str) -> Result<(), StoreError>;
+    /// Records a sign-on. For an ATM, its sessions on other connections (on any replica) are
+    /// removed in the same transaction and returned, for their replicas to close; a station's
+    /// sessions live side by side. A connection signing on as another terminal leaves its
+    /// previous one.
+    async fn record_sign_on(
+        &self,
+        entry: &SessionEntry,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<SessionRef>, StoreError>;
+    /// A session ended (sign-off, disconnect); `false` if it was not recorded (already replaced
+    /// or removed).
+    async fn record_session_end(&self, replica: &str, conn_id: i64) -> Result<bool, StoreError>;
+    /// Removes every session of `terminal` (an operator's sign-off) and returns them.
+    async fn remove_sessions(&self, terminal: &TerminalId) -> Result<Vec<SessionRef>, StoreError>;
+    /// The sessions of `terminals` whose replica's lease runs at `now`, by terminal, oldest
+    /// sign-on first.
+    async fn live_sessions(
+        &self,
+        terminals: &[TerminalId],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<LiveSession>, StoreError>;
+    /// Live replicas with their session counts, and the signed-on terminals fleet-wide.
+    async fn fleet_sessions(&self, now: DateTime<Utc>) -> Result<FleetSessions, StoreError>;
+    /// Records a fleet rotation's `maxConcurrent` (call before [`Database::insert_keys_bulk`],
+    /// so its keys are never pushed unpaced).
+    async fn set_rotation_pacing(
+        &self,
+        rotation: &RotationId,
+        max_concurrent: u32,
+    ) -> Result<(), StoreError>;
+    /// Keys to push on `replica`'s sessions: each signed-on ATM's newest PENDING TPK and TAK not
+    /// yet pushed on its current session, oldest first (a rotation's by terminal id), at most
+    /// `limit`.
+    async fn due_pushes(&self, replica: &str, limit: u32) -> Result<Vec<PushDue>, StoreError>;
+    /// Claims the push of `key` on one session ([`PushClaim`]); a claimed push holds a slot of
+    /// its rotation's `maxConcurrent` until its terminal answers or `answer_by`.
+    async fn claim_push(
+        &self,
+        key: &KeyId,
+        replica: &str,
+        conn_id: i64,
+        now: DateTime<Utc>,
+        answer_by: DateTime<Utc>,
+    ) -> Result<PushClaim, StoreError>;
+    /// The terminal on this session answered a push of a `kt` key; returns how many pushes that
+    /// settled.
+    async fn push_answered(
+        &self,
+        replica: &str,
+        conn_id: i64,
+        terminal: &TerminalId,
+        kt: KeyType,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError>;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -430,6 +512,11 @@ const SQLITE_MIGRATIONS: &[EmbeddedMigration] = &[
         description: "guarded_posts",
         sql: include_str!("../../../migrations/sqlite/20261201000100_guarded_posts.sql"),
     },
+    EmbeddedMigration {
+        version: 20261201100000,
+        description: "session_registry",
+        sql: include_str!("../../../migrations/sqlite/20261201100000_session_registry.sql"),
+    },
 ];
 
 /// `migrations/postgres/`, in version order (checked like [`SQLITE_MIGRATIONS`]).
@@ -485,6 +572,11 @@ const POSTGRES_MIGRATIONS: &[EmbeddedMigration] = &[
         version: 20261201000100,
         description: "guarded_posts",
         sql: include_str!("../../../migrations/postgres/20261201000100_guarded_posts.sql"),
+    },
+    EmbeddedMigration {
+        version: 20261201100000,
+        description: "session_registry",
+        sql: include_str!("../../../migrations/postgres/20261201100000_session_registry.sql"),
     },
 ];
 

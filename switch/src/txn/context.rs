@@ -33,16 +33,16 @@ pub struct SwitchContext {
     pub keys: Arc<KeyCache>,
     /// All cryptography.
     pub hsm: Arc<dyn Hsm>,
-    /// Live sessions of this process.
+    /// Live sessions of this process (the connections it can write to).
     pub sessions: SessionRegistry,
+    /// This replica's part in the fleet-wide session registry.
+    pub fleet: super::fleet::Fleet,
     /// Metrics registry.
     pub metrics: Metrics,
     /// Probe state.
     pub health: Arc<Health>,
     /// Links to the issuer hosts of `[[upstreams]]`.
     pub upstreams: Arc<Upstreams>,
-    /// Terminals' answers to key pushes that paced rotations wait for.
-    pub key_answers: super::key_exchange::KeyAnswers,
     /// Reversal advices the store refused, retried until it takes them.
     pub held_reversals: Arc<HeldReversals>,
 }

@@ -10,7 +10,6 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use chrono::Utc;
-use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use super::SwitchContext;
@@ -34,10 +33,11 @@ fn parse_key_type(request: &Message) -> Option<KeyType> {
     EXCHANGEABLE.contains(&kt).then_some(kt)
 }
 
-/// Handles 0800/161 and 0800/162 from a signed-on terminal, authenticated under the K_NM of
-/// `tmk` (its ACTIVE TMK, which a delivered key is wrapped under).
+/// Handles 0800/161 and 0800/162 from a signed-on terminal on `conn`, authenticated under the
+/// K_NM of `tmk` (its ACTIVE TMK, which a delivered key is wrapped under).
 pub async fn handle_request(
     ctx: &SwitchContext,
+    conn: &ConnState,
     terminal: &TerminalId,
     tmk: &WrappedKey,
     action: NetworkAction,
@@ -48,7 +48,7 @@ pub async fn handle_request(
         return answer(ResponseCode::FormatError);
     };
     let result = match action {
-        NetworkAction::KeyRequest => deliver(ctx, terminal, tmk, kt, request).await,
+        NetworkAction::KeyRequest => deliver(ctx, conn, terminal, tmk, kt, request).await,
         NetworkAction::KeyConfirm => confirm(ctx, terminal, kt, request).await,
         _ => return answer(ResponseCode::InvalidTransaction),
     };
@@ -60,14 +60,36 @@ pub async fn handle_request(
 
 async fn deliver(
     ctx: &SwitchContext,
+    conn: &ConnState,
     terminal: &TerminalId,
     tmk: &WrappedKey,
     kt: KeyType,
     request: &Message,
 ) -> Result<Reply, ResponseCode> {
+    // The key goes to the terminal in this answer: recorded as delivered on this session, so
+    // this replica's pusher never sends it again while the terminal is confirming it (the
+    // pusher skips the terminal until the record is made).
+    let _exchanging = ctx.fleet.exchanging(terminal);
     let key = pending_or_new(ctx, terminal, kt, "terminal")
         .await
         .map_err(|_| ResponseCode::SystemMalfunction)?;
+    let now = Utc::now();
+    let answer_by = now
+        + chrono::Duration::from_std(super::fleet::PUSH_ANSWER_WAIT)
+            .unwrap_or(chrono::Duration::zero());
+    if let Err(err) = ctx
+        .store
+        .claim_push(
+            &key.id,
+            ctx.fleet.replica(),
+            conn.conn_id as i64,
+            now,
+            answer_by,
+        )
+        .await
+    {
+        debug!(%terminal, error = %err, "failed to record a key delivered on request");
+    }
     let block = key_block_for(ctx, terminal, tmk, &key)?;
     let mut message =
         response_to(request, ResponseCode::Approved).ok_or(ResponseCode::FormatError)?;
@@ -244,50 +266,10 @@ pub async fn activate_matching(
 
 static PUSH_STAN: AtomicU32 = AtomicU32::new(1);
 
-/// Terminals' answers to server-initiated key changes, for a rotation that paces its pushes
-/// (`maxConcurrent`) and frees a slot when the terminal has answered.
-#[derive(Debug, Default)]
-pub struct KeyAnswers(
-    std::sync::Mutex<std::collections::HashMap<(TerminalId, KeyType), oneshot::Sender<()>>>,
-);
-
-impl KeyAnswers {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<
-        '_,
-        std::collections::HashMap<(TerminalId, KeyType), oneshot::Sender<()>>,
-    > {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Resolves when the terminal answers its next key change of type `kt`.
-    pub fn wait_for(&self, terminal: &TerminalId, kt: KeyType) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
-        self.lock().insert((terminal.clone(), kt), tx);
-        rx
-    }
-
-    /// The terminal answered a key change of type `kt` (accepted or declined).
-    pub fn answered(&self, terminal: &TerminalId, kt: KeyType) {
-        if let Some(tx) = self.lock().remove(&(terminal.clone(), kt)) {
-            let _ = tx.send(());
-        }
-    }
-
-    /// Drops a wait nobody listens to any more (leaves a newer waiter alone).
-    pub fn forget(&self, terminal: &TerminalId, kt: KeyType) {
-        let mut waits = self.lock();
-        let key = (terminal.clone(), kt);
-        if waits.get(&key).is_some_and(|tx| tx.is_closed()) {
-            waits.remove(&key);
-        }
-    }
-}
-
-/// Sends 0800/161 for `key` on the terminal's live session, if it has one, MACed under the
-/// terminal's K_NM (profile v2). Returns whether it was queued; a terminal that is offline gets
-/// the key when it next signs on.
+/// Sends 0800/161 for `key` on the terminal's live session in this process, if it has one,
+/// MACed under the terminal's K_NM (profile v2). Returns whether it was queued. Callers claim the
+/// push in the registry first (`fleet::push_round`); a terminal that is offline gets the key
+/// when it next signs on, wherever that is.
 pub async fn push_key(ctx: &SwitchContext, terminal: &TerminalId, key: &KeyRecord) -> bool {
     let Some(session) = ctx.sessions.handle(terminal) else {
         return false;
@@ -328,17 +310,6 @@ pub async fn push_key(ctx: &SwitchContext, terminal: &TerminalId, key: &KeyRecor
     }
 }
 
-/// Pushes every PENDING exchangeable key of a terminal (called right after it signs on).
-pub async fn push_pending(ctx: &SwitchContext, terminal: &TerminalId) {
-    for kt in EXCHANGEABLE {
-        if let Ok(usable) = ctx.store.keys_for_use(terminal, kt, Utc::now()).await
-            && let Some(pending) = usable.pending
-        {
-            push_key(ctx, terminal, &pending).await;
-        }
-    }
-}
-
 /// The terminal's 0810 to a server-initiated 0800/161: 39 = `00` and 122 = the KCV it computed,
 /// MACed under its K_NM (profile v2). An 0810 whose MAC does not verify is counted, audited and
 /// ignored: the key stays PENDING.
@@ -375,7 +346,7 @@ pub async fn on_terminal_answer(
     if answer.get_str(fields::RESPONSE_CODE) != Some("00") {
         info!(%terminal, code = ?answer.get_str(fields::RESPONSE_CODE), "terminal declined a key change; key stays PENDING");
         if let Some(kt) = parse_key_type(answer) {
-            ctx.key_answers.answered(terminal, kt);
+            answered(ctx, conn, terminal, kt).await;
         }
         return;
     }
@@ -385,28 +356,25 @@ pub async fn on_terminal_answer(
     let kt = parse_key_type(answer);
     activate_matching(ctx, terminal, kt, kcv).await;
     if let Some(kt) = kt {
-        ctx.key_answers.answered(terminal, kt);
+        answered(ctx, conn, terminal, kt).await;
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn key_answers_wake_the_waiter_and_forget_only_abandoned_waits() {
-        let answers = KeyAnswers::default();
-        let atm = TerminalId::new("ATM1").unwrap();
-        let rx = answers.wait_for(&atm, KeyType::Tpk);
-        answers.answered(&atm, KeyType::Tak); // another key type: not this wait
-        answers.answered(&atm, KeyType::Tpk);
-        assert!(rx.await.is_ok());
-
-        let pending = answers.wait_for(&atm, KeyType::Tpk);
-        answers.forget(&atm, KeyType::Tpk);
-        assert_eq!(answers.lock().len(), 1, "a live wait is kept");
-        drop(pending);
-        answers.forget(&atm, KeyType::Tpk);
-        assert!(answers.lock().is_empty(), "an abandoned wait is removed");
+/// The terminal answered a push: its rotation's slot is free, fleet-wide.
+async fn answered(ctx: &SwitchContext, conn: &ConnState, terminal: &TerminalId, kt: KeyType) {
+    if let Err(err) = ctx
+        .store
+        .push_answered(
+            ctx.fleet.replica(),
+            conn.conn_id as i64,
+            terminal,
+            kt,
+            Utc::now(),
+        )
+        .await
+    {
+        // the slot frees itself when the push's answer time passes
+        debug!(%terminal, error = %err, "failed to record the answer to a key push");
     }
+    ctx.fleet.wake_pusher();
 }

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::SwitchContext;
-use super::key_exchange::{pending_or_new, push_key};
+use super::key_exchange::pending_or_new;
 use crate::domain::{KeyOwner, KeyState, KeyType, TerminalId};
 use crate::health::ScrapeRefresh;
 use crate::metrics::{KeyLabels, TypeLabel};
@@ -19,8 +19,11 @@ use crate::store::{
     StoreError, TerminalSelector,
 };
 
-/// Makes (or re-uses) a PENDING key of `kt` for one terminal and pushes it if the terminal is
-/// signed on. Returns the key and whether it was pushed.
+/// Makes (or re-uses) a PENDING key of `kt` for one terminal and has it pushed by whichever
+/// replica holds the terminal's session. Returns the key and whether the terminal is signed on
+/// (then its replica pushes it at once: this one's pusher is woken now, another one's by the
+/// store's notification or its next push round, within a second); a terminal that is offline
+/// gets it at its next sign-on.
 pub async fn rotate_terminal(
     ctx: &SwitchContext,
     terminal: &TerminalId,
@@ -28,8 +31,14 @@ pub async fn rotate_terminal(
     actor: &str,
 ) -> Result<(KeyRecord, bool), StoreError> {
     let key = pending_or_new(ctx, terminal, kt, actor).await?;
-    let pushed = push_key(ctx, terminal, &key).await;
-    Ok((key, pushed))
+    // the pusher, not this request, does the pushing: a large rotation's keys may be due too
+    ctx.fleet.wake_pusher();
+    let signed_on = !ctx
+        .store
+        .live_sessions(std::slice::from_ref(terminal), Utc::now())
+        .await?
+        .is_empty();
+    Ok((key, signed_on))
 }
 
 /// Why a fleet rotation could not start.
@@ -47,7 +56,9 @@ pub enum RotationError {
 }
 
 /// Starts a fleet rotation: one PENDING key per selected terminal, stored in one transaction,
-/// then pushed in the background to every terminal that is signed on here.
+/// then pushed by every replica to the terminals it holds, at most `max_concurrent` awaiting
+/// their answer at once across the whole fleet (recorded before the keys, so no replica ever
+/// pushes them unpaced).
 #[allow(clippy::too_many_arguments)]
 pub async fn start_fleet_rotation(
     ctx: Arc<SwitchContext>,
@@ -84,78 +95,18 @@ pub async fn start_fleet_rotation(
             grace_seconds: grace.as_secs() as i64,
         });
     }
+    if let Some(max) = max_concurrent {
+        let max = u32::try_from(max).unwrap_or(u32::MAX);
+        ctx.store.set_rotation_pacing(&rotation.id, max).await?;
+    }
     ctx.store.insert_keys_bulk(&keys, &rotation, actor).await?;
     let count = terminals.len();
     let id = rotation.id.clone();
     info!(rotation = %id, key_type = %kt, terminals = count, "fleet rotation started");
-    tokio::spawn(push_rotation(
-        ctx,
-        rotation.id,
-        kt,
-        terminals,
-        max_concurrent,
-    ));
+    // the other replicas hear of the new keys from the store (PostgreSQL NOTIFY, or their
+    // next push round); this one starts at once
+    ctx.fleet.wake_pusher();
     Ok((id, count))
-}
-
-/// How long a pushed key holds one of the rotation's `max_concurrent` slots when its terminal
-/// does not answer; the key stays PENDING (pushed again at its next sign-on).
-const PUSH_ANSWER_WAIT: Duration = Duration::from_secs(30);
-
-/// Pushes a rotation's PENDING keys to the terminals with a live session. With `max_concurrent`,
-/// at most that many terminals are between the push and their answer at any time, so a large
-/// fleet is rotated in a rolling wave rather than all at once.
-async fn push_rotation(
-    ctx: Arc<SwitchContext>,
-    rotation: RotationId,
-    kt: KeyType,
-    terminals: Vec<TerminalId>,
-    max_concurrent: Option<usize>,
-) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(
-        max_concurrent.unwrap_or(tokio::sync::Semaphore::MAX_PERMITS),
-    ));
-    let mut pushes = tokio::task::JoinSet::new();
-    let mut pushed = 0usize;
-    for terminal in terminals {
-        if ctx.sessions.handle(&terminal).is_none() {
-            continue;
-        }
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            break;
-        };
-        let ctx = ctx.clone();
-        pushes.spawn(async move {
-            // paced rotations wait for the answer; unpaced ones need not listen for it
-            let answer = max_concurrent.map(|_| ctx.key_answers.wait_for(&terminal, kt));
-            let pushed = match ctx.store.keys_for_use(&terminal, kt, Utc::now()).await {
-                Ok(usable) => match usable.pending {
-                    Some(pending) => push_key(&ctx, &terminal, &pending).await,
-                    None => false,
-                },
-                Err(_) => false,
-            };
-            if let Some(answer) = answer {
-                if pushed {
-                    let _ = tokio::time::timeout(PUSH_ANSWER_WAIT, answer).await;
-                } else {
-                    drop(answer);
-                }
-                // the receiver is gone now, so `forget` removes the entry
-                ctx.key_answers.forget(&terminal, kt);
-            }
-            drop(slot);
-            pushed
-        });
-        // collect finished pushes as we go, so a 10,000-terminal rotation holds few tasks
-        while let Some(done) = pushes.try_join_next() {
-            pushed += usize::from(done.unwrap_or(false));
-        }
-    }
-    while let Some(done) = pushes.join_next().await {
-        pushed += usize::from(done.unwrap_or(false));
-    }
-    info!(%rotation, pushed, "fleet rotation keys pushed to live sessions");
 }
 
 /// Activates, at their time, the PENDING keys of rotations with `atTime` activation.
@@ -263,6 +214,12 @@ pub fn scrape_refresh(ctx: Arc<SwitchContext>) -> ScrapeRefresh {
         Box::pin(async move {
             if let Ok(saf) = ctx.store.saf_stats(Utc::now()).await {
                 ctx.metrics.set_saf(&saf);
+            }
+            // fleet-wide, from the session registry: every replica reports the same figure
+            if let Ok(fleet) = ctx.store.fleet_sessions(Utc::now()).await {
+                ctx.metrics
+                    .terminals_signed_on
+                    .set(i64::try_from(fleet.terminals).unwrap_or(i64::MAX));
             }
             let Ok(stats) = ctx.store.key_stats().await else {
                 return;

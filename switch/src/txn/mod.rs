@@ -9,6 +9,7 @@
 pub mod advice;
 pub mod authorize;
 mod context;
+pub mod fleet;
 pub mod key_exchange;
 pub mod keys;
 pub mod network;
@@ -98,11 +99,13 @@ impl FrameHandler for SwitchContext {
     }
 
     async fn connection_closed(&self, conn: &mut ConnState) {
-        if let Some(terminal) = conn.terminal.take()
-            && self.sessions.remove(&terminal, conn.conn_id)
-        {
-            self.audit_session(&terminal, "session.disconnect", &conn.remote)
-                .await;
+        if let Some(terminal) = conn.terminal.take() {
+            if self.sessions.remove(&terminal, conn.conn_id) {
+                self.audit_session(&terminal, "session.disconnect", &conn.remote)
+                    .await;
+            }
+            // whether or not it was still current here: the registry row is this connection's
+            self.fleet.session_ended(self, conn.conn_id).await;
         }
     }
 }

@@ -20,7 +20,7 @@ use crate::iso8583::Message;
 use crate::iso8583::fields;
 use crate::net::ConnState;
 use crate::net::session::SessionHandle;
-use crate::store::{NewAudit, TerminalKind};
+use crate::store::{NewAudit, SessionEntry, TerminalKind};
 
 /// How long an accepted sign-on identity is remembered, and how far field 7 of a sign-on may be
 /// from the switch's clock. Field 7 (`MMDDhhmmss`) has no year, so the two go together: a
@@ -89,6 +89,7 @@ pub async fn handle(
                     ctx.audit_session(&terminal, "session.sign-off", &conn.remote)
                         .await;
                 }
+                ctx.fleet.session_ended(ctx, conn.conn_id).await;
             }
             ResponseCode::Approved
         }
@@ -101,7 +102,8 @@ pub async fn handle(
                 ResponseCode::NotPermittedToTerminal
             } else {
                 let reply =
-                    key_exchange::handle_request(ctx, &terminal, &tmk, action, request).await?;
+                    key_exchange::handle_request(ctx, conn, &terminal, &tmk, action, request)
+                        .await?;
                 return Some(nm_reply(ctx, &tmk, &terminal, reply.message, reply.kind));
             }
         }
@@ -302,6 +304,27 @@ async fn sign_on(
         }
         Err(_) => return ResponseCode::SystemMalfunction,
     }
+    // The fleet-wide registry first: an ATM's sessions elsewhere are removed in the same
+    // transaction, and the replicas holding them close them (SPEC §3: one live session).
+    if !ctx.fleet.is_registered() {
+        return ResponseCode::SystemMalfunction;
+    }
+    let _signing_on = ctx.fleet.signing_on(conn.conn_id);
+    let entry = SessionEntry {
+        replica: ctx.fleet.replica().to_string(),
+        conn_id: conn.conn_id as i64,
+        terminal: terminal.clone(),
+        kind,
+        remote: conn.remote.to_string(),
+        signed_on_at: now,
+    };
+    match ctx.store.record_sign_on(&entry, now).await {
+        Ok(removed) => ctx.fleet.close_removed(ctx, &removed),
+        Err(err) => {
+            warn!(%terminal, error = %err, "sign-on refused: the session registry could not record it");
+            return ResponseCode::SystemMalfunction;
+        }
+    }
     // The same connection signing on as another terminal gives up its previous session.
     if let Some(previous) = conn.terminal.take()
         && &previous != terminal
@@ -327,13 +350,14 @@ async fn sign_on(
     }
     conn.terminal = Some(terminal.clone());
     conn.terminal_kind = Some(kind);
+    ctx.fleet.refresh_gauge(ctx).await;
     ctx.audit_session(terminal, "session.sign-on", &conn.remote)
         .await;
     // Keys generated while an ATM was away are pushed now, after this answer. A station
     // exchanges its keys itself (0800/161 + 162) and shares them among its processes; a key
     // pushed to one of its sessions would change them behind the others' backs.
     if kind == TerminalKind::Atm {
-        key_exchange::push_pending(ctx, terminal).await;
+        ctx.fleet.wake_pusher();
     }
     ResponseCode::Approved
 }

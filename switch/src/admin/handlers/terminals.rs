@@ -1,5 +1,8 @@
 //! Terminals (and acquirer stations): registration with TMK import, listing, session state,
-//! operator sign-off.
+//! operator sign-off, and the fleet's sessions.
+//!
+//! Session state comes from the store's session registry (issue 16), so every replica answers
+//! the same whichever one holds the terminal.
 
 use axum::Extension;
 use axum::extract::{Path, Query, State};
@@ -14,7 +17,7 @@ use crate::admin::auth::Caller;
 use crate::admin::error::{ApiError, Problem};
 use crate::admin::{AdminState, IdempotencyKey, JsonBody, idempotent};
 use crate::domain::{KeyOwner, KeyState, KeyType, TerminalId};
-use crate::store::{NewAudit, NewKey, NewTerminal, Page, Terminal, TerminalKind};
+use crate::store::{LiveSession, NewAudit, NewKey, NewTerminal, Page, Terminal, TerminalKind};
 
 /// A TMK delivered as a TR-31 key block under the switch's KEK.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -46,7 +49,7 @@ fn default_group() -> String {
     "default".to_string()
 }
 
-/// A terminal as the API shows it: registration plus live session state on this switch.
+/// A terminal as the API shows it: registration plus its live session, wherever in the fleet.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TerminalView {
@@ -58,17 +61,22 @@ pub struct TerminalView {
     pub kind: String,
     /// When it was registered.
     pub created_at: DateTime<Utc>,
-    /// Whether it holds a connection to this switch instance.
+    /// Whether it holds a signed-on connection to a replica of this switch.
     pub connected: bool,
     /// Whether that connection is signed on.
     pub signed_on: bool,
+    /// The replica holding its (newest) session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
+    /// Its live sessions (an ATM has at most one; a station one per connection).
+    pub sessions: u32,
     /// Peer address of the connection.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remote_address: Option<String>,
     /// When it signed on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub signed_on_at: Option<DateTime<Utc>>,
-    /// Last frame received.
+    /// Last frame received (from another replica: as of its last heartbeat).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<DateTime<Utc>>,
 }
@@ -80,19 +88,35 @@ fn kind_name(kind: TerminalKind) -> &'static str {
     }
 }
 
-fn view(state: &AdminState, t: &Terminal) -> TerminalView {
-    let session = state.ctx.sessions.info(&t.id);
+fn view(state: &AdminState, t: &Terminal, sessions: &[LiveSession]) -> TerminalView {
+    let mine: Vec<&LiveSession> = sessions.iter().filter(|s| s.terminal == t.id).collect();
+    let newest = mine.last();
+    // this replica's own session knows its last frame to the millisecond
+    let local_seen = newest
+        .filter(|s| s.replica == state.ctx.fleet.replica())
+        .and_then(|_| state.ctx.sessions.info(&t.id))
+        .and_then(|info| info.last_seen);
     TerminalView {
         id: t.id.to_string(),
         group: t.group.clone(),
         kind: kind_name(t.kind).to_string(),
         created_at: t.created_at,
-        connected: session.is_some(),
-        signed_on: session.is_some(),
-        remote_address: session.as_ref().map(|s| s.remote.to_string()),
-        signed_on_at: session.as_ref().map(|s| s.signed_on_at),
-        last_seen: session.and_then(|s| s.last_seen),
+        connected: newest.is_some(),
+        signed_on: newest.is_some(),
+        replica: newest.map(|s| s.replica.clone()),
+        sessions: u32::try_from(mine.len()).unwrap_or(u32::MAX),
+        remote_address: newest.map(|s| s.remote.clone()),
+        signed_on_at: newest.map(|s| s.signed_on_at),
+        last_seen: local_seen.or(newest.map(|s| s.last_seen)),
     }
+}
+
+/// The live sessions of `terminals` from the registry.
+async fn sessions_of(
+    state: &AdminState,
+    terminals: &[TerminalId],
+) -> Result<Vec<LiveSession>, ApiError> {
+    Ok(state.ctx.store.live_sessions(terminals, Utc::now()).await?)
 }
 
 /// Registers a terminal and imports its TMK (TR-31 under the KEK; KCV checked).
@@ -165,7 +189,8 @@ pub async fn create(
                 &caller.name,
             )
             .await?;
-        let body = serde_json::to_value(view(&state, &terminal)).map_err(|_| ApiError::Internal)?;
+        let body =
+            serde_json::to_value(view(&state, &terminal, &[])).map_err(|_| ApiError::Internal)?;
         Ok((StatusCode::CREATED, body))
     })
     .await
@@ -200,8 +225,13 @@ pub async fn list(
             limit,
         })
         .await?;
+    let ids: Vec<TerminalId> = terminals.iter().map(|t| t.id.clone()).collect();
+    let sessions = sessions_of(&state, &ids).await?;
     Ok(axum::Json(
-        terminals.iter().map(|t| view(&state, t)).collect(),
+        terminals
+            .iter()
+            .map(|t| view(&state, t, &sessions))
+            .collect(),
     ))
 }
 
@@ -219,7 +249,8 @@ pub async fn get_one(
         .get_terminal(&id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("terminal {id} is not registered")))?;
-    Ok(axum::Json(view(&state, &terminal)))
+    let sessions = sessions_of(&state, std::slice::from_ref(&terminal.id)).await?;
+    Ok(axum::Json(view(&state, &terminal, &sessions)))
 }
 
 /// Result of a sign-off.
@@ -248,7 +279,11 @@ pub async fn sign_off(
         )));
     }
     idempotent(&state, idem.as_ref(), || async {
-        let was_signed_on = state.ctx.sessions.force_sign_off(&id);
+        // removed from the registry: the replicas holding them close them (this one at once)
+        let removed = state.ctx.store.remove_sessions(&id).await?;
+        state.ctx.fleet.close_removed(&state.ctx, &removed);
+        let was_signed_on = state.ctx.sessions.force_sign_off(&id) || !removed.is_empty();
+        state.ctx.fleet.refresh_gauge(&state.ctx).await;
         state
             .ctx
             .store
@@ -273,4 +308,51 @@ pub async fn sign_off(
         Ok((StatusCode::OK, body))
     })
     .await
+}
+
+/// One replica's share of the fleet's sessions.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaView {
+    /// Replica id (the pod name in Kubernetes).
+    pub id: String,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// Until when its lease runs; it is renewed every heartbeat.
+    pub lease_until: DateTime<Utc>,
+    /// Its signed-on sessions.
+    pub sessions: u64,
+}
+
+/// The fleet's sessions as the registry holds them.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetView {
+    /// The replica that answered.
+    pub replica: String,
+    /// Terminals and stations signed on anywhere in the fleet.
+    pub signed_on: u64,
+    /// Live replicas (lease running), by id.
+    pub replicas: Vec<ReplicaView>,
+}
+
+/// Replicas whose lease runs, their session counts, and the terminals signed on fleet-wide.
+#[utoipa::path(get, path = "/v1/sessions",
+    responses((status = 200, body = FleetView)))]
+pub async fn fleet(State(state): State<AdminState>) -> Result<axum::Json<FleetView>, ApiError> {
+    let fleet = state.ctx.store.fleet_sessions(Utc::now()).await?;
+    Ok(axum::Json(FleetView {
+        replica: state.ctx.fleet.replica().to_string(),
+        signed_on: fleet.terminals,
+        replicas: fleet
+            .replicas
+            .into_iter()
+            .map(|r| ReplicaView {
+                id: r.replica,
+                started_at: r.started_at,
+                lease_until: r.lease_until,
+                sessions: r.sessions,
+            })
+            .collect(),
+    }))
 }

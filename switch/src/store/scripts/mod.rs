@@ -7,6 +7,7 @@ mod keys;
 mod ledger;
 mod misc;
 mod queue;
+mod sessions;
 mod terminals;
 
 use std::time::Duration;
@@ -415,5 +416,119 @@ impl<E: Engine> Database for CoreStore<E> {
         let actor = actor.to_string();
         write_script!(self, |c| queue::requeue_dead_letter(c, id, &actor, now)
             .await)
+    }
+
+    async fn register_replica(
+        &self,
+        replica: &str,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let replica = replica.to_string();
+        write_script!(self, |c| sessions::register_replica(
+            c, &replica, lease, now
+        )
+        .await)
+    }
+
+    async fn renew_replica(
+        &self,
+        replica: &str,
+        lease: Duration,
+        active: &[i64],
+        now: DateTime<Utc>,
+    ) -> Result<RegistrySweep, StoreError> {
+        let (replica, active) = (replica.to_string(), active.to_vec());
+        write_script!(self, |c| sessions::renew_replica(
+            c, &replica, lease, &active, now
+        )
+        .await)
+    }
+
+    async fn release_replica(&self, replica: &str) -> Result<(), StoreError> {
+        let replica = replica.to_string();
+        write_script!(self, |c| sessions::release_replica(c, &replica).await)
+    }
+
+    async fn record_sign_on(
+        &self,
+        entry: &SessionEntry,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<SessionRef>, StoreError> {
+        let entry = entry.clone();
+        write_script!(self, |c| sessions::record_sign_on(c, &entry, now).await)
+    }
+
+    async fn record_session_end(&self, replica: &str, conn_id: i64) -> Result<bool, StoreError> {
+        let replica = replica.to_string();
+        write_script!(self, |c| sessions::record_session_end(c, &replica, conn_id)
+            .await)
+    }
+
+    async fn remove_sessions(&self, terminal: &TerminalId) -> Result<Vec<SessionRef>, StoreError> {
+        let terminal = terminal.clone();
+        write_script!(self, |c| sessions::remove_sessions(c, &terminal).await)
+    }
+
+    async fn live_sessions(
+        &self,
+        terminals: &[TerminalId],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<LiveSession>, StoreError> {
+        let ids: Vec<String> = terminals.iter().map(|t| t.to_string()).collect();
+        read_script!(self, |c| sessions::live_sessions(c, &ids, now).await)
+    }
+
+    async fn fleet_sessions(&self, now: DateTime<Utc>) -> Result<FleetSessions, StoreError> {
+        read_script!(self, |c| sessions::fleet_sessions(c, now).await)
+    }
+
+    async fn set_rotation_pacing(
+        &self,
+        rotation: &RotationId,
+        max_concurrent: u32,
+    ) -> Result<(), StoreError> {
+        let rotation = rotation.clone();
+        autocommit_script!(self, |c| sessions::set_rotation_pacing(
+            c,
+            &rotation,
+            max_concurrent
+        )
+        .await)
+    }
+
+    async fn due_pushes(&self, replica: &str, limit: u32) -> Result<Vec<PushDue>, StoreError> {
+        let replica = replica.to_string();
+        read_script!(self, |c| sessions::due_pushes(c, &replica, limit).await)
+    }
+
+    async fn claim_push(
+        &self,
+        key: &KeyId,
+        replica: &str,
+        conn_id: i64,
+        now: DateTime<Utc>,
+        answer_by: DateTime<Utc>,
+    ) -> Result<PushClaim, StoreError> {
+        let (key, replica) = (key.clone(), replica.to_string());
+        write_script!(self, |c| sessions::claim_push(
+            c, &key, &replica, conn_id, now, answer_by
+        )
+        .await)
+    }
+
+    async fn push_answered(
+        &self,
+        replica: &str,
+        conn_id: i64,
+        terminal: &TerminalId,
+        kt: KeyType,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let (replica, terminal) = (replica.to_string(), terminal.clone());
+        autocommit_script!(self, |c| sessions::push_answered(
+            c, &replica, conn_id, &terminal, kt, now
+        )
+        .await)
     }
 }
