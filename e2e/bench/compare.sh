@@ -166,12 +166,13 @@ stop_switch() {
     pid=
 }
 
-load() { # $1: scenario; prints "rate p99 cpu%"
+load() { # $1: scenario, $2: open-loop rate (empty: closed loop); prints "rate p99 cpu%"
     local out=$dir/load.out
     /usr/bin/time -f '%U %S' -o "$dir/time.out" \
         "$bin/switchyard-atm" --iso "127.0.0.1:$iso" --admin "http://127.0.0.1:$admin" \
         --token-file "$dir/tokens" --kek-file "$dir/kek.hex" \
-        load --connections "$connections" --duration "${seconds}s" --scenario "$1" > "$out" 2>&1
+        load --connections "$connections" --duration "${seconds}s" --scenario "$1" \
+        ${2:+--rate "$2"} > "$out" 2>&1
     local rate p99 cpu
     rate=$(sed -n 's/.*= \([0-9]*\)\/s.*/\1/p' "$out" | tail -1)
     p99=$(sed -n 's/.*p99 \([0-9.]*\) ms.*/\1/p' "$out" | tail -1)
@@ -186,7 +187,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.0f %%", a * 100 
 # load generator's provisioning through the admin API, a few hundred in all).
 xacts() { psql -tA "$pg_url" -c "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"; }
 
-printf '%-10s %-11s %12s %10s %10s %8s %14s %10s\n' backend scenario switch/s "p99 ms" ceiling/s share "atm-load CPU" "xacts/req"
+printf '%-10s %-11s %12s %10s %10s %8s %14s %10s %18s\n' backend scenario switch/s "p99 ms" ceiling/s share "atm-load CPU" "xacts/req" "p99 at half rate"
 for backend in $backends; do
     case $backend in
         sqlite)
@@ -211,10 +212,13 @@ for backend in $backends; do
             per=$(awk -v a="$x0" -v b="$(xacts)" -v r="$rate" -v s="$seconds" \
                 'BEGIN { if (r > 0) printf "%.2f", (b - a) / (r * s); else print "n/a" }')
         fi
+        # latency at an open-loop rate of half the maximum just measured
+        half=$((rate / 2))
+        read -r _ half_p99 _ < <(load "$scenario" "$half")
         ceiling=$ceiling_withdrawal
         [[ $scenario == balance ]] && ceiling=$ceiling_balance
-        printf '%-10s %-11s %12s %10s %10s %8s %13s%% %10s\n' "$backend" "$scenario" "$rate" "$p99" \
-            "$ceiling" "$(ratio "$rate" "$ceiling")" "$cpu" "$per"
+        printf '%-10s %-11s %12s %10s %10s %8s %13s%% %10s %18s\n' "$backend" "$scenario" "$rate" "$p99" \
+            "$ceiling" "$(ratio "$rate" "$ceiling")" "$cpu" "$per" "$half_p99 ms @ $half/s"
     done
     stop_switch
 done
