@@ -49,11 +49,10 @@ use prometheus_client::metrics::counter::Counter;
 use super::{
     Account, AccountId, Advice, AdviceFailure, AdviceId, AuditRecord, AuthOutcome, AuthRequest,
     AuthView, Backend, Card, CardId, Database, EnqueueOutcome, FailOutcome, FleetSessions,
-    IdempotencyClaim,
-    IdempotencyRecord, JournalEntry, KeyId, KeyRecord, KeyStats, KeyTransition, LinkKeys,
-    MigrationStatus, NewAccount, NewAdvice, NewAudit, NewCard, NewKey, NewRotation, NewTerminal,
-    Page, PinReservation, PoolStats, RequestIdentity, RetryPolicy, ReversalRequest, RotationId,
-    RotationStatus, SafFilter, SafStats, Store, StoreError, StoredAnswer, Terminal,
+    IdempotencyClaim, IdempotencyRecord, JournalEntry, KeyId, KeyRecord, KeyStats, KeyTransition,
+    LinkKeys, MigrationStatus, NewAccount, NewAdvice, NewAudit, NewCard, NewKey, NewRotation,
+    NewTerminal, Page, PinReservation, PoolStats, RequestIdentity, RetryPolicy, ReversalRequest,
+    RotationId, RotationStatus, SafFilter, SafStats, Store, StoreError, StoredAnswer, Terminal,
     TerminalSelector, UsableKeys, ViewKey,
 };
 use super::{LiveSession, PushClaim, PushDue, RegistrySweep, SessionEntry, SessionRef};
