@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::SwitchContext;
+use super::fleet::push_round;
 use super::key_exchange::pending_or_new;
 use crate::domain::{KeyOwner, KeyState, KeyType, TerminalId};
 use crate::health::ScrapeRefresh;
@@ -21,9 +22,9 @@ use crate::store::{
 
 /// Makes (or re-uses) a PENDING key of `kt` for one terminal and has it pushed by whichever
 /// replica holds the terminal's session. Returns the key and whether the terminal is signed on
-/// (then its replica pushes it at once: this one's pusher is woken now, another one's by the
-/// store's notification or its next push round, within a second); a terminal that is offline
-/// gets it at its next sign-on.
+/// (then its replica pushes it at once: this one right now, another one when notified or at
+/// its next push round, within a second); a terminal that is offline gets it at its next
+/// sign-on.
 pub async fn rotate_terminal(
     ctx: &SwitchContext,
     terminal: &TerminalId,
@@ -31,8 +32,7 @@ pub async fn rotate_terminal(
     actor: &str,
 ) -> Result<(KeyRecord, bool), StoreError> {
     let key = pending_or_new(ctx, terminal, kt, actor).await?;
-    // the pusher, not this request, does the pushing: a large rotation's keys may be due too
-    ctx.fleet.wake_pusher();
+    push_round(ctx).await;
     let signed_on = !ctx
         .store
         .live_sessions(std::slice::from_ref(terminal), Utc::now())
