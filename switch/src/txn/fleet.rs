@@ -80,6 +80,9 @@ pub struct Fleet {
     /// Terminals whose own key request (0800/161) is being answered: the pusher leaves them
     /// alone until the delivered key is recorded as theirs.
     exchanging: Mutex<HashSet<TerminalId>>,
+    /// Serializes reading the registry's count and setting the gauge, so that the last value
+    /// set is the last one read (concurrent sign-ons would otherwise leave an older count).
+    gauge: tokio::sync::Mutex<()>,
 }
 
 impl Fleet {
@@ -91,6 +94,7 @@ impl Fleet {
             registered: AtomicBool::new(false),
             wake: Notify::new(),
             unrecorded_ends: Mutex::new(Vec::new()),
+            gauge: tokio::sync::Mutex::new(()),
             last_beat_ms: AtomicI64::new(0),
             signing_on: Mutex::new(HashSet::new()),
             exchanging: Mutex::new(HashSet::new()),
@@ -147,6 +151,7 @@ impl Fleet {
     /// replica's own sign-ons and sign-offs, so it moves with them, and every heartbeat, so it
     /// follows the other replicas'.
     pub async fn refresh_gauge(&self, ctx: &SwitchContext) {
+        let _serial = self.gauge.lock().await;
         if let Ok(fleet) = ctx.store.fleet_sessions(Utc::now()).await {
             ctx.metrics
                 .terminals_signed_on

@@ -216,11 +216,7 @@ pub fn scrape_refresh(ctx: Arc<SwitchContext>) -> ScrapeRefresh {
                 ctx.metrics.set_saf(&saf);
             }
             // fleet-wide, from the session registry: every replica reports the same figure
-            if let Ok(fleet) = ctx.store.fleet_sessions(Utc::now()).await {
-                ctx.metrics
-                    .terminals_signed_on
-                    .set(i64::try_from(fleet.terminals).unwrap_or(i64::MAX));
-            }
+            ctx.fleet.refresh_gauge(&ctx).await;
             let Ok(stats) = ctx.store.key_stats().await else {
                 return;
             };
