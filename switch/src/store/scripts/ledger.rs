@@ -424,7 +424,8 @@ struct Posting {
     debit: Option<(i64, i64, String, i64)>,
     /// (the day's total read, total now).
     daily: Option<(i64, i64)>,
-    /// (the station's total read, total now).
+    /// (the advice's amount, the station's per-day ceiling): every advice of a station adds to
+    /// one row, so its guard is the rule itself (still within the ceiling), not "unchanged".
     station: Option<(i64, i64)>,
     /// (advice, its reference, its payload as JSON text).
     advice: Option<(NewAdvice, String, String)>,
@@ -557,12 +558,11 @@ fn decide(req: &AuthRequest, view: &AuthView) -> Result<Decision, StoreError> {
         if let Some(refused) = over_advice_ceiling(station, amount, &ceiling) {
             return Err(refused);
         }
-        let total = view
-            .station_total
+        view.station_total
             .checked_add(amount)
             .filter(|t| *t <= ceiling.per_day)
             .ok_or_else(|| over_daily_ceiling(station, amount, &ceiling))?;
-        posting.station = Some((view.station_total, total));
+        posting.station = Some((amount, ceiling.per_day));
     }
     let code = withdrawal_decision(
         amount,
@@ -691,17 +691,18 @@ impl Posting {
                 required: true,
             });
         }
-        if let (Some((read, now)), Some(day)) = (&self.station, &self.business_day) {
+        if let (Some((amount, per_day)), Some(day)) = (&self.station, &self.business_day) {
             steps.push(Step {
                 sql: "INSERT INTO station_advice_days (station_id, day, total) \
-                      SELECT $1, $2, $3 WHERE TRUE{after} \
-                      ON CONFLICT (station_id, day) DO UPDATE SET total = excluded.total \
-                      WHERE station_advice_days.total = $4",
+                      SELECT $1, $2, $3 WHERE $3 <= $4{after} \
+                      ON CONFLICT (station_id, day) DO UPDATE \
+                      SET total = station_advice_days.total + excluded.total \
+                      WHERE station_advice_days.total + excluded.total <= $4",
                 args: vec![
                     Arg::from(e.identity.terminal_id.as_str()),
                     Arg::from(day),
-                    Arg::from(*now),
-                    Arg::from(*read),
+                    Arg::from(*amount),
+                    Arg::from(*per_day),
                 ],
                 required: true,
             });
