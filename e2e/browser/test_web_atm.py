@@ -8,6 +8,7 @@ import re
 import time
 
 import pytest
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -34,7 +35,11 @@ class Page:
         return self.el("screen").get_attribute("data-screen")
 
     def wait(self, what, timeout=15, message=""):
-        return WebDriverWait(self.d, timeout, poll_frequency=0.05).until(lambda _: what(), message)
+        # the page re-renders panels live (server-sent events): an element found a moment ago may
+        # be replaced before it is read; such a poll is simply tried again
+        return WebDriverWait(
+            self.d, timeout, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,)
+        ).until(lambda _: what(), message)
 
     def wait_screen(self, name, timeout=15):
         self.wait(lambda: self.screen() == name, timeout,
