@@ -11,7 +11,9 @@
 #    `switchyard-switch drain` processes (each run: 1 and 3) deliver them; advices/s is the
 #    backlog divided by the time until it is empty. The issuer books every advice.
 #
-# Env: CONNECTIONS (50), DURATION (10s), RATE (500), ADVICES (20000), DRAINER_COUNTS ("1 3").
+# Env: CONNECTIONS (50), DURATION (10s), RATE (500), ADVICES (20000), DRAINER_COUNTS ("1 3"),
+# BIN (a directory holding the switchyard-switch and switchyard-atm to run instead of building
+# them: e.g. an older build, to compare two commits side by side).
 # The two switches get their own schemas (bench_issuer, bench_acquirer) in DATABASE, dropped first.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -23,8 +25,12 @@ rate=${RATE:-500}
 advices=${ADVICES:-20000}
 drainer_counts=${DRAINER_COUNTS:-1 3}
 
-cargo build --release --locked -q -p switchyard-switch --bins
-bin=${CARGO_TARGET_DIR:-target}/release
+if [[ -n ${BIN:-} ]]; then
+    bin=$BIN
+else
+    cargo build --release --locked -q -p switchyard-switch --bins
+    bin=${CARGO_TARGET_DIR:-target}/release
+fi
 dir=$(mktemp -d /tmp/switchyard-upstream.XXXXXX)
 pids=()
 cleanup() {

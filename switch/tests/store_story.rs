@@ -53,6 +53,8 @@ stories!(
     issuer_answer_is_journaled_without_touching_the_ledger,
     forced_post_books_past_balance_and_limit,
     concurrent_forced_posts_never_pass_the_station_ceiling,
+    concurrent_forced_posts_journal_the_balance_each_left,
+    a_forced_post_that_debits_nothing_gives_its_ceiling_share_back,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -3267,4 +3269,113 @@ async fn concurrent_forced_posts_never_pass_the_station_ceiling(store: Store) {
         ..advice(50, 10_000)
     };
     assert!(done(store.authorize(&tomorrow).await.unwrap()).approved());
+}
+
+/// Forced posts to one account are applied relative to the balance as it is when each runs
+/// (not decided again when another lands first), and each journal row records the balance its
+/// own debit left: in commit order the recorded balances step down by exactly each amount.
+async fn concurrent_forced_posts_journal_the_balance_each_left(store: Store) {
+    let acc = account(&store, "ACC-R", 10_000, 1_000).await;
+    let advice = |stan: u32, amount: i64| AuthRequest {
+        mti: "0220".into(),
+        force_post: true,
+        force_post_ceiling: None,
+        upstream_ref: None,
+        ..withdrawal(&acc, "ACQ001", stan, amount)
+    };
+    // distinct amounts, so each recorded balance says which debits came before it
+    let amounts: Vec<i64> = (1..=24).map(|i| 100 * i).collect();
+    let tasks: Vec<_> = amounts
+        .iter()
+        .enumerate()
+        .map(|(i, amount)| {
+            let store = store.clone();
+            let req = advice(i as u32 + 1, *amount);
+            tokio::spawn(async move { store.authorize(&req).await })
+        })
+        .collect();
+    let mut answered = Vec::new();
+    for t in tasks {
+        let entry = done(t.await.unwrap().unwrap());
+        assert!(entry.approved());
+        assert_eq!(entry.ledger_balance, entry.available_balance);
+        let journaled = store.find_request(&entry.identity).await.unwrap().unwrap();
+        assert_eq!(journaled.ledger_balance, entry.ledger_balance);
+        answered.push((entry.ledger_balance.unwrap(), entry.amount.unwrap()));
+    }
+    answered.sort_by_key(|a| std::cmp::Reverse(a.0));
+    let mut expected = 10_000;
+    for (recorded, amount) in &answered {
+        expected -= amount;
+        assert_eq!(*recorded, expected, "{answered:?}");
+    }
+    let total: i64 = amounts.iter().sum();
+    assert_eq!(balance(&store, &acc).await, 10_000 - total);
+    // every forced debit counted toward the day's total: an ordinary withdrawal is over it
+    let ordinary = withdrawal(&acc, "ATM1", 99, 1);
+    assert_eq!(
+        done(store.authorize(&ordinary).await.unwrap()).response_code,
+        "61"
+    );
+}
+
+/// A forced post takes its share of the station's per-day ceiling before it is decided; a
+/// duplicate, a decline, a reversed original and an error give it back, so only booked advices
+/// count toward the day.
+async fn a_forced_post_that_debits_nothing_gives_its_ceiling_share_back(store: Store) {
+    let acc = account(&store, "ACC-S", 0, 0).await;
+    let ceiling = ForcePostCeiling {
+        per_advice: 10_000,
+        per_day: 20_000,
+    };
+    let advice = |stan: u32, amount: i64| AuthRequest {
+        mti: "0220".into(),
+        force_post: true,
+        force_post_ceiling: Some(ceiling),
+        upstream_ref: None,
+        ..withdrawal(&acc, "ACQ009", stan, amount)
+    };
+    assert!(done(store.authorize(&advice(1, 10_000)).await.unwrap()).approved());
+    // delivered again, twice: its share is already counted, and the repeats give theirs back
+    for _ in 0..2 {
+        assert!(matches!(
+            store.authorize(&advice(1, 10_000)).await.unwrap(),
+            AuthOutcome::Duplicate(_)
+        ));
+    }
+    // a decline (another currency) gives its share back with its journal row
+    let usd = AuthRequest {
+        currency: "840".into(),
+        ..advice(2, 10_000)
+    };
+    assert_eq!(
+        done(store.authorize(&usd).await.unwrap()).response_code,
+        "12"
+    );
+    // an advice whose reversal came first books nothing and gives its share back
+    let rev = ReversalRequest {
+        mti: "0420".into(),
+        ..reversal("ACQ009", 30, 3)
+    };
+    store.reverse(&rev).await.unwrap();
+    let reversed = done(store.authorize(&advice(3, 10_000)).await.unwrap());
+    assert_eq!(reversed.response_code, "21");
+    // an error (no such account) gives it back too
+    let ghost = AuthRequest {
+        account_id: Some(AccountId::new("ACC-NONE").unwrap()),
+        ..advice(4, 10_000)
+    };
+    assert!(store.authorize(&ghost).await.is_err());
+    // so the day still has room for exactly one more advice of 10,000
+    assert!(done(store.authorize(&advice(5, 10_000)).await.unwrap()).approved());
+    assert!(matches!(
+        store.authorize(&advice(6, 1)).await.unwrap_err(),
+        StoreError::OverCeiling { .. }
+    ));
+    // at the ceiling, a repeat of a booked advice is still answered as the duplicate it is
+    assert!(matches!(
+        store.authorize(&advice(5, 10_000)).await.unwrap(),
+        AuthOutcome::Duplicate(_)
+    ));
+    assert_eq!(balance(&store, &acc).await, -20_000);
 }

@@ -576,7 +576,8 @@ pub struct ViewKey {
     pub card: Option<CardLookup>,
     /// The account, when it is not the card's.
     pub account: Option<AccountId>,
-    /// The acquirer station whose advice ceilings count (force-posts).
+    /// The acquirer station whose advice ceilings count (force-posts): the store takes the
+    /// advice's share of the station's per-day ceiling in the same statement as the read.
     pub station: Option<TerminalId>,
     /// The business day (UTC `YYYY-MM-DD`) of the daily totals.
     pub day: String,
@@ -600,8 +601,6 @@ pub struct AuthView {
     pub(crate) account: Option<Account>,
     /// The account's withdrawals on `key.day`.
     pub(crate) withdrawn: i64,
-    /// The station's force-posts on `key.day`.
-    pub(crate) station_total: i64,
     /// How reserving a PIN try went, when the key asked for one and the card exists.
     pub(crate) pin_reservation: Option<PinReservation>,
 }

@@ -252,11 +252,11 @@ impl Conn for PgConnection {
         Ok(q.execute(&mut *self).await?.rows_affected())
     }
 
-    async fn apply_all(&mut self, steps: &[Step<'_>]) -> Result<(), StoreError> {
+    async fn apply_all(&mut self, steps: &[Step<'_>]) -> Result<Option<i64>, StoreError> {
         // one statement: one round trip, and atomic without a transaction around it
         let sql = guarded_statement(steps);
         let args: Vec<Arg<'_>> = steps.iter().flat_map(|s| s.args.iter().copied()).collect();
-        match self.execute(&sql, &args).await {
+        match self.query_one(&sql, &args).await {
             // a deadlock between two postings of one card is resolved by retrying the loser
             Err(StoreError::Unavailable(err))
                 if err
@@ -267,7 +267,7 @@ impl Conn for PgConnection {
             {
                 Err(StoreError::Stale)
             }
-            other => other.map(|_| ()),
+            other => other?.try_get("yielded"),
         }
     }
 

@@ -78,8 +78,9 @@ fn number_placeholders(sql: &str) -> String {
 }
 
 /// One statement argument. Times are TIMESTAMPTZ on PostgreSQL and integer microseconds on
-/// SQLite (so comparisons stay numeric); booleans are 0/1 on SQLite.
-#[derive(Debug, Clone, Copy)]
+/// SQLite (so comparisons stay numeric); booleans are 0/1 on SQLite. (No `Debug`: an argument
+/// may be a PVV, a PAN token or a key block.)
+#[derive(Clone, Copy)]
 pub(crate) enum Arg<'a> {
     /// NULL, typed (PostgreSQL checks parameter types against their columns).
     Null(Kind),
@@ -304,14 +305,18 @@ pub enum Violation {
 /// One write of a guarded posting ([`Conn::apply_all`]): an `INSERT … SELECT … WHERE …` or an
 /// `UPDATE … WHERE …` whose `WHERE` repeats what the decision was based on, so that it changes no
 /// row when that is no longer true. `{after}` marks where the step waits for the step before it
-/// (see `apply_all`); put it at the end of the step's `WHERE`.
-#[derive(Debug)]
+/// (see `apply_all`); put it at the end of the step's `WHERE`. (No `Debug`: its arguments may
+/// hold a PVV.)
 pub(crate) struct Step<'a> {
     pub(crate) sql: &'static str,
     pub(crate) args: Vec<Arg<'a>>,
     /// Whether the posting is stale when this step changes no row. Steps that may legitimately
     /// change nothing (an advice already queued under its key) come last.
     pub(crate) required: bool,
+    /// An integer column of the row this step changed, as it is after the change: later steps
+    /// of the posting use it as `{yielded}`, and `apply_all` returns it. At most one step of a
+    /// posting yields.
+    pub(crate) yields: Option<&'static str>,
 }
 
 /// A connection inside one transaction (or, for reads, outside any). Implemented by each engine.
@@ -347,15 +352,13 @@ pub(crate) trait Conn: Send {
     fn apply_all(
         &mut self,
         steps: &[Step<'_>],
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+    ) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send {
         async move {
             self.execute("SAVEPOINT guarded_posting", &[]).await?;
+            let mut yielded = None;
             let mut outcome = Ok(());
             for step in steps {
-                match self
-                    .execute(&step.sql.replace("{after}", ""), &step.args)
-                    .await
-                {
+                match self.apply_step(step, &mut yielded).await {
                     Ok(0) if step.required => {
                         outcome = Err(StoreError::Stale);
                         break;
@@ -371,7 +374,39 @@ pub(crate) trait Conn: Send {
                 self.execute("ROLLBACK TO guarded_posting", &[]).await?;
             }
             self.execute("RELEASE guarded_posting", &[]).await?;
-            outcome
+            outcome.map(|()| yielded)
+        }
+    }
+
+    /// One step of the default [`Conn::apply_all`]: `{yielded}` bound as one more argument,
+    /// and the yielded column read back with `RETURNING`. Returns the rows changed.
+    fn apply_step(
+        &mut self,
+        step: &Step<'_>,
+        yielded: &mut Option<i64>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        async move {
+            let mut sql = step.sql.replace("{after}", "");
+            let mut args = step.args.clone();
+            if sql.contains("{yielded}") {
+                let value = yielded.ok_or_else(|| {
+                    StoreError::corrupt("a posting step uses {yielded} before a step yields")
+                })?;
+                sql = sql.replace("{yielded}", &format!("${}", args.len() + 1));
+                args.push(Arg::Int(value));
+            }
+            match step.yields {
+                None => self.execute(&sql, &args).await,
+                Some(column) => {
+                    let rows = self
+                        .query(&format!("{sql} RETURNING {column}"), &args)
+                        .await?;
+                    if let Some(row) = rows.first() {
+                        *yielded = Some(row.first()?);
+                    }
+                    Ok(rows.len() as u64)
+                }
+            }
         }
     }
 
@@ -444,23 +479,32 @@ pub(crate) trait Conn: Send {
 /// returning a row per row it changed, each waiting for the one before it (`{after}`: so every
 /// posting takes its row locks in the same order, and a step after a stale one changes nothing),
 /// and a final `SELECT` that raises `SYSTL` (see the `guarded_posts` migration) unless every
-/// required step changed a row, which undoes the whole statement. Placeholders are renumbered
-/// into one list; the arguments are the steps' in order.
+/// required step changed a row, which undoes the whole statement. A yielding step returns its
+/// column and later steps read it as `(SELECT column FROM sN)`; the final row carries it as
+/// `yielded`. Placeholders are renumbered into one list; the arguments are the steps' in order.
 pub(crate) fn guarded_statement(steps: &[Step<'_>]) -> String {
     let mut sql = String::from("WITH ");
     let mut offset = 0;
     let mut checks = Vec::new();
+    let mut yielded: Option<String> = None;
     for (i, step) in steps.iter().enumerate() {
         let after = if i == 0 {
             String::new()
         } else {
             format!(" AND EXISTS (SELECT 1 FROM s{})", i - 1)
         };
-        let body = shift_placeholders(&step.sql.replace("{after}", &after), offset);
+        let mut body = shift_placeholders(&step.sql.replace("{after}", &after), offset);
+        if let Some(value) = &yielded {
+            body = body.replace("{yielded}", value);
+        }
         if i > 0 {
             sql.push_str(", ");
         }
-        sql.push_str(&format!("s{i} AS ({body} RETURNING 1)"));
+        let returning = step.yields.unwrap_or("1");
+        sql.push_str(&format!("s{i} AS ({body} RETURNING {returning})"));
+        if let Some(column) = step.yields {
+            yielded = Some(format!("(SELECT {column} FROM s{i})"));
+        }
         if step.required {
             checks.push(format!("EXISTS (SELECT 1 FROM s{i})"));
         }
@@ -470,18 +514,27 @@ pub(crate) fn guarded_statement(steps: &[Step<'_>]) -> String {
         checks.push("TRUE".into());
     }
     sql.push_str(&format!(
-        " SELECT switchyard_require({})",
-        checks.join(" AND ")
+        " SELECT switchyard_require({}) AS ok, {} AS yielded",
+        checks.join(" AND "),
+        yielded.as_deref().unwrap_or("NULL::BIGINT")
     ));
     sql
 }
 
 /// [`Conn::query_after`] as one PostgreSQL statement: the step as a data-modifying CTE, the
 /// query as a subquery, and a last column `step_done`. The query's `$n` follow the step's.
+///
+/// The statement commits without waiting for its WAL to reach the disk
+/// (`synchronous_commit = off` for this one transaction): the steps run this way are
+/// reservations (a PIN try, a station's share of its ceiling) that only matter together with the
+/// posting that follows them, and that posting's commit is durable and comes later in the WAL,
+/// so flushing it flushes the reservation too. A crash in between loses at most a reservation
+/// whose request was never answered. It spares every request one disk flush, and a station's
+/// advices no longer queue behind each other's flushes on the station's row.
 pub(crate) fn step_then_query(step: &Step<'_>, sql: &str) -> String {
     format!(
-        "WITH w AS ({} RETURNING 1) SELECT q.*, EXISTS (SELECT 1 FROM w) AS step_done \
-         FROM ({}) AS q",
+        "WITH w AS ({} RETURNING 1) SELECT q.*, EXISTS (SELECT 1 FROM w) AS step_done, \
+         set_config('synchronous_commit', 'off', true) AS commit_mode FROM ({}) AS q",
         step.sql.replace("{after}", ""),
         shift_placeholders(sql, step.args.len())
     )
@@ -517,16 +570,19 @@ mod tests {
                 sql: "INSERT INTO t (a, b) SELECT $1, $2 WHERE TRUE{after} ON CONFLICT (a) DO NOTHING",
                 args: vec![Arg::Int(1), Arg::Int(2)],
                 required: true,
+                yields: None,
             },
             Step {
                 sql: "UPDATE u SET x = $2 WHERE id = $1 AND x = $3{after}",
                 args: vec![Arg::Int(1), Arg::Int(2), Arg::Int(3)],
                 required: true,
+                yields: None,
             },
             Step {
                 sql: "INSERT INTO v (k) SELECT $1 WHERE TRUE{after} ON CONFLICT (k) DO NOTHING",
                 args: vec![Arg::Int(9)],
                 required: false,
+                yields: None,
             },
         ];
         assert_eq!(
@@ -535,7 +591,33 @@ mod tests {
              RETURNING 1), s1 AS (UPDATE u SET x = $4 WHERE id = $3 AND x = $5 AND EXISTS \
              (SELECT 1 FROM s0) RETURNING 1), s2 AS (INSERT INTO v (k) SELECT $6 WHERE TRUE AND \
              EXISTS (SELECT 1 FROM s1) ON CONFLICT (k) DO NOTHING RETURNING 1) SELECT \
-             switchyard_require(EXISTS (SELECT 1 FROM s0) AND EXISTS (SELECT 1 FROM s1))"
+             switchyard_require(EXISTS (SELECT 1 FROM s0) AND EXISTS (SELECT 1 FROM s1)) AS ok, \
+             NULL::BIGINT AS yielded"
+        );
+    }
+
+    #[test]
+    fn a_yielded_column_feeds_the_later_steps_and_the_final_row() {
+        let steps = [
+            Step {
+                sql: "UPDATE u SET x = x - $2 WHERE id = $1{after}",
+                args: vec![Arg::Int(1), Arg::Int(2)],
+                required: true,
+                yields: Some("x"),
+            },
+            Step {
+                sql: "INSERT INTO j (k, x) SELECT $1, {yielded} WHERE TRUE{after}",
+                args: vec![Arg::Int(3)],
+                required: true,
+                yields: None,
+            },
+        ];
+        assert_eq!(
+            guarded_statement(&steps),
+            "WITH s0 AS (UPDATE u SET x = x - $2 WHERE id = $1 RETURNING x), s1 AS (INSERT INTO j \
+             (k, x) SELECT $3, (SELECT x FROM s0) WHERE TRUE AND EXISTS (SELECT 1 FROM s0) \
+             RETURNING 1) SELECT switchyard_require(EXISTS (SELECT 1 FROM s0) AND EXISTS (SELECT \
+             1 FROM s1)) AS ok, (SELECT x FROM s0) AS yielded"
         );
     }
 

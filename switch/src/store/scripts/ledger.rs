@@ -254,20 +254,19 @@ fn aliased(cols: &str, alias: &str) -> String {
 }
 
 /// The view, by card id or by PAN token (`$4`). One statement: `$1..$3` the identity, `$5` an
-/// account other than the card's, `$6` the day, `$7` the station.
+/// account other than the card's, `$6` the day.
 fn view_sql(card_column: &str) -> String {
     format!(
         "SELECT {}, {}, {}, \
          EXISTS (SELECT 1 FROM journal r WHERE r.kind = 'reversal' AND \
                  r.orig_terminal_id = $1 AND r.orig_stan = $2 AND r.orig_transmission = $3) \
              AS reversed_before, \
-         COALESCE(d.total, 0) AS withdrawn, COALESCE(s.total, 0) AS station_total \
+         COALESCE(d.total, 0) AS withdrawn \
          FROM (SELECT 1 AS one) AS one \
          LEFT JOIN journal j ON j.terminal_id = $1 AND j.stan = $2 AND j.transmission = $3 \
          LEFT JOIN cards c ON c.{card_column} = $4 \
          LEFT JOIN accounts a ON a.id = COALESCE($5, c.account_id) \
-         LEFT JOIN daily_withdrawals d ON d.account_id = a.id AND d.day = $6 \
-         LEFT JOIN station_advice_days s ON s.station_id = $7 AND s.day = $6",
+         LEFT JOIN daily_withdrawals d ON d.account_id = a.id AND d.day = $6",
         aliased(JOURNAL_COLS, "j"),
         aliased(CARD_COLS, "c"),
         aliased(ACCOUNT_COLS, "a"),
@@ -280,6 +279,68 @@ static VIEW_BY_PAN_TOKEN: std::sync::LazyLock<String> =
 
 /// Reads everything an authorization is decided on, in one statement.
 pub(crate) async fn read_view(c: &mut impl Conn, key: ViewKey) -> Result<AuthView, StoreError> {
+    Ok(read_view_holding(c, key, None).await?.0)
+}
+
+/// A forced post's share of its station's per-day ceiling: taken before the posting is decided
+/// (with the view read, in the same statement), so that the station's one row per day is held
+/// only for that short statement and not through each posting's commit — every advice of a
+/// station adds to that row, and holding it through a durable commit made a station's advices
+/// post one fsync at a time. A posting that does not debit gives it back in the same statement;
+/// a request that ends in an error gives it back on its own.
+#[derive(Clone, Copy)]
+struct StationHold {
+    amount: i64,
+    per_day: i64,
+}
+
+impl StationHold {
+    /// Takes the share if the day's total stays within the ceiling.
+    fn take<'a>(&self, station: &'a TerminalId, day: &'a str) -> Step<'a> {
+        Step {
+            sql: "INSERT INTO station_advice_days (station_id, day, total) \
+                  SELECT $1, $2, $3 WHERE $3 <= $4{after} \
+                  ON CONFLICT (station_id, day) DO UPDATE \
+                  SET total = station_advice_days.total + excluded.total \
+                  WHERE station_advice_days.total + excluded.total <= $4",
+            args: vec![
+                Arg::from(station.as_str()),
+                Arg::from(day),
+                Arg::from(self.amount),
+                Arg::from(self.per_day),
+            ],
+            required: true,
+            yields: None,
+        }
+    }
+
+    /// Gives the share back.
+    fn give_back<'a>(&self, station: &'a TerminalId, day: &'a str) -> Step<'a> {
+        Step {
+            sql: "UPDATE station_advice_days SET total = total - $3 \
+                  WHERE station_id = $1 AND day = $2 AND total >= $3{after}",
+            args: vec![
+                Arg::from(station.as_str()),
+                Arg::from(day),
+                Arg::from(self.amount),
+            ],
+            required: true,
+            yields: None,
+        }
+    }
+}
+
+/// [`read_view`], taking a station's share of its ceiling in the same statement when asked
+/// (see [`StationHold`]); says whether it was taken.
+async fn read_view_holding(
+    c: &mut impl Conn,
+    key: ViewKey,
+    hold: Option<StationHold>,
+) -> Result<(AuthView, bool), StoreError> {
+    let station_step = match (&hold, &key.station) {
+        (Some(hold), Some(station)) => Some(hold.take(station, &key.day)),
+        _ => None,
+    };
     let (sql, card) = match &key.card {
         Some(CardLookup::PanToken(token)) => (&*VIEW_BY_PAN_TOKEN, Some(token.as_str())),
         Some(CardLookup::Id(id)) => (&*VIEW_BY_CARD_ID, Some(id.as_str())),
@@ -292,10 +353,17 @@ pub(crate) async fn read_view(c: &mut impl Conn, key: ViewKey) -> Result<AuthVie
         Arg::from(card),
         Arg::from(key.account.as_ref().map(AccountId::as_str)),
         Arg::from(&key.day),
-        Arg::from(key.station.as_ref().map(TerminalId::as_str)),
     ];
+    let mut held = false;
     let (row, reserved) = match (key.reserve_pin_at, card) {
         (Some(at), Some(card)) => {
+            if let Some(step) = &station_step {
+                // both (no request asks for both today): the share first, on its own
+                held = c
+                    .execute(&step.sql.replace("{after}", ""), &step.args)
+                    .await?
+                    > 0;
+            }
             let at = micros(at);
             let step = Step {
                 sql: match &key.card {
@@ -308,6 +376,7 @@ pub(crate) async fn read_view(c: &mut impl Conn, key: ViewKey) -> Result<AuthVie
                     Arg::from(pin_reservation_cutoff(at)),
                 ],
                 required: false,
+                yields: None,
             };
             let (reserved, rows) = c.query_after(&step, sql, &args).await?;
             let row = rows
@@ -316,7 +385,18 @@ pub(crate) async fn read_view(c: &mut impl Conn, key: ViewKey) -> Result<AuthVie
                 .ok_or_else(|| StoreError::corrupt("the authorization view returned no row"))?;
             (row, Some(reserved))
         }
-        _ => (c.query_one(sql, &args).await?, None),
+        _ => match &station_step {
+            Some(step) => {
+                let (taken, rows) = c.query_after(step, sql, &args).await?;
+                held = taken;
+                let row = rows
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| StoreError::corrupt("the authorization view returned no row"))?;
+                (row, None)
+            }
+            None => (c.query_one(sql, &args).await?, None),
+        },
     };
     let card = row.part("c_").as_ref().map(card_from_row).transpose()?;
     let pin_reservation = match (&card, reserved) {
@@ -325,16 +405,16 @@ pub(crate) async fn read_view(c: &mut impl Conn, key: ViewKey) -> Result<AuthVie
         (Some(_), Some(false)) => Some(PinReservation::InFlight),
         _ => None,
     };
-    Ok(AuthView {
+    let view = AuthView {
         pin_reservation,
         journal: row.part("j_").as_ref().map(journal_from_row).transpose()?,
         reversed_before: row.try_get("reversed_before")?,
         card,
         account: row.part("a_").as_ref().map(account_from_row).transpose()?,
         withdrawn: row.try_get("withdrawn")?,
-        station_total: row.try_get("station_total")?,
         key,
-    })
+    };
+    Ok((view, held))
 }
 
 /// What the store reads for `req` on `day` when the caller brought no view.
@@ -361,32 +441,111 @@ fn view_fits(view: &AuthView, req: &AuthRequest, day: &str) -> bool {
 }
 
 /// Authorizes on a view (the caller's, or read here), then writes the decision in one guarded
-/// posting; when the posting finds the view stale, reads again and decides again.
+/// posting; when the posting finds the view stale, reads again and decides again. A forced post
+/// under a station ceiling holds its share of the ceiling from the first read on (see
+/// [`StationHold`]).
 pub(crate) async fn authorize(
     c: &mut impl Conn,
     mut req: AuthRequest,
 ) -> Result<AuthOutcome, StoreError> {
     validate_auth_request(&req)?;
     let day = utc_day(micros(req.now));
-    let mut seen = req.seen.take().filter(|v| view_fits(v, &req, &day));
+    let wanted = station_hold(&req);
+    let mut held = None;
+    let outcome = authorize_holding(c, &mut req, &day, wanted, &mut held).await;
+    if let (Err(_), Some(hold)) = (&outcome, held) {
+        // the request ends without a posting: its share goes back (if this fails too, the
+        // station can take less that day, never more)
+        let step = hold.give_back(&req.identity.terminal_id, &day);
+        let _ = c
+            .execute(&step.sql.replace("{after}", ""), &step.args)
+            .await;
+    }
+    outcome
+}
+
+/// The share of its station's ceiling `req` takes, if it is a forced post under one and within
+/// the per-advice ceiling (above it, the decision refuses it).
+fn station_hold(req: &AuthRequest) -> Option<StationHold> {
+    let ceiling = req.force_post_ceiling.filter(|_| req.force_post)?;
+    match req.kind {
+        AuthKind::Withdrawal { amount } if amount > 0 && amount <= ceiling.per_advice => {
+            Some(StationHold {
+                amount,
+                per_day: ceiling.per_day,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// [`authorize`]'s rounds; `held` says whether the station share is held (to give back if this
+/// ends in an error).
+async fn authorize_holding(
+    c: &mut impl Conn,
+    req: &mut AuthRequest,
+    day: &str,
+    wanted: Option<StationHold>,
+    held: &mut Option<StationHold>,
+) -> Result<AuthOutcome, StoreError> {
+    let mut seen = req.seen.take().filter(|v| view_fits(v, req, day));
+    let mut first = true;
     for _ in 0..POSTING_ROUNDS {
-        let view = match seen.take() {
-            Some(view) => view,
-            None => read_view(c, view_key(&req, &day)).await?,
+        let want = wanted.filter(|_| first);
+        first = false;
+        let view = match (seen.take(), want) {
+            (Some(view), None) => view,
+            (Some(view), Some(hold)) => {
+                let step = hold.take(&req.identity.terminal_id, day);
+                if c.execute(&step.sql.replace("{after}", ""), &step.args)
+                    .await?
+                    > 0
+                {
+                    *held = Some(hold);
+                }
+                view
+            }
+            (None, want) => {
+                let (view, taken) = read_view_holding(c, view_key(req, day), want).await?;
+                if taken {
+                    *held = want;
+                }
+                view
+            }
         };
-        let posting = match decide(&req, &view)? {
+        let mut posting = match decide(req, &view, held.is_some())? {
             Decision::Answered(outcome) => {
-                // a duplicate: the original counted its PIN try, this one gives its own back
+                // a duplicate: the original counted its PIN try and its share of the ceiling;
+                // this one gives its own back
                 if let Some(pin) = &req.pin_try {
                     c.execute(RELEASE_PIN_TRY, &[Arg::from(pin.card_id.as_str())])
+                        .await?;
+                }
+                if let Some(hold) = held.take() {
+                    let step = hold.give_back(&req.identity.terminal_id, day);
+                    c.execute(&step.sql.replace("{after}", ""), &step.args)
                         .await?;
                 }
                 return Ok(*outcome);
             }
             Decision::Post(posting) => posting,
         };
+        if !matches!(posting.debit, Some(Debit::Forced { .. })) {
+            // held, but nothing to debit (a decline, a reversed original): given back with the
+            // journal row
+            posting.give_back = *held;
+        }
         match c.apply_all(&posting.steps()).await {
-            Ok(()) => return Ok(AuthOutcome::Done(posting.entry)),
+            Ok(balance) => {
+                *held = None;
+                let mut entry = posting.entry;
+                if matches!(posting.debit, Some(Debit::Forced { .. })) {
+                    // the balance the forced debit left, read back in the same statement
+                    entry.ledger_balance = balance;
+                    entry.available_balance = balance;
+                }
+                return Ok(AuthOutcome::Done(entry));
+            }
             Err(StoreError::Stale) => continue,
             Err(err) => return Err(err),
         }
@@ -418,24 +577,44 @@ struct Posting {
     account_id: Option<AccountId>,
     card_id: Option<CardId>,
     business_day: Option<String>,
+    /// The request's UTC day (the station's ceiling day).
+    day: String,
     /// The PIN try settled: (tries read, tries now, PVV read).
     pin: Option<(i64, i64, String)>,
-    /// (balance read, limit read, currency, balance now).
-    debit: Option<(i64, i64, String, i64)>,
-    /// (the day's total read, total now).
-    daily: Option<(i64, i64)>,
-    /// (the advice's amount, the station's per-day ceiling): every advice of a station adds to
-    /// one row, so its guard is the rule itself (still within the ceiling), not "unchanged".
-    station: Option<(i64, i64)>,
+    /// The account's debit and the day's total.
+    debit: Option<Debit>,
+    /// The station's share of its ceiling this request holds but does not use.
+    give_back: Option<StationHold>,
     /// (advice, its reference, its payload as JSON text).
     advice: Option<(NewAdvice, String, String)>,
+}
+
+/// How an approved withdrawal changes the account and the day's total.
+enum Debit {
+    /// Set to what the decision computed, guarded by what it read (the balance and the limit
+    /// it checked, the currency, the day's total).
+    Checked {
+        balance_read: i64,
+        limit_read: i64,
+        currency: String,
+        balance: i64,
+        withdrawn_read: i64,
+        withdrawn: i64,
+    },
+    /// A forced post (a stand-in advice: approved whatever the balance and the limit, SPEC §6):
+    /// subtracted from the balance and added to the day's total as they are when the posting
+    /// runs, guarded only by the currency, so advices to one account never make each other
+    /// decide again. The journal row takes the balance from the updated account row in the
+    /// same posting.
+    Forced { amount: i64, currency: String },
 }
 
 /// The rules, in the order the cardholder should hear of them: a duplicate; the PIN (counted
 /// even when something else declines); the caller's decline; a reversal that came first; the
 /// issuer's answer; then the account — currency, and for a withdrawal the station's ceilings,
 /// the daily limit and the balance. Pure: the view is all it looks at.
-fn decide(req: &AuthRequest, view: &AuthView) -> Result<Decision, StoreError> {
+/// `held`: the request holds its share of its station's per-day ceiling (see [`StationHold`]).
+fn decide(req: &AuthRequest, view: &AuthView, held: bool) -> Result<Decision, StoreError> {
     let now = micros(req.now);
     if let Some((digest, entry)) = view.answered() {
         return Ok(Decision::Answered(Box::new(if digest == req.digest {
@@ -471,10 +650,10 @@ fn decide(req: &AuthRequest, view: &AuthView) -> Result<Decision, StoreError> {
         account_id: req.account_id.clone(),
         card_id: req.card_id.clone(),
         business_day: None,
+        day: view.key.day.clone(),
         pin: None,
         debit: None,
-        daily: None,
-        station: None,
+        give_back: None,
         advice: None,
     };
     if let Some((_, row)) = &view.journal {
@@ -558,11 +737,9 @@ fn decide(req: &AuthRequest, view: &AuthView) -> Result<Decision, StoreError> {
         if let Some(refused) = over_advice_ceiling(station, amount, &ceiling) {
             return Err(refused);
         }
-        view.station_total
-            .checked_add(amount)
-            .filter(|t| *t <= ceiling.per_day)
-            .ok_or_else(|| over_daily_ceiling(station, amount, &ceiling))?;
-        posting.station = Some((amount, ceiling.per_day));
+        if !held {
+            return Err(over_daily_ceiling(station, amount, &ceiling));
+        }
     }
     let code = withdrawal_decision(
         amount,
@@ -572,28 +749,33 @@ fn decide(req: &AuthRequest, view: &AuthView) -> Result<Decision, StoreError> {
         req.force_post,
     );
     if code != ResponseCode::Approved {
-        posting.station = None;
         return done(posting, code);
     }
-    // a forced post may overdraw; anything else never does (the decision checked the balance)
-    let balance = account
-        .balance
-        .checked_sub(amount)
-        .ok_or_else(|| StoreError::invalid(format!("amount {amount}: out of range")))?;
-    let withdrawn = view
-        .withdrawn
-        .checked_add(amount)
-        .ok_or_else(|| StoreError::invalid(format!("amount {amount}: out of range")))?;
-    posting.debit = Some((
-        account.balance,
-        account.daily_withdrawal_limit,
-        account.currency.clone(),
-        balance,
-    ));
-    posting.daily = Some((view.withdrawn, withdrawn));
     posting.business_day = Some(view.key.day.clone());
-    posting.entry.ledger_balance = Some(balance);
-    posting.entry.available_balance = Some(balance);
+    if req.force_post {
+        // the balance is known once the debit has run (see `Debit::Forced`)
+        posting.debit = Some(Debit::Forced {
+            amount,
+            currency: account.currency.clone(),
+        });
+    } else {
+        // never overdraws: the decision checked the balance
+        let balance = account.balance - amount;
+        let withdrawn = view
+            .withdrawn
+            .checked_add(amount)
+            .ok_or_else(|| StoreError::invalid(format!("amount {amount}: out of range")))?;
+        posting.debit = Some(Debit::Checked {
+            balance_read: account.balance,
+            limit_read: account.daily_withdrawal_limit,
+            currency: account.currency.clone(),
+            balance,
+            withdrawn_read: view.withdrawn,
+            withdrawn,
+        });
+        posting.entry.ledger_balance = Some(balance);
+        posting.entry.available_balance = Some(balance);
+    }
     posting.entry.auth_code = Some(req.auth_code.clone());
     if let Some(advice) = &req.advice {
         saf::validate_new_advice(advice)?;
@@ -609,41 +791,51 @@ fn decide(req: &AuthRequest, view: &AuthView) -> Result<Decision, StoreError> {
 impl Posting {
     /// The guarded writes, in the order every posting takes its rows: the journal row (a
     /// concurrent copy of the request loses here, before it locks anything), the card, the
-    /// account, the day's totals, the advice.
+    /// account, the day's totals, the advice. A forced post writes its journal row after the
+    /// debit, whose balance it records.
     fn steps(&self) -> Vec<Step<'_>> {
         let e = &self.entry;
         let mut steps = Vec::with_capacity(6);
-        let journal_args = vec![
-            Arg::from(&e.id),
-            Arg::from(&e.digest),
-            Arg::from(&e.mti),
-            Arg::from(e.kind.as_str()),
-            Arg::from(e.amount),
-            Arg::from(&e.currency),
-            Arg::from(&e.response_code),
-            Arg::from(&e.rrn),
-            Arg::from(e.auth_code.as_deref()),
-            Arg::from(e.ledger_balance),
-            Arg::from(e.available_balance),
-            Arg::from(self.account_id.as_ref().map(AccountId::as_str)),
-            Arg::from(self.card_id.as_ref().map(CardId::as_str)),
-            Arg::from(self.business_day.as_deref()),
-            Arg::from(e.reversed),
-            Arg::from(e.upstream_ref.as_deref()),
-            Arg::from(e.created_at),
-            Arg::from(e.identity.terminal_id.as_str()),
-            Arg::from(&e.identity.stan),
-            Arg::from(&e.identity.transmission),
-        ];
-        steps.push(Step {
-            sql: if self.placeholder {
-                ADOPT_PLACEHOLDER
-            } else {
-                INSERT_JOURNAL
+        let forced = matches!(self.debit, Some(Debit::Forced { .. }));
+        let mut journal = Step {
+            sql: match (self.placeholder, forced) {
+                (true, _) => ADOPT_PLACEHOLDER,
+                (false, false) => INSERT_JOURNAL,
+                (false, true) => INSERT_FORCED_JOURNAL,
             },
-            args: journal_args,
+            args: vec![
+                Arg::from(&e.id),
+                Arg::from(&e.digest),
+                Arg::from(&e.mti),
+                Arg::from(e.kind.as_str()),
+                Arg::from(e.amount),
+                Arg::from(&e.currency),
+                Arg::from(&e.response_code),
+                Arg::from(&e.rrn),
+                Arg::from(e.auth_code.as_deref()),
+                Arg::from(e.ledger_balance),
+                Arg::from(e.available_balance),
+                Arg::from(self.account_id.as_ref().map(AccountId::as_str)),
+                Arg::from(self.card_id.as_ref().map(CardId::as_str)),
+                Arg::from(self.business_day.as_deref()),
+                Arg::from(e.reversed),
+                Arg::from(e.upstream_ref.as_deref()),
+                Arg::from(e.created_at),
+                Arg::from(e.identity.terminal_id.as_str()),
+                Arg::from(&e.identity.stan),
+                Arg::from(&e.identity.transmission),
+            ],
             required: true,
-        });
+            yields: None,
+        };
+        if forced {
+            // no balances of its own (see INSERT_FORCED_JOURNAL)
+            journal.args.drain(9..11);
+        }
+        let mut journal = Some(journal);
+        if !forced {
+            steps.extend(journal.take());
+        }
         if let (Some((read, now, pvv)), Some(card)) = (&self.pin, &self.card_id) {
             steps.push(Step {
                 sql: "UPDATE cards SET pin_tries = $2, pin_pending = CASE WHEN pin_pending > 0 \
@@ -656,57 +848,18 @@ impl Posting {
                     Arg::from(pvv),
                 ],
                 required: true,
+                yields: None,
             });
         }
-        if let (Some((balance, limit, currency, now)), Some(account)) =
-            (&self.debit, &self.account_id)
+        if let (Some(debit), Some(account), Some(day)) =
+            (&self.debit, &self.account_id, &self.business_day)
         {
-            steps.push(Step {
-                sql: "UPDATE accounts SET balance = $2 WHERE id = $1 AND balance = $3 \
-                      AND daily_withdrawal_limit = $4 AND currency = $5{after}",
-                args: vec![
-                    Arg::from(account.as_str()),
-                    Arg::from(*now),
-                    Arg::from(*balance),
-                    Arg::from(*limit),
-                    Arg::from(currency),
-                ],
-                required: true,
-            });
+            steps.extend(debit_steps(debit, account, day));
         }
-        if let (Some((read, now)), Some(account), Some(day)) =
-            (&self.daily, &self.account_id, &self.business_day)
-        {
-            steps.push(Step {
-                sql: "INSERT INTO daily_withdrawals (account_id, day, total) \
-                      SELECT $1, $2, $3 WHERE TRUE{after} \
-                      ON CONFLICT (account_id, day) DO UPDATE SET total = excluded.total \
-                      WHERE daily_withdrawals.total = $4",
-                args: vec![
-                    Arg::from(account.as_str()),
-                    Arg::from(day),
-                    Arg::from(*now),
-                    Arg::from(*read),
-                ],
-                required: true,
-            });
+        if let Some(hold) = &self.give_back {
+            steps.push(hold.give_back(&e.identity.terminal_id, &self.day));
         }
-        if let (Some((amount, per_day)), Some(day)) = (&self.station, &self.business_day) {
-            steps.push(Step {
-                sql: "INSERT INTO station_advice_days (station_id, day, total) \
-                      SELECT $1, $2, $3 WHERE $3 <= $4{after} \
-                      ON CONFLICT (station_id, day) DO UPDATE \
-                      SET total = station_advice_days.total + excluded.total \
-                      WHERE station_advice_days.total + excluded.total <= $4",
-                args: vec![
-                    Arg::from(e.identity.terminal_id.as_str()),
-                    Arg::from(day),
-                    Arg::from(*amount),
-                    Arg::from(*per_day),
-                ],
-                required: true,
-            });
-        }
+        steps.extend(journal);
         if let Some((a, reference, payload)) = &self.advice {
             // already queued under its key: left as it is
             steps.push(Step {
@@ -721,9 +874,78 @@ impl Posting {
                     Arg::from(micros(a.created_at)),
                 ],
                 required: false,
+                yields: None,
             });
         }
         steps
+    }
+}
+
+/// The account's and the day's total's steps of a posting.
+fn debit_steps<'a>(debit: &'a Debit, account: &'a AccountId, day: &'a str) -> [Step<'a>; 2] {
+    match debit {
+        Debit::Checked {
+            balance_read,
+            limit_read,
+            currency,
+            balance,
+            withdrawn_read,
+            withdrawn,
+        } => [
+            Step {
+                sql: "UPDATE accounts SET balance = $2 WHERE id = $1 AND balance = $3 \
+                      AND daily_withdrawal_limit = $4 AND currency = $5{after}",
+                args: vec![
+                    Arg::from(account.as_str()),
+                    Arg::from(*balance),
+                    Arg::from(*balance_read),
+                    Arg::from(*limit_read),
+                    Arg::from(currency),
+                ],
+                required: true,
+                yields: None,
+            },
+            Step {
+                sql: "INSERT INTO daily_withdrawals (account_id, day, total) \
+                      SELECT $1, $2, $3 WHERE TRUE{after} \
+                      ON CONFLICT (account_id, day) DO UPDATE SET total = excluded.total \
+                      WHERE daily_withdrawals.total = $4",
+                args: vec![
+                    Arg::from(account.as_str()),
+                    Arg::from(day),
+                    Arg::from(*withdrawn),
+                    Arg::from(*withdrawn_read),
+                ],
+                required: true,
+                yields: None,
+            },
+        ],
+        Debit::Forced { amount, currency } => [
+            Step {
+                sql: "UPDATE accounts SET balance = balance - $2 \
+                      WHERE id = $1 AND currency = $3{after}",
+                args: vec![
+                    Arg::from(account.as_str()),
+                    Arg::from(*amount),
+                    Arg::from(currency),
+                ],
+                required: true,
+                yields: Some("balance"),
+            },
+            Step {
+                sql: "INSERT INTO daily_withdrawals (account_id, day, total) \
+                      SELECT $1, $2, $3 WHERE TRUE{after} \
+                      ON CONFLICT (account_id, day) DO UPDATE \
+                      SET total = daily_withdrawals.total + excluded.total",
+                args: vec![
+                    Arg::from(account.as_str()),
+                    Arg::from(day),
+                    Arg::from(*amount),
+                ],
+                required: true,
+                yields: None,
+            },
+        ],
     }
 }
 
@@ -733,6 +955,14 @@ const INSERT_JOURNAL: &str = "INSERT INTO journal (id, digest, mti, kind, amount
      business_day, reversed, upstream_ref, created_at, terminal_id, stan, transmission) \
      SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
      $19, $20 WHERE TRUE{after} ON CONFLICT (terminal_id, stan, transmission) DO NOTHING";
+
+/// [`INSERT_JOURNAL`] for a forced post: the balances (`$10`, `$11` there) are the one its
+/// debit left (`{yielded}`), so the later arguments move down by two.
+const INSERT_FORCED_JOURNAL: &str = "INSERT INTO journal (id, digest, mti, kind, amount, \
+     currency, response_code, rrn, auth_code, ledger_balance, available_balance, account_id, \
+     card_id, business_day, reversed, upstream_ref, created_at, terminal_id, stan, transmission) \
+     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, {yielded}, {yielded}, $10, $11, $12, $13, $14, \
+     $15, $16, $17, $18 WHERE TRUE{after} ON CONFLICT (terminal_id, stan, transmission) DO NOTHING";
 
 /// Fills in the row a reversal placed for this identity (`$1`, an empty digest) before the
 /// request arrived; the identity (`$18..$20`) is the row's already.
