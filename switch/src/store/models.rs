@@ -558,13 +558,23 @@ impl fmt::Debug for PinTry {
     }
 }
 
-/// How a request names its card when the view is read.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How a request names its card when the view is read. `Debug` leaves the PAN token out: it
+/// names one card across every log line that would carry it.
+#[derive(Clone, PartialEq, Eq)]
 pub enum CardLookup {
     /// By id.
     Id(CardId),
     /// By the PAN's token (the HSM's keyed hash; never the PAN).
     PanToken(String),
+}
+
+impl fmt::Debug for CardLookup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CardLookup::Id(id) => f.debug_tuple("Id").field(id).finish(),
+            CardLookup::PanToken(_) => f.write_str("PanToken(***)"),
+        }
+    }
 }
 
 /// What to read for an authorization ([`super::Database::authorization_view`]).
@@ -968,6 +978,28 @@ mod tests {
         assert!(CardId::new("card-1/../x").is_err());
         assert!(KeyId::new(KeyId::generate().to_string()).is_ok());
         assert!(CardId::generate().as_str().starts_with("card-"));
+    }
+
+    #[test]
+    fn a_view_key_never_shows_the_pan_token() {
+        let key = ViewKey {
+            identity: RequestIdentity::new(
+                TerminalId::new("ATM1").unwrap(),
+                "000001",
+                "1122013045",
+            )
+            .unwrap(),
+            card: Some(CardLookup::PanToken(
+                "9f86d081884c7d659a2feaa0c55ad015".into(),
+            )),
+            account: None,
+            station: None,
+            day: "2026-11-30".into(),
+            reserve_pin_at: None,
+        };
+        let shown = format!("{key:?}");
+        assert!(!shown.contains("9f86d081"), "{shown}");
+        assert!(shown.contains("PanToken(***)"), "{shown}");
     }
 
     #[test]
