@@ -139,6 +139,23 @@ fn reversal(terminal: &str, stan: u32, original: u32) -> ReversalRequest {
     }
 }
 
+/// A station's `0220` advice, force-posted under `ceiling`.
+fn forced(
+    acc: &AccountId,
+    station: &str,
+    stan: u32,
+    amount: i64,
+    ceiling: Option<ForcePostCeiling>,
+) -> AuthRequest {
+    AuthRequest {
+        mti: "0220".into(),
+        force_post: true,
+        force_post_ceiling: ceiling,
+        upstream_ref: None,
+        ..withdrawal(acc, station, stan, amount)
+    }
+}
+
 fn done(outcome: AuthOutcome) -> JournalEntry {
     match outcome {
         AuthOutcome::Done(e) => e,
@@ -3122,13 +3139,7 @@ async fn issuer_answer_is_journaled_without_touching_the_ledger(store: Store) {
 
 async fn forced_post_books_past_balance_and_limit(store: Store) {
     let acc = account(&store, "ACC-F", 1_000, 2_000).await;
-    let advice = |stan: u32, amount: i64| AuthRequest {
-        mti: "0220".into(),
-        force_post: true,
-        force_post_ceiling: None,
-        upstream_ref: None,
-        ..withdrawal(&acc, "ACQ001", stan, amount)
-    };
+    let advice = |stan: u32, amount: i64| forced(&acc, "ACQ001", stan, amount, None);
     // past the balance: the acquirer already paid the cash out
     let e = done(store.authorize(&advice(1, 1_500)).await.unwrap());
     assert_eq!(
@@ -3191,13 +3202,7 @@ async fn concurrent_forced_posts_never_pass_the_station_ceiling(store: Store) {
         per_advice: 10_000,
         per_day: 55_000,
     };
-    let advice = |stan: u32, amount: i64| AuthRequest {
-        mti: "0220".into(),
-        force_post: true,
-        force_post_ceiling: Some(ceiling),
-        upstream_ref: None,
-        ..withdrawal(&acc, "ACQ001", stan, amount)
-    };
+    let advice = |stan: u32, amount: i64| forced(&acc, "ACQ001", stan, amount, Some(ceiling));
     // above the per-advice ceiling: refused, nothing journaled
     let err = store.authorize(&advice(100, 10_001)).await.unwrap_err();
     assert!(
@@ -3255,13 +3260,7 @@ async fn concurrent_forced_posts_never_pass_the_station_ceiling(store: Store) {
             .unwrap(),
         AuthOutcome::Duplicate(_)
     ));
-    let other = AuthRequest {
-        mti: "0220".into(),
-        force_post: true,
-        force_post_ceiling: Some(ceiling),
-        upstream_ref: None,
-        ..withdrawal(&acc, "ACQ002", 1, 5_000)
-    };
+    let other = forced(&acc, "ACQ002", 1, 5_000, Some(ceiling));
     assert!(done(store.authorize(&other).await.unwrap()).approved());
     // the next UTC day starts afresh
     let tomorrow = AuthRequest {
@@ -3276,13 +3275,7 @@ async fn concurrent_forced_posts_never_pass_the_station_ceiling(store: Store) {
 /// own debit left: in commit order the recorded balances step down by exactly each amount.
 async fn concurrent_forced_posts_journal_the_balance_each_left(store: Store) {
     let acc = account(&store, "ACC-R", 10_000, 1_000).await;
-    let advice = |stan: u32, amount: i64| AuthRequest {
-        mti: "0220".into(),
-        force_post: true,
-        force_post_ceiling: None,
-        upstream_ref: None,
-        ..withdrawal(&acc, "ACQ001", stan, amount)
-    };
+    let advice = |stan: u32, amount: i64| forced(&acc, "ACQ001", stan, amount, None);
     // distinct amounts, so each recorded balance says which debits came before it
     let amounts: Vec<i64> = (1..=24).map(|i| 100 * i).collect();
     let tasks: Vec<_> = amounts
@@ -3328,13 +3321,7 @@ async fn a_forced_post_that_debits_nothing_gives_its_ceiling_share_back(store: S
         per_advice: 10_000,
         per_day: 20_000,
     };
-    let advice = |stan: u32, amount: i64| AuthRequest {
-        mti: "0220".into(),
-        force_post: true,
-        force_post_ceiling: Some(ceiling),
-        upstream_ref: None,
-        ..withdrawal(&acc, "ACQ009", stan, amount)
-    };
+    let advice = |stan: u32, amount: i64| forced(&acc, "ACQ009", stan, amount, Some(ceiling));
     assert!(done(store.authorize(&advice(1, 10_000)).await.unwrap()).approved());
     // delivered again, twice: its share is already counted, and the repeats give theirs back
     for _ in 0..2 {

@@ -410,6 +410,17 @@ pub(crate) trait Conn: Send {
         }
     }
 
+    /// Runs one step on its own (outside a posting) and returns how many rows it changed.
+    fn execute_step(
+        &mut self,
+        step: &Step<'_>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        async move {
+            self.execute(&step.sql.replace("{after}", ""), &step.args)
+                .await
+        }
+    }
+
     /// Runs the write `step`, then the query `sql` with its own `args`, and says whether the
     /// step changed a row. PostgreSQL overrides it
     /// with one statement (one round trip; the query sees the data as before the step).
@@ -420,9 +431,7 @@ pub(crate) trait Conn: Send {
         args: &[Arg<'_>],
     ) -> impl Future<Output = Result<(bool, Vec<Row>), StoreError>> + Send {
         async move {
-            let changed = self
-                .execute(&step.sql.replace("{after}", ""), &step.args)
-                .await?;
+            let changed = self.execute_step(step).await?;
             let rows = self.query(sql, args).await?;
             Ok((changed > 0, rows))
         }

@@ -359,10 +359,7 @@ async fn read_view_holding(
         (Some(at), Some(card)) => {
             if let Some(step) = &station_step {
                 // both (no request asks for both today): the share first, on its own
-                held = c
-                    .execute(&step.sql.replace("{after}", ""), &step.args)
-                    .await?
-                    > 0;
+                held = c.execute_step(step).await? > 0;
             }
             let at = micros(at);
             let step = Step {
@@ -456,10 +453,12 @@ pub(crate) async fn authorize(
     if let (Err(_), Some(hold)) = (&outcome, held) {
         // the request ends without a posting: its share goes back (if this fails too, the
         // station can take less that day, never more)
-        let step = hold.give_back(&req.identity.terminal_id, &day);
-        let _ = c
-            .execute(&step.sql.replace("{after}", ""), &step.args)
-            .await;
+        let station = &req.identity.terminal_id;
+        if let Err(err) = c.execute_step(&hold.give_back(station, &day)).await {
+            tracing::warn!(%station, amount = hold.amount, error = %err,
+                "a forced post's share of its station's ceiling could not be given back; \
+                 the station's day counts it until the day ends");
+        }
     }
     outcome
 }
@@ -489,18 +488,14 @@ async fn authorize_holding(
     held: &mut Option<StationHold>,
 ) -> Result<AuthOutcome, StoreError> {
     let mut seen = req.seen.take().filter(|v| view_fits(v, req, day));
-    let mut first = true;
-    for _ in 0..POSTING_ROUNDS {
-        let want = wanted.filter(|_| first);
-        first = false;
+    for round in 0..POSTING_ROUNDS {
+        // taken once; a posting decided again keeps it
+        let want = wanted.filter(|_| round == 0);
         let view = match (seen.take(), want) {
             (Some(view), None) => view,
             (Some(view), Some(hold)) => {
                 let step = hold.take(&req.identity.terminal_id, day);
-                if c.execute(&step.sql.replace("{after}", ""), &step.args)
-                    .await?
-                    > 0
-                {
+                if c.execute_step(&step).await? > 0 {
                     *held = Some(hold);
                 }
                 view
@@ -523,14 +518,13 @@ async fn authorize_holding(
                 }
                 if let Some(hold) = held.take() {
                     let step = hold.give_back(&req.identity.terminal_id, day);
-                    c.execute(&step.sql.replace("{after}", ""), &step.args)
-                        .await?;
+                    c.execute_step(&step).await?;
                 }
                 return Ok(*outcome);
             }
             Decision::Post(posting) => posting,
         };
-        if !matches!(posting.debit, Some(Debit::Forced { .. })) {
+        if !posting.forced() {
             // held, but nothing to debit (a decline, a reversed original): given back with the
             // journal row
             posting.give_back = *held;
@@ -538,8 +532,9 @@ async fn authorize_holding(
         match c.apply_all(&posting.steps()).await {
             Ok(balance) => {
                 *held = None;
+                let forced = posting.forced();
                 let mut entry = posting.entry;
-                if matches!(posting.debit, Some(Debit::Forced { .. })) {
+                if forced {
                     // the balance the forced debit left, read back in the same statement
                     entry.ledger_balance = balance;
                     entry.available_balance = balance;
@@ -612,8 +607,8 @@ enum Debit {
 /// The rules, in the order the cardholder should hear of them: a duplicate; the PIN (counted
 /// even when something else declines); the caller's decline; a reversal that came first; the
 /// issuer's answer; then the account — currency, and for a withdrawal the station's ceilings,
-/// the daily limit and the balance. Pure: the view is all it looks at.
-/// `held`: the request holds its share of its station's per-day ceiling (see [`StationHold`]).
+/// the daily limit and the balance. Pure: the view, and `held` (the request holds its share of
+/// its station's per-day ceiling, see [`StationHold`]), are all it looks at.
 fn decide(req: &AuthRequest, view: &AuthView, held: bool) -> Result<Decision, StoreError> {
     let now = micros(req.now);
     if let Some((digest, entry)) = view.answered() {
@@ -789,6 +784,11 @@ fn decide(req: &AuthRequest, view: &AuthView, held: bool) -> Result<Decision, St
 }
 
 impl Posting {
+    /// Whether the posting is a forced debit (its balance is known once it has run).
+    fn forced(&self) -> bool {
+        matches!(self.debit, Some(Debit::Forced { .. }))
+    }
+
     /// The guarded writes, in the order every posting takes its rows: the journal row (a
     /// concurrent copy of the request loses here, before it locks anything), the card, the
     /// account, the day's totals, the advice. A forced post writes its journal row after the
@@ -796,7 +796,7 @@ impl Posting {
     fn steps(&self) -> Vec<Step<'_>> {
         let e = &self.entry;
         let mut steps = Vec::with_capacity(6);
-        let forced = matches!(self.debit, Some(Debit::Forced { .. }));
+        let forced = self.forced();
         let mut journal = Step {
             sql: match (self.placeholder, forced) {
                 (true, _) => ADOPT_PLACEHOLDER,
