@@ -43,6 +43,8 @@ SPEC_ALERTS = {
     # issue 10 (data-plane security): profile v2 refusals and connection hygiene
     "SwitchyardNetworkManagementRefused",
     "SwitchyardConnectionsRejected",
+    # issue 14 (backup and restore): scheduled backups of the embedded SQLite store
+    "SwitchyardBackupStale",
 }
 METRIC_NAME = re.compile(r"\bswitchyard_[a-z0-9_]+\b")
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
@@ -71,12 +73,22 @@ def dashboard(name: str) -> dict:
     return json.loads((CHART / "dashboards" / name).read_text())
 
 
-def panels(d: dict) -> list[dict]:
+PROMETHEUS = {"type": "prometheus", "uid": "${datasource}"}
+# The switch dashboard's logs panel reads Loki through its own data source variable.
+LOKI = {"type": "loki", "uid": "${loki}"}
+
+
+def all_panels(d: dict) -> list[dict]:
     """Every panel, rows' nested panels included; rows themselves carry no query."""
     out = []
     for p in d.get("panels", []):
-        out.extend(panels(p) if p.get("type") == "row" else [p])
+        out.extend(all_panels(p) if p.get("type") == "row" else [p])
     return out
+
+
+def panels(d: dict) -> list[dict]:
+    """Every Prometheus panel (all but the Loki logs panel)."""
+    return [p for p in all_panels(d) if p.get("datasource") != LOKI]
 
 
 def datasources(node) -> list:
@@ -203,7 +215,8 @@ def test_dashboard_is_well_formed_on_the_datasource_variable(name):
     assert {"namespace", "job"} <= variables.keys()
     ps = panels(d)
     assert len(ps) >= 5
-    ids = [p["id"] for p in d["panels"]] + [p["id"] for p in ps if p not in d["panels"]]
+    every = all_panels(d)
+    ids = [p["id"] for p in d["panels"]] + [p["id"] for p in every if p not in d["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique (rows included)"
     for p in ps:
         where = f"{name}: panel {p.get('title')!r}"
@@ -216,8 +229,25 @@ def test_dashboard_is_well_formed_on_the_datasource_variable(name):
             assert t.get("datasource", p["datasource"])["uid"] == "${datasource}", where
             # Scoped to the selected BankSwitches, except the operator's per-BankSwitch gauge.
             assert "$namespace" in t["expr"], f"{where}: query ignores the namespace variable"
-    fixed = [ds for ds in datasources(d) if ds != {"type": "prometheus", "uid": "${datasource}"}]
-    assert not fixed, f"{name} names a datasource other than the variable: {fixed}"
+    fixed = [ds for ds in datasources(d) if ds not in (PROMETHEUS, LOKI)]
+    assert not fixed, f"{name} names a datasource other than the variables: {fixed}"
+
+
+def test_switch_latency_panel_shows_trace_exemplars_and_a_loki_logs_panel():
+    d = dashboard("switch-fleet.json")
+    latency = [p for p in panels(d) if "switchyard_transaction_duration_seconds_bucket" in
+               " ".join(t["expr"] for t in p["targets"])]
+    assert latency, "no latency panel"
+    for p in latency:
+        assert all(t.get("exemplar") is True for t in p["targets"]), p["title"]
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    assert variables["loki"]["type"] == "datasource" and variables["loki"]["query"] == "loki"
+    logs = [p for p in all_panels(d) if p.get("datasource") == LOKI]
+    assert len(logs) == 1 and logs[0]["type"] == "logs"
+    for t in logs[0]["targets"]:
+        assert t["datasource"] == LOKI
+        # LogQL on the switch containers of the selected namespaces, filterable by trace id
+        assert "$namespace" in t["expr"] and "| json" in t["expr"] and "trace_id" in t["expr"]
 
 
 def promtool_check_rules(tmp_path: Path, groups: list[dict]) -> None:

@@ -156,6 +156,39 @@ def test_spec_change_rolls_the_switch_pods(kubectl, namespace):
     assert after["metadata"]["generation"] > before_obj["metadata"]["generation"]
 
 
+def test_hibernation_drains_scales_to_zero_and_back(kubectl, namespace):
+    """spec.hibernation: the operator asks the (embedded, idle) switch pod to hibernate, sees it
+    drained, scales it to zero with Hibernated=True; turned off, the pod comes back Ready."""
+    uid = bsw(kubectl, namespace)["metadata"]["uid"]
+
+    def patch(enabled):
+        body = '{"spec":{"hibernation":{"enabled":%s,"drainTimeout":"2m"}}}' % str(enabled).lower()
+        kubectl.run("-n", namespace, "patch", "bankswitch", NAME, "--type=merge", "-p", body)
+
+    def hibernated():
+        obj = bsw(kubectl, namespace)
+        c = condition(obj, "Hibernated") if obj else None
+        return obj if c and c["status"] == "True" else None
+
+    patch(True)
+    obj = wait_for(f"BankSwitch {namespace}/{NAME} Hibernated=True", hibernated, TIMEOUT)
+    assert condition(obj, "Hibernated")["reason"] == "Drained", condition(obj, "Hibernated")
+    assert condition(obj, "Ready")["reason"] == "Hibernated"
+    assert obj["status"]["hibernation"]["previousReplicas"] == 1
+    assert switch_deployment(kubectl, namespace, uid)["spec"]["replicas"] == 0
+    table = kubectl.run("-n", namespace, "get", "bsw", NAME).stdout
+    assert "Hibernated" in table, table
+
+    patch(False)
+    obj = wait_for(
+        "BankSwitch Ready again after the hibernation",
+        lambda: ready_and_current(bsw(kubectl, namespace)),
+        TIMEOUT,
+    )
+    assert condition(obj, "Hibernated")["reason"] == "Resumed"
+    assert switch_deployment(kubectl, namespace, uid)["spec"]["replicas"] == 1
+
+
 def test_delete_removes_what_the_operator_built(kubectl, namespace):
     uid = bsw(kubectl, namespace)["metadata"]["uid"]
     assert owned(kubectl, namespace, uid)

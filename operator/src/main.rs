@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use futures::FutureExt as _;
 use kube_lease_manager::LeaseManagerBuilder;
+use switchyard_operator::bank_switch::hibernation::HttpMaintenance;
 use switchyard_operator::bank_switch::{self, Context, dereference::HttpSafStats};
 use switchyard_operator::key_rotation::controller as key_rotation;
 use switchyard_operator::metrics::Metrics;
@@ -137,7 +138,7 @@ async fn run(
     identity: Option<String>,
     watch_namespace: Option<String>,
 ) -> anyhow::Result<()> {
-    telemetry::init();
+    let _telemetry = telemetry::init();
     match &watch_namespace {
         Some(ns) => tracing::info!(namespace = %ns, "watching one namespace"),
         None => tracing::info!("watching every namespace"),
@@ -182,6 +183,7 @@ async fn run(
     let saf = Arc::new(HttpSafStats::new(admin.clone()));
     let ctx = Arc::new(
         Context::new(client.clone(), Arc::clone(&metrics), saf, identity.clone())
+            .with_maintenance(Arc::new(HttpMaintenance::new(admin.clone())))
             .with_operator_namespace(lease_namespace.clone())
             .with_watch_namespace(watch_namespace.clone()),
     );

@@ -4,13 +4,13 @@
 //! Tokens never reach logs, errors or `Debug` output; error messages carry the URL, the HTTP
 //! status and the switch's problem `detail` (which the switch keeps free of secrets).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kube::Client;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::bank_switch::build::{ADMIN_PORT, names};
@@ -182,86 +182,12 @@ pub enum AdminEndpoint {
     Fixed(String),
 }
 
-/// `GET /v1/saf/stats` answer (the fields the operator uses; others are ignored).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SafStats {
-    /// Messages waiting for delivery.
-    #[serde(default)]
-    pub backlog: i64,
-    /// Messages leased by a drainer right now.
-    #[serde(default)]
-    pub in_flight: i64,
-    /// Age of the oldest waiting message.
-    #[serde(default)]
-    pub oldest_age_seconds: i64,
-    /// Messages in the dead-letter list.
-    #[serde(default)]
-    pub dead_letters: i64,
-}
-
-/// `POST /v1/key-rotations` body. Field order is fixed, so a retried start sends the same bytes
-/// and the switch replays its first answer for the same `Idempotency-Key`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CreateRotation {
-    /// `TPK` or `TAK`.
-    pub key_type: String,
-    /// `"all"`, `{"ids": […]}` or `{"groups": […]}`.
-    pub terminals: serde_json::Value,
-    /// `onConfirm` or `atTime`.
-    pub activation: String,
-    /// With `atTime`: when the new keys become ACTIVE (RFC 3339).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub activate_at: Option<String>,
-    /// How long replaced keys keep verifying.
-    pub grace_seconds: u64,
-    /// Terminals between the key push and their answer at once.
-    pub max_concurrent: u32,
-}
-
-/// `POST /v1/key-rotations` answer.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RotationCreated {
-    /// Rotation id.
-    pub id: String,
-    /// Terminals in the rotation.
-    #[serde(default)]
-    pub terminals: u64,
-}
-
-/// `GET /v1/key-rotations/{id}` answer (the fields the operator uses).
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RotationProgress {
-    /// Rotation id.
-    pub id: String,
-    /// Terminals in the rotation.
-    #[serde(default)]
-    pub terminals: u64,
-    /// The rotation's keys by state (`PENDING`, `ACTIVE`, `EXPIRED`, `REVOKED`, …).
-    #[serde(default)]
-    pub totals: BTreeMap<String, u64>,
-}
-
-/// `POST /v1/key-rotations/{id}/expire-previous` answer.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PreviousExpired {
-    /// Rotation id.
-    pub id: String,
-    /// Previous keys whose grace window ended now.
-    #[serde(default)]
-    pub expired: u64,
-}
-
-/// Problem document (RFC 9457); only `detail` is shown.
-#[derive(Deserialize)]
-struct Problem {
-    #[serde(default)]
-    detail: String,
-}
+/// `GET /v1/saf/stats` answer.
+pub use switchyard_api::SafStatsView as SafStats;
+pub use switchyard_api::{
+    CreateRotation, ExpirePreviousResult as PreviousExpired, HibernateRequest, MaintenanceState,
+    MaintenanceStatus, Problem, RotationCreated, RotationView as RotationProgress,
+};
 
 /// One BankSwitch's admin API: its base URL and the HTTP client to reach it with (one that
 /// trusts only that BankSwitch's CA when it serves HTTPS).
@@ -367,26 +293,92 @@ impl SwitchAdmin {
         let Some(tls) = &spec.tls else {
             return self.target_with_ca(self.base_url(namespace, name, false), None, "");
         };
-        let secret_name = tls
-            .secret_name
-            .clone()
-            .unwrap_or_else(|| tls_secret_for(name));
-        let secret = read_opted_in(client, namespace, name, &secret_name)
-            .await
-            .map_err(SwitchAdminError::ReadSecret)?;
-        let ca = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get("ca.crt"))
-            .filter(|ca| !ca.0.is_empty())
-            .ok_or_else(|| SwitchAdminError::NoCa {
-                secret: secret_name.clone(),
-            })?;
+        let (secret_name, ca) = read_ca(client, namespace, name, tls).await?;
         self.target_with_ca(
             self.base_url(namespace, name, true),
-            Some(&ca.0),
+            Some(&ca),
             &secret_name,
         )
+    }
+
+    /// The target for one switch pod of BankSwitch `name`: the admin Service's URL (so HTTPS
+    /// verifies the same certificate name) resolved to the pod's own address. A hibernating pod
+    /// is not ready and its Service no longer routes to it, so maintenance calls go to each
+    /// pod. With a fixed endpoint (tests, a port-forward) it is that endpoint.
+    pub async fn pod_target(
+        &self,
+        client: &Client,
+        namespace: &str,
+        name: &str,
+        spec: &BankSwitchSpec,
+        pod_ip: IpAddr,
+    ) -> Result<AdminTarget, SwitchAdminError> {
+        if matches!(self.endpoint, AdminEndpoint::Fixed(_)) {
+            return self.target(client, namespace, name, spec).await;
+        }
+        let host = format!("{}.{namespace}.svc", names::admin_service(name));
+        let port = u16::try_from(ADMIN_PORT).unwrap_or(8080);
+        let builder = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .resolve(&host, SocketAddr::new(pod_ip, port));
+        let (builder, secret_name) = match &spec.tls {
+            None => (builder, String::new()),
+            Some(tls) => {
+                let (secret_name, ca) = read_ca(client, namespace, name, tls).await?;
+                let certs = reqwest::Certificate::from_pem_bundle(&ca)
+                    .ok()
+                    .filter(|c| !c.is_empty())
+                    .ok_or_else(|| SwitchAdminError::NoCa {
+                        secret: secret_name.clone(),
+                    })?;
+                let builder = builder
+                    .tls_certs_only(certs)
+                    .tls_version_min(reqwest::tls::Version::TLS_1_2)
+                    .https_only(true);
+                (builder, secret_name)
+            }
+        };
+        let http = builder.build().map_err(|source| SwitchAdminError::Client {
+            secret: secret_name,
+            source,
+        })?;
+        Ok(AdminTarget {
+            base: self.base_url(namespace, name, spec.tls.is_some()),
+            http,
+        })
+    }
+
+    /// `GET /v1/maintenance` (viewer or admin token).
+    pub async fn maintenance(
+        &self,
+        target: &AdminTarget,
+        token: &BearerToken,
+    ) -> Result<MaintenanceStatus, SwitchAdminError> {
+        let url = format!("{}/v1/maintenance", target.base);
+        self.send("GET", target.http.get(&url), url, token).await
+    }
+
+    /// `POST /v1/maintenance/hibernate` (admin token). Idempotent: a hibernating switch keeps
+    /// its first deadline.
+    pub async fn hibernate(
+        &self,
+        target: &AdminTarget,
+        token: &BearerToken,
+        body: &HibernateRequest,
+    ) -> Result<MaintenanceStatus, SwitchAdminError> {
+        let url = format!("{}/v1/maintenance/hibernate", target.base);
+        self.send("POST", target.http.post(&url).json(body), url, token)
+            .await
+    }
+
+    /// `POST /v1/maintenance/resume` (admin token).
+    pub async fn resume(
+        &self,
+        target: &AdminTarget,
+        token: &BearerToken,
+    ) -> Result<MaintenanceStatus, SwitchAdminError> {
+        let url = format!("{}/v1/maintenance/resume", target.base);
+        self.send("POST", target.http.post(&url), url, token).await
     }
 
     /// `GET /v1/saf/stats` (viewer token).
@@ -477,6 +469,31 @@ impl SwitchAdmin {
     }
 }
 
+/// The BankSwitch's TLS Secret name and its `ca.crt` (read only with the opt-in label).
+async fn read_ca(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    tls: &crate::crd::security::TlsSpec,
+) -> Result<(String, Vec<u8>), SwitchAdminError> {
+    let secret_name = tls
+        .secret_name
+        .clone()
+        .unwrap_or_else(|| tls_secret_for(name));
+    let secret = read_opted_in(client, namespace, name, &secret_name)
+        .await
+        .map_err(SwitchAdminError::ReadSecret)?;
+    let ca = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get("ca.crt"))
+        .filter(|ca| !ca.0.is_empty())
+        .ok_or_else(|| SwitchAdminError::NoCa {
+            secret: secret_name.clone(),
+        })?;
+    Ok((secret_name, ca.0.clone()))
+}
+
 /// Installs rustls' `ring` provider as the process default. reqwest is built on rustls without
 /// a bundled provider (no aws-lc-rs), so this must run before any client is built; another
 /// caller may have installed it already, which is fine.
@@ -534,7 +551,7 @@ mod tests {
     #[test]
     fn stats_json_shape_parses() {
         let stats: SafStats = serde_json::from_str(
-            r#"{"backlog":250,"inFlight":3,"oldestAgeSeconds":42,"deadLetters":1,"byDestination":[]}"#,
+            r#"{"backlog":250,"inFlight":3,"oldestAgeSeconds":42,"deadLetters":1,"deliveredTotal":0,"byDestination":[]}"#,
         )
         .expect("parses");
         assert_eq!(
@@ -543,7 +560,8 @@ mod tests {
                 backlog: 250,
                 in_flight: 3,
                 oldest_age_seconds: 42,
-                dead_letters: 1
+                dead_letters: 1,
+                ..SafStats::default()
             }
         );
     }
@@ -561,8 +579,8 @@ mod tests {
             terminals: serde_json::json!("all"),
             activation: "onConfirm".into(),
             activate_at: None,
-            grace_seconds: 300,
-            max_concurrent: 50,
+            grace_seconds: Some(300),
+            max_concurrent: Some(50),
         };
         assert_eq!(
             serde_json::to_string(&body).expect("serializes"),

@@ -79,7 +79,8 @@ async fn https_switch(ca: &Ca) -> u16 {
             if authorized {
                 (
                     StatusCode::OK,
-                    axum::Json(json!({"backlog": 7, "inFlight": 1})),
+                    axum::Json(json!({"backlog": 7, "inFlight": 1, "oldestAgeSeconds": 3,
+                        "deadLetters": 0, "deliveredTotal": 0, "byDestination": []})),
                 )
             } else {
                 (

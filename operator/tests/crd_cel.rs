@@ -67,6 +67,18 @@ fn valid_objects_pass_every_rule() {
         ),
         ""
     );
+    // a CloudNativePG Cluster instead of a URL Secret, and embedded SQLite with backups
+    for fixture in ["postgres-cnpg.yaml", "embedded-backup.yaml"] {
+        let bs: BankSwitch = serde_yaml::from_str(
+            &std::fs::read_to_string(root().join("tests/fixtures").join(fixture)).expect("fixture"),
+        )
+        .expect("BankSwitch");
+        assert_eq!(
+            errors(&bs_schema, &serde_json::to_value(&bs).expect("json")),
+            "",
+            "{fixture}"
+        );
+    }
     // TLS from cert-manager and a narrowed NetworkPolicy hold every rule too
     let tls: BankSwitch = serde_yaml::from_str(
         &std::fs::read_to_string(root().join("tests/fixtures/tls-cert-manager.yaml"))
@@ -87,6 +99,18 @@ fn bank_switch_rules_reject_what_cannot_work() {
             "replicas > 1 needs spec.database",
             Box::new(|v: &mut Value| {
                 v["spec"].as_object_mut().expect("spec").remove("database");
+            }),
+        ),
+        (
+            "set exactly one of database.urlSecretRef or database.cnpg",
+            Box::new(|v: &mut Value| {
+                v["spec"]["database"]["cnpg"] = json!({"clusterRef": {"name": "payments-db"}});
+            }),
+        ),
+        (
+            "set exactly one of database.urlSecretRef or database.cnpg",
+            Box::new(|v: &mut Value| {
+                v["spec"]["database"] = json!({});
             }),
         ),
         (

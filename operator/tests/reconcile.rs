@@ -224,6 +224,7 @@ async fn postgres_steady_state_with_drainers_and_monitoring_makes_no_writes() {
         in_flight: 2,
         oldest_age_seconds: 30,
         dead_letters: 0,
+        ..SafStats::default()
     };
     let h = Harness::new("postgres-full.yaml", JobOutcome::Complete, true, Some(saf));
     h.reconcile().await;
@@ -435,6 +436,7 @@ async fn drainers_scale_from_the_backlog() {
         in_flight: 0,
         oldest_age_seconds: 12,
         dead_letters: 1,
+        ..SafStats::default()
     };
     let h = Harness::new("postgres-full.yaml", JobOutcome::Complete, true, Some(saf));
     h.reconcile().await; // creates the switch; no ready pod to ask yet → minReplicas
@@ -675,6 +677,7 @@ async fn external_drainer_autoscaler_leaves_replicas_alone() {
         in_flight: 0,
         oldest_age_seconds: 12,
         dead_letters: 0,
+        ..SafStats::default()
     };
     let h = Harness::new("postgres-full.yaml", JobOutcome::Complete, true, Some(saf));
     h.edit(|spec| spec["storeAndForward"]["drainers"]["autoscaler"] = json!("external"));
@@ -867,4 +870,135 @@ async fn simulator_is_applied_when_enabled_and_removed_when_turned_off() {
     assert!(h.fake.get(&deploy_path("staging-atm")).is_none());
     assert!(h.fake.get(&service).is_none());
     assert!(h.fake.get(&deploy_path("staging-switch")).is_some());
+}
+
+#[tokio::test]
+async fn cnpg_cluster_app_secret_is_checked_in_one_reconcile_then_mounted() {
+    let h = Harness::new("postgres-cnpg.yaml", JobOutcome::Complete, false, None);
+    // CloudNativePG has not made `<cluster>-app` yet (or it lacks our label): named at once
+    let writes = h.reconcile().await;
+    assert!(
+        writes
+            .iter()
+            .all(|w| w.path.ends_with("/status") || w.path.contains("/events")),
+        "nothing may be applied before the Secret exists: {writes:?}"
+    );
+    let degraded = h.condition("Degraded");
+    assert_eq!(degraded["reason"], "SecretNotFound");
+    let message = degraded["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("spec.database.cnpg.clusterRef") && message.contains("payments-db-app"),
+        "{message}"
+    );
+    assert_eq!(
+        h.event_reasons()
+            .iter()
+            .filter(|r| *r == "SecretNotFound")
+            .count(),
+        1
+    );
+    // CloudNativePG's Secret, labelled through the Cluster's inheritedMetadata
+    h.fake.insert(
+        &secret_path("payments-db-app"),
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "payments-db-app", "namespace": NS,
+                            "labels": {"switchyard.io/bankswitch": "atm",
+                                       "cnpg.io/cluster": "payments-db"}},
+               "type": "kubernetes.io/basic-auth",
+               "data": {"username": "YXBw", "password": "eA==", "uri": "cG9zdGdyZXNxbDovL3g="}}),
+    );
+    let writes = h.reconcile().await;
+    assert!(patched(&writes, &deploy_path("atm-switch")), "{writes:?}");
+    assert_eq!(h.condition("Degraded")["status"], "False");
+    let dep = h.fake.get(&deploy_path("atm-switch")).expect("deployment");
+    let sources = dep["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "secrets")
+        .unwrap()["projected"]["sources"]
+        .clone();
+    assert!(
+        sources
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["secret"]["name"] == "payments-db-app"
+                && s["secret"]["items"][0] == json!({"key": "uri", "path": "database/url"})),
+        "{sources}"
+    );
+}
+
+#[tokio::test]
+async fn database_with_both_a_url_secret_and_cnpg_is_an_invalid_spec() {
+    let h = Harness::new("postgres-cnpg.yaml", JobOutcome::Complete, false, None);
+    h.edit(|spec| spec["database"]["urlSecretRef"] = json!({"name": "atm-db", "key": "url"}));
+    let writes = h.reconcile().await;
+    assert!(
+        writes
+            .iter()
+            .all(|w| w.path.ends_with("/status") || w.path.contains("/events")),
+        "{writes:?}"
+    );
+    let degraded = h.condition("Degraded");
+    assert_eq!(degraded["reason"], "InvalidSpec");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("exactly one of urlSecretRef"),
+        "{degraded}"
+    );
+    assert!(h.event_reasons().contains(&"InvalidSpec".to_owned()));
+}
+
+#[tokio::test]
+async fn backup_volume_is_applied_unowned_and_rendered_into_the_config() {
+    let h = Harness::new("embedded-backup.yaml", JobOutcome::Complete, false, None);
+    let writes = h.reconcile().await;
+    let pvc_path = format!("/api/v1/namespaces/{NS}/persistentvolumeclaims/demo-backup");
+    assert!(patched(&writes, &pvc_path), "{writes:?}");
+    let pvc = h.fake.get(&pvc_path).expect("backup claim");
+    assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "10Gi");
+    assert_eq!(pvc["spec"]["storageClassName"], "backup-hdd");
+    // deleting the BankSwitch must not garbage-collect the backups
+    assert!(pvc["metadata"]["ownerReferences"].is_null(), "{pvc}");
+    let config = h
+        .fake
+        .get(&format!("/api/v1/namespaces/{NS}/configmaps/demo-config"))
+        .expect("config")["data"]["switch.toml"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        config.contains("[backup]")
+            && config.contains("schedule = \"0 * * * *\"")
+            && config.contains("dir = \"/var/lib/switchyard-backups\"")
+            && config.contains("retain = 24"),
+        "{config}"
+    );
+    assert_eq!(h.condition("Ready")["status"], "True");
+    assert_eq!(h.reconcile().await, vec![], "steady state must not write");
+}
+
+#[tokio::test]
+async fn backup_with_postgres_is_an_invalid_spec_with_an_event() {
+    let h = Harness::new("postgres-cnpg.yaml", JobOutcome::Complete, false, None);
+    h.edit(|spec| spec["backup"] = json!({"schedule": "0 * * * *"}));
+    h.reconcile().await;
+    let degraded = h.condition("Degraded");
+    assert_eq!(degraded["reason"], "InvalidSpec");
+    let message = degraded["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("spec.backup") && message.contains("CloudNativePG"),
+        "{message}"
+    );
+    assert!(h.event_reasons().contains(&"InvalidSpec".to_owned()));
+    assert!(
+        h.fake
+            .get(&format!(
+                "/api/v1/namespaces/{NS}/persistentvolumeclaims/atm-backup"
+            ))
+            .is_none()
+    );
 }

@@ -61,6 +61,36 @@ fn postgres_full_objects() {
 }
 
 #[test]
+fn embedded_backup_objects() {
+    let (_, objects) = built("embedded-backup.yaml", 0, true);
+    snapshot_all("embedded-backup", &objects);
+}
+
+#[test]
+fn postgres_cnpg_reads_the_cluster_app_secret_and_has_no_backup_volume() {
+    let (_, o) = built("postgres-cnpg.yaml", 1, false);
+    assert!(o.backup_pvc.is_none() && o.data_pvc.is_none());
+    let pod = o
+        .switch_deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod spec");
+    let text = serde_json::to_string(&pod.volumes).expect("json");
+    assert!(
+        text.contains(r#""name":"payments-db-app""#)
+            && text.contains(r#"{"key":"uri","path":"database/url"}"#),
+        "{text}"
+    );
+    let config = o.config_map.data.as_ref().expect("data")["switch.toml"].clone();
+    assert!(
+        config.contains("url_file = \"/etc/switchyard/secrets/database/url\""),
+        "{config}"
+    );
+    assert!(!config.contains("[backup]"), "{config}");
+}
+
+#[test]
 fn embedded_mode_is_one_replica_recreate_with_a_pvc_and_no_job_pdb_or_drainers() {
     let (_, o) = built("embedded-minimal.yaml", 0, true);
     let spec = o.switch_deployment.spec.as_ref().expect("spec");

@@ -10,7 +10,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState, auth::Tokens};
@@ -18,6 +17,7 @@ use crate::crypto::{Hsm, Kek, Lmk, SoftHsm};
 use crate::health::{self, Health};
 use crate::http::{self, HttpLimits};
 use crate::iso8583::Packager;
+use crate::maintenance::{Maintenance, Wanted};
 use crate::metrics::{Metrics, SwitchMetrics};
 use crate::net::{server, session::SessionRegistry};
 use crate::routing::drainer::Drainer;
@@ -58,6 +58,9 @@ pub enum StartError {
     /// An `[[upstreams]]` entry.
     #[error(transparent)]
     Upstream(#[from] crate::routing::LinkConfigError),
+    /// `[backup]`, or the database lock a restore holds.
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
     /// `[admin.tls]` or `[iso8583.tls]` files.
     #[error("invalid [{section}.tls]: {source}")]
     Tls {
@@ -183,6 +186,8 @@ pub async fn start(
 ) -> Result<RunningSwitch, StartError> {
     let packager = Packager::by_name(&settings.iso8583.packager)
         .map_err(|e| StartError::Packager(e.to_string()))?;
+    // a bad `[backup]` stops the start before anything runs
+    let backups = crate::backup::schedule::BackupPlan::from_settings(&settings, store.backend())?;
     // reqwest and other clients in this process look the provider up
     crate::tls::install_crypto_provider();
     let metrics: Metrics = Arc::new(SwitchMetrics::new());
@@ -222,6 +227,7 @@ pub async fn start(
         health: health.clone(),
         upstreams,
         held_reversals: Arc::new(HeldReversals::new(settings_held_max, metrics.clone())),
+        maintenance: Maintenance::new(),
     });
     let addr = |l: &TcpListener| {
         l.local_addr().map_err(|source| StartError::Bind {
@@ -257,6 +263,9 @@ pub async fn start(
     };
 
     let shutdown = CancellationToken::new();
+    if let Some(plan) = backups {
+        tokio::spawn(plan.run(metrics.clone(), shutdown.child_token()));
+    }
     let task = tokio::spawn(run(
         ctx.clone(),
         listen_url,
@@ -291,8 +300,6 @@ async fn run(
     tls: TlsAcceptors,
     shutdown: CancellationToken,
 ) {
-    let tracker = TaskTracker::new();
-    let stop_accepting = CancellationToken::new();
     let stop_http = CancellationToken::new();
     let stop_background = CancellationToken::new();
 
@@ -361,33 +368,22 @@ async fn run(
         stop_http.clone(),
         tls.admin,
     ));
-    let iso_server = tokio::spawn(server::serve(
-        listeners.iso,
-        ctx.clone(),
-        ctx.settings.iso8583.clone(),
-        ctx.metrics.clone(),
-        stop_accepting.clone(),
-        tracker.clone(),
-        tls.iso,
-    ));
+    let mut channel = IsoChannel {
+        addr: listeners.iso.local_addr().ok(),
+        ctx: ctx.clone(),
+        tls: tls.iso,
+        open: None,
+    };
+    channel.open(listeners.iso);
+    serve_until_shutdown(&mut channel, &shutdown).await;
 
-    shutdown.cancelled().await;
     // SPEC §2: readiness false at once, stop accepting, finish in-flight, close cleanly.
     info!("shutdown: readiness false, no longer accepting ISO 8583 connections");
     ctx.health.set_draining();
-    stop_accepting.cancel();
+    channel.stop_accepting();
     // no new work to upstreams: the drainer settles the batch it holds and stops
     upstream_tasks.stop_drainer().await;
-    let _ = iso_server.await;
-    tracker.close();
-    let grace = ctx.settings.iso8583.shutdown_timeout;
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        warn!(
-            ?grace,
-            "shutdown: connections still busy after the grace period; closing them"
-        );
-    }
-    ctx.sessions.close_all();
+    channel.close("shutdown").await;
     // nothing can add a held reversal now; the links are still up for the last resort
     stop_held.cancel();
     let _ = held.await;
@@ -423,6 +419,127 @@ async fn run(
     info!("shutdown complete");
 }
 
+/// The ISO 8583 channel of a serving switch: the accept loop and its connection tasks (on the
+/// tracker [`Maintenance::connections`]). SIGTERM and hibernation close it the same way.
+struct IsoChannel {
+    ctx: Arc<SwitchContext>,
+    /// Where it listens, to listen there again after a hibernation.
+    addr: Option<SocketAddr>,
+    tls: Option<Arc<ReloadingAcceptor>>,
+    /// The accept loop's stop token and task while it accepts.
+    open: Option<(CancellationToken, JoinHandle<()>)>,
+}
+
+impl IsoChannel {
+    /// Starts accepting on `listener`.
+    fn open(&mut self, listener: TcpListener) {
+        let stop = CancellationToken::new();
+        let connections = self.ctx.maintenance.connections();
+        connections.reopen();
+        let task = tokio::spawn(server::serve(
+            listener,
+            self.ctx.clone(),
+            self.ctx.settings.iso8583.clone(),
+            self.ctx.metrics.clone(),
+            stop.clone(),
+            connections.clone(),
+            self.tls.clone(),
+        ));
+        self.open = Some((stop, task));
+        self.ctx.maintenance.set_accepting(true);
+    }
+
+    fn is_open(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Stops accepting at once; every connection finishes the transaction it is processing,
+    /// answers it and closes.
+    fn stop_accepting(&self) {
+        if let Some((stop, _)) = &self.open {
+            stop.cancel();
+        }
+    }
+
+    /// Stops accepting (the listening socket is closed, so new connections are refused), waits
+    /// up to `[iso8583] shutdown_timeout` for the connections to finish their in-flight
+    /// transaction and close, then closes the sessions still left. Does nothing when closed.
+    async fn close(&mut self, why: &'static str) {
+        let Some((stop, task)) = self.open.take() else {
+            return;
+        };
+        stop.cancel();
+        let _ = task.await;
+        self.ctx.maintenance.set_accepting(false);
+        let connections = self.ctx.maintenance.connections();
+        connections.close();
+        let grace = self.ctx.settings.iso8583.shutdown_timeout;
+        if tokio::time::timeout(grace, connections.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                ?grace,
+                why, "connections still busy after the grace period; closing them"
+            );
+        }
+        self.ctx.sessions.close_all();
+    }
+}
+
+/// Serves until `shutdown`, closing the ISO 8583 channel while a hibernation is asked for and
+/// reopening it on resume (retried every second while the address cannot be bound again).
+async fn serve_until_shutdown(channel: &mut IsoChannel, shutdown: &CancellationToken) {
+    let ctx = channel.ctx.clone();
+    let mut wanted = ctx.maintenance.wanted();
+    loop {
+        let want = *wanted.borrow_and_update();
+        match want {
+            Wanted::Hibernate if channel.is_open() => {
+                ctx.health.set_hibernating(true);
+                info!(
+                    "hibernating: readiness false, no longer accepting ISO 8583 connections; drainers keep running"
+                );
+                channel.close("hibernation").await;
+                info!("hibernating: ISO 8583 channel closed");
+                continue;
+            }
+            Wanted::Serve if !channel.is_open() => match channel.addr {
+                Some(addr) => match TcpListener::bind(addr).await {
+                    Ok(listener) => {
+                        channel.open(listener);
+                        ctx.maintenance.resumed();
+                        ctx.health.set_hibernating(false);
+                        info!(%addr, "resumed from hibernation: accepting ISO 8583 connections");
+                        continue;
+                    }
+                    Err(err) => {
+                        error!(%addr, error = %err, "failed to listen again after hibernation; retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        }
+                    }
+                },
+                None => {
+                    error!(
+                        "cannot resume: the ISO 8583 listener's address is unknown; restart the process"
+                    );
+                }
+            },
+            _ => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = wanted.changed() => if changed.is_err() {
+                // the context (and its sender) outlives this loop; just wait for shutdown
+                shutdown.cancelled().await;
+                return;
+            },
+        }
+    }
+}
+
 /// Whether `serve` runs a drainer itself: as configured, else only on the embedded SQLite store.
 fn in_process_drainer(ctx: &SwitchContext) -> bool {
     !ctx.upstreams.is_empty()
@@ -446,6 +563,8 @@ pub async fn drain(settings: Settings) -> Result<(), StartError> {
         )
     })?;
     let hsm: Arc<dyn Hsm> = Arc::new(SoftHsm::new(Lmk::from_hex_file(lmk_file)?, None));
+    // an embedded database stays locked against a restore while this process runs
+    let _lock = crate::backup::DatabaseLock::for_store_url(&settings.database.resolve_url()?)?;
     let store = open_store(&settings).await?;
     let metrics: Metrics = Arc::new(SwitchMetrics::new());
     let health = Arc::new(Health::default());
@@ -529,6 +648,8 @@ pub async fn drain(settings: Settings) -> Result<(), StartError> {
 /// Production entry point: bind, start, wait for SIGTERM or Ctrl-C, shut down gracefully.
 pub async fn serve(settings: Settings, migrate: bool) -> Result<(), StartError> {
     let secrets = Secrets::load(&settings)?;
+    // an embedded database stays locked against a restore while this process runs
+    let _lock = crate::backup::DatabaseLock::for_store_url(&settings.database.resolve_url()?)?;
     let store = open_store(&settings).await?;
     if migrate {
         store.migrate().await?;

@@ -491,6 +491,7 @@ impl Case {
             metrics,
             health: Arc::new(Health::default()),
             upstreams,
+            maintenance: crate::maintenance::Maintenance::new(),
         };
         if !ctx.fleet.register(&ctx).await {
             return Err(HarnessError::Setup(

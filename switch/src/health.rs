@@ -27,6 +27,7 @@ use crate::store::Store;
 pub struct Health {
     started: AtomicBool,
     draining: AtomicBool,
+    hibernating: AtomicBool,
     store_ready: AtomicBool,
     not_ready_reason: Mutex<Option<String>>,
 }
@@ -40,6 +41,12 @@ impl Health {
     /// Readiness goes false at once and stays false: the process is shutting down.
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Readiness is false while the process hibernates for maintenance (`/v1/maintenance`),
+    /// so Services stop routing to it; resuming makes it ready again.
+    pub fn set_hibernating(&self, hibernating: bool) {
+        self.hibernating.store(hibernating, Ordering::SeqCst);
     }
 
     /// Whether shutdown has begun.
@@ -60,6 +67,9 @@ impl Health {
     pub fn readiness(&self) -> Result<(), String> {
         if self.draining.load(Ordering::SeqCst) {
             return Err("draining after SIGTERM".into());
+        }
+        if self.hibernating.load(Ordering::SeqCst) {
+            return Err("hibernating for maintenance (see /v1/maintenance)".into());
         }
         if !self.started.load(Ordering::SeqCst) {
             return Err("starting".into());
@@ -218,6 +228,10 @@ mod tests {
         h.set_store(false, Some("store unreachable: x".into()));
         assert_eq!(h.readiness().unwrap_err(), "store unreachable: x");
         h.set_store(true, None);
+        assert!(h.readiness().is_ok());
+        h.set_hibernating(true);
+        assert!(h.readiness().unwrap_err().contains("hibernating"));
+        h.set_hibernating(false);
         assert!(h.readiness().is_ok());
         h.set_draining();
         assert_eq!(h.readiness().unwrap_err(), "draining after SIGTERM");

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod app;
 pub mod atm;
+pub mod backup;
 pub mod crypto;
 pub mod demo;
 pub mod domain;
@@ -12,6 +13,7 @@ pub mod fuzzing;
 pub mod health;
 pub mod http;
 pub mod iso8583;
+pub mod maintenance;
 pub mod metrics;
 pub mod net;
 pub mod routing;

@@ -1,4 +1,4 @@
-//! `switchyard-switch`: serve | migrate | drain | demo (SPEC §2).
+//! `switchyard-switch`: serve | migrate | drain | demo | backup | restore (SPEC §2).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use switchyard_switch::settings::Settings;
 use switchyard_switch::telemetry::{self, LogFormat};
-use switchyard_switch::{app, demo};
+use switchyard_switch::{app, backup, demo, store};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -39,6 +39,22 @@ enum Command {
     Drain,
     /// Local quick start: embedded SQLite, seeded terminal and card, a full ATM session.
     Demo(demo::DemoArgs),
+    /// Copies the embedded SQLite database to FILE while the switch keeps serving (one
+    /// consistent snapshot, checked). A PostgreSQL store is refused: back it up with pg_dump or
+    /// CloudNativePG.
+    Backup {
+        /// The backup file to write; must not exist.
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Replaces the embedded SQLite database with a backup. Refuses while any process has the
+    /// database open; checks the backup first; keeps the replaced database as
+    /// `<db>.pre-restore-<time>`.
+    Restore {
+        /// The backup file (from `backup` or `[backup] schedule`).
+        #[arg(long)]
+        from: PathBuf,
+    },
     /// Writes a throwaway CA, a server certificate and a client certificate (PEM) for trying
     /// TLS locally: ca.crt, server.crt, server.key, client.crt, client.key. Not for production.
     DevCerts {
@@ -62,7 +78,42 @@ fn main() -> ExitCode {
         (Command::Demo(_), f) => (f, "warn"),
         (_, f) => (f, "info"),
     };
-    telemetry::init(format, level);
+    // Trace export is configured in the same file as the rest; a file that does not load is
+    // reported by the command itself below, so logging starts without export then.
+    let export = match &cli.command {
+        Command::Serve { .. } | Command::Drain | Command::Migrate => {
+            Settings::load(cli.config.as_deref())
+                .ok()
+                .map(|s| s.telemetry.resolve(|k| std::env::var(k).ok()))
+        }
+        _ => None,
+    };
+    let (export, export_error) = match export {
+        Some(Ok(export)) => (export, None),
+        Some(Err(err)) => (None, Some(err.to_string())),
+        None => (None, None),
+    };
+    let mut telemetry = match telemetry::init(format, level, export.as_ref()) {
+        Ok(t) => t,
+        Err(err) => {
+            eprintln!("error: {err}");
+            write_termination_message(&err.to_string());
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(err) = export_error {
+        tracing::error!("{err}");
+        eprintln!("error: {err}");
+        write_termination_message(&err);
+        return ExitCode::FAILURE;
+    }
+    if let Some(export) = &export {
+        tracing::info!(
+            endpoint = %export.endpoint,
+            sample_ratio = export.sample_ratio,
+            "exporting traces over OTLP/HTTP"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -73,7 +124,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let code = match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");
@@ -81,7 +132,11 @@ fn main() -> ExitCode {
             write_termination_message(&format!("{err:#}"));
             ExitCode::FAILURE
         }
-    }
+    };
+    drop(runtime);
+    // the last spans go out before the process exits (bounded wait)
+    telemetry.shutdown();
+    code
 }
 
 /// Where Kubernetes reads a container's termination message (the pod spec's default
@@ -132,8 +187,61 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             app::serve(settings, migrate).await?;
             Ok(())
         }
+        Command::Backup { to } => {
+            let settings = Settings::load(cli.config.as_deref())?;
+            let db = backup::sqlite_path(&settings.database.resolve_url()?)?;
+            // a restore cannot swap the database under the copy
+            let _lock = backup::DatabaseLock::shared(&db)?;
+            let report =
+                tokio::task::spawn_blocking(move || backup::backup_database(&db, &to)).await??;
+            println!(
+                "backed up to {} ({} bytes, schema version {}, {} ms)",
+                report.path.display(),
+                report.bytes,
+                report
+                    .schema_version
+                    .map_or_else(|| "none".to_string(), |v| v.to_string()),
+                report.duration.as_millis()
+            );
+            Ok(())
+        }
+        Command::Restore { from } => {
+            let settings = Settings::load(cli.config.as_deref())?;
+            let db = backup::sqlite_path(&settings.database.resolve_url()?)?;
+            let known = store::embedded_migration_versions(store::Backend::Sqlite);
+            let target = db.clone();
+            let report = tokio::task::spawn_blocking(move || {
+                backup::restore_database(&target, &from, &known)
+            })
+            .await??;
+            tracing::info!(
+                db = %db.display(),
+                schema_version = report.schema_version,
+                pending_migrations = report.pending_migrations,
+                "database restored"
+            );
+            println!(
+                "restored {} (schema version {})",
+                db.display(),
+                report.schema_version
+            );
+            if let Some(previous) = &report.previous {
+                println!(
+                    "the replaced database is kept as {} (delete it once the restored switch is verified)",
+                    previous.display()
+                );
+            }
+            if report.pending_migrations > 0 {
+                println!(
+                    "{} migrations of this binary are not applied yet: run `switchyard-switch migrate` (the operator's migration Job does) or `serve --migrate`",
+                    report.pending_migrations
+                );
+            }
+            Ok(())
+        }
         Command::Migrate => {
             let settings = Settings::load(cli.config.as_deref())?;
+            let _lock = backup::DatabaseLock::for_store_url(&settings.database.resolve_url()?)?;
             let store = app::open_store(&settings).await?;
             let before = store.migration_status().await?;
             store.migrate().await?;

@@ -2,12 +2,13 @@
 //! (SPEC §8); change them only together with `charts/` and the runbooks.
 
 use std::sync::Arc;
+use std::sync::LazyLock;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// `mti` and `response_code` of an ISO 8583 message the switch sent.
@@ -17,6 +18,13 @@ pub struct MessageLabels {
     pub mti: String,
     /// Field 39 of our answer, or `none` when the answer has none.
     pub response_code: String,
+}
+
+/// The exemplar of a latency observation: the trace that took that long (SPEC §8).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceExemplar {
+    /// W3C trace id (32 hex digits) of a sampled trace.
+    pub trace_id: String,
 }
 
 /// One label called `type`.
@@ -38,6 +46,24 @@ pub struct StateLabel {
 pub struct ReasonLabel {
     /// Why a frame was refused.
     pub reason: String,
+}
+
+/// `switchyard_trace_spans_dropped_total{reason}`, shared by every registry of the process (the
+/// trace exporter in `crate::telemetry` is process-wide). Kept here so telemetry depends on
+/// metrics and not the other way round.
+static SPANS_DROPPED: LazyLock<Family<ReasonLabel, Counter>> = LazyLock::new(|| {
+    let family = Family::<ReasonLabel, Counter>::default();
+    for reason in ["queue_full", "export_failed"] {
+        let _ = family.get_or_create(&ReasonLabel {
+            reason: reason.into(),
+        });
+    }
+    family
+});
+
+/// The dropped-spans counter family, shared by the exporter and every registry.
+pub fn spans_dropped() -> &'static Family<ReasonLabel, Counter> {
+    &SPANS_DROPPED
 }
 
 /// One label called `limit`.
@@ -104,8 +130,9 @@ pub struct SwitchMetrics {
     registry: Registry,
     /// `switchyard_iso_messages_total{mti,response_code}`.
     pub iso_messages: Family<MessageLabels, Counter>,
-    /// `switchyard_transaction_duration_seconds{type}`.
-    pub transaction_duration: Family<TypeLabel, Histogram>,
+    /// `switchyard_transaction_duration_seconds{type}`, with the trace id of a sampled request
+    /// as each bucket's exemplar (OpenMetrics).
+    pub transaction_duration: Family<TypeLabel, HistogramWithExemplars<TraceExemplar>>,
     /// `switchyard_connections{state}`: `connected` (not signed on) and `signed_on`.
     pub connections: Family<StateLabel, Gauge>,
     /// `switchyard_terminals_signed_on`.
@@ -159,6 +186,18 @@ pub struct SwitchMetrics {
     /// `switchyard_tls_reloads_total{channel,result}`: certificate files re-read after they
     /// changed on disk.
     pub tls_reloads: Family<TlsReloadLabels, Counter>,
+    /// `switchyard_backup_last_success_timestamp_seconds`: Unix time the last scheduled or
+    /// manual-in-process backup of the embedded SQLite store completed (0: none yet).
+    pub backup_last_success_timestamp: Gauge,
+    /// `switchyard_backup_failures_total`: scheduled backups that failed.
+    pub backup_failures: Counter,
+    /// `switchyard_backup_last_duration_seconds`: how long the last successful backup took.
+    pub backup_last_duration_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// `switchyard_backup_last_size_bytes`: size of the last successful backup file.
+    pub backup_last_size_bytes: Gauge,
+    /// `switchyard_backup_interval_seconds`: the nominal gap between scheduled backups (0: no
+    /// `[backup] schedule`); the backup-stale alert compares the last success with it.
+    pub backup_interval_seconds: Gauge,
     /// Backlog label sets set so far, so a destination that emptied drops to zero.
     saf_known: std::sync::Mutex<std::collections::HashSet<SafLabels>>,
 }
@@ -187,9 +226,10 @@ impl SwitchMetrics {
             "ISO 8583 messages answered, by request MTI and response code",
             iso_messages.clone(),
         );
-        let transaction_duration = Family::<TypeLabel, Histogram>::new_with_constructor(
-            new_latency_histogram as fn() -> Histogram,
-        );
+        let transaction_duration =
+            Family::<TypeLabel, HistogramWithExemplars<TraceExemplar>>::new_with_constructor(
+                new_latency_histogram as fn() -> HistogramWithExemplars<TraceExemplar>,
+            );
         registry.register(
             "switchyard_transaction_duration_seconds",
             "Time from a request frame read to its response written, by transaction type",
@@ -351,6 +391,43 @@ impl SwitchMetrics {
             "Certificate files re-read after they changed, by channel and result (ok, failed: the previous certificate stays in use)",
             tls_reloads.clone(),
         );
+        let backup_last_success_timestamp = Gauge::default();
+        registry.register(
+            "switchyard_backup_last_success_timestamp_seconds",
+            "Unix time the last backup of the embedded SQLite store by this process completed (0: none yet)",
+            backup_last_success_timestamp.clone(),
+        );
+        let backup_failures = Counter::default();
+        registry.register(
+            "switchyard_backup_failures",
+            "Scheduled backups of the embedded SQLite store that failed",
+            backup_failures.clone(),
+        );
+        let backup_last_duration_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "switchyard_backup_last_duration_seconds",
+            "How long the last successful backup took",
+            backup_last_duration_seconds.clone(),
+        );
+        let backup_last_size_bytes = Gauge::default();
+        registry.register(
+            "switchyard_backup_last_size_bytes",
+            "Size of the last successful backup file",
+            backup_last_size_bytes.clone(),
+        );
+        let backup_interval_seconds = Gauge::default();
+        registry.register(
+            "switchyard_backup_interval_seconds",
+            "Nominal seconds between scheduled backups ([backup] schedule); 0 when scheduled backups are off",
+            backup_interval_seconds.clone(),
+        );
+        // process-wide (the exporter is): every registry shows the same counters
+        let trace_spans_dropped = Family::<ReasonLabel, Counter>::clone(spans_dropped());
+        registry.register(
+            "switchyard_trace_spans_dropped",
+            "Finished spans not exported, by reason (queue_full: the export queue was full; export_failed: the collector refused or never took the batch)",
+            trace_spans_dropped.clone(),
+        );
         for state in ["connected", "signed_on"] {
             connections
                 .get_or_create(&StateLabel {
@@ -386,6 +463,11 @@ impl SwitchMetrics {
             http_connections_rejected,
             tls_handshake_failures,
             tls_reloads,
+            backup_last_success_timestamp,
+            backup_failures,
+            backup_last_duration_seconds,
+            backup_last_size_bytes,
+            backup_interval_seconds,
             saf_known: Default::default(),
         }
     }
@@ -444,13 +526,17 @@ impl SwitchMetrics {
             .inc();
     }
 
-    /// Records a transaction's latency.
-    pub fn observe_duration(&self, kind: &str, seconds: f64) {
+    /// Records a transaction's latency; `trace_id` (of a sampled trace) becomes the exemplar.
+    pub fn observe_duration(&self, kind: &str, seconds: f64, trace_id: Option<String>) {
         self.transaction_duration
             .get_or_create(&TypeLabel {
                 r#type: kind.to_string(),
             })
-            .observe(seconds);
+            .observe(
+                seconds,
+                trace_id.map(|trace_id| TraceExemplar { trace_id }),
+                None,
+            );
     }
 
     /// Counts a refused frame.
@@ -529,8 +615,8 @@ impl SwitchMetrics {
     }
 }
 
-fn new_latency_histogram() -> Histogram {
-    Histogram::new(LATENCY_BUCKETS)
+fn new_latency_histogram() -> HistogramWithExemplars<TraceExemplar> {
+    HistogramWithExemplars::new(LATENCY_BUCKETS.into_iter())
 }
 
 /// Shared handle.
@@ -544,7 +630,7 @@ mod tests {
     fn exports_the_spec_names() {
         let m = SwitchMetrics::new();
         m.message("0800", Some("00"));
-        m.observe_duration("balance", 0.002);
+        m.observe_duration("balance", 0.002, None);
         m.frame_error("too_large");
         let text = m.encode();
         for name in [
@@ -560,6 +646,29 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn latency_buckets_carry_trace_exemplars() {
+        let m = SwitchMetrics::new();
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        m.observe_duration("withdrawal", 0.03, Some(trace.to_string()));
+        m.observe_duration("withdrawal", 0.0004, None);
+        let text = m.encode();
+        let bucket = text
+            .lines()
+            .find(|l| {
+                l.starts_with("switchyard_transaction_duration_seconds_bucket{le=\"0.05\",type=\"withdrawal\"}")
+            })
+            .unwrap_or_default();
+        assert!(
+            bucket.contains(&format!("# {{trace_id=\"{trace}\"}} 0.03")),
+            "no exemplar on the 0.05 bucket: {bucket}\n{text}"
+        );
+        assert!(
+            text.contains("switchyard_trace_spans_dropped_total{reason=\"queue_full\"}"),
+            "{text}"
+        );
     }
 
     #[test]

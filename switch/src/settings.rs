@@ -62,6 +62,118 @@ pub struct Settings {
     pub stations: StationSettings,
     /// The fleet-wide session registry shared by the switch replicas.
     pub registry: RegistrySettings,
+    /// Scheduled online backups of the embedded SQLite store.
+    pub backup: BackupSettings,
+    /// Trace export (SPEC §8 "Traces and logs").
+    pub telemetry: TelemetrySettings,
+}
+
+/// `[telemetry]`: where spans go and how many. Unset keys fall back to the standard
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` and `OTEL_TRACES_SAMPLER_ARG` variables (see
+/// [`TelemetrySettings::resolve`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// Base URL of an OTLP/HTTP receiver (`http://collector:4318`; spans go to
+    /// `<base>/v1/traces`). Unset (and no `OTEL_EXPORTER_OTLP_ENDPOINT`): nothing is exported.
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces recorded and exported, 0.0–1.0 (default 1.0). A request that arrives
+    /// with a sampled W3C parent (field 48 `TP`) follows its parent's decision.
+    pub sample_ratio: Option<f64>,
+    /// Spans waiting for export at most; past it spans are dropped and counted in
+    /// `switchyard_trace_spans_dropped_total{reason="queue_full"}`.
+    pub max_queue_size: usize,
+}
+
+/// The export a process runs, after the configuration and the `OTEL_*` variables.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceExport {
+    /// Base URL of the OTLP/HTTP receiver, without `/v1/traces`.
+    pub endpoint: String,
+    /// 0.0–1.0.
+    pub sample_ratio: f64,
+    /// Bounded queue of finished spans.
+    pub max_queue_size: usize,
+}
+
+impl TelemetrySettings {
+    /// Default bound of the span queue.
+    pub const DEFAULT_MAX_QUEUE_SIZE: usize = 2048;
+
+    /// What to export, given the process environment `env` (the standard `OTEL_*` variables
+    /// fill keys left unset here): `None` when no endpoint is configured anywhere.
+    pub fn resolve(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<TraceExport>, SettingsError> {
+        let endpoint = self
+            .otlp_endpoint
+            .clone()
+            .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+            .map(|e| e.trim().trim_end_matches('/').to_string())
+            .filter(|e| !e.is_empty());
+        let Some(endpoint) = endpoint else {
+            return Ok(None);
+        };
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            return Err(SettingsError::Value(format!(
+                "telemetry.otlp_endpoint must be an http:// or https:// URL, got {endpoint:?}"
+            )));
+        }
+        let ratio = match self.sample_ratio {
+            Some(r) => r,
+            None => match env("OTEL_TRACES_SAMPLER_ARG") {
+                Some(arg) => arg.trim().parse::<f64>().map_err(|_| {
+                    SettingsError::Value(format!(
+                        "OTEL_TRACES_SAMPLER_ARG must be a number between 0 and 1, got {arg:?}"
+                    ))
+                })?,
+                None => 1.0,
+            },
+        };
+        if !(0.0..=1.0).contains(&ratio) {
+            return Err(SettingsError::Value(format!(
+                "telemetry.sample_ratio must be between 0 and 1, got {ratio}"
+            )));
+        }
+        let max_queue_size = if self.max_queue_size == 0 {
+            Self::DEFAULT_MAX_QUEUE_SIZE
+        } else {
+            self.max_queue_size
+        };
+        Ok(Some(TraceExport {
+            endpoint,
+            sample_ratio: ratio,
+            max_queue_size,
+        }))
+    }
+}
+
+/// `[backup]`: scheduled online backups of the embedded SQLite database, taken by the running
+/// switch (`switchyard-switch backup` takes one by hand). Off while `schedule` is unset; a
+/// PostgreSQL store refuses it (its backups come from the database: pg_dump, CloudNativePG).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackupSettings {
+    /// Five-field cron expression in UTC (minute hour day-of-month month day-of-week), e.g.
+    /// `0 * * * *` for hourly. Unset: no scheduled backups.
+    pub schedule: Option<String>,
+    /// Directory the backups are written to (`switchyard-<UTC timestamp>.db`); created if
+    /// missing. Put it on another volume than the database.
+    pub dir: PathBuf,
+    /// How many backups to keep: after each successful backup the oldest beyond this are
+    /// deleted.
+    pub retain: u32,
+}
+
+impl Default for BackupSettings {
+    fn default() -> Self {
+        Self {
+            schedule: None,
+            dir: PathBuf::from("backups"),
+            retain: 7,
+        }
+    }
 }
 
 /// `[registry]`: how this replica takes part in the fleet-wide session registry (issue 16).
@@ -393,6 +505,10 @@ pub struct UpstreamSettings {
     /// TLS for the link (the issuer's CA, our client certificate for mTLS, the server name).
     #[serde(default)]
     pub tls: Option<ClientTlsSettings>,
+    /// Send the W3C `traceparent` of each routed 0200 to this issuer in field 48 (tag `TP`), so
+    /// its spans join this switch's trace. Off: nothing is added to the wire.
+    #[serde(default)]
+    pub propagate_trace: bool,
 }
 
 fn default_heartbeat() -> Duration {
@@ -624,6 +740,15 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), SettingsError> {
+        // the configured keys alone (the OTEL_* fallbacks are checked when the process starts)
+        self.telemetry.resolve(|_| None)?;
+        if let Some(ratio) = self.telemetry.sample_ratio
+            && !(0.0..=1.0).contains(&ratio)
+        {
+            return Err(SettingsError::Value(format!(
+                "telemetry.sample_ratio must be between 0 and 1, got {ratio}"
+            )));
+        }
         if !matches!(self.iso8583.packager.as_str(), "ascii" | "binary-bitmap") {
             return Err(SettingsError::Value(format!(
                 "iso8583.packager must be \"ascii\" or \"binary-bitmap\", got {:?}",
@@ -654,6 +779,11 @@ impl Settings {
         if self.iso8583.signon_timeout.is_zero() {
             return Err(SettingsError::Value(
                 "iso8583.signon_timeout must be longer than 0s".into(),
+            ));
+        }
+        if self.backup.retain == 0 {
+            return Err(SettingsError::Value(
+                "backup.retain must be at least 1 (the backups to keep)".into(),
             ));
         }
         let admin = &self.admin;
@@ -1014,5 +1144,81 @@ mod tests {
         .unwrap();
         let err = Settings::load_from(Some(&file), env(&[])).unwrap_err();
         assert!(err.to_string().contains("issuer-b"), "{err}");
+    }
+
+    #[test]
+    fn telemetry_falls_back_to_the_otel_variables() {
+        let otel = |k: &str| match k {
+            "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://collector:4318/".to_string()),
+            "OTEL_TRACES_SAMPLER_ARG" => Some("0.25".to_string()),
+            _ => None,
+        };
+        let none = Settings::default().telemetry.resolve(|_| None).unwrap();
+        assert_eq!(none, None, "no endpoint anywhere: no export");
+        let from_env = Settings::default()
+            .telemetry
+            .resolve(otel)
+            .unwrap()
+            .unwrap();
+        assert_eq!(from_env.endpoint, "http://collector:4318");
+        assert_eq!(from_env.sample_ratio, 0.25);
+        assert_eq!(
+            from_env.max_queue_size,
+            TelemetrySettings::DEFAULT_MAX_QUEUE_SIZE
+        );
+
+        let settings = Settings::load_from(
+            None,
+            env(&[
+                ("SWITCHYARD_TELEMETRY__OTLP_ENDPOINT", "http://tempo:4318"),
+                ("SWITCHYARD_TELEMETRY__SAMPLE_RATIO", "0.01"),
+            ]),
+        )
+        .unwrap();
+        let configured = settings.telemetry.resolve(otel).unwrap().unwrap();
+        assert_eq!(configured.endpoint, "http://tempo:4318", "the key wins");
+        assert_eq!(configured.sample_ratio, 0.01);
+        let only_endpoint = TelemetrySettings {
+            otlp_endpoint: Some("https://otel.example:4318".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            only_endpoint
+                .resolve(|_| None)
+                .unwrap()
+                .unwrap()
+                .sample_ratio,
+            1.0
+        );
+    }
+
+    #[test]
+    fn bad_telemetry_values_are_refused() {
+        for (key, value) in [
+            ("SWITCHYARD_TELEMETRY__SAMPLE_RATIO", "1.5"),
+            ("SWITCHYARD_TELEMETRY__OTLP_ENDPOINT", "collector:4318"),
+        ] {
+            let err = Settings::load_from(None, env(&[(key, value)])).unwrap_err();
+            assert!(err.to_string().contains("telemetry."), "{key}: {err}");
+        }
+        let bad_env = TelemetrySettings {
+            otlp_endpoint: Some("http://c:4318".into()),
+            ..Default::default()
+        };
+        let err = bad_env
+            .resolve(|k| (k == "OTEL_TRACES_SAMPLER_ARG").then(|| "lots".to_string()))
+            .unwrap_err();
+        assert!(err.to_string().contains("OTEL_TRACES_SAMPLER_ARG"), "{err}");
+    }
+
+    #[test]
+    fn propagate_trace_is_off_unless_set() {
+        let upstream: UpstreamSettings = serde_json::from_value(serde_json::json!({
+            "name": "issuer-b",
+            "endpoints": ["127.0.0.1:1"],
+            "station_id": "ACQ001",
+        }))
+        .unwrap();
+        assert!(!upstream.propagate_trace);
     }
 }

@@ -666,3 +666,228 @@ async fn unanswered_withdrawals_are_reversed_and_stood_in_once() {
     // two lost answers are below the breaker's minimum volume: still closed
     assert_eq!(acquirer.metric(CIRCUIT).await, Some(0.0));
 }
+
+/// `GET /v1/maintenance` of `node`.
+async fn maintenance(node: &Node) -> Value {
+    node.admin.get("/v1/maintenance").await.unwrap()
+}
+
+/// Hibernation (SAF-aware maintenance) on a real acquirer process: a withdrawal in flight when
+/// it starts is answered, the ATM's session is closed, new connections are refused and
+/// readiness is false; with the issuer down the drain times out and says what is left; once the
+/// issuer is back the in-process drainer delivers the backlog and the pod is drained; resuming
+/// serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hibernation_finishes_in_flight_work_and_waits_for_the_saf_backlog() {
+    let root = tempfile::tempdir().unwrap();
+    let db = |name: &str| format!("sqlite://{}", root.path().join(name).display());
+    let (mut issuer, tmk) = start_issuer(root.path(), &db("issuer.db")).await;
+    let lossy = LossyLink::start(issuer.iso.clone()).await;
+    let extra = format!(
+        "{ACQUIRER_ROUTING}{}{FAST_SAF}",
+        upstream_config(&lossy.addr, &tmk)
+    );
+    let mut acquirer = Node::new(root.path(), "acquirer", &db("acquirer.db"), &extra);
+    acquirer.start().await;
+    seed_stand_in(&acquirer, 500_000).await;
+    wait_link_up(&acquirer).await;
+    let mut atm = atm(&acquirer, "ATM00001").await;
+    assert_eq!(withdraw(&mut atm, 10_000).await, "00");
+    let serving = maintenance(&acquirer).await;
+    assert_eq!(serving["state"], "serving", "{serving}");
+    assert_eq!(serving["acceptingConnections"], true, "{serving}");
+
+    // a withdrawal whose issuer answer is lost is in flight (the link times out after 2 s)
+    lossy.lose_answers.store(true, Ordering::SeqCst);
+    let in_flight = tokio::spawn(async move {
+        let code = withdraw(&mut atm, 3_000).await;
+        (atm, code)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = acquirer
+        .admin
+        .post(
+            "/v1/maintenance/hibernate",
+            &json!({"drainTimeoutSeconds": 4}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(started["state"], "draining", "{started}");
+    // the issuer goes away: the advices of the unanswered withdrawal cannot be delivered
+    issuer.kill();
+    lossy.lose_answers.store(false, Ordering::SeqCst);
+
+    let (mut atm, code) = in_flight.await.unwrap();
+    assert_eq!(
+        code, "00",
+        "the in-flight withdrawal is answered (stood in)"
+    );
+    // then its connection is closed: the next request gets no answer
+    assert!(
+        atm.network("301").await.is_err(),
+        "the ATM's session must be closed"
+    );
+    let ready = format!("{}/readyz", acquirer.metrics);
+    assert_eq!(reqwest::get(&ready).await.unwrap().status(), 503);
+    eventually("new ISO 8583 connections to be refused", 10, || async {
+        tokio::net::TcpStream::connect(&acquirer.iso)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+
+    let timed_out = eventually("the drain to time out", 20, || async {
+        let m = maintenance(&acquirer).await;
+        (m["state"] == "timedOut").then_some(m)
+    })
+    .await;
+    assert_eq!(timed_out["acceptingConnections"], false, "{timed_out}");
+    assert_eq!(timed_out["inFlight"], 0, "{timed_out}");
+    assert_eq!(timed_out["signedOn"], 0, "{timed_out}");
+    assert!(
+        timed_out["safBacklog"].as_u64().unwrap() >= 1,
+        "{timed_out}"
+    );
+    assert!(
+        timed_out["message"]
+            .as_str()
+            .unwrap()
+            .contains("SAF advice"),
+        "{timed_out}"
+    );
+    // a repeat changes nothing: the first deadline stands
+    let again = acquirer
+        .admin
+        .post(
+            "/v1/maintenance/hibernate",
+            &json!({"drainTimeoutSeconds": 600}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again["drainDeadline"], timed_out["drainDeadline"]);
+    assert_eq!(again["state"], "timedOut", "{again}");
+
+    // the issuer is back: the drainer (still running) delivers, and the pod is drained
+    issuer.start().await;
+    let drained = eventually("the pod to be drained", 60, || async {
+        let m = maintenance(&acquirer).await;
+        (m["state"] == "drained").then_some(m)
+    })
+    .await;
+    assert_eq!(drained["safBacklog"], 0, "{drained}");
+    assert_eq!(backlog(&acquirer.saf_stats().await), 0);
+
+    // resume: ready again, and a terminal signs on and transacts
+    acquirer
+        .admin
+        .post("/v1/maintenance/resume", &json!({}))
+        .await
+        .unwrap();
+    eventually("the pod to serve again", 20, || async {
+        let m = maintenance(&acquirer).await;
+        let ready = reqwest::get(&ready).await.ok()?.status().is_success();
+        (m["state"] == "serving" && ready).then_some(())
+    })
+    .await;
+    let mut atm = self::atm(&acquirer, "ATM00002").await;
+    assert_eq!(withdraw(&mut atm, 1_000).await, "00");
+    // requests and resumes are audited
+    let audit = acquirer.admin.get("/v1/audit").await.unwrap().to_string();
+    assert!(audit.contains("maintenance.hibernate"), "{audit}");
+    assert!(audit.contains("maintenance.resume"), "{audit}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hibernation_request_out_of_range_is_refused_and_changes_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", root.path().join("s.db").display());
+    let mut node = Node::new(root.path(), "switch", &db, "");
+    node.start().await;
+    for body in [
+        json!({"drainTimeoutSeconds": 0}),
+        json!({"drainTimeoutSeconds": 86_401}),
+        json!({"drainTimeoutSeconds": 5, "now": true}),
+        json!({}),
+    ] {
+        let err = node
+            .admin
+            .post("/v1/maintenance/hibernate", &body)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("400"), "{body}: {err}");
+    }
+    let m = maintenance(&node).await;
+    assert_eq!(m["state"], "serving", "{m}");
+    let ready = reqwest::get(format!("{}/readyz", node.metrics))
+        .await
+        .unwrap();
+    assert!(ready.status().is_success());
+}
+
+/// PostgreSQL mode: the switch runs no drainer of its own, so a hibernating switch with a SAF
+/// backlog times out until a `drain` process (another pod in Kubernetes) delivers it; then the
+/// switch reports drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hibernation_on_postgres_is_drained_by_the_drainer_processes() {
+    let Some(acq_db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let issuer_db = format!("sqlite://{}", root.path().join("issuer.db").display());
+    let (mut issuer, tmk) = start_issuer(root.path(), &issuer_db).await;
+    issuer.kill();
+    let extra = format!(
+        "{ACQUIRER_ROUTING}{}{FAST_SAF}",
+        upstream_config(&issuer.iso, &tmk)
+    );
+    let mut acquirer = Node::new(root.path(), "acquirer", &acq_db.url, &extra);
+    acquirer.start().await;
+    seed_stand_in(&acquirer, 1_000_000).await;
+    let mut atm = atm(&acquirer, "ATM00001").await;
+    for _ in 0..3 {
+        assert_eq!(withdraw(&mut atm, 1_000).await, "00", "stand-in");
+    }
+    assert_eq!(backlog(&acquirer.saf_stats().await), 3);
+
+    let started = acquirer
+        .admin
+        .post(
+            "/v1/maintenance/hibernate",
+            &json!({"drainTimeoutSeconds": 2}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(started["state"], "draining", "{started}");
+    let timed_out = eventually("the drain to time out", 20, || async {
+        let m = maintenance(&acquirer).await;
+        (m["state"] == "timedOut").then_some(m)
+    })
+    .await;
+    assert_eq!(timed_out["safBacklog"], 3, "{timed_out}");
+    assert_eq!(timed_out["signedOn"], 0, "{timed_out}");
+
+    // the issuer and a drainer process come: the backlog is delivered, the switch is drained
+    issuer.start().await;
+    let mut drainer = acquirer.spawn(
+        &["drain"],
+        &[(
+            "SWITCHYARD_METRICS__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )],
+        "drain.log",
+    );
+    let drained = eventually("the switch to be drained", 60, || async {
+        let m = maintenance(&acquirer).await;
+        (m["state"] == "drained").then_some(m)
+    })
+    .await;
+    assert_eq!(drained["safBacklog"], 0, "{drained}");
+    assert_eq!(issuer.balance("ISS-1").await, ISSUER_START - 3_000);
+    let _ = drainer.kill();
+    let _ = drainer.wait();
+    drop(acquirer);
+    drop(issuer);
+    acq_db.cleanup().await;
+}

@@ -1,4 +1,4 @@
-//! The switch accepts exactly the configuration the operator renders: both ConfigMap snapshots of
+//! The switch accepts exactly the configuration the operator renders: the ConfigMap snapshots of
 //! `operator/tests/snapshots` load into `Settings` (which refuses unknown keys), so a key added on
 //! one side without the other fails here rather than as a crash-looping pod.
 
@@ -55,4 +55,38 @@ fn postgres_mode_config_loads_with_routing_and_upstreams() {
     assert_eq!(s.routing.routes[0].upstream, "issuer-b");
     assert_eq!(s.upstreams[0].station_id, "ACQ001");
     assert!(s.upstreams[0].stand_in.enabled);
+    // BankSwitch spec.telemetry and routing.upstreams[].propagateTrace (README "Traces and logs")
+    assert!(s.upstreams[0].propagate_trace);
+    let export = s
+        .telemetry
+        .resolve(|_| None)
+        .unwrap()
+        .expect("an OTLP endpoint");
+    assert_eq!(export.endpoint, "http://otel-collector.monitoring:4318");
+    assert_eq!(export.sample_ratio, 0.1);
+}
+
+#[test]
+fn embedded_mode_without_telemetry_exports_nothing() {
+    let s = load("render_snapshots__embedded-minimal__ConfigMap__config.snap");
+    assert_eq!(s.telemetry.resolve(|_| None).unwrap(), None);
+    assert!(s.upstreams.iter().all(|u| !u.propagate_trace));
+}
+
+#[test]
+fn embedded_mode_with_backups_config_loads_and_plans_the_backups() {
+    let s = load("render_snapshots__embedded-backup__ConfigMap__config.snap");
+    assert_eq!(s.backup.schedule.as_deref(), Some("0 * * * *"));
+    assert_eq!(
+        s.backup.dir,
+        std::path::PathBuf::from("/var/lib/switchyard-backups")
+    );
+    assert_eq!(s.backup.retain, 24);
+    // what `serve` checks at start: the schedule parses and the store is embedded SQLite
+    let plan = switchyard_switch::backup::schedule::BackupPlan::from_settings(
+        &s,
+        switchyard_switch::store::Backend::Sqlite,
+    )
+    .expect("a valid [backup]");
+    assert!(plan.is_some());
 }

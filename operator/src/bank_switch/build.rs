@@ -45,6 +45,8 @@ pub const CONFIG_PATH: &str = "/etc/switchyard/config/switch.toml";
 pub const SECRETS_DIR: &str = "/etc/switchyard/secrets";
 /// Embedded-SQLite data directory (the PVC mount).
 pub const DATA_DIR: &str = "/var/lib/switchyard";
+/// Mount path of the `<name>-backup` PVC (`spec.backup`): the switch's `[backup] dir`.
+pub const BACKUP_DIR: &str = "/var/lib/switchyard-backups";
 /// Admin API container port.
 pub const ADMIN_PORT: i32 = 8080;
 /// Metrics and probes container port.
@@ -68,6 +70,8 @@ pub mod component {
     pub const ADMIN: &str = "admin";
     /// The embedded-SQLite PVC.
     pub const DATA: &str = "data";
+    /// The backup PVC (`spec.backup`).
+    pub const BACKUP: &str = "backup";
     /// ServiceMonitor and PrometheusRule.
     pub const MONITORING: &str = "monitoring";
 }
@@ -106,6 +110,8 @@ pub struct DesiredObjects {
     pub drainer_deployment: Option<Deployment>,
     /// `<name>-data` PVC (embedded-SQLite mode).
     pub data_pvc: Option<PersistentVolumeClaim>,
+    /// `<name>-backup` PVC (embedded-SQLite mode with `spec.backup`).
+    pub backup_pvc: Option<PersistentVolumeClaim>,
     /// ServiceMonitor (opt-in and API served).
     pub service_monitor: Option<DynamicObject>,
     /// PrometheusRule (opt-in and API served).
@@ -133,6 +139,7 @@ impl DesiredObjects {
         }
         push(&mut out, Some(&self.config_map))?;
         push(&mut out, self.data_pvc.as_ref())?;
+        push(&mut out, self.backup_pvc.as_ref())?;
         push(&mut out, Some(&self.iso_service))?;
         push(&mut out, Some(&self.admin_service))?;
         push(&mut out, self.migration_job.as_ref())?;
@@ -196,6 +203,10 @@ pub mod names {
     pub fn data(name: &str) -> String {
         format!("{name}-data")
     }
+    /// Backup PVC (`spec.backup`).
+    pub fn backup(name: &str) -> String {
+        format!("{name}-backup")
+    }
     /// PodDisruptionBudget, ServiceMonitor and PrometheusRule share the BankSwitch name.
     pub fn monitoring(name: &str) -> String {
         name.to_owned()
@@ -224,6 +235,7 @@ pub fn build_all(
         drainer_deployment: (postgres && bs.spec.store_and_forward.drainers.max_replicas > 0)
             .then(|| build_drainer_deployment(bs, &config_hash, inputs.drainer_replicas)),
         data_pvc: (!postgres).then(|| build_data_pvc(bs)),
+        backup_pvc: build_backup_pvc(bs),
         service_monitor: (monitoring.service_monitor.enabled && inputs.monitoring_api_served)
             .then(|| build_service_monitor(bs)),
         prometheus_rule: if monitoring.prometheus_rule.enabled && inputs.monitoring_api_served {
@@ -283,6 +295,24 @@ struct SwitchConfig {
     routing: RoutingSection,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     upstreams: Vec<UpstreamSection>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backup: Option<BackupSection>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    telemetry: Option<TelemetrySection>,
+}
+
+#[derive(Serialize)]
+struct TelemetrySection {
+    otlp_endpoint: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sample_ratio: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct BackupSection {
+    schedule: String,
+    dir: String,
+    retain: i32,
 }
 
 #[derive(Serialize)]
@@ -352,6 +382,8 @@ struct UpstreamSection {
     tmk_file: String,
     heartbeat_interval: String,
     timeout: String,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    propagate_trace: bool,
     circuit_breaker: CircuitBreakerSection,
     stand_in: StandInSection,
 }
@@ -382,9 +414,9 @@ struct SecretFile {
 fn secret_files(bs: &ValidatedBankSwitch) -> Vec<SecretFile> {
     let spec = &bs.spec;
     let mut files = Vec::new();
-    if let Some(db) = &spec.database {
+    if let Some((_, source)) = spec.database.as_ref().and_then(|db| db.url_secret()) {
         files.push(SecretFile {
-            source: db.url_secret_ref.clone(),
+            source,
             path: "database/url".into(),
         });
     }
@@ -495,6 +527,7 @@ pub fn build_switch_config(bs: &ValidatedBankSwitch) -> Result<String, BuildErro
                 tmk_file: file_for(&format!("upstreams/{}/tmk", u.name)),
                 heartbeat_interval: duration_text(&u.heartbeat_interval),
                 timeout: duration_text(&u.timeout),
+                propagate_trace: u.propagate_trace,
                 circuit_breaker: CircuitBreakerSection {
                     failure_rate: u.circuit_breaker.failure_rate,
                     min_volume: u.circuit_breaker.min_volume,
@@ -507,6 +540,15 @@ pub fn build_switch_config(bs: &ValidatedBankSwitch) -> Result<String, BuildErro
                 },
             })
             .collect(),
+        backup: backup_spec(bs).map(|b| BackupSection {
+            schedule: b.schedule.clone(),
+            dir: BACKUP_DIR.into(),
+            retain: b.retain,
+        }),
+        telemetry: spec.telemetry.as_ref().map(|t| TelemetrySection {
+            otlp_endpoint: t.otlp_endpoint.clone(),
+            sample_ratio: t.sample_ratio,
+        }),
     };
     let body = toml::to_string(&config).map_err(|source| BuildError::ConfigToml {
         name: bs.name.clone(),
@@ -598,6 +640,16 @@ fn volumes(bs: &ValidatedBankSwitch) -> Vec<Volume> {
             ..Volume::default()
         });
     }
+    if backup_spec(bs).is_some() {
+        volumes.push(Volume {
+            name: "backup".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: names::backup(&bs.name),
+                read_only: None,
+            }),
+            ..Volume::default()
+        });
+    }
     volumes
 }
 
@@ -615,6 +667,9 @@ fn volume_mounts(bs: &ValidatedBankSwitch) -> Vec<VolumeMount> {
     ];
     if bs.storage_mode == StorageMode::EmbeddedSqlite {
         mounts.push(mount("data", DATA_DIR, false));
+    }
+    if backup_spec(bs).is_some() {
+        mounts.push(mount("backup", BACKUP_DIR, false));
     }
     mounts
 }
@@ -985,6 +1040,37 @@ pub fn build_data_pvc(bs: &ValidatedBankSwitch) -> PersistentVolumeClaim {
         }),
         status: None,
     }
+}
+
+/// `spec.backup` when it applies: embedded SQLite only (validation refuses it with
+/// `spec.database`; this keeps the builders from mounting a volume nothing writes to anyway).
+fn backup_spec(bs: &ValidatedBankSwitch) -> Option<&crate::crd::bank_switch::BackupSpec> {
+    bs.spec
+        .backup
+        .as_ref()
+        .filter(|_| bs.storage_mode == StorageMode::EmbeddedSqlite)
+}
+
+/// `<name>-backup`: the volume scheduled backups are written to. No owner reference, unlike
+/// every other object: deleting the BankSwitch (or its data volume) must not take the backups
+/// with it, they are what a restore starts from.
+pub fn build_backup_pvc(bs: &ValidatedBankSwitch) -> Option<PersistentVolumeClaim> {
+    let volume = &backup_spec(bs)?.volume;
+    let mut metadata = metadata(bs, names::backup(&bs.name), component::BACKUP);
+    metadata.owner_references = None;
+    Some(PersistentVolumeClaim {
+        metadata,
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: volume.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".into(), volume.size.clone())])),
+                limits: None,
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        status: None,
+    })
 }
 
 /// The `monitoring.coreos.com/v1` resource for a kind (ServiceMonitor, PrometheusRule).

@@ -3,6 +3,7 @@
 pub mod apply;
 pub mod build;
 pub mod dereference;
+pub mod hibernation;
 pub mod scaling;
 pub mod secrets;
 pub mod security;
@@ -32,10 +33,11 @@ use tracing::Instrument;
 use self::apply::{Applier, ApplyError, is_ours};
 use self::build::{BuildInputs, MANAGED_BY, component, monitoring_api_resource, names};
 use self::dereference::{MonitoringApis, SafStatsSource, discover_monitoring};
+use self::hibernation::{MaintenanceSource, Step};
 use self::scaling::{SafObservation, ScalingHistory, ScalingPolicy};
 use self::status::{MigrationState, MonitoringState, Observed};
 use self::validate::{StorageMode, ValidatedBankSwitch};
-use crate::crd::bank_switch::{BankSwitch, BankSwitchStatus, DrainerAutoscaler};
+use crate::crd::bank_switch::{BankSwitch, BankSwitchStatus, DrainerAutoscaler, HibernationPhase};
 use crate::crd::condition::{self, ConditionStatus, DATABASE_MIGRATED, DEGRADED, READY};
 use crate::events::error_chain;
 use crate::metrics::Metrics;
@@ -92,6 +94,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Where SAF figures come from.
     pub saf: Arc<dyn SafStatsSource>,
+    /// How switch pods are asked to hibernate (`None`: no admin client, every ask fails).
+    maintenance: Option<Arc<dyn MaintenanceSource>>,
     /// Drainer scaling memory per `namespace/name`.
     scaling: Mutex<HashMap<String, ScalingHistory>>,
     /// Consecutive failures per `namespace/name`.
@@ -130,6 +134,7 @@ impl Context {
             client,
             metrics,
             saf,
+            maintenance: None,
             scaling: Mutex::default(),
             failures: Mutex::default(),
             monitoring: Mutex::default(),
@@ -143,6 +148,13 @@ impl Context {
     #[must_use]
     pub fn with_operator_namespace(mut self, namespace: impl Into<String>) -> Self {
         self.operator_namespace = namespace.into();
+        self
+    }
+
+    /// Asks switch pods to hibernate and resume through `source` (`spec.hibernation`).
+    #[must_use]
+    pub fn with_maintenance(mut self, source: Arc<dyn MaintenanceSource>) -> Self {
+        self.maintenance = Some(source);
         self
     }
 
@@ -297,8 +309,10 @@ async fn publish_transitions(
         }
         // Degraded carries MigrationFailed/InvalidSpec/RolloutStuck, so one Warning per problem.
         let bad = (c.type_ == DEGRADED && c.status == ConditionStatus::True)
-            || c.reason == "MonitoringApiNotServed";
+            || c.reason == "MonitoringApiNotServed"
+            || c.reason == hibernation::DRAIN_TIMED_OUT;
         let interesting = bad
+            || c.type_ == hibernation::HIBERNATED
             || (c.type_ == READY && c.status == ConditionStatus::True)
             || (c.type_ == DATABASE_MIGRATED && c.reason == "MigrationSucceeded");
         if interesting {
@@ -381,10 +395,22 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
         })?;
     let drainers_managed = validated.storage_mode == StorageMode::Postgres
         && validated.spec.store_and_forward.drainers.max_replicas > 0;
+    let hibernation = hibernation_step(ctx, bs, &validated, observed_switch.as_ref()).await?;
     let mut saf = None;
     let mut drainer_replicas = validated.spec.store_and_forward.drainers.min_replicas;
+    if drainers_managed && hibernation.scaled_to_zero() {
+        // the scaler must not bring drainers back while hibernated
+        drainer_replicas = 0;
+        saf = Some((
+            None,
+            scaling::ScalingDecision {
+                replicas: 0,
+                reason: scaling::ScalingReason::Hibernated,
+            },
+        ));
+    }
     // Paused: no scaling either, so status never shows a replica count that was not applied.
-    if drainers_managed && !validated.spec.paused {
+    if drainers_managed && !validated.spec.paused && !hibernation.scaled_to_zero() {
         let observed_drainer =
             deployments
                 .get_opt(&names::drainer(&name))
@@ -415,8 +441,8 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
             match ctx.saf.fetch(&ctx.client, &validated).await {
                 Ok(stats) => (
                     SafObservation::Stats {
-                        backlog: stats.backlog,
-                        in_flight: stats.in_flight,
+                        backlog: i64::try_from(stats.backlog).unwrap_or(i64::MAX),
+                        in_flight: i64::try_from(stats.in_flight).unwrap_or(i64::MAX),
                     },
                     Some(stats),
                 ),
@@ -456,7 +482,7 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
     }
 
     // build (pure)
-    let desired = build::build_all(
+    let mut desired = build::build_all(
         &validated,
         BuildInputs {
             drainer_replicas,
@@ -464,6 +490,11 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
             operator_namespace: ctx.operator_namespace.clone(),
         },
     )?;
+    match &hibernation {
+        Step::Hibernated { .. } => hibernation::scale_to_zero(&mut desired),
+        Step::Waking { previous } => hibernation::restore_drainers(&mut desired, previous),
+        Step::Awake | Step::Draining(_) => {}
+    }
 
     let paused = validated.spec.paused;
     let migration;
@@ -501,6 +532,11 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
             .apply(&applier.api::<ConfigMap>(), &(), &desired.config_map)
             .await?;
         if let Some(pvc) = &desired.data_pvc {
+            applier
+                .apply(&applier.api::<PersistentVolumeClaim>(), &(), pvc)
+                .await?;
+        }
+        if let Some(pvc) = &desired.backup_pvc {
             applier
                 .apply(&applier.api::<PersistentVolumeClaim>(), &(), pvc)
                 .await?;
@@ -633,6 +669,7 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
         saf,
         migrated_image: bs.status.as_ref().and_then(|s| s.migrated_image.clone()),
         crash,
+        hibernation: hibernation.clone(),
     };
     let next = status::compute_status(bs.status.as_ref(), &observed, &now);
     publish_transitions(ctx, bs, bs.status.as_ref(), &next).await;
@@ -643,7 +680,105 @@ async fn reconcile_inner(bs: &BankSwitch, ctx: &Context) -> Result<Action, Recon
             source,
         })?;
 
+    if matches!(hibernation, Step::Draining(_)) && !validated.spec.paused {
+        return Ok(Action::requeue(hibernation::DRAIN_POLL));
+    }
     Ok(next_action(&validated, &migration))
+}
+
+/// Where `spec.hibernation` stands: while draining, every switch pod is asked to hibernate (or
+/// says how far it got); a drain called off mid-way is resumed on the pods. Paused: the
+/// recorded state, no calls.
+async fn hibernation_step(
+    ctx: &Context,
+    bs: &BankSwitch,
+    validated: &ValidatedBankSwitch,
+    observed_switch: Option<&Deployment>,
+) -> Result<Step, ReconcileError> {
+    let previous = bs.status.as_ref().and_then(|s| s.hibernation.as_ref());
+    if validated.spec.paused {
+        return Ok(hibernation::carried(previous));
+    }
+    let enabled = validated.spec.hibernation.enabled;
+    let timeout = validated.durations.hibernation_drain_timeout;
+    let draining = previous.is_none_or(|p| p.phase == HibernationPhase::Draining);
+    let asks_pods = (enabled && draining)
+        || (!enabled && previous.is_some_and(|p| p.phase == HibernationPhase::Draining));
+    let pods = if asks_pods {
+        hibernation::switch_pods(&ctx.client, validated)
+            .await
+            .map_err(|source| ApplyError::Get {
+                kind: "Pod".into(),
+                name: status::pod_selector(validated),
+                source,
+            })?
+    } else {
+        Vec::new()
+    };
+    let now = Timestamp::now();
+    let reports = if enabled && draining {
+        let remaining = hibernation::remaining(previous, timeout, now);
+        match &ctx.maintenance {
+            Some(source) => {
+                hibernation::observe(source.as_ref(), &ctx.client, validated, &pods, remaining)
+                    .await
+            }
+            None => pods
+                .iter()
+                .map(|p| hibernation::PodReport {
+                    pod: p.name.clone(),
+                    result: Err("the operator has no switch admin client".into()),
+                })
+                .collect(),
+        }
+    } else {
+        Vec::new()
+    };
+    let observed = hibernation::ObservedReplicas {
+        switch: observed_switch
+            .and_then(|d| d.spec.as_ref())
+            .and_then(|s| s.replicas)
+            .unwrap_or(validated.spec.replicas),
+        drainers: if previous.is_none() && enabled {
+            observed_drainer_replicas(ctx, validated).await?
+        } else {
+            0
+        },
+    };
+    let step = hibernation::decide(enabled, timeout, previous, &reports, observed, now);
+    if !enabled
+        && asks_pods
+        && let Some(source) = &ctx.maintenance
+    {
+        // called off mid-drain: the pods serve again (they are still there)
+        for pod in pods.iter().filter(|p| p.ip.is_some()) {
+            if let Err(e) = source.resume(&ctx.client, validated, pod).await {
+                tracing::warn!(pod = %pod.name, error = %error_chain(&e), "failed to resume a hibernating switch pod; restart it to serve again");
+            }
+        }
+    }
+    Ok(step)
+}
+
+/// The drainer Deployment's `spec.replicas` now (0 without one).
+async fn observed_drainer_replicas(
+    ctx: &Context,
+    validated: &ValidatedBankSwitch,
+) -> Result<i32, ReconcileError> {
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &validated.namespace);
+    let name = names::drainer(&validated.name);
+    let drainer = deployments
+        .get_opt(&name)
+        .await
+        .map_err(|source| ApplyError::Get {
+            kind: "Deployment".into(),
+            name,
+            source,
+        })?;
+    Ok(drainer
+        .and_then(|d| d.spec)
+        .and_then(|s| s.replicas)
+        .unwrap_or(0))
 }
 
 /// Secrets are not watched (the operator may only `get` them), so a BankSwitch waiting for one

@@ -55,6 +55,8 @@ pub enum ScalingReason {
     SwitchUnreachable(String),
     /// `drainers.autoscaler: external`: KEDA or an HPA sets the count; the operator only reads it.
     External,
+    /// `spec.hibernation`: the drainers are at zero until the hibernation ends.
+    Hibernated,
 }
 
 impl std::fmt::Display for ScalingReason {
@@ -74,6 +76,9 @@ impl std::fmt::Display for ScalingReason {
             Self::External => f.write_str(
                 "drainers.autoscaler is external: replicas are set by KEDA or an HPA, not the operator",
             ),
+            Self::Hibernated => {
+                f.write_str("hibernated (spec.hibernation): no drainers until it ends")
+            }
         }
     }
 }

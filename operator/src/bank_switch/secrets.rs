@@ -173,11 +173,8 @@ pub const ISSUED_TLS_FIELD: &str = "spec.tls.issuerRef";
 /// (the one named, or `<name>-tls` that cert-manager issues).
 pub fn referenced_secret_keys(name: &str, spec: &BankSwitchSpec) -> Vec<(String, SecretKeyRef)> {
     let mut refs = Vec::new();
-    if let Some(db) = &spec.database {
-        refs.push((
-            "spec.database.urlSecretRef".into(),
-            db.url_secret_ref.clone(),
-        ));
+    if let Some((field, secret)) = spec.database.as_ref().and_then(|db| db.url_secret()) {
+        refs.push((field.into(), secret));
     }
     refs.push((
         "spec.keys.lmkSecretRef".into(),

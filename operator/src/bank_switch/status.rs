@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::build::{ADMIN_PORT, FIELD_MANAGER, METRICS_PORT, component, names, selector_labels};
 use super::dereference::SafStats;
+use super::hibernation::{self, Step};
 use super::scaling::ScalingDecision;
 use super::validate::{StorageMode, ValidatedBankSwitch};
 use crate::crd::bank_switch::{
@@ -109,6 +110,8 @@ pub struct Observed<'a> {
     pub migrated_image: Option<String>,
     /// A switch container that keeps failing, from [`crash_report`].
     pub crash: Option<String>,
+    /// Where `spec.hibernation` stands this reconcile.
+    pub hibernation: Step,
 }
 
 /// Computes the next status; conditions keep their transition time when unchanged.
@@ -134,7 +137,9 @@ pub fn compute_status(
                 c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
             })
         });
-    let wanted = if bs.storage_mode == StorageMode::EmbeddedSqlite {
+    let wanted = if observed.hibernation.scaled_to_zero() {
+        0
+    } else if bs.storage_mode == StorageMode::EmbeddedSqlite {
         spec.replicas.min(1)
     } else {
         spec.replicas
@@ -242,14 +247,33 @@ pub fn compute_status(
         )
     };
 
-    let all_ready = ready >= wanted && wanted > 0 && degraded.status == ConditionStatus::False;
+    let all_ready = ready >= wanted
+        && wanted > 0
+        && degraded.status == ConditionStatus::False
+        && matches!(observed.hibernation, Step::Awake | Step::Waking { .. });
     let mut ready_message = format!("{ready}/{wanted} switch pods ready");
     if bs.storage_mode == StorageMode::EmbeddedSqlite {
         ready_message.push_str("; embedded SQLite mode, not for production (set spec.database)");
     }
     // Ready comes first and its reason is the `Status` printer column: when something is
     // degraded, say what (MigrationFailed, RolloutStuck, …) rather than only "not ready".
-    let ready_reason = if all_ready {
+    // hibernation says why no pod is ready, unless something is broken besides
+    let hibernating_reason = match &observed.hibernation {
+        Step::Draining(h) => {
+            ready_message = format!("{ready_message}; hibernating: {}", h.message);
+            Some(hibernation::HIBERNATING)
+        }
+        Step::Hibernated { status, .. } => {
+            ready_message = format!("hibernated (spec.hibernation): {}", status.message);
+            Some("Hibernated")
+        }
+        Step::Awake | Step::Waking { .. } => None,
+    };
+    let ready_reason = if let Some(reason) = hibernating_reason
+        && degraded.status == ConditionStatus::False
+    {
+        reason.to_owned()
+    } else if all_ready {
         "AllReplicasReady".to_owned()
     } else if degraded.status == ConditionStatus::True {
         degraded.reason.clone()
@@ -258,31 +282,45 @@ pub fn compute_status(
     };
     let ready_cond = DesiredCondition::new(READY, all_ready, ready_reason, ready_message);
 
-    let conditions = merge_conditions(
-        previous
-            .map(|p| p.conditions.as_slice())
-            .unwrap_or_default(),
-        vec![ready_cond, progressing, degraded, migrated, monitoring],
-        bs.generation,
-        now,
-    );
+    let previous_conditions = previous
+        .map(|p| p.conditions.as_slice())
+        .unwrap_or_default();
+    let mut desired = vec![ready_cond, progressing, degraded, migrated, monitoring];
+    if let Some(c) = hibernated_condition(
+        &observed.hibernation,
+        condition::find(previous_conditions, hibernation::HIBERNATED),
+        spec.replicas,
+    ) {
+        desired.push(c);
+    }
+    let conditions = merge_conditions(previous_conditions, desired, bs.generation, now);
 
     let store_and_forward = observed.saf.as_ref().map(|(stats, decision)| {
         // Keep the last known figures when the switch did not answer.
         let last = previous
             .and_then(|p| p.store_and_forward.clone())
             .unwrap_or_default();
-        let stats = stats.clone().unwrap_or(SafStats {
-            backlog: last.backlog,
-            in_flight: last.in_flight,
-            oldest_age_seconds: last.oldest_age_seconds,
-            dead_letters: last.dead_letters,
-        });
+        // the switch counts in u64; status (and kubectl's integer columns) in i64
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let (backlog, in_flight, oldest_age_seconds, dead_letters) = match stats {
+            Some(s) => (
+                count(s.backlog),
+                count(s.in_flight),
+                count(s.oldest_age_seconds),
+                count(s.dead_letters),
+            ),
+            None => (
+                last.backlog,
+                last.in_flight,
+                last.oldest_age_seconds,
+                last.dead_letters,
+            ),
+        };
         StoreAndForwardStatus {
-            backlog: stats.backlog,
-            in_flight: stats.in_flight,
-            oldest_age_seconds: stats.oldest_age_seconds,
-            dead_letters: stats.dead_letters,
+            backlog,
+            in_flight,
+            oldest_age_seconds,
+            dead_letters,
             drainer_replicas: decision.replicas,
             scaling_reason: decision.reason.to_string(),
         }
@@ -304,7 +342,49 @@ pub fn compute_status(
         store_and_forward,
         migrated_image,
         retry: None,
+        hibernation: observed.hibernation.status(),
     }
+}
+
+/// `Hibernated`: present once a hibernation was ever asked for (then it stays, False with
+/// `Resumed` after the wake-up, so `kubectl get` shows the last one).
+fn hibernated_condition(
+    step: &Step,
+    previous: Option<&crate::crd::condition::Condition>,
+    spec_replicas: i32,
+) -> Option<DesiredCondition> {
+    Some(match step {
+        Step::Draining(h) => DesiredCondition::new(
+            hibernation::HIBERNATED,
+            false,
+            hibernation::HIBERNATING,
+            h.message.clone(),
+        ),
+        Step::Hibernated { status, reason } => DesiredCondition::new(
+            hibernation::HIBERNATED,
+            true,
+            *reason,
+            status.message.clone(),
+        ),
+        Step::Waking { previous } => DesiredCondition::new(
+            hibernation::HIBERNATED,
+            false,
+            hibernation::RESUMED,
+            format!(
+                "hibernation ended: {spec_replicas} switch replica(s) (spec.replicas; {} before) and {} drainer(s) restored",
+                previous.previous_replicas, previous.previous_drainer_replicas
+            ),
+        ),
+        Step::Awake => {
+            let old = previous?;
+            DesiredCondition::new(
+                hibernation::HIBERNATED,
+                old.status,
+                old.reason.clone(),
+                old.message.clone(),
+            )
+        }
+    })
 }
 
 /// Longest termination message quoted in a condition.
@@ -541,6 +621,7 @@ mod tests {
             saf: None,
             migrated_image: None,
             crash: None,
+            hibernation: Step::Awake,
         };
         let s = compute_status(None, &observed, &now());
         assert_eq!(cond(&s, READY).status, ConditionStatus::True);
@@ -563,6 +644,7 @@ mod tests {
             saf: None,
             migrated_image: None,
             crash: None,
+            hibernation: Step::Awake,
         };
         let s = compute_status(None, &observed, &now());
         assert_eq!(cond(&s, DEGRADED).reason, "RolloutStuck");
@@ -594,6 +676,7 @@ mod tests {
             saf: Some((None, decision)),
             migrated_image: None,
             crash: None,
+            hibernation: Step::Awake,
         };
         let s = compute_status(Some(&previous), &observed, &now());
         let saf = s.store_and_forward.expect("saf");

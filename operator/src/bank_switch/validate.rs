@@ -65,6 +65,8 @@ pub struct ParsedDurations {
     pub drainer_poll_interval: Duration,
     /// `spec.storeAndForward.drainers.cooldown`.
     pub drainer_cooldown: Duration,
+    /// `spec.hibernation.drainTimeout`.
+    pub hibernation_drain_timeout: Duration,
 }
 
 /// A spec that passed validation, with the identity the builders need.
@@ -188,6 +190,42 @@ pub fn validate(bs: &BankSwitch) -> Result<ValidatedBankSwitch, ValidationError>
         );
     }
 
+    if let Some(db) = &spec.database
+        && db.url_secret_ref.is_some() == db.cnpg.is_some()
+    {
+        problem(
+            "spec.database",
+            "set exactly one of urlSecretRef (a postgres:// URL in a Secret) or cnpg.clusterRef (a CloudNativePG Cluster)"
+                .into(),
+        );
+    }
+    if let Some(backup) = &spec.backup {
+        if spec.database.is_some() {
+            problem(
+                "spec.backup",
+                "scheduled backups are for the embedded SQLite store only; with spec.database back up the database itself (CloudNativePG: spec.backup of the Cluster, continuous WAL archiving and point-in-time recovery)"
+                    .into(),
+            );
+        }
+        if let Err(reason) = croner::parser::CronParser::builder()
+            .seconds(croner::parser::Seconds::Disallowed)
+            .year(croner::parser::Year::Disallowed)
+            .build()
+            .parse(&backup.schedule)
+        {
+            problem(
+                "spec.backup.schedule",
+                format!(
+                    "`{}` is not a five-field cron expression (UTC: minute hour day-of-month month day-of-week, e.g. \"0 * * * *\"): {reason}",
+                    backup.schedule
+                ),
+            );
+        }
+        if backup.retain < 1 {
+            problem("spec.backup.retain", "must be at least 1".into());
+        }
+    }
+
     let mut durations = Vec::new();
     let mut check_duration = |field: &str, value: &str| match parse_duration(value) {
         Ok(d) => Some(d),
@@ -214,6 +252,10 @@ pub fn validate(bs: &BankSwitch) -> Result<ValidatedBankSwitch, ValidationError>
         "spec.storeAndForward.drainers.cooldown",
         &saf.drainers.cooldown,
     );
+    let drain_timeout = check_duration(
+        "spec.hibernation.drainTimeout",
+        &spec.hibernation.drain_timeout,
+    );
     check_duration(
         "spec.monitoring.serviceMonitor.interval",
         &spec.monitoring.service_monitor.interval,
@@ -238,6 +280,15 @@ pub fn validate(bs: &BankSwitch) -> Result<ValidatedBankSwitch, ValidationError>
             message,
         })
     };
+
+    if drain_timeout
+        .is_some_and(|d| d.as_secs() > switchyard_api::maintenance::MAX_DRAIN_TIMEOUT_SECONDS)
+    {
+        problem(
+            "spec.hibernation.drainTimeout",
+            "must be at most 24h (the switch refuses longer drains)".into(),
+        );
+    }
 
     if let (Some(initial), Some(max)) = (backoff_initial, backoff_max)
         && initial > max
@@ -373,7 +424,9 @@ pub fn validate(bs: &BankSwitch) -> Result<ValidatedBankSwitch, ValidationError>
     if !problems.is_empty() {
         return Err(ValidationError::InvalidSpec { problems });
     }
-    let (Some(drainer_poll_interval), Some(drainer_cooldown)) = (poll, cooldown) else {
+    let (Some(drainer_poll_interval), Some(drainer_cooldown), Some(hibernation_drain_timeout)) =
+        (poll, cooldown, drain_timeout)
+    else {
         // Unreachable in practice: a failed parse above pushed a problem and returned.
         return Err(ValidationError::InvalidSpec { problems: vec![] });
     };
@@ -391,6 +444,7 @@ pub fn validate(bs: &BankSwitch) -> Result<ValidatedBankSwitch, ValidationError>
         durations: ParsedDurations {
             drainer_poll_interval,
             drainer_cooldown,
+            hibernation_drain_timeout,
         },
     })
 }
@@ -436,14 +490,86 @@ spec:
         assert!(err.to_string().contains("spec.replicas"), "{err}");
         assert!(err.to_string().contains("spec.database"), "{err}");
         bs.spec.database = Some(DatabaseSpec {
-            url_secret_ref: SecretKeyRef {
+            url_secret_ref: Some(SecretKeyRef {
                 name: "db".into(),
                 key: "url".into(),
-            },
+            }),
+            cnpg: None,
         });
         assert_eq!(
             validate(&bs).expect("valid").storage_mode,
             StorageMode::Postgres
+        );
+    }
+
+    fn cnpg(cluster: &str) -> Option<crate::crd::bank_switch::CnpgSpec> {
+        Some(crate::crd::bank_switch::CnpgSpec {
+            cluster_ref: crate::crd::bank_switch::CnpgClusterRef {
+                name: cluster.into(),
+            },
+        })
+    }
+
+    #[test]
+    fn the_database_is_a_url_secret_or_a_cnpg_cluster_not_both() {
+        let mut bs = minimal();
+        bs.spec.database = Some(DatabaseSpec {
+            url_secret_ref: None,
+            cnpg: cnpg("payments-db"),
+        });
+        let v = validate(&bs).expect("valid");
+        assert_eq!(v.storage_mode, StorageMode::Postgres);
+        let (field, secret) = v.spec.database.unwrap().url_secret().unwrap();
+        assert_eq!(field, "spec.database.cnpg.clusterRef");
+        assert_eq!(
+            (secret.name.as_str(), secret.key.as_str()),
+            ("payments-db-app", "uri")
+        );
+        for database in [
+            DatabaseSpec {
+                url_secret_ref: None,
+                cnpg: None,
+            },
+            DatabaseSpec {
+                url_secret_ref: Some(SecretKeyRef {
+                    name: "db".into(),
+                    key: "url".into(),
+                }),
+                cnpg: cnpg("payments-db"),
+            },
+        ] {
+            bs.spec.database = Some(database);
+            let Err(ValidationError::InvalidSpec { problems }) = validate(&bs) else {
+                panic!("expected InvalidSpec");
+            };
+            assert_eq!(problems[0].field, "spec.database");
+            assert!(problems[0].message.contains("exactly one"), "{problems:?}");
+        }
+    }
+
+    #[test]
+    fn backups_need_embedded_sqlite_and_a_cron_schedule() {
+        let mut bs = minimal();
+        bs.spec.backup = serde_yaml::from_str("{schedule: '0 * * * *'}").unwrap();
+        let v = validate(&bs).expect("valid");
+        assert_eq!(v.spec.backup.as_ref().map(|b| b.retain), Some(7));
+
+        bs.spec.backup = serde_yaml::from_str("{schedule: 'every hour', retain: 0}").unwrap();
+        bs.spec.database = Some(DatabaseSpec {
+            url_secret_ref: None,
+            cnpg: cnpg("payments-db"),
+        });
+        let Err(ValidationError::InvalidSpec { problems }) = validate(&bs) else {
+            panic!("expected InvalidSpec");
+        };
+        let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["spec.backup", "spec.backup.schedule", "spec.backup.retain"]
+        );
+        assert!(
+            problems[0].message.contains("CloudNativePG"),
+            "{problems:?}"
         );
     }
 

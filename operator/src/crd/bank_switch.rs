@@ -37,7 +37,7 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
         label_selector_path = ".status.selector"
     ),
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.ready","description":"Ready switch pods / desired"}"#,
-    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.conditions[0].reason","description":"Reason of the Ready condition (the first one): what the BankSwitch is waiting for or why it is unhealthy"}"#,
+    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.conditions[0].reason","description":"Reason of the Ready condition (the first one): what the BankSwitch is waiting for or why it is unhealthy (Hibernating, Hibernated while spec.hibernation holds it)"}"#,
     printcolumn = r#"{"name":"Backlog","type":"integer","jsonPath":".status.storeAndForward.backlog","description":"Store-and-forward messages waiting for delivery"}"#,
     printcolumn = r#"{"name":"Drainers","type":"integer","priority":1,"jsonPath":".status.storeAndForward.drainerReplicas","description":"SAF drainer replicas the operator set"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
@@ -73,6 +73,11 @@ pub struct BankSwitchSpec {
     #[serde(default)]
     pub storage: StorageSpec,
 
+    /// Scheduled backups of the embedded SQLite database to a second volume. Only without
+    /// `database`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSpec>,
+
     /// Where the switch reads its key-encryption keys from.
     pub keys: KeysSpec,
 
@@ -98,6 +103,11 @@ pub struct BankSwitchSpec {
     /// Prometheus Operator objects (opt-in).
     #[serde(default)]
     pub monitoring: MonitoringSpec,
+
+    /// Trace export of the switch and drainer pods (OTLP over HTTP/protobuf). Absent: no
+    /// export (the pods' logs still carry trace ids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry: Option<TelemetrySpec>,
 
     /// CPU and memory for each switch container (also used by the migration Job).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -125,6 +135,40 @@ pub struct BankSwitchSpec {
     /// a terminal of its own with test cards, provisioned through the admin API at start-up.
     #[serde(default)]
     pub simulator: SimulatorSpec,
+
+    /// Maintenance: hibernate the switch (stop taking ATM work, finish in-flight transactions,
+    /// close the sessions, wait for the store-and-forward backlog to be delivered), then scale
+    /// the switch and drainer pods to zero. Turning it off brings them back.
+    #[serde(default)]
+    pub hibernation: HibernationSpec,
+}
+
+/// `spec.hibernation`: SAF-aware maintenance.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HibernationSpec {
+    /// True: hibernate now (the switch pods stop accepting and drain; then switch and drainer
+    /// Deployments go to zero replicas and condition `Hibernated` is True). False again: the
+    /// replicas are restored and the pods serve.
+    #[serde(default)]
+    pub enabled: bool,
+    /// How long to wait for in-flight work and the SAF backlog before scaling to zero anyway
+    /// (`Hibernated` then says `DrainTimedOut` with what was left), e.g. `10m`.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: String,
+}
+
+impl Default for HibernationSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            drain_timeout: default_drain_timeout(),
+        }
+    }
+}
+
+fn default_drain_timeout() -> String {
+    "10m".into()
 }
 
 /// `spec.simulator`: the web ATM Deployment and Service.
@@ -290,12 +334,111 @@ impl ServiceType {
     }
 }
 
-/// The PostgreSQL database shared by all switch and drainer pods.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+/// The PostgreSQL database shared by all switch and drainer pods: exactly one of
+/// `urlSecretRef` (any PostgreSQL) or `cnpg` (a CloudNativePG Cluster, whose backups, PITR and
+/// failover then come from CloudNativePG).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[x_kube(validation = kube::core::Rule::new("has(self.urlSecretRef) != has(self.cnpg)").message("set exactly one of database.urlSecretRef or database.cnpg"))]
 #[serde(rename_all = "camelCase")]
 pub struct DatabaseSpec {
     /// Secret key holding the `postgres://…` URL (with credentials).
-    pub url_secret_ref: SecretKeyRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_secret_ref: Option<SecretKeyRef>,
+    /// A CloudNativePG `Cluster` in this namespace: the switch connects with the `uri` key of
+    /// the `<cluster>-app` Secret CloudNativePG keeps (label that Secret for this BankSwitch,
+    /// e.g. through the Cluster's `spec.inheritedMetadata.labels`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnpg: Option<CnpgSpec>,
+}
+
+/// `spec.database.cnpg`: the CloudNativePG Cluster that holds the switch's database.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CnpgSpec {
+    /// The `postgresql.cnpg.io/v1` Cluster, in the BankSwitch's namespace.
+    pub cluster_ref: CnpgClusterRef,
+}
+
+/// A CloudNativePG Cluster by name.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CnpgClusterRef {
+    /// Name of the Cluster.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// The key of CloudNativePG's application Secret (`<cluster>-app`) holding the connection URI.
+pub const CNPG_URI_KEY: &str = "uri";
+
+impl DatabaseSpec {
+    /// The Secret key the switch reads its database URL from, and the spec field that names it:
+    /// `urlSecretRef` as written, or `<cluster>-app`/`uri` for `cnpg.clusterRef`. `None` only for
+    /// a spec with neither (refused by validation).
+    pub fn url_secret(&self) -> Option<(&'static str, SecretKeyRef)> {
+        match (&self.url_secret_ref, &self.cnpg) {
+            (Some(r), _) => Some(("spec.database.urlSecretRef", r.clone())),
+            (None, Some(cnpg)) => Some((
+                "spec.database.cnpg.clusterRef",
+                SecretKeyRef {
+                    name: format!("{}-app", cnpg.cluster_ref.name),
+                    key: CNPG_URI_KEY.into(),
+                },
+            )),
+            (None, None) => None,
+        }
+    }
+}
+
+/// `spec.backup`: scheduled online backups of the embedded SQLite database, written by the
+/// switch to a second PersistentVolumeClaim (`<name>-backup`). Embedded SQLite only: with
+/// `spec.database` the database's own backups apply (CloudNativePG: continuous WAL archiving and
+/// point-in-time recovery).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    /// Five-field cron expression in UTC (minute hour day-of-month month day-of-week), e.g.
+    /// `0 * * * *` for hourly. The recovery point objective is this interval.
+    #[schemars(length(min = 1, max = 128))]
+    pub schedule: String,
+    /// How many backups to keep; older ones are deleted after each successful backup.
+    #[serde(default = "default_backup_retain")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub retain: i32,
+    /// The `<name>-backup` claim. It has no owner reference: deleting the BankSwitch keeps
+    /// the backups (delete the claim by hand when they are no longer needed).
+    #[serde(default)]
+    pub volume: BackupVolumeSpec,
+}
+
+fn default_backup_retain() -> i32 {
+    7
+}
+
+/// The backup PersistentVolumeClaim.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupVolumeSpec {
+    /// Size of the claim: room for `retain` copies of the database.
+    #[serde(default = "default_backup_size")]
+    pub size: Quantity,
+    /// StorageClass of the claim; absent means the cluster default. Prefer a class on other
+    /// disks than the data volume's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+impl Default for BackupVolumeSpec {
+    fn default() -> Self {
+        Self {
+            size: default_backup_size(),
+            storage_class_name: None,
+        }
+    }
+}
+
+fn default_backup_size() -> Quantity {
+    Quantity("5Gi".into())
 }
 
 /// Persistent volume for embedded-SQLite mode.
@@ -415,6 +558,10 @@ pub struct UpstreamSpec {
     /// Stand-in processing (STIP) while the issuer is unavailable.
     #[serde(default)]
     pub stand_in: StandInSpec,
+    /// Send the W3C `traceparent` of each routed request in field 48 (tag `TP`) so the
+    /// issuer's spans join this switch's trace. Only for issuers that expect it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub propagate_trace: bool,
 }
 
 fn default_heartbeat() -> String {
@@ -722,6 +869,21 @@ fn default_pre_stop() -> i64 {
     5
 }
 
+/// `spec.telemetry`: where the switch exports its spans (rendered into `[telemetry]`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TelemetrySpec {
+    /// Base URL of an OTLP/HTTP receiver, e.g. `http://otel-collector.monitoring:4318` (spans
+    /// go to `<url>/v1/traces`).
+    #[schemars(length(min = 8, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    pub otlp_endpoint: String,
+    /// Share of new traces recorded and exported, 0–1 (default 1). A request that continues an
+    /// acquirer's trace follows the acquirer's decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub sample_ratio: Option<f64>,
+}
+
 /// Prometheus Operator integration; both objects are opt-in.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -811,7 +973,7 @@ pub struct BankSwitchStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// Ready (always first; its reason is the `Status` column), Progressing, Degraded,
-    /// DatabaseMigrated, MonitoringConfigured.
+    /// DatabaseMigrated, MonitoringConfigured, and Hibernated once `spec.hibernation` was used.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -839,6 +1001,42 @@ pub struct BankSwitchStatus {
     /// Retry bookkeeping while reconciles fail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryStatus>,
+    /// Where a hibernation (`spec.hibernation`) stands, and the replicas it will restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hibernation: Option<HibernationStatus>,
+}
+
+/// Where a hibernation stands.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub enum HibernationPhase {
+    /// The switch pods are stopping work and waiting for the SAF backlog.
+    Draining,
+    /// Switch and drainer Deployments are at zero replicas.
+    Hibernated,
+}
+
+/// `status.hibernation`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HibernationStatus {
+    /// `Draining` or `Hibernated`.
+    pub phase: HibernationPhase,
+    /// When the operator began draining (RFC 3339).
+    pub started_at: String,
+    /// Switch replicas before the hibernation (the Deployment's); restored when it ends
+    /// (`spec.replicas` wins if someone scaled the BankSwitch meanwhile).
+    pub previous_replicas: i32,
+    /// Drainer replicas before the hibernation; restored when it ends.
+    pub previous_drainer_replicas: i32,
+    /// `Drained` or `DrainTimedOut` once hibernated (empty while draining).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// SAF backlog the switch pods last reported while draining.
+    #[serde(default)]
+    pub saf_backlog: i64,
+    /// What the drain is waiting for, or how it ended.
+    #[serde(default)]
+    pub message: String,
 }
 
 /// Where to reach the switch inside the cluster.

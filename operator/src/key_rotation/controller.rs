@@ -529,7 +529,15 @@ pub fn build_create_rotation(
                     "failed to add spec.activation.activateAfter to the run start: out of range"
                         .to_owned()
                 })?;
-            ("atTime", Some(at.to_string()))
+            let at = chrono::DateTime::from_timestamp(
+                at.as_second(),
+                at.subsec_nanosecond().unsigned_abs(),
+            )
+            .ok_or_else(|| {
+                "failed to add spec.activation.activateAfter to the run start: out of range"
+                    .to_owned()
+            })?;
+            ("atTime", Some(at))
         }
     };
     Ok(CreateRotation {
@@ -537,8 +545,8 @@ pub fn build_create_rotation(
         terminals,
         activation: activation.to_owned(),
         activate_at,
-        grace_seconds: grace.as_secs(),
-        max_concurrent: u32::try_from(spec.max_concurrent.max(1)).unwrap_or(1),
+        grace_seconds: Some(grace.as_secs()),
+        max_concurrent: Some(usize::try_from(spec.max_concurrent.max(1)).unwrap_or(1)),
     })
 }
 
@@ -577,7 +585,10 @@ async fn start(
         .admin
         .create_rotation(&base, &token, body, idempotency_key)
         .await?;
-    Ok((created.id, created.terminals))
+    Ok((
+        created.id,
+        u64::try_from(created.terminals).unwrap_or(u64::MAX),
+    ))
 }
 
 async fn follow(
@@ -825,7 +836,11 @@ mod tests {
         let body = build_create_rotation(&spec, RotatedKeyType::Tak, t("2026-02-01T00:00:00Z"))
             .expect("builds");
         assert_eq!(body.activation, "atTime");
-        assert_eq!(body.activate_at.as_deref(), Some("2026-02-01T00:30:00Z"));
+        assert_eq!(
+            body.activate_at
+                .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
+            Some("2026-02-01T00:30:00Z".to_owned())
+        );
         assert_eq!(body.terminals, json!({"groups": ["jakarta"]}));
         assert_eq!(body.key_type, "TAK");
     }

@@ -4,7 +4,8 @@
 //! It keeps a fleet of terminals and, per rotation, each terminal's new key state; honours
 //! `Idempotency-Key` like the switch (same key and body → the stored answer, same key with
 //! another body → 422); requires the `admin` bearer token; can answer 503 to everything; and
-//! records every request so tests assert the exact calls.
+//! records every request so tests assert the exact calls. It also plays `/v1/maintenance`
+//! (hibernation), with the state set by the test.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -48,6 +49,8 @@ struct SwitchState {
     idempotency: BTreeMap<String, (Value, Value)>,
     calls: Vec<Call>,
     unavailable: bool,
+    /// `GET /v1/maintenance` answer; `None` until first asked (then `serving`).
+    maintenance: Option<Value>,
 }
 
 /// Handle to a running fake switch.
@@ -69,6 +72,9 @@ impl FakeSwitch {
             .route("/v1/key-rotations", post(create))
             .route("/v1/key-rotations/{id}", get(read))
             .route("/v1/key-rotations/{id}/expire-previous", post(expire))
+            .route("/v1/maintenance", get(maintenance_get))
+            .route("/v1/maintenance/hibernate", post(maintenance_hibernate))
+            .route("/v1/maintenance/resume", post(maintenance_resume))
             .with_state(Arc::clone(&state));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -130,6 +136,22 @@ impl FakeSwitch {
             .rotations
             .get(id)
             .is_some_and(|r| r.previous_expired)
+    }
+
+    /// Sets what the switch reports of its maintenance state (as a real one would while it
+    /// drains): `state` and the SAF backlog.
+    pub fn set_maintenance(&self, state: &str, saf_backlog: u64) {
+        let mut st = self.lock();
+        st.maintenance = Some(maintenance_status(state, saf_backlog));
+    }
+
+    /// The maintenance state the switch reports now.
+    pub fn maintenance_state(&self) -> String {
+        self.lock()
+            .maintenance
+            .as_ref()
+            .and_then(|m| m["state"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "serving".into())
     }
 
     /// Key type of a rotation.
@@ -296,4 +318,85 @@ async fn expire(
     rotation.previous_expired = true;
     let expired = rotation.keys.values().filter(|s| *s == "ACTIVE").count();
     axum::Json(json!({"id": id, "expired": expired})).into_response()
+}
+
+fn maintenance_status(state: &str, saf_backlog: u64) -> Value {
+    json!({"state": state, "acceptingConnections": state == "serving", "inFlight": 0,
+           "signedOn": 0, "heldReversals": 0, "safBacklog": saf_backlog, "safDeadLetters": 0,
+           "message": format!("{state}: {saf_backlog} SAF advice(s) to be delivered")})
+}
+
+async fn maintenance_get(
+    State(state): State<Arc<Mutex<SwitchState>>>,
+    headers: HeaderMap,
+) -> Response {
+    let mut st = state.lock().expect("lock");
+    if let Some(r) = admit(&mut st, "GET", "/v1/maintenance".into(), &headers, &[]) {
+        return r;
+    }
+    let status = st
+        .maintenance
+        .get_or_insert_with(|| maintenance_status("serving", 0))
+        .clone();
+    axum::Json(status).into_response()
+}
+
+async fn maintenance_hibernate(
+    State(state): State<Arc<Mutex<SwitchState>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut st = state.lock().expect("lock");
+    if let Some(r) = admit(
+        &mut st,
+        "POST",
+        "/v1/maintenance/hibernate".into(),
+        &headers,
+        &body,
+    ) {
+        return r;
+    }
+    let Ok(request) = serde_json::from_slice::<switchyard_api::HibernateRequest>(&body) else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "body must be {\"drainTimeoutSeconds\": n}",
+        );
+    };
+    if request.drain_timeout_seconds == 0 {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "drainTimeoutSeconds must be 1 to 86400",
+        );
+    }
+    let backlog = st
+        .maintenance
+        .as_ref()
+        .and_then(|m| m["safBacklog"].as_u64())
+        .unwrap_or(0);
+    let current = st
+        .maintenance
+        .get_or_insert_with(|| maintenance_status("serving", 0));
+    if current["state"] == "serving" {
+        *current = maintenance_status("draining", backlog);
+    }
+    (StatusCode::ACCEPTED, axum::Json(current.clone())).into_response()
+}
+
+async fn maintenance_resume(
+    State(state): State<Arc<Mutex<SwitchState>>>,
+    headers: HeaderMap,
+) -> Response {
+    let mut st = state.lock().expect("lock");
+    if let Some(r) = admit(
+        &mut st,
+        "POST",
+        "/v1/maintenance/resume".into(),
+        &headers,
+        &[],
+    ) {
+        return r;
+    }
+    let status = maintenance_status("serving", 0);
+    st.maintenance = Some(status.clone());
+    (StatusCode::ACCEPTED, axum::Json(status)).into_response()
 }

@@ -5,24 +5,10 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
-use utoipa::ToSchema;
 
 use crate::store::StoreError;
 
-/// A problem details document.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Problem {
-    /// A URI naming the kind of problem (stable, for clients to branch on).
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// Short summary of the kind.
-    pub title: String,
-    /// HTTP status.
-    pub status: u16,
-    /// What happened in this case and what to do.
-    pub detail: String,
-}
+pub use switchyard_api::Problem;
 
 /// An error answered by the admin API.
 #[derive(Debug, thiserror::Error)]

@@ -40,6 +40,9 @@ pub const TERMINAL_ID: u8 = 41;
 pub const CARD_ACCEPTOR_ID: u8 = 42;
 /// 48 — additional data: the key type (`TPK`, `TAK`) of a key exchange.
 pub const KEY_TYPE: u8 = 48;
+/// 48 — additional data of a financial message on an upstream link: tag-length-value
+/// elements ([`super::private_data`]), e.g. the W3C `traceparent` (`TP`).
+pub const PRIVATE_DATA: u8 = 48;
 /// 49 — transaction currency code.
 pub const CURRENCY: u8 = 49;
 /// 52 — PIN data (binary; the profile carries the PIN block in 123).

@@ -7,6 +7,7 @@ pub mod fields;
 mod frame;
 mod message;
 mod packager;
+pub mod private_data;
 
 pub use bitmap::{Bitmap, BitmapIter};
 pub use field::{Charset, FieldError, FieldKind, FieldSpec, ISO8583_1987};

@@ -14,7 +14,7 @@ use std::time::Duration;
 use chrono::Utc;
 use futures::future::join_all;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use super::{LinkError, UpstreamLink, Upstreams};
 use crate::crypto::Hsm;
@@ -267,8 +267,31 @@ pub fn advice_message(hsm: &dyn Hsm, advice: &Advice) -> Result<Message, String>
     Ok(m)
 }
 
-/// Sends one advice and judges the answer.
+/// Sends one advice and judges the answer (one `saf.deliver` span per attempt).
 pub async fn deliver(hsm: &dyn Hsm, link: &UpstreamLink, advice: &Advice) -> Delivery {
+    let span = tracing::info_span!(
+        "saf.deliver",
+        otel.kind = "client",
+        advice_id = advice.id.0,
+        destination = advice.destination.as_str(),
+        attempt = advice.attempts,
+        result = tracing::field::Empty,
+    );
+    let delivery = deliver_one(hsm, link, advice)
+        .instrument(span.clone())
+        .await;
+    span.record(
+        "result",
+        match &delivery {
+            Delivery::Delivered => "delivered",
+            Delivery::Failed(f) if f.permanent => "failed_permanently",
+            Delivery::Failed(_) => "failed",
+        },
+    );
+    delivery
+}
+
+async fn deliver_one(hsm: &dyn Hsm, link: &UpstreamLink, advice: &Advice) -> Delivery {
     let fail =
         |reason: String, permanent: bool| Delivery::Failed(AdviceFailure { reason, permanent });
     let message = match advice_message(hsm, advice) {

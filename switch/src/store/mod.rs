@@ -452,6 +452,16 @@ pub trait Database: Send + Sync + std::fmt::Debug {
 // ---------------------------------------------------------------------------------------------
 // Embedded migrations
 
+/// The migration versions compiled into this binary for `backend`, in order. `restore` checks
+/// a backup against them before it replaces a database.
+pub fn embedded_migration_versions(backend: Backend) -> Vec<i64> {
+    let list = match backend {
+        Backend::Sqlite => SQLITE_MIGRATIONS,
+        Backend::Postgres => POSTGRES_MIGRATIONS,
+    };
+    list.iter().map(|m| m.version).collect()
+}
+
 /// One migration file compiled into the binary.
 struct EmbeddedMigration {
     version: i64,

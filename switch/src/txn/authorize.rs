@@ -13,7 +13,7 @@
 
 use chrono::{Datelike, Utc};
 use rand::RngExt;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use super::SwitchContext;
 use super::posting::{CardRef, Journaled, Posting, auth_request};
@@ -155,7 +155,10 @@ pub async fn handle(
         day: utc_day(now),
         reserve_pin_at: pin_block.then_some(now),
     };
-    let Ok(mut view) = read_view(ctx, terminal, &key).await else {
+    let Ok(mut view) = read_view(ctx, terminal, &key)
+        .instrument(info_span!("store", op = "authorization_view"))
+        .await
+    else {
         return coded(ResponseCode::SystemMalfunction);
     };
     // the reservation this request holds until its posting settles it, or gives back
@@ -228,6 +231,7 @@ pub async fn handle(
         let outcome = ctx
             .store
             .authorize(&auth_request(head.clone(), Some(view), posting))
+            .instrument(info_span!("store", op = "authorize"))
             .await;
         // the card's PIN was reset after it was checked: check it again (on-us only; a routed
         // request is never sent twice)
@@ -236,7 +240,10 @@ pub async fn handle(
         }
         if matches!(outcome, Err(StoreError::Stale)) && route == Route::OnUs && rounds < 2 {
             rounds += 1;
-            match read_view(ctx, terminal, &key).await {
+            match read_view(ctx, terminal, &key)
+                .instrument(info_span!("store", op = "authorization_view"))
+                .await
+            {
                 Ok(fresh) => view = fresh,
                 Err(_) => return coded(ResponseCode::SystemMalfunction),
             }
@@ -378,7 +385,10 @@ pub(crate) async fn card_posting(
     if card.pin_blocked {
         return decline(ResponseCode::PinTriesExceeded, None);
     }
-    match verify_pin(ctx, terminal, request, &fin.pan, card, reserved).await {
+    match verify_pin(ctx, terminal, request, &fin.pan, card, reserved)
+        .instrument(info_span!("pin"))
+        .await
+    {
         Ok(pin_try) if pin_try.correct => Ok(Posting::Ledger {
             card: on.clone(),
             pin_try: Some(pin_try),

@@ -13,6 +13,7 @@ use crate::crypto::Hsm;
 use crate::domain::TerminalId;
 use crate::health::Health;
 use crate::iso8583::Packager;
+use crate::maintenance::Maintenance;
 use crate::metrics::Metrics;
 use crate::net::session::SessionRegistry;
 use crate::routing::Upstreams;
@@ -45,6 +46,8 @@ pub struct SwitchContext {
     pub upstreams: Arc<Upstreams>,
     /// Reversal advices the store refused, retried until it takes them.
     pub held_reversals: Arc<HeldReversals>,
+    /// Hibernation for maintenance (`/v1/maintenance`), and the ISO 8583 connections' tracker.
+    pub maintenance: Maintenance,
 }
 
 impl SwitchContext {

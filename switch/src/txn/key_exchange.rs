@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use chrono::Utc;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use super::SwitchContext;
 use super::request::NetworkAction;
@@ -271,6 +271,20 @@ static PUSH_STAN: AtomicU32 = AtomicU32::new(1);
 /// push in the registry first (`fleet::push_round`); a terminal that is offline gets the key
 /// when it next signs on, wherever that is.
 pub async fn push_key(ctx: &SwitchContext, terminal: &TerminalId, key: &KeyRecord) -> bool {
+    let span = tracing::info_span!(
+        "key.push",
+        terminal_id = %terminal,
+        key_type = key.key_type.as_str(),
+        queued = tracing::field::Empty,
+    );
+    let queued = push_key_on_session(ctx, terminal, key)
+        .instrument(span.clone())
+        .await;
+    span.record("queued", queued);
+    queued
+}
+
+async fn push_key_on_session(ctx: &SwitchContext, terminal: &TerminalId, key: &KeyRecord) -> bool {
     let Some(session) = ctx.sessions.handle(terminal) else {
         return false;
     };

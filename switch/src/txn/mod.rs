@@ -18,15 +18,16 @@ pub mod request;
 pub mod reversal;
 pub mod routed;
 
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, field, info_span, warn};
 
 use crate::domain::{ResponseCode, TerminalId, WrappedKey};
-use crate::iso8583::fields;
 use crate::iso8583::{Message, Mti, UnpackError};
+use crate::iso8583::{fields, private_data};
 use crate::net::{ConnState, FrameHandler};
 use crate::store::{StoreError, TerminalKind};
+use crate::telemetry;
 pub use context::SwitchContext;
 use request::Request;
 
@@ -117,44 +118,49 @@ pub async fn handle_frame(
     frame: &[u8],
 ) -> Option<Vec<u8>> {
     let started = Instant::now();
-    let request = match ctx.packager.unpack(frame) {
+    // One trace per request (SPEC §8): this span and its children decode, authenticate, pin,
+    // store, upstream and answer. Its attributes never hold more of the card than the masked
+    // PAN; no PIN block, key or MAC is recorded anywhere.
+    let span = info_span!(
+        "iso8583.request",
+        otel.kind = "server",
+        mti = field::Empty,
+        processing_code = field::Empty,
+        stan = field::Empty,
+        terminal_id = field::Empty,
+        pan = field::Empty,
+        response_code = field::Empty,
+        conn_id = conn.conn_id,
+    );
+    let decode_start = SystemTime::now();
+    let decoded = ctx.packager.unpack(frame);
+    let decode_end = SystemTime::now();
+    if let Ok(request) = &decoded {
+        continue_acquirer_trace(conn, request, &span);
+    }
+    telemetry::record_span(
+        &span,
+        "decode",
+        decode_start,
+        decode_end,
+        vec![opentelemetry::KeyValue::new("ok", decoded.is_ok())],
+    );
+    let request = match decoded {
         Ok(m) => m,
-        Err(err) => return format_error(ctx, conn, err),
-    };
-    let mti = request.mti();
-    let reply = match Request::from_message(&request) {
-        Request::Network(action) => network::handle(ctx, conn, action, &request, frame).await,
-        Request::PushAnswer => {
-            key_exchange::on_terminal_answer(ctx, conn, &request, frame).await;
-            return None;
+        Err(err) => {
+            let answer = span.in_scope(|| format_error(ctx, conn, err));
+            span.record(
+                "response_code",
+                answer.as_ref().map(|_| "30").unwrap_or("none"),
+            );
+            return answer;
         }
-        Request::Financial(read) => match signed_on_terminal(conn, &request) {
-            Err(code) => refuse(&request, code, "financial"),
-            Ok(tid) => match read {
-                Ok(fin) => authorize::handle(ctx, &tid, &fin, &request, frame).await,
-                Err(refused) => refuse(&request, refused.code, refused.kind),
-            },
-        },
-        Request::Advice(read) => match signed_on_terminal(conn, &request) {
-            Err(code) => refuse(&request, code, "advice"),
-            // Only an acquiring switch books cash it paid out on our behalf.
-            Ok(_) if conn.terminal_kind != Some(TerminalKind::Station) => {
-                refuse(&request, ResponseCode::InvalidTransaction, "advice")
-            }
-            Ok(tid) => match read {
-                Ok(booking) => advice::handle(ctx, &tid, &booking, &request, frame).await,
-                Err(refused) => refuse(&request, refused.code, refused.kind),
-            },
-        },
-        Request::Reversal(read) => match signed_on_terminal(conn, &request) {
-            Err(code) => refuse(&request, code, "reversal"),
-            Ok(tid) => match read {
-                Ok(reversal) => reversal::handle(ctx, &tid, &reversal, &request, frame).await,
-                Err(refused) => refuse(&request, refused.code, refused.kind),
-            },
-        },
-        Request::Unsupported => refuse(&request, ResponseCode::InvalidTransaction, "other"),
     };
+    record_request(&span, &request);
+    let mti = request.mti();
+    let reply = dispatch(ctx, conn, &request, frame)
+        .instrument(span.clone())
+        .await;
     let Some(reply) = reply else {
         // A request we cannot even answer (e.g. a response MTI we did not expect).
         ctx.metrics.message(mti.as_str(), None);
@@ -164,18 +170,106 @@ pub async fn handle_frame(
         .message
         .get_str(fields::RESPONSE_CODE)
         .map(str::to_string);
-    let bytes = match pack_reply(ctx, reply.message, reply.mac_key.as_ref()) {
+    if let Some(code) = &code {
+        span.record("response_code", code.as_str());
+    }
+    let packed = {
+        let _answer = info_span!(parent: &span, "answer", mac = reply.mac_key.is_some()).entered();
+        pack_reply(ctx, reply.message, reply.mac_key.as_ref())
+    };
+    let bytes = match packed {
         Ok(bytes) => bytes,
         Err(err) => {
+            let _in = span.enter();
             warn!(mti = %mti.as_str(), error = %err, "failed to pack an answer; closing the connection");
             conn.close_after_reply = true;
             return None;
         }
     };
     ctx.metrics.message(mti.as_str(), code.as_deref());
-    ctx.metrics
-        .observe_duration(reply.kind, started.elapsed().as_secs_f64());
+    ctx.metrics.observe_duration(
+        reply.kind,
+        started.elapsed().as_secs_f64(),
+        telemetry::sampled_trace_id(&span),
+    );
     Some(bytes)
+}
+
+/// The request's attributes on its span: MTI, processing code, STAN, terminal id and the
+/// masked PAN (from field 2 or track 2), never more of the card.
+fn record_request(span: &tracing::Span, request: &Message) {
+    span.record("mti", request.mti().as_str());
+    if let Some(code) = request.get_str(fields::PROCESSING_CODE) {
+        span.record("processing_code", code);
+    }
+    if let Some(stan) = request.get_str(fields::STAN) {
+        span.record("stan", stan);
+    }
+    if let Some(tid) = request.get_str(fields::TERMINAL_ID) {
+        span.record("terminal_id", tid.trim_end());
+    }
+    if let Some((pan, _)) = authorize::card_data(request) {
+        span.record("pan", crate::domain::mask_pan(&pan).as_str());
+    }
+}
+
+/// A financial request from an acquirer station may carry the acquirer's W3C `traceparent` in
+/// field 48 (`TP`): then this request's span continues that trace. Only stations' requests:
+/// an ATM has no trace to continue, and what it sends in 48 is not trusted for this.
+fn continue_acquirer_trace(conn: &ConnState, request: &Message, span: &tracing::Span) {
+    if conn.terminal_kind != Some(TerminalKind::Station)
+        || !is_financial(request.mti().as_str().as_bytes())
+    {
+        return;
+    }
+    let traceparent = request
+        .get_str(fields::PRIVATE_DATA)
+        .and_then(|f| private_data::find(f, private_data::TRACEPARENT));
+    if let Some(traceparent) = traceparent {
+        telemetry::continue_trace(span, traceparent);
+    }
+}
+
+/// Routes a decoded request to its handler.
+async fn dispatch(
+    ctx: &SwitchContext,
+    conn: &mut ConnState,
+    request: &Message,
+    frame: &[u8],
+) -> Option<Reply> {
+    match Request::from_message(request) {
+        Request::Network(action) => network::handle(ctx, conn, action, request, frame).await,
+        Request::PushAnswer => {
+            key_exchange::on_terminal_answer(ctx, conn, request, frame).await;
+            None
+        }
+        Request::Financial(read) => match signed_on_terminal(conn, request) {
+            Err(code) => refuse(request, code, "financial"),
+            Ok(tid) => match read {
+                Ok(fin) => authorize::handle(ctx, &tid, &fin, request, frame).await,
+                Err(refused) => refuse(request, refused.code, refused.kind),
+            },
+        },
+        Request::Advice(read) => match signed_on_terminal(conn, request) {
+            Err(code) => refuse(request, code, "advice"),
+            // Only an acquiring switch books cash it paid out on our behalf.
+            Ok(_) if conn.terminal_kind != Some(TerminalKind::Station) => {
+                refuse(request, ResponseCode::InvalidTransaction, "advice")
+            }
+            Ok(tid) => match read {
+                Ok(booking) => advice::handle(ctx, &tid, &booking, request, frame).await,
+                Err(refused) => refuse(request, refused.code, refused.kind),
+            },
+        },
+        Request::Reversal(read) => match signed_on_terminal(conn, request) {
+            Err(code) => refuse(request, code, "reversal"),
+            Ok(tid) => match read {
+                Ok(reversal) => reversal::handle(ctx, &tid, &reversal, request, frame).await,
+                Err(refused) => refuse(request, refused.code, refused.kind),
+            },
+        },
+        Request::Unsupported => refuse(request, ResponseCode::InvalidTransaction, "other"),
+    }
 }
 
 fn refuse(request: &Message, code: ResponseCode, kind: &'static str) -> Option<Reply> {
@@ -283,7 +377,12 @@ pub async fn authenticate(
     request: &Message,
     raw: &[u8],
 ) -> Result<Option<WrappedKey>, ResponseCode> {
-    match verify_request_mac(ctx, terminal, request, raw).await {
+    let span = info_span!("authenticate", mac_valid = field::Empty);
+    let checked = verify_request_mac(ctx, terminal, request, raw)
+        .instrument(span.clone())
+        .await;
+    span.record("mac_valid", matches!(checked, MacCheck::Valid(_)));
+    match checked {
         MacCheck::Valid(tak) => Ok(tak),
         MacCheck::Invalid => {
             ctx.metrics.mac_failures.inc();

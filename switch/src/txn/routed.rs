@@ -22,18 +22,19 @@
 //! ([`crate::routing::held`]); while that hold is full, routed withdrawals are refused `96`.
 
 use chrono::{DateTime, Utc};
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, field, info, info_span, warn};
 
 use super::SwitchContext;
 use super::authorize::{PinReserved, Unposted, card_posting, pin_block_and_tpks};
 use super::posting::{Journaled, Posting, StandIn};
 use super::request::Financial;
 use crate::domain::{ResponseCode, TerminalId};
-use crate::iso8583::fields;
 use crate::iso8583::{Message, Mti};
+use crate::iso8583::{fields, private_data};
 use crate::routing::drainer::advice_payload;
 use crate::routing::{LinkAnswer, LinkError, UpstreamLink};
 use crate::store::{AdviceMti, AuthKind, IssuerAnswer, NewAdvice};
+use crate::telemetry;
 
 /// Fields of the terminal's request that travel to the issuer as they are.
 const FORWARDED: &[u8] = &[
@@ -141,7 +142,11 @@ async fn forward(
         link.report_down();
         return not_sent(LinkError::Down(link.name().to_string()));
     }
-    let (block, tpks, cached) = pin_block_and_tpks(ctx, terminal, request).await?;
+    // PIN translation (terminal TPK → link TPK) inside the HSM
+    let pin_span = info_span!("pin", translate = true);
+    let (block, tpks, cached) = pin_block_and_tpks(ctx, terminal, request)
+        .instrument(pin_span.clone())
+        .await?;
     let translate = |tpks: &[crate::domain::WrappedKey]| {
         for tpk in tpks {
             match link.translate_pin(tpk, pan, &block) {
@@ -152,11 +157,15 @@ async fn forward(
         }
         Ok(None)
     };
-    let mut translated = translate(&tpks);
+    let mut translated = pin_span.in_scope(|| translate(&tpks));
     if matches!(translated, Ok(None)) && cached {
         // a TPK another replica activated may be missing from the cached keys
-        translated = translate(&super::authorize::newer_tpks(ctx, terminal, &tpks).await);
+        let newer = super::authorize::newer_tpks(ctx, terminal, &tpks)
+            .instrument(pin_span.clone())
+            .await;
+        translated = pin_span.in_scope(|| translate(&newer));
     }
+    drop(pin_span);
     let translated = match translated {
         Ok(found) => found,
         Err(err) => {
@@ -194,7 +203,28 @@ async fn forward(
         &transmission_time(Utc::now()),
     );
     message.set_str(fields::STAN, &stan);
-    let result = link.request(message.clone()).await;
+    let span = info_span!(
+        "upstream",
+        otel.kind = "client",
+        upstream = link.name(),
+        station_id = link.station().as_str(),
+        stan = stan.as_str(),
+        response_code = field::Empty,
+        error = field::Empty,
+    );
+    if link.settings().propagate_trace
+        && let Some(field48) =
+            telemetry::traceparent(&span).and_then(|tp| private_data::encode_traceparent(&tp))
+    {
+        // the issuer's spans join this trace as children of this one (README "Traces and
+        // logs": field 48, tag `TP`); without `propagate_trace` nothing is added to the wire
+        message.set_str(fields::PRIVATE_DATA, &field48);
+    }
+    let result = link.request(message.clone()).instrument(span.clone()).await;
+    match &result {
+        Ok(answer) => span.record("response_code", answer.code()),
+        Err(err) => span.record("error", tracing::field::display(err)),
+    };
     Ok(Sent {
         message: Some(message),
         result,

@@ -8,7 +8,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::parse_id;
@@ -18,6 +18,7 @@ use crate::admin::{AdminState, IdempotencyKey, JsonBody, idempotent};
 use crate::domain::{KeyType, TerminalId};
 use crate::store::{Activation, KeyId, KeyRecord, KeyTransition, RotationId, TerminalSelector};
 use crate::txn::keys::{RotationError, rotate_terminal, start_fleet_rotation};
+pub use switchyard_api::{CreateRotation, ExpirePreviousResult, RotationCreated, RotationView};
 
 /// A key as the API shows it.
 #[derive(Debug, Serialize, ToSchema)]
@@ -203,40 +204,6 @@ pub async fn revoke(
     transition(&state, &caller, &id, KeyTransition::Revoke, idem.as_ref()).await
 }
 
-/// Starts a fleet rotation.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CreateRotation {
-    /// `TPK` or `TAK`.
-    pub key_type: String,
-    /// `"all"`, `{"ids": [...]}` or `{"groups": [...]}`. `all` and `groups` leave acquirer
-    /// stations out: an acquirer exchanges its station's keys itself.
-    #[schema(value_type = Object)]
-    pub terminals: serde_json::Value,
-    /// `onConfirm` (each key activates when its terminal confirms the KCV) or `atTime`.
-    pub activation: String,
-    /// With `atTime`: when the PENDING keys become ACTIVE.
-    #[serde(default)]
-    pub activate_at: Option<DateTime<Utc>>,
-    /// How long replaced keys keep verifying (default: the switch's `keys.grace`).
-    #[serde(default)]
-    pub grace_seconds: Option<u64>,
-    /// At most this many terminals between the key push and their answer at once (1 to
-    /// 10,000; default: all at once). A terminal that does not answer within 30 s frees its slot.
-    #[serde(default)]
-    pub max_concurrent: Option<usize>,
-}
-
-/// A rotation's id and size.
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct RotationCreated {
-    /// Rotation id.
-    pub id: String,
-    /// Terminals in it.
-    pub terminals: usize,
-}
-
 fn parse_selector(value: &serde_json::Value) -> Result<TerminalSelector, ApiError> {
     let bad = || {
         ApiError::BadRequest(
@@ -335,28 +302,6 @@ pub async fn create_rotation(
     .await
 }
 
-/// Progress of a fleet rotation.
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct RotationView {
-    /// Rotation id.
-    pub id: String,
-    /// Key type.
-    pub key_type: String,
-    /// `onConfirm` or `atTime`.
-    pub activation: String,
-    /// With `atTime`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub activate_at: Option<DateTime<Utc>>,
-    /// When it started.
-    pub created_at: DateTime<Utc>,
-    /// Terminals in it.
-    pub terminals: u64,
-    /// Its keys by state (`PENDING`, `ACTIVE`, `EXPIRED`, `REVOKED`).
-    #[schema(value_type = Object)]
-    pub totals: std::collections::BTreeMap<String, u64>,
-}
-
 /// Totals by key state.
 #[utoipa::path(get, path = "/v1/key-rotations/{id}", params(("id" = String, Path, description = "Rotation id")),
     responses((status = 200, body = RotationView), (status = 404, body = Problem)))]
@@ -391,16 +336,6 @@ pub async fn get_rotation(
         terminals: status.terminals,
         totals,
     }))
-}
-
-/// How many previous keys were ended.
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ExpirePreviousResult {
-    /// Rotation id.
-    pub id: String,
-    /// Previous keys whose grace window was ended now.
-    pub expired: u64,
 }
 
 /// Ends the grace window of the keys this rotation replaced (terminals whose new key is ACTIVE).

@@ -4,6 +4,7 @@ pub mod accounts;
 pub mod audit;
 pub mod cards;
 pub mod keys;
+pub mod maintenance;
 pub mod saf;
 pub mod terminals;
 

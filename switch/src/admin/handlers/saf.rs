@@ -15,6 +15,7 @@ use crate::admin::error::{ApiError, Problem};
 use crate::admin::{AdminState, Idempotency, IdempotencyKey, idempotent};
 use crate::domain::mask_pan;
 use crate::store::{Advice, AdviceId, AdviceStatus, Page, SafFilter};
+pub use switchyard_api::{BacklogView, SafStatsView};
 
 /// One queued, delivered, dead or cancelled advice.
 #[derive(Debug, Serialize, ToSchema)]
@@ -157,36 +158,6 @@ pub async fn list(
         )
         .await?;
     Ok(axum::Json(advices.iter().map(AdviceView::from).collect()))
-}
-
-/// Backlog of one destination and priority.
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct BacklogView {
-    /// Upstream name.
-    pub destination: String,
-    /// Priority (0 highest).
-    pub priority: u8,
-    /// Advices waiting (including those leased right now).
-    pub count: u64,
-}
-
-/// Queue figures; the operator scales drainers from `backlog` and `inFlight`.
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct SafStatsView {
-    /// Advices waiting for delivery, all destinations.
-    pub backlog: u64,
-    /// Of those, leased by a drainer right now.
-    pub in_flight: u64,
-    /// Age of the oldest waiting advice, in seconds (0 when none).
-    pub oldest_age_seconds: u64,
-    /// Advices in the dead-letter list.
-    pub dead_letters: u64,
-    /// Advices delivered since the queue was created.
-    pub delivered_total: u64,
-    /// Backlog per destination and priority.
-    pub by_destination: Vec<BacklogView>,
 }
 
 /// Queue figures.
