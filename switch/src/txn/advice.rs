@@ -23,7 +23,7 @@
 //! card), requeueing the dead-lettered advice books it.
 
 use chrono::Utc;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use super::SwitchContext;
 use super::authorize::{Route, fill_outcome, new_auth_code, new_rrn, route_for};
@@ -76,7 +76,12 @@ pub async fn handle(
         return coded(ResponseCode::InvalidCard);
     }
     // stand-in data the acquirer holds for us is no card of ours to book
-    let card = match ctx.store.find_card(&ctx.hsm.pan_token(pan)).await {
+    let card = match ctx
+        .store
+        .find_card(&ctx.hsm.pan_token(pan))
+        .instrument(info_span!("store", op = "find_card"))
+        .await
+    {
         Ok(Some(card)) if card.upstream.is_none() => card,
         Ok(_) => {
             info!(%station, stan = %id.stan, "advice refused: card not issued here");
@@ -112,7 +117,12 @@ pub async fn handle(
         },
     };
     let auth = auth_request(head, None, posting);
-    match ctx.store.authorize(&auth).await {
+    match ctx
+        .store
+        .authorize(&auth)
+        .instrument(info_span!("store", op = "book_advice"))
+        .await
+    {
         Ok(AuthOutcome::Done(entry)) | Ok(AuthOutcome::Duplicate(entry)) => {
             if entry.approved() {
                 info!(%station, stan = %entry.identity.stan, amount, "advice booked");

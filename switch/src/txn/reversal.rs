@@ -5,6 +5,7 @@
 //! original is answered `21` and recorded.
 
 use chrono::Utc;
+use tracing::{Instrument, info_span};
 
 use super::SwitchContext;
 use super::authorize::new_rrn;
@@ -48,6 +49,7 @@ pub async fn handle(
             rrn: new_rrn(now),
             now,
         })
+        .instrument(info_span!("store", op = "reverse"))
         .await;
     match outcome {
         Ok(AuthOutcome::Done(entry)) | Ok(AuthOutcome::Duplicate(entry)) => {

@@ -297,7 +297,12 @@ async fn stand_in(
     if !policy.enabled || amount > policy.max_amount {
         return unavailable;
     }
-    let card = match ctx.store.find_card(&ctx.hsm.pan_token(&fin.pan)).await {
+    let card = match ctx
+        .store
+        .find_card(&ctx.hsm.pan_token(&fin.pan))
+        .instrument(info_span!("store", op = "find_card"))
+        .await
+    {
         Ok(Some(card)) if card.upstream.as_deref() == Some(link.name()) => card,
         // no stand-in data shared for this card: stand-in never skips the PIN
         Ok(_) => return unavailable,
@@ -444,7 +449,12 @@ async fn queue_reversal(
             .hold(advice, &"the store could not reserve a STAN");
         return Err(ResponseCode::SystemMalfunction);
     }
-    match ctx.store.saf_enqueue(&advice).await {
+    match ctx
+        .store
+        .saf_enqueue(&advice)
+        .instrument(info_span!("store", op = "saf_enqueue"))
+        .await
+    {
         Ok(_) => Ok(()),
         Err(err) => {
             // The issuer may hold a debit we cannot reverse now: the advice waits in memory
