@@ -1,7 +1,7 @@
 //! Operator metrics (SPEC §8 names), exposed on `/metrics` in the OpenMetrics text format.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -60,6 +60,26 @@ pub struct KeyRotationLabels {
     pub keyrotation: String,
 }
 
+/// `{reason}` of spans never exported.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// `queue_full` or `export_failed`.
+    pub reason: String,
+}
+
+/// `switchyard_operator_trace_spans_dropped_total{reason}`: process-wide, because the tracer
+/// is installed before the metrics exist and counts from the export thread.
+static SPANS_DROPPED: LazyLock<Family<ReasonLabel, Counter>> = LazyLock::new(Family::default);
+
+/// Counts `n` finished spans that were never exported (the telemetry crate's drop callback).
+pub fn count_dropped_spans(reason: &'static str, n: u64) {
+    SPANS_DROPPED
+        .get_or_create(&ReasonLabel {
+            reason: reason.to_string(),
+        })
+        .inc_by(n);
+}
+
 type HistogramFamily = Family<ControllerLabels, Histogram, fn() -> Histogram>;
 
 fn duration_histogram() -> Histogram {
@@ -90,6 +110,7 @@ impl Default for Metrics {
         let drainer_replicas = Family::<BankSwitchLabels, Gauge>::default();
         let key_rotations = Family::<RotationResultLabels, Counter>::default();
         let next_rotation = Family::<KeyRotationLabels, Gauge>::default();
+        let trace_spans_dropped = Family::<ReasonLabel, Counter>::clone(&SPANS_DROPPED);
         // Counter names get their `_total` suffix from the encoder.
         registry.register(
             "switchyard_operator_reconcile",
@@ -120,6 +141,11 @@ impl Default for Metrics {
             "switchyard_operator_next_rotation_timestamp_seconds",
             "When the next scheduled rotation of a KeyRotation starts (Unix seconds); absent while one runs or it is suspended",
             next_rotation.clone(),
+        );
+        registry.register(
+            "switchyard_operator_trace_spans_dropped",
+            "Finished spans never exported, by reason (queue_full: the collector is down or slow; export_failed: a batch it refused)",
+            trace_spans_dropped.clone(),
         );
         Self {
             registry,
@@ -274,6 +300,8 @@ mod tests {
         drop(metrics.reconcile_timer("keyrotation"));
         metrics.inc_key_rotations("succeeded");
         metrics.set_next_rotation("payments", "monthly", Some(1_767_225_600));
+        // what the telemetry crate's drop callback reports (the export thread, in production)
+        count_dropped_spans("queue_full", 2);
         let text = metrics.encode().expect("encodes");
         for needle in [
             r#"switchyard_operator_reconcile_total{controller="bankswitch",result="success"} 1"#,
@@ -284,6 +312,7 @@ mod tests {
             r#"switchyard_operator_reconcile_total{controller="keyrotation",result="success"} 1"#,
             r#"switchyard_operator_key_rotations_total{result="succeeded"} 1"#,
             r#"switchyard_operator_next_rotation_timestamp_seconds{keyrotation="payments/monthly"} 1767225600"#,
+            r#"switchyard_operator_trace_spans_dropped_total{reason="queue_full"} 2"#,
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -5,23 +5,20 @@
 //! `trace_id` and `span_id`. The SDK's batch processor holds at most 2048 finished spans (the
 //! standard `OTEL_BSP_MAX_QUEUE_SIZE`); beyond, spans are dropped rather than slow a reconcile.
 
-use std::fmt;
 use std::time::Duration;
 
-use opentelemetry::trace::{SpanContext, TraceContextExt, TracerProvider as _};
-use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::filter::{LevelFilter, Targets};
-use tracing_subscriber::fmt::format::{Format, Json, JsonFields, Writer};
-use tracing_subscriber::fmt::{FmtContext, FormatEvent};
+use tracing_subscriber::fmt::format::Format;
 use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 /// `service.name` unless `OTEL_SERVICE_NAME` says otherwise.
 const SERVICE_NAME: &str = "switchyard-operator";
+/// Default bound of the span queue.
+const DEFAULT_QUEUE_SIZE: usize = 2048;
 
 /// Keeps the tracer provider; dropping it flushes queued spans (bounded wait).
 #[derive(Debug, Default)]
@@ -35,6 +32,15 @@ impl Drop for Telemetry {
             let _ = p.shutdown_with_timeout(Duration::from_secs(3));
         }
     }
+}
+
+/// Finished spans waiting for export at most (the standard `OTEL_BSP_MAX_QUEUE_SIZE`).
+fn queue_size() -> usize {
+    std::env::var("OTEL_BSP_MAX_QUEUE_SIZE")
+        .ok()
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(DEFAULT_QUEUE_SIZE)
 }
 
 /// Installs the JSON subscriber (`RUST_LOG` overrides the default `info` level) and the
@@ -53,33 +59,23 @@ pub fn init() -> Telemetry {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| SERVICE_NAME.to_string());
-    let resource = Resource::builder().with_service_name(service).build();
-    let mut export_error = None;
-    // the exporter's reqwest client is built on rustls without a bundled provider
-    crate::switch_admin::install_crypto_provider();
-    let provider = match endpoint.as_deref().map(|e| {
-        opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_endpoint(format!("{e}/v1/traces"))
-            .with_timeout(Duration::from_secs(5))
-            .build()
-    }) {
-        Some(Ok(exporter)) => SdkTracerProvider::builder()
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                ratio,
-            ))))
-            .with_batch_exporter(exporter)
-            .with_resource(resource)
-            .build(),
-        other => {
-            if let Some(Err(err)) = other {
-                export_error = Some(err.to_string());
-            }
-            SdkTracerProvider::builder()
-                .with_sampler(Sampler::AlwaysOff)
-                .with_resource(resource)
-                .build()
-        }
+    let export = endpoint
+        .as_ref()
+        .map(|endpoint| switchyard_telemetry::Export {
+            endpoint: endpoint.clone(),
+            sample_ratio: ratio,
+            max_queue_size: queue_size(),
+        });
+    let (provider, export_error) = match switchyard_telemetry::tracer_provider(
+        export.as_ref(),
+        service.clone(),
+        crate::metrics::count_dropped_spans,
+    ) {
+        Ok(provider) => (provider, None),
+        Err(err) => (
+            switchyard_telemetry::ids_only(service),
+            Some(err.to_string()),
+        ),
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt::layer()
@@ -87,7 +83,7 @@ pub fn init() -> Telemetry {
         .with_current_span(true)
         .with_span_list(false)
         .with_target(false)
-        .event_format(WithTraceIds(
+        .event_format(switchyard_telemetry::WithTraceIds(
             Format::default()
                 .json()
                 .with_current_span(true)
@@ -111,45 +107,5 @@ pub fn init() -> Telemetry {
     }
     Telemetry {
         provider: Some(provider),
-    }
-}
-
-/// The JSON event format with the current span's `trace_id` and `span_id` appended.
-#[derive(Debug)]
-struct WithTraceIds(Format<Json>);
-
-impl<S> FormatEvent<S, JsonFields> for WithTraceIds
-where
-    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
-{
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, JsonFields>,
-        mut writer: Writer<'_>,
-        event: &tracing::Event<'_>,
-    ) -> fmt::Result {
-        let ids = ctx
-            .lookup_current()
-            .and_then(|span| {
-                tracing::dispatcher::get_default(|d| {
-                    tracing_opentelemetry::get_otel_context(&span.id(), d)
-                })
-            })
-            .map(|cx| cx.span().span_context().clone())
-            .filter(SpanContext::is_valid);
-        let Some(sc) = ids else {
-            return self.0.format_event(ctx, writer, event);
-        };
-        let mut line = String::new();
-        self.0.format_event(ctx, Writer::new(&mut line), event)?;
-        match line.trim_end().strip_suffix('}') {
-            Some(body) => writeln!(
-                writer,
-                "{body},\"trace_id\":\"{}\",\"span_id\":\"{}\"}}",
-                sc.trace_id(),
-                sc.span_id()
-            ),
-            None => writer.write_str(&line),
-        }
     }
 }

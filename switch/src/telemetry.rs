@@ -7,7 +7,8 @@
 //!
 //! Traces: `tracing` spans become OpenTelemetry spans (`tracing-opentelemetry`). With an OTLP
 //! endpoint (`[telemetry] otlp_endpoint` or `OTEL_EXPORTER_OTLP_ENDPOINT`) sampled spans are
-//! exported as OTLP over HTTP/protobuf by the SDK's batch processor on its own thread. A span
+//! exported as OTLP over HTTP/protobuf by the SDK's batch processor on its own thread (the
+//! `switchyard-telemetry` crate, which the operator uses too). A span
 //! ends into a bounded queue without waiting: when the queue is full (the collector is down
 //! or slow) the span is dropped and counted in `switchyard_trace_spans_dropped_total
 //! {reason="queue_full"}`; spans of a batch the collector refused or never took are counted
@@ -15,29 +16,19 @@
 //! endpoint nothing is recorded, but spans still get trace ids, so logs stay correlated.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::io::IsTerminal;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{SpanContext, TraceContextExt, TracerProvider as _};
-use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, SpanData, SpanExporter,
-    SpanProcessor,
-};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use switchyard_telemetry::WithTraceIds;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::{LevelFilter, Targets};
-use tracing_subscriber::fmt::format::{Format, Json, JsonFields, Writer};
-use tracing_subscriber::fmt::{FmtContext, FormatEvent};
+use tracing_subscriber::fmt::format::Format;
 use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
@@ -60,10 +51,8 @@ pub const SERVICE_NAME: &str = "switchyard-switch";
 
 /// How long shutdown waits for the last spans to reach the collector.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
-/// One export request's timeout: the export thread is never held longer per try.
-const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn count_dropped(reason: &str, n: u64) {
+fn count_dropped(reason: &'static str, n: u64) {
     crate::metrics::spans_dropped()
         .get_or_create(&ReasonLabel {
             reason: reason.to_string(),
@@ -124,52 +113,20 @@ fn service_name() -> String {
 }
 
 /// The tracer provider for `export` (public for the tests, which build one against their own
-/// receiver): a ratio sampler that follows a sampled parent, the OTLP/HTTP exporter behind a
-/// bounded batch queue. Without `export`: nothing is sampled, spans only carry ids.
+/// receiver): see `switchyard_telemetry::tracer_provider`; drops are counted in
+/// `switchyard_trace_spans_dropped_total{reason}`. Without `export`: nothing is sampled, spans
+/// only carry ids.
 pub fn tracer_provider(
     export: Option<&TraceExport>,
     service: String,
 ) -> Result<SdkTracerProvider, TelemetryError> {
-    let resource = Resource::builder().with_service_name(service).build();
-    let Some(export) = export else {
-        return Ok(SdkTracerProvider::builder()
-            .with_sampler(Sampler::AlwaysOff)
-            .with_resource(resource)
-            .build());
-    };
-    // reqwest looks the rustls provider up (we build it without one of its own)
-    crate::tls::install_crypto_provider();
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_endpoint(format!("{}/v1/traces", export.endpoint))
-        .with_timeout(EXPORT_TIMEOUT)
-        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-        .build()
-        .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
-    let queued = Arc::new(AtomicUsize::new(0));
-    let batch = BatchSpanProcessor::builder(CountingExporter {
-        inner: exporter,
-        queued: queued.clone(),
-    })
-    .with_batch_config(
-        BatchConfigBuilder::default()
-            .with_max_queue_size(export.max_queue_size)
-            .with_scheduled_delay(Duration::from_millis(500))
-            .build(),
-    )
-    .build();
-    let processor = BoundedQueue {
-        inner: batch,
-        queued,
-        capacity: export.max_queue_size,
-    };
-    Ok(SdkTracerProvider::builder()
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            export.sample_ratio,
-        ))))
-        .with_span_processor(processor)
-        .with_resource(resource)
-        .build())
+    let export = export.map(|e| switchyard_telemetry::Export {
+        endpoint: e.endpoint.clone(),
+        sample_ratio: e.sample_ratio,
+        max_queue_size: e.max_queue_size,
+    });
+    switchyard_telemetry::tracer_provider(export.as_ref(), service, count_dropped)
+        .map_err(|e| TelemetryError::Exporter(e.to_string()))
 }
 
 fn install(format: LogFormat, default_level: &str, provider: &SdkTracerProvider) {
@@ -201,132 +158,6 @@ fn install(format: LogFormat, default_level: &str, provider: &SdkTracerProvider)
         .with(fmt.with_filter(filter))
         .with(otel)
         .try_init();
-}
-
-/// The JSON event format with the current span's `trace_id` and `span_id` appended.
-#[derive(Debug)]
-struct WithTraceIds(Format<Json>);
-
-impl<S> FormatEvent<S, JsonFields> for WithTraceIds
-where
-    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
-{
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, JsonFields>,
-        mut writer: Writer<'_>,
-        event: &tracing::Event<'_>,
-    ) -> fmt::Result {
-        // read before formatting: the formatter holds span extensions while it writes
-        let ids = ctx.lookup_current().and_then(|span| {
-            tracing::dispatcher::get_default(|d| {
-                tracing_opentelemetry::get_otel_context(&span.id(), d)
-            })
-        });
-        let ids = ids
-            .map(|cx| cx.span().span_context().clone())
-            .filter(SpanContext::is_valid);
-        let Some(sc) = ids else {
-            return self.0.format_event(ctx, writer, event);
-        };
-        let mut line = String::new();
-        self.0.format_event(ctx, Writer::new(&mut line), event)?;
-        let trimmed = line.trim_end();
-        match trimmed.strip_suffix('}') {
-            Some(body) => {
-                let sep = if body.trim_end().ends_with('{') {
-                    ""
-                } else {
-                    ","
-                };
-                writeln!(
-                    writer,
-                    "{body}{sep}\"trace_id\":\"{}\",\"span_id\":\"{}\"}}",
-                    sc.trace_id(),
-                    sc.span_id()
-                )
-            }
-            None => writer.write_str(&line),
-        }
-    }
-}
-
-/// Bounds the spans waiting for export: counted from `on_end` until the exporter takes their
-/// batch. The SDK's own queue has the same bound but does not expose its drops; this one is
-/// checked first (it counts a superset: queued plus batched-not-yet-exported), so every span
-/// dropped for a full queue is counted here.
-#[derive(Debug)]
-struct BoundedQueue {
-    inner: BatchSpanProcessor,
-    queued: Arc<AtomicUsize>,
-    capacity: usize,
-}
-
-impl SpanProcessor for BoundedQueue {
-    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &opentelemetry::Context) {
-        self.inner.on_start(span, cx);
-    }
-
-    fn on_end(&self, span: SpanData) {
-        if !span.span_context.is_sampled() {
-            return;
-        }
-        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.capacity {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
-            count_dropped("queue_full", 1);
-            return;
-        }
-        self.inner.on_end(span);
-    }
-
-    fn force_flush(&self) -> OTelSdkResult {
-        self.inner.force_flush()
-    }
-
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.inner.shutdown_with_timeout(timeout)
-    }
-
-    fn set_resource(&mut self, resource: &Resource) {
-        self.inner.set_resource(resource);
-    }
-}
-
-/// The OTLP exporter, releasing queue places as batches leave and counting failed batches.
-#[derive(Debug)]
-struct CountingExporter<E> {
-    inner: E,
-    queued: Arc<AtomicUsize>,
-}
-
-impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
-    fn export(
-        &self,
-        batch: Vec<SpanData>,
-    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
-        let n = batch.len();
-        self.queued.fetch_sub(n, Ordering::AcqRel);
-        let sent = self.inner.export(batch);
-        async move {
-            let result = sent.await;
-            if result.is_err() {
-                count_dropped("export_failed", n as u64);
-            }
-            result
-        }
-    }
-
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.inner.shutdown_with_timeout(timeout)
-    }
-
-    fn force_flush(&self) -> OTelSdkResult {
-        self.inner.force_flush()
-    }
-
-    fn set_resource(&mut self, resource: &Resource) {
-        self.inner.set_resource(resource);
-    }
 }
 
 /// The W3C `traceparent` of `span` (`00-<trace id>-<span id>-<flags>`), or `None` when the
