@@ -13,11 +13,14 @@
 #      withdrawal, in as many threads as the machine has cores;
 #   2. the switch: `switchyard-atm load` against a release `switchyard-switch serve` on the same
 #      database, every request a MACed 0200 with a format 4 PIN block;
-#   3. the ratio, and the CPU the load generator used (so it is seen not to be the bottleneck).
+#   3. the ratio, and the CPU the load generator used (so it is seen not to be the bottleneck);
+#   4. the p99 at an open-loop rate of half the switch's maximum, and on PostgreSQL pgbench's
+#      own p99 for its same-shaped transaction paced at half pgbench's maximum (`pgbench -R`),
+#      so the tail this machine allows the database itself is printed beside ours.
 #
-# Env: CONNECTIONS (64), DURATION (seconds, 10), SCENARIOS ("balance withdrawal"), PROFILE
-# (release; `debug` only checks the script itself, its figures mean nothing), SKIP_BUILD (set:
-# use the binaries already built).
+# Env: CONNECTIONS (64), DURATION (seconds, 10), SCENARIOS ("balance withdrawal"), POOL (the
+# switch's database connections, 32), PROFILE (release; `debug` only checks the script itself,
+# its figures mean nothing), SKIP_BUILD (set: use the binaries already built).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -46,10 +49,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$dir/lmk.hex"
-head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$dir/kek.hex"
-printf 'admin:%s\n' "$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')" > "$dir/tokens"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shared with traces.sh: keys and token in $dir, free_port, serve, stop_switch, load
+source e2e/bench/lib.sh
+bench_keys
 
 # --- the ceilings -------------------------------------------------------------------------
 
@@ -121,6 +123,15 @@ SQL
         | awk '/^tps/ {printf "%.0f\n", $3}'
 }
 
+pg_paced_p99() { # $1: withdrawal|balance, $2: rate; prints pgbench's own p99 (ms) at that rate
+    rm -f "$dir"/pglog.*
+    pgbench -n -c "$connections" -j 2 -T "$seconds" -R "$2" -l --log-prefix="$dir/pglog" \
+        -f "$dir/pgbench-$1.sql" "$pg_url" >/dev/null 2>&1
+    # per-transaction log: column 3 is the latency in µs (schedule lag included, as in ours)
+    cat "$dir"/pglog.* | awk '{print $3}' | sort -n \
+        | awk '{v[NR] = $1} END {if (NR) printf "%.1f", v[int(NR * 0.99)] / 1000; else print "?"}'
+}
+
 pg_prepare() {
     eval "$(bash .ci/postgres.sh start "$pg_dir")"
     pg_url=$SWITCHYARD_TEST_DATABASE_URL
@@ -135,51 +146,6 @@ SQL
 
 # --- the switch ---------------------------------------------------------------------------
 
-serve() { # $1: database URL
-    iso=$(free_port); admin=$(free_port); metrics=$(free_port)
-    SWITCHYARD_ISO8583__LISTEN=127.0.0.1:$iso \
-    SWITCHYARD_ISO8583__MAX_CONNECTIONS_PER_IP=1000000 \
-    SWITCHYARD_ADMIN__RATE_LIMIT_PER_SECOND=100000 \
-    SWITCHYARD_ADMIN__RATE_LIMIT_BURST=100000 \
-    SWITCHYARD_ADMIN__LISTEN=127.0.0.1:$admin \
-    SWITCHYARD_METRICS__LISTEN=127.0.0.1:$metrics \
-    SWITCHYARD_ADMIN__TOKENS_FILE=$dir/tokens \
-    SWITCHYARD_KEYS__LMK_FILE=$dir/lmk.hex \
-    SWITCHYARD_KEYS__KEK_FILE=$dir/kek.hex \
-    SWITCHYARD_DATABASE__URL=$1 \
-    SWITCHYARD_DATABASE__MAX_CONNECTIONS=${POOL:-32} \
-    SWITCHYARD_ROUTING__ON_US='["6011"]' \
-    RUST_LOG=warn "$bin/switchyard-switch" serve --migrate --log-format json > "$dir/switch.log" 2>&1 &
-    pid=$!
-    for _ in $(seq 200); do
-        curl -sf "http://127.0.0.1:$metrics/readyz" >/dev/null && return 0
-        sleep 0.1
-    done
-    echo "the switch did not become ready; its log:" >&2
-    tail -20 "$dir/switch.log" >&2
-    exit 1
-}
-
-stop_switch() {
-    kill "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    pid=
-}
-
-load() { # $1: scenario, $2: open-loop rate (empty: closed loop); prints "rate p99 cpu%"
-    local out=$dir/load.out
-    /usr/bin/time -f '%U %S' -o "$dir/time.out" \
-        "$bin/switchyard-atm" --iso "127.0.0.1:$iso" --admin "http://127.0.0.1:$admin" \
-        --token-file "$dir/tokens" --kek-file "$dir/kek.hex" \
-        load --connections "$connections" --duration "${seconds}s" --scenario "$1" \
-        ${2:+--rate "$2"} > "$out" 2>&1
-    local rate p99 cpu
-    rate=$(sed -n 's/.*= \([0-9]*\)\/s.*/\1/p' "$out" | tail -1)
-    p99=$(sed -n 's/.*p99 \([0-9.]*\) ms.*/\1/p' "$out" | tail -1)
-    cpu=$(awk -v s="$seconds" '{printf "%.0f", ($1 + $2) * 100 / s}' "$dir/time.out")
-    echo "${rate:-0} ${p99:-?} $cpu"
-}
-
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.0f %%", a * 100 / b; else print "n/a" }'; }
 
 # PostgreSQL only: database transactions committed per answered request. Outside a transaction
@@ -187,7 +153,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.0f %%", a * 100 
 # load generator's provisioning through the admin API, a few hundred in all).
 xacts() { psql -tA "$pg_url" -c "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"; }
 
-printf '%-10s %-11s %12s %10s %10s %8s %14s %10s %18s\n' backend scenario switch/s "p99 ms" ceiling/s share "atm-load CPU" "xacts/req" "p99 at half rate"
+printf '%-10s %-11s %12s %10s %10s %8s %14s %10s %22s %26s\n' backend scenario switch/s "p99 ms" ceiling/s share "atm-load CPU" "xacts/req" "p99 at half rate" "db's p99 at half its rate"
 for backend in $backends; do
     case $backend in
         sqlite)
@@ -199,6 +165,10 @@ for backend in $backends; do
             pg_prepare
             ceiling_withdrawal=$(pg_ceiling withdrawal)
             ceiling_balance=$(pg_ceiling balance)
+            # the database's own tail at half its own maximum (pgbench -R), before the switch
+            # runs: what this machine allows
+            db_p99_withdrawal="$(pg_paced_p99 withdrawal $((ceiling_withdrawal / 2))) ms @ $((ceiling_withdrawal / 2))/s"
+            db_p99_balance="$(pg_paced_p99 balance $((ceiling_balance / 2))) ms @ $((ceiling_balance / 2))/s"
             serve "$pg_url"
             ;;
         *) echo "unknown backend $backend" >&2; exit 2 ;;
@@ -217,8 +187,13 @@ for backend in $backends; do
         read -r _ half_p99 _ < <(load "$scenario" "$half")
         ceiling=$ceiling_withdrawal
         [[ $scenario == balance ]] && ceiling=$ceiling_balance
-        printf '%-10s %-11s %12s %10s %10s %8s %13s%% %10s %18s\n' "$backend" "$scenario" "$rate" "$p99" \
-            "$ceiling" "$(ratio "$rate" "$ceiling")" "$cpu" "$per" "$half_p99 ms @ $half/s"
+        db_p99=-
+        if [[ $backend == postgres ]]; then
+            db_p99=$db_p99_withdrawal
+            [[ $scenario == balance ]] && db_p99=$db_p99_balance
+        fi
+        printf '%-10s %-11s %12s %10s %10s %8s %13s%% %10s %22s %26s\n' "$backend" "$scenario" "$rate" "$p99" \
+            "$ceiling" "$(ratio "$rate" "$ceiling")" "$cpu" "$per" "$half_p99 ms @ $half/s" "$db_p99"
     done
     stop_switch
 done
