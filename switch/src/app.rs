@@ -319,6 +319,10 @@ async fn run(
         Duration::from_secs(1),
         stop_background.clone(),
     ));
+    let idempotency_purge = tokio::spawn(crate::admin::purge_idempotency_records(
+        ctx.clone(),
+        stop_background.clone(),
+    ));
     let mut upstream_tasks = ctx.upstreams.start(in_process_drainer(&ctx).then(|| {
         Drainer::new(
             ctx.store.clone(),
@@ -405,6 +409,7 @@ async fn run(
     let _ = metrics_server.await;
     let _ = watcher.await;
     let _ = activations.await;
+    let _ = idempotency_purge.await;
     let _ = gauges.await;
     let _ = heartbeat.await;
     let _ = pusher.await;

@@ -280,6 +280,10 @@ pub struct AdminSettings {
     pub request_timeout: Duration,
     /// Open connections beyond this are closed at accept.
     pub max_connections: usize,
+    /// How long an `Idempotency-Key` is remembered: older records are deleted (checked every
+    /// hour), and a retry after that runs as a new request. At least one hour.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_retention: Duration,
     /// `[admin.tls]`: when set, the admin API is HTTPS only (SPEC §2).
     pub tls: Option<ServerTlsSettings>,
 }
@@ -337,6 +341,7 @@ impl Default for AdminSettings {
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(60),
             max_connections: 256,
+            idempotency_retention: Duration::from_secs(24 * 3600),
             tls: None,
         }
     }
@@ -817,6 +822,11 @@ impl Settings {
                 )));
             }
         }
+        if admin.idempotency_retention < Duration::from_secs(3600) {
+            return Err(SettingsError::Value(
+                "admin.idempotency_retention must be at least 1h".into(),
+            ));
+        }
         if self.metrics.refresh_interval.is_zero() {
             return Err(SettingsError::Value(
                 "metrics.refresh_interval must be above zero".into(),
@@ -1131,6 +1141,33 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn idempotency_retention_defaults_to_a_day_and_refuses_less_than_an_hour() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(
+            s.admin.idempotency_retention,
+            Duration::from_secs(24 * 3600)
+        );
+        let s = Settings::load_from(
+            None,
+            env(&[("SWITCHYARD_ADMIN__IDEMPOTENCY_RETENTION", "7d")]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.admin.idempotency_retention,
+            Duration::from_secs(7 * 24 * 3600)
+        );
+        let err = Settings::load_from(
+            None,
+            env(&[("SWITCHYARD_ADMIN__IDEMPOTENCY_RETENTION", "10m")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("admin.idempotency_retention"),
+            "{err}"
+        );
     }
 
     #[test]

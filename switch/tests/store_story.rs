@@ -36,6 +36,7 @@ stories!(
     audit_round_trip,
     idempotency_claims_commit_with_the_write,
     racing_idempotent_writes_apply_once,
+    expired_idempotency_records_are_purged_in_chunks,
     migration_status_is_current_after_migrate,
     saf_delivers_fifo_within_priority,
     saf_enqueue_is_idempotent,
@@ -1913,6 +1914,40 @@ async fn idempotency_claims_commit_with_the_write(store: Store) {
         .await
         .unwrap();
     assert!(store.idempotency_get("km-3").await.unwrap().is_none());
+}
+
+/// Records older than the retention go, in bounded chunks; newer ones stay.
+async fn expired_idempotency_records_are_purged_in_chunks(store: Store) {
+    let answer = StoredAnswer {
+        status: 201,
+        body: "{}".into(),
+    };
+    for i in 0..3 {
+        let c = claim(&format!("km-p{i}"), "rm", &format!("attempt-{i}"));
+        assert!(store.idempotency_finish(&c, &answer).await.unwrap());
+    }
+    let now = Utc::now();
+    // nothing is older than an hour ago
+    let hour_ago = now - chrono::Duration::hours(1);
+    assert_eq!(store.purge_idempotency(hour_ago, 1000).await.unwrap(), 0);
+    assert!(store.idempotency_get("km-p0").await.unwrap().is_some());
+    // everything is older than a second from now: one chunk of two, then the last one
+    let later = now + chrono::Duration::seconds(1);
+    assert_eq!(store.purge_idempotency(later, 2).await.unwrap(), 2);
+    assert_eq!(store.purge_idempotency(later, 2).await.unwrap(), 1);
+    assert_eq!(store.purge_idempotency(later, 2).await.unwrap(), 0);
+    for i in 0..3 {
+        assert!(
+            store
+                .idempotency_get(&format!("km-p{i}"))
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+    // a purged key is free again: a retry after the retention runs as a new request
+    let again = claim("km-p0", "rm-other", "attempt-new");
+    assert!(store.idempotency_finish(&again, &answer).await.unwrap());
 }
 
 /// Many attempts of one request at the same instant: exactly one write is applied.

@@ -543,6 +543,55 @@ impl Modify for BearerAuth {
 )]
 pub struct ApiDoc;
 
+/// How often expired `Idempotency-Key` records are looked for.
+const IDEMPOTENCY_PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Records one purge statement deletes at most.
+const IDEMPOTENCY_PURGE_CHUNK: u32 = 1000;
+
+/// Deletes `Idempotency-Key` records older than `admin.idempotency_retention`, now and every
+/// hour, until `stop`; in chunks, so a large backlog never holds the table in one transaction.
+/// Every replica may run it: deleting what another replica deleted is nothing.
+pub async fn purge_idempotency_records(
+    ctx: Arc<SwitchContext>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let retention = ctx.settings.admin.idempotency_retention;
+    let mut tick = tokio::time::interval(IDEMPOTENCY_PURGE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(retention) = chrono::Duration::from_std(retention) else {
+            return;
+        };
+        let before = Utc::now() - retention;
+        let mut purged = 0u64;
+        loop {
+            match ctx
+                .store
+                .purge_idempotency(before, IDEMPOTENCY_PURGE_CHUNK)
+                .await
+            {
+                Ok(n) => {
+                    purged += n;
+                    if n < u64::from(IDEMPOTENCY_PURGE_CHUNK) || stop.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "purging expired Idempotency-Key records failed; will retry");
+                    break;
+                }
+            }
+        }
+        if purged > 0 {
+            tracing::info!(purged, "expired Idempotency-Key records deleted");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

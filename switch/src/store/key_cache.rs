@@ -440,6 +440,13 @@ impl Database for KeyCachingStore {
     ) -> Result<bool, StoreError> {
         self.inner.idempotency_finish(claim, answer).await
     }
+    async fn purge_idempotency(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        self.inner.purge_idempotency(before, limit).await
+    }
     async fn saf_enqueue(&self, a: &NewAdvice) -> Result<EnqueueOutcome, StoreError> {
         self.inner.saf_enqueue(a).await
     }

@@ -292,6 +292,10 @@ pub trait Database: Send + Sync + std::fmt::Debug {
         claim: &IdempotencyClaim,
         answer: &StoredAnswer,
     ) -> Result<bool, StoreError>;
+    /// Deletes up to `limit` `Idempotency-Key` records created before `before`; returns how many
+    /// it deleted (fewer than `limit`: none older is left).
+    async fn purge_idempotency(&self, before: DateTime<Utc>, limit: u32)
+    -> Result<u64, StoreError>;
 
     /// Queues an advice for an upstream. A second enqueue with the same idempotency key stores
     /// nothing and answers `AlreadyQueued` with the first advice's id, whatever its status.

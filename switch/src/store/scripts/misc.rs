@@ -197,3 +197,18 @@ pub(crate) async fn idempotency_finish(
         .await?;
     Ok(inserted == 1)
 }
+
+/// Deletes up to `limit` claims created before `before` (a bounded statement: a large backlog
+/// goes in several short transactions rather than one that holds the table).
+pub(crate) async fn purge_idempotency(
+    c: &mut impl Conn,
+    before: DateTime<Utc>,
+    limit: u32,
+) -> Result<u64, StoreError> {
+    c.execute(
+        "DELETE FROM idempotency_claims WHERE key_mac IN \
+         (SELECT key_mac FROM idempotency_claims WHERE created_at < $1 LIMIT $2)",
+        &[Arg::from(micros(before)), Arg::from(limit)],
+    )
+    .await
+}

@@ -313,6 +313,14 @@ impl<E: Engine> Database for CoreStore<E> {
         write_script!(self, |c| misc::idempotency_finish(c, &claim, &answer).await)
     }
 
+    async fn purge_idempotency(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        write_script!(self, |c| misc::purge_idempotency(c, before, limit).await)
+    }
+
     async fn saf_enqueue(&self, a: &NewAdvice) -> Result<EnqueueOutcome, StoreError> {
         let a = a.clone();
         write_script!(self, |c| common::insert_advice(c, &a).await)
