@@ -49,7 +49,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# shared with traces.sh: keys and token in $dir, free_port, serve, stop_switch, load
+# shared with load.sh and traces.sh: keys and token in $dir, free_port, serve, stop_switch, load
 source e2e/bench/lib.sh
 bench_keys
 

@@ -1,4 +1,4 @@
-# Shared by the single-switch benchmarks (compare.sh, traces.sh); sourced, not run.
+# Shared by the single-switch benchmarks (compare.sh, load.sh, traces.sh); sourced, not run.
 # Expects: $dir (a scratch directory), $bin (where switchyard-switch and switchyard-atm are),
 # $connections and $seconds (load shape). serve/load set and read $iso, $admin, $metrics, $pid.
 
@@ -12,6 +12,8 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 serve() { # $1: database URL; the caller's SWITCHYARD_* environment (e.g. [telemetry]) applies too
     iso=$(free_port); admin=$(free_port); metrics=$(free_port)
+    # Every simulated ATM connects from 127.0.0.1 and is provisioned with one token, so the
+    # per-address connection cap and the admin rate limits are lifted for the benchmark.
     SWITCHYARD_ISO8583__LISTEN=127.0.0.1:$iso \
     SWITCHYARD_ISO8583__MAX_CONNECTIONS_PER_IP=1000000 \
     SWITCHYARD_ADMIN__RATE_LIMIT_PER_SECOND=100000 \

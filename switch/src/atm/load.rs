@@ -322,18 +322,27 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         .progress
         .then(|| tokio::spawn(report_live(live.clone(), started)));
     let mut tasks = Vec::new();
-    for (mut client, card) in clients {
+    let connections = clients.len().max(1) as f64;
+    for (n, (mut client, card)) in clients.into_iter().enumerate() {
         let scenario = opts.scenario;
         let live = live.clone();
+        // Paced connections take turns: the n-th starts n/connections of an interval late, so
+        // requests arrive evenly spread rather than one from every connection at the same
+        // instant (a burst as large as the connection count each interval, which measures the
+        // burst's queue, not the rate).
+        let first_tick = per_connection_interval
+            .map(|every| tokio::time::Instant::now() + every.mul_f64(n as f64 / connections));
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(4096);
             let mut codes: BTreeMap<String, u64> = BTreeMap::new();
             let mut errors = 0u64;
-            let mut ticker = per_connection_interval.map(|i| {
-                let mut t = tokio::time::interval(i);
-                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                t
-            });
+            let mut ticker = per_connection_interval
+                .zip(first_tick)
+                .map(|(every, first)| {
+                    let mut t = tokio::time::interval_at(first, every);
+                    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    t
+                });
             while Instant::now() < deadline {
                 if let Some(t) = ticker.as_mut() {
                     t.tick().await;
