@@ -123,6 +123,8 @@ SQL
         | awk '/^tps/ {printf "%.0f\n", $3}'
 }
 
+settle() { psql -q "$pg_url" -c "VACUUM ANALYZE" -c "CHECKPOINT" >/dev/null; }
+
 pg_paced_p99() { # $1: withdrawal|balance, $2: rate; prints pgbench's own p99 (ms) at that rate
     rm -f "$dir"/pglog.*
     pgbench -n -c "$connections" -j 2 -T "$seconds" -R "$2" -l --log-prefix="$dir/pglog" \
@@ -166,9 +168,14 @@ for backend in $backends; do
             ceiling_withdrawal=$(pg_ceiling withdrawal)
             ceiling_balance=$(pg_ceiling balance)
             # the database's own tail at half its own maximum (pgbench -R), before the switch
-            # runs: what this machine allows
+            # runs: what this machine allows. Each paced run, and the switch, start on a
+            # settled database: a full-speed run leaves dirty buffers and dead row versions
+            # whose clean-up (checkpoint, vacuum) would land in the next run's tail.
+            settle
             db_p99_withdrawal="$(pg_paced_p99 withdrawal $((ceiling_withdrawal / 2))) ms @ $((ceiling_withdrawal / 2))/s"
+            settle
             db_p99_balance="$(pg_paced_p99 balance $((ceiling_balance / 2))) ms @ $((ceiling_balance / 2))/s"
+            settle
             serve "$pg_url"
             ;;
         *) echo "unknown backend $backend" >&2; exit 2 ;;
