@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Backend, TestSwitch, card};
+use common::{Backend, TestSwitch, card, free_port};
 use sqlx::Row;
 use switchyard_switch::atm::AtmClient;
 use switchyard_switch::atm::provision::AdminClient;
@@ -26,14 +26,6 @@ const AMOUNT: i64 = 1_000;
 
 fn pan(i: usize) -> String {
     format!("601100000000{:04}", 7000 + i)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Runs `switchyard-switch --config <config> <args>`.

@@ -17,28 +17,12 @@ use switchyard_switch::domain::{KeyType, TerminalId};
 use switchyard_switch::iso8583::Packager;
 use switchyard_switch::store::{self, AdviceMti, ConnectOptions, NewAdvice};
 
-use common::{Backend, TestDb, sample};
+use common::{Backend, TestDb, free_port, random_hex, sample};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchyard-switch");
 const ISSUER_PAN: &str = "4111111111111111";
 const UNKNOWN_AT_ISSUER_PAN: &str = "4111999999999999";
 const ISSUER_START: i64 = 1_000_000;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn random_hex(bytes: usize) -> String {
-    hex::encode(
-        (0..bytes)
-            .map(|_| rand::random::<u8>())
-            .collect::<Vec<u8>>(),
-    )
-}
 
 /// One switch process: its files, ports, admin client, and the child while it runs.
 struct Node {

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{free_port, random_hex};
 use serde_json::{Value, json};
 use switchyard_switch::atm::provision::AdminClient;
 use switchyard_switch::atm::{AtmClient, AtmError, CardInput};
@@ -37,22 +38,6 @@ const PG_ENV: &str = "SWITCHYARD_TEST_DATABASE_URL";
 /// behind the notifications, so a prompt close in this test is the notification's doing.
 const HEARTBEAT: &str = "3s";
 const LEASE: &str = "6s";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn random_hex(bytes: usize) -> String {
-    hex::encode(
-        (0..bytes)
-            .map(|_| rand::random::<u8>())
-            .collect::<Vec<u8>>(),
-    )
-}
 
 /// One replica: its config, ports, admin client, and the child while it runs.
 struct Replica {

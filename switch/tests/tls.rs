@@ -18,7 +18,7 @@ use switchyard_switch::settings::ServerTlsSettings;
 use switchyard_switch::tls::TlsClient;
 use switchyard_switch::tls::dev::{DevCa, write_file};
 
-use common::{Backend, TestSwitch, card, sample};
+use common::{Backend, TestSwitch, card, free_port, random_hex, sample};
 
 /// A CA and the certificates a test needs, written into one directory.
 struct Pki {
@@ -352,22 +352,6 @@ async fn renewed_certificate_reaches_new_connections_and_open_ones_keep_working(
 // --- an upstream link over mutual TLS between two processes -------------------------------
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchyard-switch");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn random_hex(bytes: usize) -> String {
-    hex::encode(
-        (0..bytes)
-            .map(|_| rand::random::<u8>())
-            .collect::<Vec<u8>>(),
-    )
-}
 
 /// One `switchyard-switch serve` process on SQLite with plain admin and metrics ports.
 struct Process {

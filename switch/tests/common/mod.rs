@@ -228,6 +228,24 @@ pub fn sample(text: &str, name: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// A free TCP port on the loopback (bound, then released for the process under test).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `bytes` random bytes as lowercase hex: throwaway LMKs, KEKs and tokens.
+pub fn random_hex(bytes: usize) -> String {
+    hex::encode(
+        (0..bytes)
+            .map(|_| rand::random::<u8>())
+            .collect::<Vec<u8>>(),
+    )
+}
+
 /// Runs `$body(backend)` as one test per backend.
 #[macro_export]
 macro_rules! on_both_backends {
