@@ -119,27 +119,6 @@ fn token() -> BearerToken {
     BearerToken::parse(TOKEN, TokenFormat::Bare).expect("token")
 }
 
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 fn bank_switch(tls: serde_json::Value) -> BankSwitch {
     serde_json::from_value(json!({
         "apiVersion": "switchyard.io/v1alpha1", "kind": "BankSwitch",
@@ -159,7 +138,7 @@ fn tls_secret(name: &str, label: &str, ca_pem: &str) -> serde_json::Value {
     json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
            "metadata": {"name": name, "namespace": NS,
                         "labels": {"switchyard.io/bankswitch": label}},
-           "data": {"tls.crt": "eA==", "tls.key": "eA==", "ca.crt": base64(ca_pem.as_bytes())}})
+           "data": {"tls.crt": "eA==", "tls.key": "eA==", "ca.crt": fake_api::secret_value(ca_pem.as_bytes())}})
 }
 
 #[tokio::test]

@@ -50,27 +50,6 @@ fn deploy_path(name: &str) -> String {
     format!("/apis/apps/v1/namespaces/{NS}/deployments/{name}")
 }
 
-fn b64(s: &str) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in s.as_bytes().chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 /// Every Secret the postgres-full fixture names, labelled for it; the admin tokens file holds
 /// the fake switch's admin token.
 fn insert_secrets(fake: &FakeApi) {
@@ -89,7 +68,7 @@ fn insert_secrets(fake: &FakeApi) {
             } else {
                 (*v).to_owned()
             };
-            data.insert((*k).to_owned(), json!(b64(&v)));
+            data.insert((*k).to_owned(), fake_api::secret_value(v.as_bytes()));
         }
         fake.insert(
             &format!("/api/v1/namespaces/{NS}/secrets/{name}"),

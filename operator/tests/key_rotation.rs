@@ -74,30 +74,8 @@ fn admin_secret() -> Value {
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "atm-admin", "namespace": NS,
                      "labels": {"switchyard.io/bankswitch": "atm"}},
-        "data": {"tokens": base64(tokens.as_bytes())}
+        "data": {"tokens": fake_api::secret_value(tokens.as_bytes())}
     })
-}
-
-/// Standard base64, enough for a test Secret (no extra dependency).
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 fn key_rotation(key_types: &[&str]) -> Value {

@@ -13,6 +13,13 @@ use http::{Method, Request, Response, StatusCode};
 use kube::client::Body;
 use serde_json::{Value, json};
 
+/// `bytes` as a Secret's `data` value: base64, encoded the way the API server's clients do
+/// (k8s-openapi's `ByteString`).
+#[allow(dead_code)] // reconcile.rs builds no Secret data
+pub fn secret_value(bytes: &[u8]) -> Value {
+    serde_json::to_value(k8s_openapi::ByteString(bytes.to_vec())).expect("bytes serialize")
+}
+
 /// How the fake Job controller finishes migration Jobs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JobOutcome {
