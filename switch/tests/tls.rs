@@ -243,6 +243,63 @@ async fn admin_api_over_https_without_client_ca_serves_any_client() {
     sw.stop().await;
 }
 
+/// `switchyard-atm` against a plain ISO 8583 port with an HTTPS admin API: `--admin-ca` verifies
+/// the admin API alone; `--tls-ca` would also put the ISO port under TLS, which it does not speak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn atm_tool_verifies_an_https_admin_api_with_its_own_ca() {
+    let pki = Pki::new();
+    let ca = DevCa::new("admin CA").unwrap();
+    let ca_file = pki.ca("admin-ca", &ca);
+    let server = pki.server("admin", &ca);
+    let sw = TestSwitch::start_with(Backend::Sqlite, |s| {
+        s.admin.tls = Some(server_tls(server, None))
+    })
+    .await
+    .unwrap();
+    let run = |ca_flag: &'static str, n: u32| {
+        let dir = sw.dir.path().to_path_buf();
+        let (iso, admin) = (sw.iso(), sw.running.admin_addr.port());
+        let ca_file = ca_file.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_switchyard-atm"))
+                .args([
+                    "--iso",
+                    &iso,
+                    "--admin",
+                    &format!("https://localhost:{admin}"),
+                ])
+                .arg("--token-file")
+                .arg(dir.join("tokens"))
+                .arg("--kek-file")
+                .arg(dir.join("kek.hex"))
+                .arg(ca_flag)
+                .arg(&ca_file)
+                .args(["session", "--terminal", &format!("ATM000{n}")])
+                .args(["--pan", &format!("60110000000000{n}")])
+                .args(["--account", &format!("ACC-{n}")])
+                .output()
+                .unwrap()
+        })
+    };
+    let out = run("--admin-ca", 91).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.to_lowercase().contains("withdrawal"), "{stdout}");
+    // the same CA given as --tls-ca: the admin API is reached as before (a new terminal is
+    // provisioned), but the tool speaks TLS to the plain ISO port and fails there
+    let out = run("--tls-ca", 92).await.unwrap();
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    sw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn atm_session_runs_over_mutual_tls_and_plain_tcp_gets_nothing() {
     let pki = Pki::new();

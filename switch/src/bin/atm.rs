@@ -61,6 +61,11 @@ struct Cli {
     /// `https://` admin URL is verified against it.
     #[arg(long, global = true)]
     tls_ca: Option<PathBuf>,
+    /// CA certificate (PEM) that verifies an `https://` admin URL, when it is not `--tls-ca`'s:
+    /// an admin API with a certificate from another CA, or an HTTPS admin API in front of a
+    /// plain ISO 8583 port. Default: `--tls-ca`.
+    #[arg(long, global = true)]
+    admin_ca: Option<PathBuf>,
     /// Client certificate (PEM) for switches that require mutual TLS.
     #[arg(long, global = true, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -193,8 +198,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    // the admin API is verified against its own CA when one is given (no client certificate:
+    // it authenticates callers by token), else against the ISO port's
+    let admin_tls = match &cli.admin_ca {
+        Some(ca) => {
+            Some(TlsClient::new(ca, None, None).context("failed to set up TLS for the admin API")?)
+        }
+        None => tls.clone(),
+    };
     let admin_client = |url: &str, token: String| -> anyhow::Result<AdminClient> {
-        Ok(match &tls {
+        Ok(match &admin_tls {
             Some(tls) => AdminClient::with_tls(url, token, tls)
                 .context("failed to set up the admin API client")?,
             None => AdminClient::new(url, token),
