@@ -782,6 +782,7 @@ fn base_container(bs: &ValidatedBankSwitch, name: &str, args: Vec<String>) -> Co
         // The switch writes why it refused to start; without that file, the last log lines.
         // The operator quotes it in the Degraded condition (status::crash_report).
         termination_message_policy: Some("FallbackToLogsOnError".into()),
+        env: non_empty_vec(bs.spec.env.clone()),
         ..Container::default()
     }
 }

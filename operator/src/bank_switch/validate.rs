@@ -148,6 +148,42 @@ fn is_dns_name(value: &str) -> bool {
 }
 
 /// Validates the object and returns what the builders need.
+/// The configuration a `spec.env` name would override that the operator renders itself from
+/// other fields (a Service, probe, Secret mount or volume depends on it), if any.
+fn operator_owned_env(name: &str) -> Option<&'static str> {
+    const OWNED: [(&str, &str); 10] = [
+        (
+            "SWITCHYARD_ISO8583__LISTEN",
+            "the ISO 8583 listener (spec.iso8583)",
+        ),
+        (
+            "SWITCHYARD_ISO8583__TLS",
+            "the ISO 8583 TLS files (spec.tls)",
+        ),
+        ("SWITCHYARD_ADMIN__LISTEN", "the admin listener"),
+        (
+            "SWITCHYARD_ADMIN__TOKENS_FILE",
+            "the admin tokens file (spec.admin)",
+        ),
+        ("SWITCHYARD_ADMIN__TLS", "the admin TLS files (spec.tls)"),
+        (
+            "SWITCHYARD_METRICS__LISTEN",
+            "the metrics and probe listener",
+        ),
+        (
+            "SWITCHYARD_DATABASE__",
+            "the database (spec.database, spec.storage)",
+        ),
+        ("SWITCHYARD_KEYS__", "the key files (spec.keys)"),
+        ("SWITCHYARD_BACKUP__DIR", "the backup volume (spec.backup)"),
+        ("SWITCHYARD_CONFIG", "the configuration file"),
+    ];
+    OWNED
+        .iter()
+        .find(|(prefix, _)| name.starts_with(prefix))
+        .map(|(_, what)| *what)
+}
+
 pub fn validate(bs: &BankSwitch) -> Result<ValidatedBankSwitch, ValidationError> {
     let name = bs
         .metadata
@@ -421,6 +457,22 @@ pub fn validate(bs: &BankSwitch) -> Result<ValidatedBankSwitch, ValidationError>
         }
     }
 
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, var) in spec.env.iter().enumerate() {
+        let field = format!("spec.env[{i}]");
+        if let Some(owner) = operator_owned_env(&var.name) {
+            problem(
+                &field,
+                format!(
+                    "`{}` overrides {owner}, which the operator sets from the BankSwitch",
+                    var.name
+                ),
+            );
+        } else if !seen.insert(var.name.as_str()) {
+            problem(&field, format!("`{}` is listed twice", var.name));
+        }
+    }
+
     if !problems.is_empty() {
         return Err(ValidationError::InvalidSpec { problems });
     }
@@ -545,6 +597,45 @@ spec:
             assert_eq!(problems[0].field, "spec.database");
             assert!(problems[0].message.contains("exactly one"), "{problems:?}");
         }
+    }
+
+    #[test]
+    fn extra_env_reaches_every_container_but_not_what_the_operator_renders() {
+        let mut bs = minimal();
+        bs.spec.env = serde_yaml::from_str(
+            "[{name: SWITCHYARD_ADMIN__IDEMPOTENCY_RETENTION, value: 72h}, {name: RUST_LOG, value: debug}]",
+        )
+        .unwrap();
+        let v = validate(&bs).expect("valid");
+        let deployment = crate::bank_switch::build::build_switch_deployment(&v, "hash");
+        let env = deployment.spec.unwrap().template.spec.unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap();
+        assert_eq!(env.len(), 2);
+        assert_eq!(env[0].value.as_deref(), Some("72h"));
+        let job = crate::bank_switch::build::build_migration_job(&v);
+        let job_env = job.spec.unwrap().template.spec.unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap();
+        assert_eq!(job_env, env, "the migration Job gets the same");
+
+        bs.spec.env = serde_yaml::from_str(
+            "[{name: SWITCHYARD_DATABASE__URL, value: x}, {name: SWITCHYARD_ISO8583__LISTEN, value: x}, \
+              {name: RUST_LOG, value: a}, {name: RUST_LOG, value: b}]",
+        )
+        .unwrap();
+        let Err(ValidationError::InvalidSpec { problems }) = validate(&bs) else {
+            panic!("expected InvalidSpec");
+        };
+        let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["spec.env[0]", "spec.env[1]", "spec.env[3]"]);
+        assert!(
+            problems[0].message.contains("spec.database"),
+            "{problems:?}"
+        );
+        assert!(problems[2].message.contains("twice"), "{problems:?}");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, LocalObjectReference, ResourceRequirements, Toleration,
+    Affinity, EnvVar, LocalObjectReference, ResourceRequirements, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::{CustomResource, KubeSchema};
@@ -112,6 +112,15 @@ pub struct BankSwitchSpec {
     /// CPU and memory for each switch container (also used by the migration Job).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+
+    /// Extra environment variables for every switch container (switch, drainers, migration
+    /// Job), as in a Pod spec (`value` or `valueFrom`). `SWITCHYARD_<SECTION>__<KEY>` sets a
+    /// switch configuration key this resource does not model (e.g.
+    /// `SWITCHYARD_ADMIN__IDEMPOTENCY_RETENTION: 72h`); `RUST_LOG` the log level. Keys the
+    /// operator renders from other fields (listen addresses, database, key and token files,
+    /// TLS files, backup directory) are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
 
     /// Scheduling and metadata overrides applied to the switch and drainer pods.
     #[serde(default)]
