@@ -281,7 +281,7 @@ pub struct AdminSettings {
     /// Open connections beyond this are closed at accept.
     pub max_connections: usize,
     /// How long an `Idempotency-Key` is remembered: older records are deleted (checked every
-    /// hour), and a retry after that runs as a new request. At least one hour.
+    /// hour), and a retry after that runs as a new request. Between one hour and 366 days.
     #[serde(with = "humantime_serde")]
     pub idempotency_retention: Duration,
     /// `[admin.tls]`: when set, the admin API is HTTPS only (SPEC §2).
@@ -822,9 +822,11 @@ impl Settings {
                 )));
             }
         }
-        if admin.idempotency_retention < Duration::from_secs(3600) {
+        if admin.idempotency_retention < Duration::from_secs(3600)
+            || admin.idempotency_retention > Duration::from_secs(366 * 24 * 3600)
+        {
             return Err(SettingsError::Value(
-                "admin.idempotency_retention must be at least 1h".into(),
+                "admin.idempotency_retention must be between 1h and 366d".into(),
             ));
         }
         if self.metrics.refresh_interval.is_zero() {
@@ -1144,7 +1146,7 @@ mod tests {
     }
 
     #[test]
-    fn idempotency_retention_defaults_to_a_day_and_refuses_less_than_an_hour() {
+    fn idempotency_retention_defaults_to_a_day_and_refuses_less_than_an_hour_or_over_a_year() {
         let s = Settings::load_from(None, env(&[])).unwrap();
         assert_eq!(
             s.admin.idempotency_retention,
@@ -1159,15 +1161,17 @@ mod tests {
             s.admin.idempotency_retention,
             Duration::from_secs(7 * 24 * 3600)
         );
-        let err = Settings::load_from(
-            None,
-            env(&[("SWITCHYARD_ADMIN__IDEMPOTENCY_RETENTION", "10m")]),
-        )
-        .unwrap_err();
-        assert!(
-            err.to_string().contains("admin.idempotency_retention"),
-            "{err}"
-        );
+        for bad in ["10m", "400d"] {
+            let err = Settings::load_from(
+                None,
+                env(&[("SWITCHYARD_ADMIN__IDEMPOTENCY_RETENTION", bad)]),
+            )
+            .unwrap_err();
+            assert!(
+                err.to_string().contains("admin.idempotency_retention"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -563,10 +563,14 @@ pub async fn purge_idempotency_records(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let Ok(retention) = chrono::Duration::from_std(retention) else {
+        // settings keep the retention within a year, which always converts
+        let Some(before) = chrono::Duration::from_std(retention)
+            .ok()
+            .and_then(|r| Utc::now().checked_sub_signed(r))
+        else {
+            tracing::error!("admin.idempotency_retention is out of range; records are not purged");
             return;
         };
-        let before = Utc::now() - retention;
         let mut purged = 0u64;
         loop {
             match ctx
