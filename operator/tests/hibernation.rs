@@ -165,21 +165,11 @@ impl Harness {
     }
 
     fn condition(&self, type_: &str) -> Value {
-        let obj = self.fake.get(&bs_path()).expect("stored");
-        obj["status"]["conditions"]
-            .as_array()
-            .and_then(|cs| cs.iter().find(|c| c["type"] == type_).cloned())
-            .unwrap_or(Value::Null)
+        self.fake.condition(&bs_path(), type_)
     }
 
     fn event_reasons(&self) -> Vec<String> {
-        let prefix = format!("/apis/events.k8s.io/v1/namespaces/{NS}/events/");
-        self.fake
-            .names_under(&prefix)
-            .iter()
-            .filter_map(|n| self.fake.get(&format!("{prefix}{n}")))
-            .filter_map(|e| e["reason"].as_str().map(str::to_owned))
-            .collect()
+        self.fake.event_reasons(NS)
     }
 
     fn hibernate_calls(&self) -> usize {

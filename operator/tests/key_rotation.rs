@@ -51,9 +51,6 @@ fn kr_path() -> String {
 fn bs_path() -> String {
     format!("/apis/switchyard.io/v1alpha1/namespaces/{NS}/bankswitches/atm")
 }
-fn events_prefix() -> String {
-    format!("/apis/events.k8s.io/v1/namespaces/{NS}/events/")
-}
 
 fn bank_switch() -> Value {
     json!({
@@ -154,20 +151,14 @@ impl Harness {
     }
 
     fn condition(&self, type_: &str) -> Value {
-        let obj = self.fake.get(&kr_path()).expect("stored");
-        obj["status"]["conditions"]
-            .as_array()
-            .and_then(|cs| cs.iter().find(|c| c["type"] == type_).cloned())
-            .unwrap_or(Value::Null)
+        self.fake.condition(&kr_path(), type_)
     }
 
-    /// `(type, reason)` of every Event recorded for the object.
+    /// `(type, reason, note)` of every Event recorded for the object.
     fn events(&self) -> Vec<(String, String, String)> {
-        let prefix = events_prefix();
         self.fake
-            .names_under(&prefix)
+            .events(NS)
             .iter()
-            .filter_map(|n| self.fake.get(&format!("{prefix}{n}")))
             .filter_map(|e| {
                 Some((
                     e["type"].as_str()?.to_owned(),

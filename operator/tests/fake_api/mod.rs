@@ -161,6 +161,32 @@ impl FakeApi {
         self.0.lock().expect("lock").objects.remove(path)
     }
 
+    /// The stored object's status condition of `type_` (`Null` when absent).
+    pub fn condition(&self, path: &str, type_: &str) -> Value {
+        let obj = self.get(path).expect("stored");
+        obj["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == type_).cloned())
+            .unwrap_or(Value::Null)
+    }
+
+    /// Every Event stored in `namespace`.
+    pub fn events(&self, namespace: &str) -> Vec<Value> {
+        let prefix = format!("/apis/events.k8s.io/v1/namespaces/{namespace}/events/");
+        self.names_under(&prefix)
+            .iter()
+            .filter_map(|n| self.get(&format!("{prefix}{n}")))
+            .collect()
+    }
+
+    /// The `reason` of every Event stored in `namespace`.
+    pub fn event_reasons(&self, namespace: &str) -> Vec<String> {
+        self.events(namespace)
+            .iter()
+            .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+            .collect()
+    }
+
     /// Paths of stored objects under a collection prefix, e.g. `/apis/apps/v1/namespaces/ns/deployments/`.
     pub fn names_under(&self, prefix: &str) -> Vec<String> {
         self.0
