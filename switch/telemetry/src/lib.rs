@@ -170,10 +170,11 @@ struct CountingExporter<E> {
     dropped: DropCounter,
 }
 
-impl<E: fmt::Debug> fmt::Debug for CountingExporter<E> {
+// The inner exporter is left out: its configuration may hold the collector's credentials
+// (`OTEL_EXPORTER_OTLP_HEADERS`).
+impl<E> fmt::Debug for CountingExporter<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CountingExporter")
-            .field("inner", &self.inner)
             .field("queued", &self.queued.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
